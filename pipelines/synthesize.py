@@ -1,0 +1,30 @@
+"""Write a synthetic eSpeak NG corpus in a real corpus's on-disk layout.
+
+    python pipelines/synthesize.py --layout mosei --out data/synth_mosei --utterances 200 --seed 0
+
+See ctal/corpora/synthetic.py for what carries each label.
+"""
+
+import argparse
+import json
+
+from ctal.corpora.synthetic import LAYOUTS, synthesize
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layout", required=True, choices=LAYOUTS)
+    p.add_argument("--out", required=True, help="output directory (empty, or a synthetic corpus with --overwrite)")
+    p.add_argument("--utterances", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="synthesis processes (default: CPUs, at most 4)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing synthetic corpus in --out")
+    args = p.parse_args(argv)
+    summary = synthesize(args.layout, args.out, args.utterances, args.seed, overwrite=args.overwrite,
+                         workers=args.workers)
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
