@@ -1,0 +1,64 @@
+"""Fused CTAL embeddings for new audio+text pairs (no Ray): featurize → batch → `model.embed`.
+
+Bad rows (missing/corrupt audio, missing transcript, ...) are returned with their reason, never fatal.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .batching import collate
+from .config import DataConfig
+from .data import featurize_row
+from .model import CTALForSequenceClassification, masked_mean
+from .tokenizer import load_tokenizer
+
+
+def find_tokenizer(checkpoint: str | Path, tokenizer: Optional[str | Path] = None) -> Path:
+    """The tokenizer saved with a checkpoint (``<ckpt>/tokenizer`` or the checkpoint dir itself)."""
+    for cand in ([tokenizer] if tokenizer else [Path(checkpoint) / "tokenizer", Path(checkpoint)]):
+        if (Path(cand) / "tokenizer.json").is_file() or (Path(cand) / "vocab.txt").is_file():
+            return Path(cand)
+    raise FileNotFoundError(f"no tokenizer in {checkpoint}; pass the data set's tokenizer dir")
+
+
+@torch.no_grad()
+def embed_rows(model: CTALForSequenceClassification, rows: list[dict], tokenizer, *,
+               data_cfg: Optional[DataConfig] = None, batch_size: int = 16, device: str = "cpu",
+               max_frames: int = 3000, streams: bool = False) -> tuple[pa.Table, list[dict]]:
+    """Manifest rows → (table of id + embedding [+ text_vector, audio_vector], bad rows)."""
+    data_cfg = data_cfg or DataConfig()
+    model = model.to(device).eval()
+    good, bad = [], []
+    for row in rows:
+        record, problem = featurize_row(row, tokenizer, data_cfg)
+        (good if record is not None else bad).append(record if record is not None else problem)
+    out = {"id": [], "embedding": [], "text_vector": [], "audio_vector": []}
+    for start in range(0, len(good), batch_size):
+        chunk = good[start:start + batch_size]
+        batch = collate(chunk, max_frames=max_frames, pad_token_id=model.config.pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        fused, _ = model.embed(batch["input_ids"], batch["attention_mask"], batch["frames"],
+                               batch["frame_mask"])
+        out["id"] += [r["id"] for r in chunk]
+        out["embedding"] += list(fused.float().cpu().numpy())
+        if streams:  # mean of each stream's final states (cross-attended audio)
+            text, audio = model.encode(batch["input_ids"], batch["attention_mask"], batch["frames"],
+                                       batch["frame_mask"])
+            out["text_vector"] += list(masked_mean(text, batch["attention_mask"]).float().cpu().numpy())
+            out["audio_vector"] += list(masked_mean(audio, batch["frame_mask"]).float().cpu().numpy())
+    H = model.config.hidden_size
+    vec = lambda xs: pa.array([np.asarray(x, np.float32) for x in xs], pa.list_(pa.float32(), H))
+    cols = {"id": pa.array(out["id"], pa.string()), "embedding": vec(out["embedding"])}
+    if streams:
+        cols.update(text_vector=vec(out["text_vector"]), audio_vector=vec(out["audio_vector"]))
+    return pa.table(cols), bad
+
+
+def load_for_embedding(checkpoint: str | Path, tokenizer: Optional[str | Path] = None):
+    model = CTALForSequenceClassification.from_pretrained(checkpoint)
+    return model, load_tokenizer(find_tokenizer(checkpoint, tokenizer))

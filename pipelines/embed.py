@@ -1,0 +1,51 @@
+"""Fused CTAL embeddings for an audio+text manifest.
+
+    python pipelines/embed.py --checkpoint DIR --manifest FILE.csv --out FILE.parquet [--streams]
+
+The manifest is the generic CSV/TSV one (audio_path, text, optional id/speaker/label/split). Bad rows
+are listed (and written to FILE.bad.csv) but do not stop the run.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+
+from ctal.corpora import CorpusLayoutError, read_manifest
+from ctal.embed import embed_rows, load_for_embedding
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="fine-tuned CTAL checkpoint directory")
+    p.add_argument("--manifest", required=True, help="CSV/TSV with audio_path and text columns")
+    p.add_argument("--out", required=True, help="output Parquet file")
+    p.add_argument("--tokenizer", help="tokenizer dir (default: the one saved with the checkpoint)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--streams", action="store_true", help="also write per-stream vectors")
+    args = p.parse_args(argv)
+    try:
+        rows = read_manifest(args.manifest)
+        model, tokenizer = load_for_embedding(args.checkpoint, args.tokenizer)
+    except (FileNotFoundError, ValueError, CorpusLayoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    table, bad = embed_rows(model, rows, tokenizer, batch_size=args.batch_size, device=args.device,
+                            max_frames=model.config.max_audio_positions, streams=args.streams)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, args.out, compression="zstd")
+    print(f"wrote {table.num_rows} embeddings (dim {model.config.hidden_size}) to {args.out}")
+    if bad:
+        bad_path = Path(args.out).with_suffix(".bad.csv")
+        pd.DataFrame(bad).to_csv(bad_path, index=False)
+        print(f"{len(bad)} bad rows (listed in {bad_path}):")
+        for b in bad:
+            print(f"  {b['id']}: {b['reason']} ({b['detail']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
