@@ -102,6 +102,7 @@ class PretrainConfig:
     max_steps: int = 1000
     batch_size: int = 8  # utterances per worker-step, when max_frames_per_batch == 0
     max_frames_per_batch: int = 0  # > 0: batch by frame budget instead of by count
+    bucket_pool_rows: int = 1024  # rows read and length-bucketed together per worker (memory bound)
     grad_accum_steps: int = 1
     clip_grad_norm: float = 1.0
     max_frames: int = 3000  # longer utterances are cropped (learned positions stop at 3000)
@@ -136,6 +137,7 @@ class FinetuneConfig:
     clip_grad_norm: float = 1.0
     fold: Optional[str] = None  # emotion: the held-out session; None = all five folds
     seed: int = 0
+    bf16: bool = True  # autocast on GPU only
 
 
 # --------------------------------------------------------------------------------------------------

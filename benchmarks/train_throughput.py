@@ -1,0 +1,278 @@
+"""Pretraining throughput: plain PyTorch vs Ray Train, padding with vs without bucketing, GPU MFU.
+
+    python benchmarks/train_throughput.py [--workers 2] [--steps 60] [--size narrow] [--utterances 512]
+    python benchmarks/train_throughput.py --gpu [--sizes tiny,base,large] [--batch-size 8] [--compile]
+
+Default mode: one synthetic Parquet data set with LibriSpeech-like lengths, the same config through
+``ctal.train.launch_local`` (N processes, torch.distributed) and through ``ctal.distributed.train``
+(Ray Train, N workers), printing steady-state samples/s of each and their ratio (target: Ray at
+most 1.05x slower), then padding efficiency of random vs length-bucketed batches (target >= 92 %).
+``--gpu``: samples/s and MFU of the paper sizes in bf16 on one GPU, without Ray; skips without CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Dense bf16 peak (no sparsity) by device name, TFLOP/s.
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L4": 121.0, "A10G": 70.0}
+
+
+def librispeech_like_frames(n: int, seed: int = 0) -> np.ndarray:
+    """Utterance lengths in 10 ms frames: log-normal around 12 s, clipped to 1-35 s (LibriSpeech's
+    train sets: mean ~12.3 s, most 10-17 s, none above 35 s)."""
+    seconds = np.random.default_rng(seed).lognormal(np.log(12.0), 0.35, n).clip(1.0, 35.0)
+    return (seconds * 100).astype(np.int64)
+
+
+def make_dataset(out: Path, n: int, seed: int = 0, rows_per_group: int = 32) -> Path:
+    """A Parquet data set of the real schema (random fbank, random BPE-range ids) + tokenizer + report."""
+    import pyarrow.parquet as pq
+
+    from ctal.data import PARQUET_SCHEMA, records_to_table
+    from ctal.tokenizer import tokenizer_hash, tokenizer_info, train_bpe_tokenizer
+
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    words = "the of and to a in that is was he for it with as his on be at by had not".split()
+    texts = [" ".join(rng.choice(words, int(rng.integers(5, 40)))) for _ in range(n)]
+    tok = train_bpe_tokenizer(texts, 2000, out / "tokenizer")
+    frames = librispeech_like_frames(n, seed)
+    with pq.ParquetWriter(out / "part-00000.parquet", PARQUET_SCHEMA, compression="zstd") as w:
+        for k in range(0, n, rows_per_group):
+            recs = [{"id": f"u{i}", "corpus": "bench", "split": "train", "speaker": "s", "text": texts[i],
+                     "input_ids": np.asarray(tok(texts[i])["input_ids"], np.int32), "n_frames": int(frames[i]),
+                     "fbank": rng.normal(size=(frames[i], 80)).astype(np.float32), "label": None,
+                     "label_name": None, "duration_s": frames[i] / 100, "sample_rate": 16000}
+                    for i in range(k, min(n, k + rows_per_group))]
+            w.write_table(records_to_table(recs))
+    report = {"counts": {"in": n, "written": n, "quarantined": 0}, "tokenizer": {
+        "path": "tokenizer", "hash": tokenizer_hash(out / "tokenizer"), **tokenizer_info(tok)}}
+    (out / "report.json").write_text(json.dumps(report))
+    return out
+
+
+def steady_samples_per_s(run_dir: Path, skip_windows: int = 1) -> float:
+    """Samples/s over all logged windows but the first (warm-up); windows hold equal sample counts
+    (batching by count), so the overall rate is their harmonic mean."""
+    from ctal.train import read_metrics
+
+    rates = [m["samples_per_s"] for _, m in sorted(read_metrics(run_dir).items())][skip_windows:]
+    return statistics.harmonic_mean(rates)
+
+
+def compare_plain_and_ray(args) -> None:
+    import ray
+
+    from ctal.config import PretrainConfig, load_config
+    from ctal.distributed.train import pretrain
+    from ctal.train import launch_local
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="ctal-bench-"))
+    data = work / "data"
+    if not (data / "report.json").is_file():
+        t = time.perf_counter()
+        make_dataset(data, args.utterances)
+        print(f"data set: {args.utterances} utterances in {time.perf_counter() - t:.1f} s → {data}")
+    shutil.rmtree(work / "runs", ignore_errors=True)  # same run names would resume, not measure
+    cpus = os.cpu_count() or 1
+    overrides = [f"data={data}", f"max_steps={args.steps}", f"log_every={args.log_every}",
+                 f"checkpoint_every={args.steps}", f"batch_size={args.batch_size}", f"max_frames={args.max_frames}",
+                 f"num_workers={args.workers}", f"cpus_per_worker={max(1, cpus // args.workers)}",
+                 f"storage_path={work / 'runs'}", "keep_checkpoints=1", "bucket_pool_rows=256"]
+    cfg = load_config(PretrainConfig, [REPO / "configs/pretrain.yaml", REPO / f"configs/{args.size}.yaml"],
+                      overrides)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    results = {"plain": [], "ray": []}
+    walls = {"plain": [], "ray": []}
+    for r in range(args.repeats):
+        for kind in ("plain", "ray"):  # interleaved, so drifting machine load hits both alike
+            name = f"{kind}-{r}"
+            t = time.perf_counter()
+            if kind == "plain":
+                launch_local(cfg, work / "runs" / name, args.workers)
+            else:
+                pretrain(replace(cfg, run_name=name), log=lambda _: None)
+            walls[kind].append(time.perf_counter() - t)
+            results[kind].append(steady_samples_per_s(work / "runs" / name))
+            print(f"  {name}: {results[kind][-1]:.2f} samples/s steady, {walls[kind][-1]:.1f} s wall incl. start-up")
+    ray.shutdown()
+    plain, ray_sps = statistics.median(results["plain"]), statistics.median(results["ray"])
+    print(f"\nthroughput, {args.size} model, {args.workers} workers x {cfg.cpus_per_worker:g} CPUs, "
+          f"batch {args.batch_size}/worker, max_frames {args.max_frames}, {args.steps} steps, CPU:")
+    print(f"  plain PyTorch (torch.distributed): {plain:8.2f} samples/s")
+    print(f"  Ray Train:                         {ray_sps:8.2f} samples/s")
+    print(f"  Ray slowdown: {plain / ray_sps:.3f}x (target <= 1.05x)   "
+          f"start-up + run wall: plain {statistics.median(walls['plain']):.1f} s, "
+          f"Ray {statistics.median(walls['ray']):.1f} s")
+
+
+def padding_report(args) -> None:
+    from ctal.batching import PretrainBatches, bucket_batches, padding_efficiency
+
+    n = np.minimum(librispeech_like_frames(args.padding_utterances, seed=1), 3000)  # cropped as in training
+    B = args.batch_size
+    perm = np.random.default_rng(0).permutation(len(n))
+    random_batches = [perm[i:i + B] for i in range(0, len(n), B)]
+    print(f"\npadding efficiency (real / padded frames), {len(n)} LibriSpeech-like utterances "
+          f"(≤ 3000 frames), batch {B}:")
+    row = lambda label, value, note="": print(f"  {label:<62s}{value:6.1%}{note}")
+    row("random batches (a shuffled DataLoader)", padding_efficiency(random_batches, n))
+    row("bucket_batches over the whole set", padding_efficiency(bucket_batches(n, batch_size=B, seed=0, epoch=0), n))
+    budget = B * 1200
+    row(f"bucket_batches by frame budget {budget}",
+        padding_efficiency(bucket_batches(n, max_frames_per_batch=budget, seed=0, epoch=0), n))
+    # The training feed buckets within pools of random row groups: the same, chunk by chunk.
+    for pool in (64, 256, 1024):
+        chunks = [perm[i:i + pool] for i in range(0, len(n), pool)]
+        batches = [c[b] for c in chunks for b in bucket_batches(n[c], batch_size=B, seed=0, epoch=0)]
+        row(f"bucketing within pools of {pool} rows", padding_efficiency(batches, n),
+            "  (bucket_pool_rows default)" if pool == 1024 else "")
+    data = Path(args.workdir) / "data"
+    feed = PretrainBatches(data, rank=0, world_size=args.workers, seed=0, batch_size=B, max_frames=3000)
+    row(f"the training feed on the benchmark data (rank 0, {feed.n_rows} rows)", feed.padding_efficiency(0),
+        "  (target >= 92 %)")
+
+# --------------------------------------------------------------------------------------------------
+# --gpu: samples/s and MFU without Ray
+
+
+def forward_flops_per_sample(c, T: int, L: int) -> float:
+    """Matmul FLOPs of one forward pass (2 per multiply-add) for T frames and L tokens."""
+    H, I, V, D = c.hidden_size, c.intermediate_size, c.vocab_size, c.audio_dim
+    text_layer = 8 * L * H * H + 4 * L * L * H + 4 * L * H * I
+    audio_layer = (8 * T * H * H + 4 * T * T * H          # self-attention
+                   + 4 * T * H * H + 4 * L * H * H + 4 * T * L * H  # cross-attention to the text
+                   + 4 * T * H * I)                       # FFN
+    heads = 2 * L * H * H + 2 * L * H * V + 2 * T * H * H + 2 * T * H * D
+    return c.num_text_layers * text_layer + c.num_audio_layers * audio_layer + 2 * T * D * H + heads
+
+
+def peak_tflops(name: str) -> float | None:
+    for key, value in PEAK_BF16_TFLOPS.items():  # "H100 PCIe" is listed before "H100"
+        if key in name:
+            return value
+    return None
+
+
+def measure_size(size: str, *, device, batch_size: int, frames: int, tokens: int, steps: int, warmup: int,
+                 compile_model: bool, bf16: bool) -> dict:
+    import torch
+
+    from ctal.config import ModelConfig, from_dict
+    from ctal.model import CTALConfig, CTALForPretraining
+    import yaml
+
+    model_cfg = from_dict(ModelConfig, yaml.safe_load((REPO / f"configs/{size}.yaml").read_text())["model"])
+    torch.manual_seed(0)
+    model = CTALForPretraining(CTALConfig.from_model_config(model_cfg)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=device.type == "cuda")
+    fwd = torch.compile(model) if compile_model else model
+    g = torch.Generator().manual_seed(0)
+    B, T, L = batch_size, frames, tokens
+    batch = {"input_ids": torch.randint(5, model_cfg.vocab_size, (B, L), generator=g),
+             "attention_mask": torch.ones(B, L, dtype=torch.long),
+             "frames": torch.randn(B, T, model_cfg.audio_dim, generator=g),
+             "frame_mask": torch.ones(B, T, dtype=torch.bool)}
+    batch["mlm_labels"] = torch.where(torch.rand(B, L, generator=g) < 0.15, batch["input_ids"], -100)
+    batch["acoustic_mask"] = torch.rand(B, T, generator=g) < 0.15
+    batch["target_frames"] = batch["frames"].clone()
+    batch = {k: v.to(device) for k, v in batch.items()}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def step():
+        with autocast:
+            loss = fwd(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    dt = (time.perf_counter() - t) / steps
+    flops = 3 * forward_flops_per_sample(model_cfg, T, L) * B  # forward + backward (2x)
+    out = {"size": size, "params_M": model.count_parameters() / 1e6, "samples_per_s": B / dt,
+           "step_ms": dt * 1e3, "tflops": flops / dt / 1e12}
+    if device.type == "cuda":
+        out["peak_mem_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def gpu_report(args) -> int:
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: skipping the --gpu measurements")
+        return 0
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    peak = args.peak_tflops or (peak_tflops(name) if device.type == "cuda" else None)
+    bf16 = device.type == "cuda"
+    print(f"{name}: batch {args.batch_size} x {args.frames} frames x {args.tokens} tokens, "
+          f"{'bf16 autocast' if bf16 else 'fp32'}{', torch.compile' if args.compile else ''}, "
+          f"peak {peak or '?'} TFLOP/s")
+    for size in args.sizes.split(","):
+        r = measure_size(size, device=device, batch_size=args.batch_size, frames=args.frames, tokens=args.tokens,
+                         steps=args.gpu_steps, warmup=args.gpu_warmup, compile_model=args.compile, bf16=bf16)
+        mfu = f"{r['tflops'] / peak:6.1%}" if peak else "   n/a"
+        mem = f", peak mem {r['peak_mem_GiB']:.1f} GiB" if "peak_mem_GiB" in r else ""
+        print(f"  {size:>6s} ({r['params_M']:6.1f} M): {r['samples_per_s']:8.1f} samples/s, "
+              f"{r['step_ms']:7.1f} ms/step, {r['tflops']:6.1f} TFLOP/s, MFU {mfu}{mem}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--log-every", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=1, help="plain/Ray pairs, interleaved; medians are reported")
+    p.add_argument("--size", default="narrow", help="model config for the plain-vs-Ray comparison")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-frames", type=int, default=800, help="crop for the CPU comparison (paper: 3000)")
+    p.add_argument("--utterances", type=int, default=512)
+    p.add_argument("--padding-utterances", type=int, default=20000)
+    p.add_argument("--workdir", help="keep the data set and runs here (default: a temporary directory)")
+    p.add_argument("--gpu", action="store_true", help="measure tiny/base/large in bf16 on one GPU, no Ray")
+    p.add_argument("--device", default="cuda", help="with --gpu: cpu runs the same code as a smoke test")
+    p.add_argument("--sizes", default="tiny,base,large")
+    p.add_argument("--frames", type=int, default=1200, help="with --gpu: frames per utterance (12 s)")
+    p.add_argument("--tokens", type=int, default=48, help="with --gpu: tokens per utterance")
+    p.add_argument("--gpu-steps", type=int, default=20)
+    p.add_argument("--gpu-warmup", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="with --gpu: torch.compile the model")
+    p.add_argument("--peak-tflops", type=float, help="with --gpu: the card's dense bf16 peak, if not listed")
+    args = p.parse_args(argv)
+    if args.gpu:
+        return gpu_report(args)
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="ctal-bench-")
+    compare_plain_and_ray(args)
+    padding_report(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

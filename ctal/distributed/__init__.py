@@ -1,0 +1,1 @@
+"""Ray glue: the only part of ctal that imports ray."""

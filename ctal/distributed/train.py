@@ -1,0 +1,157 @@
+"""CTAL pretraining on Ray Train: a TorchTrainer whose workers run ``ctal.train.pretrain_loop``.
+
+Resources, failure policy and storage all come from ``PretrainConfig``. The run directory is
+``<storage_path>/<run_name>`` (Ray's experiment directory), so rerunning with the same name resumes
+after a driver death and a restarted worker group (``max_failures``) resumes from the newest intact
+checkpoint there. The loop manages its own checkpoints (atomic, last M kept, damaged ones skipped)
+and reports metrics to Ray only at checkpoints: reporting every step throttles to the controller's
+2 s poll (DESIGN.md). On a multi-node cluster ``storage_path`` must be shared storage (NFS).
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import yaml
+
+from ..config import PretrainConfig, from_dict, to_dict
+from ..train import check_data, latest_checkpoint, pretrain_loop, read_metrics, validate_pretrain_config
+
+
+class ResourceError(RuntimeError):
+    """The run asks for more than the Ray cluster has (raised before any worker starts)."""
+
+
+@dataclass
+class Resources:
+    num_workers: int
+    cpus_per_worker: float
+    use_gpu: bool
+    note: str = ""  # what was adjusted, if anything
+
+
+def cluster_capacity() -> tuple[dict, bool]:
+    """(resources the Ray cluster has or can grow to, whether it autoscales).
+
+    An autoscaling cluster (``ray up cluster.yaml``) may hold no GPU node yet; its ceiling comes
+    from the autoscaler's config as published in the GCS (what Ray Train itself checks), else from
+    the launcher's ``~/ray_bootstrap_config.yaml`` on the head node. Elsewhere: what is there now.
+    """
+    now = dict(ray.cluster_resources())
+    ceiling: dict = {}
+    try:
+        from ray._private.state import state  # private, but it is Ray Train's own pre-start check
+        ceiling = state.get_max_resources_from_cluster_config() or {}
+    except Exception:
+        pass
+    boot = Path("~/ray_bootstrap_config.yaml").expanduser()
+    if not ceiling and boot.is_file():
+        conf = yaml.safe_load(boot.read_text()) or {}
+        for name, node in (conf.get("available_node_types") or {}).items():
+            count = 1 if name == conf.get("head_node_type") else int(node.get("max_workers", 0))
+            for k, v in (node.get("resources") or {}).items():
+                ceiling[k] = ceiling.get(k, 0) + count * v
+    if not ceiling:
+        return now, False
+    return {k: max(now.get(k, 0), ceiling.get(k, 0)) for k in set(now) | set(ceiling)}, True
+
+
+def plan_resources(cfg: PretrainConfig, cluster: dict) -> Resources:
+    """What each worker gets on a cluster with ``cluster`` resources (``cluster_capacity()``).
+
+    Asking for more than the cluster has raises ResourceError naming both, unless
+    ``shrink_cpus_per_worker`` lets per-worker CPUs shrink to fit (GPUs never shrink). Without this
+    check Ray retries the worker-group start forever (DESIGN.md). A request within an autoscaling
+    cluster's ceiling passes: the pending workers make the autoscaler add nodes.
+    """
+    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    n = cfg.num_workers
+    use_gpu = {"true": True, "false": False, "auto": gpus > 0}[cfg.use_gpu]
+    if use_gpu and gpus < n:
+        raise ResourceError(f"asked for {n} workers x 1 GPU = {n} GPUs, the Ray cluster has {gpus:g} GPUs "
+                            f"(and {cpus:g} CPUs): lower num_workers to {int(gpus)} or set use_gpu=false")
+    per = cfg.cpus_per_worker
+    if n * per <= cpus + 1e-9:
+        return Resources(n, per, use_gpu)
+    asked = (f"asked for {n} workers x {per:g} CPUs = {n * per:g} CPUs, the Ray cluster has {cpus:g} CPUs"
+             + (f" and {gpus:g} GPUs" if gpus else ""))
+    if not cfg.shrink_cpus_per_worker:
+        raise ResourceError(f"{asked}: lower num_workers or cpus_per_worker, or set "
+                            "shrink_cpus_per_worker=true to fit the workers into the CPUs there are")
+    shrunk = math.floor(cpus / n * 100) / 100  # Ray resolves fractional CPUs to 1/10000
+    if shrunk <= 0:
+        raise ResourceError(f"{asked}: even shrunk, {n} workers do not fit")
+    return Resources(n, shrunk, use_gpu, note=f"{asked}; shrinking to {shrunk:g} CPUs per worker "
+                                             f"({n * shrunk:g} CPUs in all)")
+
+
+def _train_fn(config: dict) -> None:
+    """What each Ray Train worker runs."""
+    cfg = from_dict(PretrainConfig, config["cfg"])
+    torch.set_num_threads(max(1, int(config["cpus_per_worker"])))  # fractional CPUs → 1 thread
+    ctx = ray.train.get_context()
+
+    def report(metrics: dict, checkpoint_path: Optional[str]) -> None:
+        # Every rank must call report the same number of times; metrics only, the loop owns checkpoints.
+        ray.train.report({**metrics, "checkpoint": checkpoint_path or ""})
+
+    def log(msg: str) -> None:
+        # Not print: Ray Train patches it to both print and log, so every line showed up twice.
+        sys.stdout.write(msg + "\n")
+        sys.stdout.flush()
+
+    pretrain_loop(cfg, run_dir=config["run_dir"], rank=ctx.get_world_rank(),
+                  world_size=ctx.get_world_size(), device=ray.train.torch.get_device(),
+                  prepare_model=ray.train.torch.prepare_model, report=report, log=log)
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    checkpoint: Optional[Path]  # newest checkpoint: CTALForPretraining.from_pretrained(checkpoint)
+    metrics: dict
+    resources: Resources
+
+
+def pretrain(cfg: PretrainConfig, *, address: Optional[str] = None, log=print) -> PretrainResult:
+    """Pretrain CTAL with Ray Train. Starts Ray (``ray.init(address)``) unless already connected."""
+    for key in ("data", "storage_path"):
+        if "://" in getattr(cfg, key):
+            raise ValueError(f"{key}={getattr(cfg, key)!r}: pretraining reads data and writes checkpoints "
+                             "through the file system; on a cluster use a shared mount (NFS/EFS) at the same "
+                             "path on every node, not an object-store URI")
+    validate_pretrain_config(cfg)
+    cfg = replace(cfg, data=str(Path(cfg.data).resolve()), storage_path=str(Path(cfg.storage_path).resolve()))
+    check_data(cfg.data)  # a mismatched tokenizer fails here, before any worker starts
+    if not ray.is_initialized():
+        ray.init(address=address)
+    capacity, autoscaling = cluster_capacity()
+    res = plan_resources(cfg, capacity)
+    if res.note:
+        log(f"note: {res.note}")
+    if autoscaling:
+        log(f"autoscaling cluster: now {dict(ray.cluster_resources())}, up to {capacity}")
+    run_dir = Path(cfg.storage_path) / cfg.run_name
+    resources = {"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})}
+    trainer = ray.train.torch.TorchTrainer(
+        _train_fn,
+        train_loop_config={"cfg": to_dict(replace(cfg, cpus_per_worker=res.cpus_per_worker)),
+                           "run_dir": str(run_dir), "cpus_per_worker": res.cpus_per_worker},
+        scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name=cfg.run_name, storage_path=cfg.storage_path,
+                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                                       # keep Ray Train's own INFO chatter out of the loop's log
+                                       logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+    )
+    trainer.fit()
+    logged = read_metrics(run_dir)
+    return PretrainResult(run_dir=run_dir, checkpoint=latest_checkpoint(run_dir),
+                          metrics=logged[max(logged)] if logged else {}, resources=res)

@@ -1,0 +1,65 @@
+"""Pretrain CTAL (MLM + masked acoustic modeling) on a preprocessed Parquet data set with Ray Train.
+
+    python pipelines/pretrain.py --data DIR --num-workers 8 [--config YAML ...] [--size tiny|base|large|narrow]
+        [--use-gpu auto|true|false] [--storage DIR] [--name RUN] [--address ADDR] [key=value ...]
+
+Configs merge in order: configs/pretrain.yaml, configs/<size>.yaml, each --config, the flags above,
+then ``key=value`` overrides of PretrainConfig (``lr=1e-4 model.hidden_size=256``). Rerunning with
+the same --storage and --name resumes the run. Bad keys or values, a missing data set or a
+mismatched tokenizer fail before Ray starts (exit code 2); more workers than the cluster holds fail
+within seconds naming both (exit code 1) unless ``shrink_cpus_per_worker=true``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ctal.config import ConfigError, PretrainConfig, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SIZES = ("tiny", "base", "large", "narrow")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="Parquet data set written by pipelines/preprocess.py")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers (DDP ranks)")
+    p.add_argument("--size", choices=SIZES, default="tiny", help="model size config (default: tiny, 3+3)")
+    p.add_argument("--config", action="append", default=[], help="PretrainConfig YAML (repeatable)")
+    p.add_argument("--use-gpu", choices=("auto", "true", "false"))
+    p.add_argument("--storage", help="storage_path: where runs live (shared storage on a cluster)")
+    p.add_argument("--name", help="run_name: the same name resumes")
+    p.add_argument("--address", help="Ray address ('local' = a fresh local cluster; default: RAY_ADDRESS "
+                                     "or a running cluster, else a new local one)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args(argv)
+
+    flags = {"data": args.data, "num_workers": args.num_workers, "use_gpu": args.use_gpu,
+             "storage_path": args.storage, "run_name": args.name}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
+    try:
+        cfg = load_config(PretrainConfig, [CONFIGS / "pretrain.yaml", CONFIGS / f"{args.size}.yaml",
+                                           *args.config], overrides)
+        from ctal.train import check_data, validate_pretrain_config  # a typo need not wait for torch
+
+        validate_pretrain_config(cfg)
+        check_data(cfg.data)
+    except (ConfigError, ValueError, OSError) as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
+
+    from ctal.distributed.train import ResourceError, pretrain
+
+    try:
+        result = pretrain(cfg, address=args.address)
+    except ResourceError as e:
+        p.exit(1, f"{p.prog}: error: {e}\n")
+    except ValueError as e:  # a path the workers cannot use; raised before any worker starts
+        p.exit(2, f"{p.prog}: error: {e}\n")
+    print(f"done: step {result.metrics.get('step')}, loss {result.metrics.get('loss', float('nan')):.4f}; "
+          f"checkpoint {result.checkpoint} (CTALForPretraining.from_pretrained loads it)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

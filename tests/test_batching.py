@@ -1,0 +1,248 @@
+"""Length bucketing, collate and the per-worker Parquet feed (no Ray)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ctal.batching import (PretrainBatches, bucket_batches, collate, padding_efficiency, prefetch,
+                           split_matches)
+from ctal.config import MaskingConfig
+from ctal.data import PARQUET_SCHEMA, records_to_table
+from ctal.features import add_deltas, normalize_utterance
+from ctal.masking import IGNORE_INDEX
+
+PAD, MASK, SPECIAL = 1, 4, [0, 1, 2, 3, 4]
+
+
+def write_dataset(out: Path, n: int, *, rows_per_group: int, rows_per_shard: int, seed: int = 0,
+                  frames=(20, 200), split_every: int = 0, noise: bool = True) -> Path:
+    """Parquet shards of PARQUET_SCHEMA with random fbank (row i: id u{i}, text ids [0, 5+i%50.., 2])."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    recs = []
+    for i in range(n):
+        T = int(rng.integers(*frames))
+        recs.append({"id": f"u{i:05d}", "corpus": "fixture",
+                     "split": "dev" if split_every and i % split_every == 0 else "train",
+                     "speaker": f"s{i % 3}", "text": "x",
+                     "input_ids": np.array([0, *(5 + (i + k) % 50 for k in range(i % 7 + 1)), 2], np.int32),
+                     "n_frames": T, "label": None,
+                     "fbank": (rng.normal(size=(T, 80)) if noise else np.zeros((T, 80))).astype(np.float32),
+                     "label_name": None, "duration_s": T / 100, "sample_rate": 16000})
+    for s, k in enumerate(range(0, n, rows_per_shard)):
+        with pq.ParquetWriter(out / f"part-{s:05d}.parquet", PARQUET_SCHEMA) as w:
+            for j in range(k, min(n, k + rows_per_shard), rows_per_group):
+                w.write_table(records_to_table(recs[j:min(j + rows_per_group, k + rows_per_shard, n)]))
+    (out / "report.json").write_text(json.dumps({"counts": {"in": n, "written": n}}))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# bucketing
+
+
+def test_bucket_batches_cover_every_index_once_and_are_seeded_per_epoch():
+    n = np.random.default_rng(0).integers(50, 3000, 501)
+    a = bucket_batches(n, batch_size=8, seed=3, epoch=0)
+    assert sorted(i for b in a for i in b) == list(range(len(n)))
+    assert all(len(b) == 8 for b in a[:-1] if len(b) != 501 % 8) and len(a) == -(-501 // 8)
+    assert a == bucket_batches(n, batch_size=8, seed=3, epoch=0)
+    other = bucket_batches(n, batch_size=8, seed=3, epoch=1)
+    assert other != a and len(other) == len(a)
+    assert bucket_batches(n, batch_size=8, seed=4, epoch=0) != a
+
+
+def test_bucketing_keeps_padding_low_where_random_batches_do_not():
+    n = np.random.default_rng(1).integers(100, 3500, 2000)  # LibriSpeech-like spread, 1-35 s
+    bucketed = bucket_batches(n, batch_size=8, seed=0, epoch=0)
+    perm = np.random.default_rng(0).permutation(len(n))
+    random_batches = [perm[i:i + 8] for i in range(0, len(n), 8)]
+    assert padding_efficiency(bucketed, n) >= 0.97
+    assert padding_efficiency(random_batches, n) < 0.7
+
+
+def test_frame_budget_batches_fit_the_budget_and_count_is_epoch_invariant():
+    n = np.random.default_rng(2).integers(50, 1200, 700)
+    n[5] = 5000  # longer than the budget: a batch of its own
+    budget = 4000
+    for epoch in range(3):
+        batches = bucket_batches(n, max_frames_per_batch=budget, seed=0, epoch=epoch)
+        assert sorted(i for b in batches for i in b) == list(range(len(n)))
+        for b in batches:
+            assert len(b) * max(n[b]) <= budget or len(b) == 1
+        assert [5] in batches
+        if epoch == 0:
+            count = len(batches)
+        assert len(batches) == count
+
+
+def test_padding_efficiency_by_hand():
+    assert padding_efficiency([[0, 1], [2]], [10, 5, 7]) == pytest.approx((10 + 5 + 7) / (20 + 7))
+    assert padding_efficiency([], []) == 1.0
+
+
+def test_unshuffled_batches_are_sorted_by_length():
+    n = [5, 3, 9, 1, 7]
+    assert bucket_batches(n, batch_size=2, seed=0, epoch=0, shuffle=False) == [[3, 1], [0, 4], [2]]
+
+
+# --------------------------------------------------------------------------------------------------
+# collate
+
+
+def _rows(seed=0, lengths=(30, 55, 12)):
+    rng = np.random.default_rng(seed)
+    return [{"input_ids": [0] + list(rng.integers(5, 90, k)) + [2], "label": float(k % 3),
+             "fbank": rng.normal(size=(T, 80)).astype(np.float32)} for k, T in zip((3, 9, 5), lengths)]
+
+
+def test_collate_pads_and_featurizes_each_utterance_alone():
+    rows = _rows()
+    b = collate(rows, max_frames=40, pad_token_id=PAD)
+    assert b["input_ids"].shape == (3, 11) and b["input_ids"].dtype == torch.long
+    assert b["frames"].shape == (3, 40, 160) and b["frames"].dtype == torch.float32
+    assert b["frame_mask"].dtype == torch.bool and b["frame_mask"].sum(1).tolist() == [30, 40, 12]
+    assert b["attention_mask"].sum(1).tolist() == [5, 11, 7]
+    assert (b["input_ids"][b["attention_mask"] == 0] == PAD).all()
+    assert (b["frames"][~b["frame_mask"]] == 0).all()
+    assert b["labels"].tolist() == [0.0, 0.0, 2.0]
+    for i, r in enumerate(rows):  # reference: delta + normalization of the *cropped* utterance
+        ref = normalize_utterance(add_deltas(torch.from_numpy(r["fbank"][:40])))
+        T = len(ref)
+        torch.testing.assert_close(b["frames"][i, :T], ref)
+    # Parquet hands fbank over as a list of 80-lists: same batch
+    as_lists = [{**r, "fbank": r["fbank"].tolist()} for r in rows]
+    torch.testing.assert_close(collate(as_lists, max_frames=40, pad_token_id=PAD)["frames"], b["frames"])
+
+
+def test_collate_truncates_text_keeping_the_closing_token():
+    rows = _rows()
+    b = collate(rows, max_frames=100, pad_token_id=PAD, max_tokens=6)
+    assert b["input_ids"].shape[1] == 6
+    assert b["input_ids"][1].tolist() == [int(x) for x in rows[1]["input_ids"][:5]] + [2]
+
+
+def test_collate_masking_never_touches_padding_and_is_seeded():
+    rows = _rows(1, lengths=(120, 300, 60))
+    kw = dict(max_frames=400, pad_token_id=PAD, masking=MaskingConfig(token_mask_prob=0.5),
+              mask_token_id=MASK, vocab_size=100, special_token_ids=SPECIAL)
+    b = collate(rows, generator=torch.Generator().manual_seed(7), **kw)
+    plain = collate(rows, max_frames=400, pad_token_id=PAD)
+    chosen = b["mlm_labels"] != IGNORE_INDEX
+    assert chosen.any() and not (chosen & (plain["attention_mask"] == 0)).any()
+    assert not chosen[:, 0].any()  # <s> is special
+    assert torch.equal(b["mlm_labels"][chosen], plain["input_ids"][chosen])
+    assert b["acoustic_mask"].any() and not (b["acoustic_mask"] & ~b["frame_mask"]).any()
+    torch.testing.assert_close(b["target_frames"], plain["frames"])
+    assert not torch.equal(b["frames"], plain["frames"])
+    again = collate(rows, generator=torch.Generator().manual_seed(7), **kw)
+    assert all(torch.equal(b[k], again[k]) for k in b)
+    with pytest.raises(ValueError, match="generator"):
+        collate(rows, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# the per-worker feed
+
+
+@pytest.fixture(scope="module")
+def many_groups(tmp_path_factory):
+    # 40 row groups of 10 rows in 4 shards: row-group striding for 2 workers (>= 8 groups each)
+    return write_dataset(tmp_path_factory.mktemp("feed") / "data", 400, rows_per_group=10, rows_per_shard=100,
+                         split_every=10)
+
+
+@pytest.fixture(scope="module")
+def few_groups(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("feed") / "small", 45, rows_per_group=16, rows_per_shard=30)
+
+
+def _ids(batch):
+    return [r["id"] for r in batch]
+
+
+def _feed(path, rank, world, **kw):
+    kw = {"seed": 0, "batch_size": 4, "pool_rows": 50, "columns": ("id", "input_ids", "fbank"), **kw}
+    return PretrainBatches(path, rank=rank, world_size=world, **kw)
+
+
+@pytest.mark.parametrize("data", ["many_groups", "few_groups"])
+def test_ranks_read_disjoint_rows_in_equal_numbers_of_batches(data, request):
+    path = request.getfixturevalue(data)
+    feeds = [_feed(path, r, 2) for r in range(2)]
+    assert feeds[0].batches_per_epoch == feeds[1].batches_per_epoch > 0
+    seen = []
+    for f in feeds:
+        it = f.iter_from(0)
+        ids = [i for _ in range(f.batches_per_epoch) for i in _ids(next(it))]
+        assert len(ids) == len(set(ids))
+        seen.append(set(ids))
+    assert not seen[0] & seen[1]
+    if data == "many_groups":  # every 10th row is dev
+        assert all(int(i[1:]) % 10 for s in seen for i in s), "dev rows were read as train"
+
+
+def test_rows_come_back_exactly_as_written(many_groups):
+    f = _feed(many_groups, 0, 1, split="")
+    table = pq.read_table(many_groups / "part-00001.parquet")
+    want = {r["id"]: r for r in table.to_pylist()}
+    for row in next(f.iter_from(0)) + next(f.iter_from(7)):
+        if row["id"] in want:
+            np.testing.assert_array_equal(row["fbank"], np.asarray(want[row["id"]]["fbank"], np.float32))
+            assert row["input_ids"].tolist() == want[row["id"]]["input_ids"]
+
+
+def test_resume_at_any_index_continues_the_same_stream_across_epochs(few_groups):
+    f = _feed(few_groups, 1, 2)
+    it = f.iter_from(0)
+    stream = [_ids(next(it)) for _ in range(3 * f.batches_per_epoch)]
+    assert stream[:f.batches_per_epoch] != stream[f.batches_per_epoch:2 * f.batches_per_epoch]  # reshuffled
+    for start in (1, f.batches_per_epoch - 1, f.batches_per_epoch + 2):
+        resumed = f.iter_from(start)
+        assert [_ids(next(resumed)) for _ in range(4)] == stream[start:start + 4]
+
+
+def test_resuming_late_in_an_epoch_reads_only_the_pools_it_needs(many_groups, monkeypatch):
+    reads = []
+    orig = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, i, *a, **kw: reads.append(i) or orig(self, i, *a, **kw))
+    f = _feed(many_groups, 0, 2)
+    assert len(f.pools) >= 3
+    next(f.iter_from(f.batches_per_epoch - 1))  # the last batch of epoch 0: one pool
+    assert 0 < len(reads) <= max(len(np.unique(f.rg_of_row[p])) for p in f.pools)
+    assert len(reads) < len(f.row_groups) // 2
+
+
+def test_bucketed_feed_keeps_padding_low(tmp_path):
+    path = write_dataset(tmp_path / "d", 240, rows_per_group=20, rows_per_shard=120, frames=(100, 3500),
+                         noise=False)  # only n_frames matters here
+    f = PretrainBatches(path, rank=0, world_size=2, seed=0, batch_size=8, pool_rows=120, max_frames=3000)
+    assert f.padding_efficiency(0) >= 0.92
+
+
+def test_a_split_with_no_rows_is_named(few_groups):
+    with pytest.raises(ValueError, match="splits present: \\['train'\\]"):
+        _feed(few_groups, 0, 1, split="test")
+
+
+def test_split_names_select_librispeech_subsets():
+    assert split_matches("train-clean-100", ["train"]) and split_matches("train", ["train"])
+    assert not split_matches("training", ["train"]) and not split_matches("dev-clean", ["train"])
+    assert split_matches("Session3", ["Session[1-4]"]) and not split_matches("Session5", ["Session[1-4]"])
+    assert split_matches("anything", [])
+
+
+def test_prefetch_keeps_order_and_reraises():
+    assert list(prefetch(iter(range(50)))) == list(range(50))
+
+    def boom():
+        yield 1
+        raise KeyError("bad row")
+    it = prefetch(boom())
+    assert next(it) == 1
+    with pytest.raises(KeyError, match="bad row"):
+        next(it)

@@ -1,0 +1,333 @@
+"""Pretraining: synthetic corpus → preprocess → Ray Train with 2 workers; exact restore after a worker
+SIGKILL and after a driver kill + rerun; damaged checkpoints; over-asking; the recipe's fail-fast paths.
+
+Every fault test compares its per-step losses with one uninterrupted run of the same config (CPU,
+deterministic): equal step for step, not merely close.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctal.config import PretrainConfig, load_config
+from ctal.model import CTALForPretraining
+from ctal.train import (CHECKPOINTS, check_data, latest_checkpoint, list_checkpoints, pretrain_loop,
+                        read_metrics)
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, EVERY = 40, 10
+OVERRIDES = [f"max_steps={STEPS}", f"checkpoint_every={EVERY}", "log_every=1", "batch_size=4", "lr=1e-3",
+             "num_workers=2", "cpus_per_worker=1", "bucket_pool_rows=16", "keep_checkpoints=3",
+             "max_failures=1", "seed=3"]
+
+
+def make_cfg(data, storage, name, *extra) -> PretrainConfig:
+    # exactly what `pipelines/pretrain.py --size narrow` builds from the same overrides
+    return load_config(PretrainConfig, [REPO / "configs/pretrain.yaml", REPO / "configs/narrow.yaml"],
+                       [f"data={data}", f"storage_path={storage}", f"run_name={name}", *OVERRIDES, *extra])
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {s: m["loss"] for s, m in read_metrics(run_dir).items()}
+
+
+def resumes(run_dir) -> list[int]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r["step"] for r in map(json.loads, lines) if r.get("event") == "resume"]
+
+
+# -- processes, by PID (never by name: other jobs share this machine) -------------------------------
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid → (parent pid, start time) from /proc."""
+    table = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            table[int(d)] = (int(fields[1]), fields[19])
+    return table
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """pid → start time of every process below ``pid``."""
+    table = _process_table()
+    out, frontier = {}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for p, (pp, start) in table.items():
+            if pp == parent and p not in out:
+                out[p] = start
+                frontier.append(p)
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def kill_if_same(pid: int, start: str) -> None:
+    """SIGKILL ``pid`` unless it has exited (or its number now belongs to another process)."""
+    if _process_table().get(pid, (None, None))[1] == start:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float, proc=None) -> int:
+    """Block until metrics.jsonl shows ``step`` (after the checkpoint before it); return the last step."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        logged = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else {}
+        if logged and max(logged) >= step and list_checkpoints(run_dir / CHECKPOINTS):
+            return max(logged)
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before step {step}")
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+# -- fixtures ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, ray_local):
+    """A 48-utterance synthetic LibriSpeech-layout corpus, preprocessed with the real pipeline."""
+    from ctal.config import DataConfig
+    from ctal.corpora.synthetic import synthesize
+    from ctal.distributed.preprocess import run_preprocess
+
+    root = tmp_path_factory.mktemp("pretrain")
+    synthesize("librispeech", root / "corpus", 48, seed=0)
+    run_preprocess("librispeech", root / "corpus", root / "data", DataConfig(vocab_size=400), verbose=False)
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory, ray_local):
+    """One uninterrupted 2-worker Ray Train run: the losses every fault test must reproduce."""
+    from ctal.distributed.train import pretrain
+
+    storage = tmp_path_factory.mktemp("runs")
+    result = pretrain(make_cfg(dataset, storage, "reference"))
+    return result, losses(result.run_dir)
+
+
+# -- without Ray ---------------------------------------------------------------------------------------
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one_with_a_warning(dataset, tmp_path):
+    cfg = make_cfg(dataset, tmp_path, "x", "max_steps=12", "checkpoint_every=5")
+    run = tmp_path / "single"
+    pretrain_loop(cfg, run_dir=run, log=lambda _: None)
+    before = losses(run)
+    assert [s for s, _ in list_checkpoints(run / CHECKPOINTS)] == [5, 10, 12]
+    model_file = run / CHECKPOINTS / "step-00000012" / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:1000])  # torn write
+
+    with pytest.warns(RuntimeWarning, match="step 12 is damaged.*falling back"):
+        pretrain_loop(cfg, run_dir=run, log=lambda _: None)
+    assert resumes(run) == [10]
+    assert losses(run) == before  # steps 11-12 again, identical
+    assert [s for s, _ in list_checkpoints(run / CHECKPOINTS)] == [5, 10, 12]
+    assert CTALForPretraining.from_pretrained(latest_checkpoint(run)).count_parameters() > 0
+
+    # a checkpoint from another tokenizer is refused, not silently resumed
+    state_file = latest_checkpoint(run) / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "tokenizer_hash": "0" * 64}))
+    with pytest.raises(ValueError, match="refusing to resume"):
+        pretrain_loop(make_cfg(dataset, tmp_path, "x", "max_steps=14", "checkpoint_every=5"), run_dir=run,
+                      log=lambda _: None)
+
+
+def test_a_data_set_whose_tokenizer_was_swapped_is_refused(dataset, tmp_path):
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(dataset, copy)
+    vocab = copy / "tokenizer" / "tokenizer.json"
+    tok = json.loads(vocab.read_text())
+    tok["added_tokens"].append({**tok["added_tokens"][-1], "id": 10_000, "content": "<extra>"})
+    vocab.write_text(json.dumps(tok))
+    with pytest.raises(ValueError, match="tokenizer mismatch"):
+        check_data(copy)
+
+
+# -- over-asking and the recipe ------------------------------------------------------------------------
+
+
+def test_plan_resources_fails_or_shrinks_and_never_shrinks_gpus():
+    from ctal.distributed.train import ResourceError, plan_resources
+
+    cfg = PretrainConfig(num_workers=8, cpus_per_worker=1.0, use_gpu="auto")
+    with pytest.raises(ResourceError, match=r"8 workers x 1 CPUs = 8 CPUs, the Ray cluster has 2 CPUs"):
+        plan_resources(cfg, {"CPU": 2.0})
+    shrunk = plan_resources(PretrainConfig(num_workers=8, shrink_cpus_per_worker=True), {"CPU": 2.0})
+    assert (shrunk.cpus_per_worker, shrunk.use_gpu) == (0.25, False) and "shrinking" in shrunk.note
+    assert plan_resources(PretrainConfig(num_workers=2), {"CPU": 16.0, "GPU": 2.0}).use_gpu
+    with pytest.raises(ResourceError, match="4 GPUs, the Ray cluster has 2 GPUs"):
+        plan_resources(PretrainConfig(num_workers=4, shrink_cpus_per_worker=True), {"CPU": 64.0, "GPU": 2.0})
+    with pytest.raises(ResourceError, match="has 0 GPUs"):
+        plan_resources(PretrainConfig(num_workers=1, use_gpu="true"), {"CPU": 4.0})
+
+
+def test_an_autoscaling_cluster_is_judged_by_what_it_can_grow_to(ray_local, tmp_path, monkeypatch):
+    from ctal.distributed.train import cluster_capacity, plan_resources
+
+    assert cluster_capacity() == (dict(ray_local.cluster_resources()), False)
+    # what `ray up cluster.yaml` leaves on the head node: 2 x 4-GPU workers, none started yet
+    boot = {"head_node_type": "head", "available_node_types": {
+        "head": {"resources": {"CPU": 8}, "max_workers": 0},
+        "gpu_worker": {"resources": {"CPU": 48, "GPU": 4}, "min_workers": 0, "max_workers": 2}}}
+    (tmp_path / "ray_bootstrap_config.yaml").write_text(json.dumps(boot))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    capacity, autoscaling = cluster_capacity()
+    assert autoscaling and capacity["GPU"] == 8 and capacity["CPU"] == 8 + 96
+    res = plan_resources(PretrainConfig(num_workers=8), capacity)
+    assert res.use_gpu and res.cpus_per_worker == 1.0
+
+
+def test_over_asking_fails_within_seconds_naming_asked_and_available(dataset, tmp_path, ray_local):
+    from ctal.distributed.train import ResourceError, pretrain
+
+    cpus = ray_local.cluster_resources()["CPU"]
+    t0 = time.perf_counter()
+    asked = rf"8 workers x 1 CPUs = 8 CPUs, the Ray cluster has {cpus:g} CPUs"
+    with pytest.raises(ResourceError, match=asked):
+        pretrain(make_cfg(dataset, tmp_path, "too-big", "num_workers=8"))
+    assert time.perf_counter() - t0 < 10
+    assert not (tmp_path / "too-big").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model.hiden_size=32"], "unknown config key 'model.hiden_size'"),
+    (["lr=fast"], "lr: expected a number"),
+    (["--use-gpu", "maybe"], "invalid choice: 'maybe'"),
+])
+def test_recipe_config_errors_exit_2_before_ray_starts(dataset, args, message):
+    p = subprocess.run([sys.executable, "pipelines/pretrain.py", "--data", str(dataset), *args],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert message in p.stderr
+    assert "Started a local Ray instance" not in p.stdout + p.stderr
+
+
+def test_recipe_refuses_a_directory_that_is_not_a_data_set(tmp_path):
+    p = subprocess.run([sys.executable, "pipelines/pretrain.py", "--data", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "no report.json" in p.stderr
+
+
+# -- Ray Train -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_workers_pretrain_loss_falls_and_the_checkpoint_loads(reference, dataset):
+    result, ref = reference
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    first, last = [ref[s] for s in range(1, 6)], [ref[s] for s in range(STEPS - 4, STEPS + 1)]
+    assert sum(last) / 5 < sum(first) / 5 - 0.5, (first, last)
+    assert [s for s, _ in list_checkpoints(result.run_dir / CHECKPOINTS)] == [20, 30, 40]  # last 3 kept
+    assert result.checkpoint.name == "step-00000040" and result.metrics["step"] == STEPS
+
+    model = CTALForPretraining.from_pretrained(result.checkpoint)
+    tok = check_data(dataset)
+    assert model.config.vocab_size == tok["vocab_size"] and model.config.hidden_size == 64
+    from safetensors.torch import load_file
+    saved = load_file(str(result.checkpoint / "model.safetensors"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    assert (result.checkpoint / "tokenizer" / "tokenizer.json").is_file()
+    assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert all(0 < read_metrics(result.run_dir)[s]["padding_efficiency"] <= 1 for s in ref)
+
+
+@pytest.mark.slow
+def test_same_loop_without_ray_gives_the_same_losses(reference, dataset, tmp_path):
+    from ctal.train import launch_local
+
+    _, ref = reference
+    launch_local(make_cfg(dataset, tmp_path, "local"), tmp_path / "local")  # 2 processes, gloo DDP
+    assert losses(tmp_path / "local") == ref
+
+
+@pytest.mark.slow
+def test_worker_sigkill_restores_from_the_latest_checkpoint_exactly(reference, dataset, tmp_path, ray_local):
+    from ctal.distributed.train import pretrain
+
+    _, ref = reference
+    cfg = make_cfg(dataset, tmp_path, "worker-kill")
+    run = tmp_path / "worker-kill"
+    killed = {}
+
+    def killer():
+        killed["at_step"] = wait_for_step(run, EVERY + 5, timeout=300)
+        for pid, start in descendants(os.getpid()).items():
+            if cmdline(pid).startswith("ray::RayTrainWorker"):
+                kill_if_same(pid, start)
+                killed["pid"] = pid
+                return
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    result = pretrain(cfg)
+    thread.join(timeout=5)
+    assert "pid" in killed, "no Ray Train worker was found to kill"
+    [resumed_at] = resumes(run)
+    # restored from the newest checkpoint at the kill: at most one interval of steps redone
+    assert killed["at_step"] - EVERY <= resumed_at <= killed["at_step"] and resumed_at % EVERY == 0
+    assert result.metrics["step"] == STEPS
+    assert losses(run) == ref
+
+
+@pytest.mark.slow
+def test_driver_killed_then_the_same_command_resumes(reference, dataset, tmp_path):
+    _, ref = reference
+    storage = tmp_path / "runs"
+    cmd = [sys.executable, "pipelines/pretrain.py", "--data", str(dataset), "--size", "narrow",
+           "--storage", str(storage), "--name", "driver-kill", "--address", "local", *OVERRIDES]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = storage / "driver-kill"
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    started: dict[int, str] = {}
+    try:
+        deadline = time.time() + 300
+        while not (run / "metrics.jsonl").is_file() or max(read_metrics(run) or {0: 0}) < EVERY + 5:
+            started.update(descendants(first.pid))  # Ray's processes, to clean up after the kill
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "the first run did not reach the kill point"
+            time.sleep(0.05)
+        started.update(descendants(first.pid))
+        killed_at = max(read_metrics(run))
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        for pid, start in started.items():  # orphans of the dead driver (gcs, raylet, agents, workers)
+            kill_if_same(pid, start)
+        if first.poll() is None:
+            first.kill()
+        log.close()
+    assert killed_at < STEPS
+
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    [resumed_at] = resumes(run)
+    assert killed_at - EVERY <= resumed_at <= killed_at
+    assert f"resumed from {run / CHECKPOINTS / f'step-{resumed_at:08d}'}" in second.stdout + second.stderr
+    assert losses(run) == ref
