@@ -1,0 +1,429 @@
+"""Fine-tune CTAL on one task and evaluate a fine-tuned checkpoint, without Ray.
+
+`finetune(cfg)` trains one model per fold of the task's protocol (emotion: up to five sessions, the
+others: one), epoch by epoch, scoring every fold on its dev rows after each epoch; the epoch's metrics
+(mean over folds, and per fold) and a checkpoint go to `report` (Ray Tune / Ray Train pass theirs) or to
+`out_dir/{last,best}`. `evaluate(checkpoint, data, role)` scores a checkpoint on the protocol's dev or
+test rows; it is the only code that reads test rows.
+
+Checkpoint layout: `finetune.json` (task, folds, config, metrics, data tokenizer hash) and, per fold,
+`config.json` + `model.safetensors` (`CTALForSequenceClassification.from_pretrained`) plus
+`train_state.pt` (optimizer and schedule, to resume). One fold sits at the top level, several in
+sub-directories named after them.
+
+Determinism: batches come from (seed, epoch), dropout is reseeded from (seed, fold, epoch, rank), so a
+run resumed from an epoch checkpoint repeats the epochs it would have run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ctal.batching import bucket_batches, collate, derive_seed
+from ctal.config import FinetuneConfig, from_dict, to_dict
+from ctal import storage
+from ctal.data import FBANK_DIM, TOKENIZER_DIR, read_parquet_dataset, read_report
+from ctal.model import CTALConfig, CTALForSequenceClassification
+from ctal.tasks import Fold, Meta, Outputs, Task, get_task
+from ctal.tokenizer import TOKENIZER_FILES, tokenizer_hash
+
+STATE_FILE = "finetune.json"
+TRAIN_STATE_FILE = "train_state.pt"
+EVAL_BATCH_SIZE = 16  # fixed, so a checkpoint's metrics do not depend on the training batch size
+
+FRESH_MODEL_WARNING = (
+    "\n" + "!" * 78 + "\n"
+    "!! Fine-tuning a FRESHLY INITIALIZED CTAL: no pretraining checkpoint was given (init / --init).\n"
+    "!! Scores measure the architecture trained from scratch on this task, not CTAL pretraining.\n"
+    + "!" * 78 + "\n")
+
+# Reported: metrics of the epoch (incl. "epoch"), and the checkpoint directory (None on ranks > 0).
+ReportFn = Callable[[dict, Optional[str]], None]
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class TaskData:
+    """A preprocessed data set held in memory: the protocol columns plus flat feature arrays.
+
+    Plain numpy, so it pickles without copies through Ray's object store (every trial on a node then
+    shares one copy).
+    """
+    meta: Meta
+    n_frames: np.ndarray
+    input_ids: np.ndarray  # flat int32
+    input_ids_offsets: np.ndarray
+    fbank: np.ndarray  # (total frames, 80) float32
+    fbank_offsets: np.ndarray
+    tokenizer: dict  # report.json's tokenizer entry (vocab_size, pad_token_id, hash, ...)
+    data_dir: str = ""
+
+    @classmethod
+    def load(cls, data_dir: str | Path) -> "TaskData":
+        table = read_parquet_dataset(data_dir, columns=["id", "split", "speaker", "label", "input_ids",
+                                                        "n_frames", "fbank"]).combine_chunks()
+        if table.num_rows == 0:
+            raise ValueError(f"{str(data_dir)!r} holds no utterances")
+
+        def flat(name, inner=False):
+            col = table.column(name).chunk(0)
+            values = col.flatten()  # honours the column's offset, unlike .values
+            values = values.flatten() if inner else values
+            offsets = col.offsets.to_numpy().astype(np.int64)
+            return values.to_numpy(zero_copy_only=False), offsets - offsets[0]
+
+        ids, ids_off = flat("input_ids")
+        fbank, fb_off = flat("fbank", inner=True)
+        return cls(meta=Meta.from_table(table), n_frames=table.column("n_frames").to_numpy().astype(np.int64),
+                   input_ids=ids, input_ids_offsets=ids_off, fbank=fbank.reshape(-1, FBANK_DIM),
+                   fbank_offsets=fb_off, tokenizer=dict(read_report(data_dir).get("tokenizer") or {}),
+                   data_dir=storage.normalize(data_dir))  # absolute path, or the URI as given
+
+    def rows(self, idx, targets=None) -> list[dict]:
+        out = []
+        for k, i in enumerate(idx):
+            a, b = self.input_ids_offsets[i], self.input_ids_offsets[i + 1]
+            c, d = self.fbank_offsets[i], self.fbank_offsets[i + 1]
+            out.append({"input_ids": self.input_ids[a:b], "fbank": self.fbank[c:d],
+                        "label": None if targets is None else targets[k]})
+        return out
+
+
+def _limits(model) -> dict:
+    """Crop lengths the model's learned positions allow."""
+    cfg = model.config
+    max_tokens = cfg.max_position_embeddings - (cfg.pad_token_id + 1 if cfg.text_position_style == "roberta" else 0)
+    return {"max_tokens": max_tokens, "max_frames": cfg.max_audio_positions}
+
+
+def _batch(data: TaskData, idx, targets, pad_token_id: int, limits: dict, max_frames: int, device) -> dict:
+    b = collate(data.rows(idx, targets), max_frames=min(max_frames, limits["max_frames"]),
+                pad_token_id=pad_token_id, max_tokens=limits["max_tokens"])
+    return {k: v.to(device) for k, v in b.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# models
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
+
+
+def build_model(cfg: FinetuneConfig, task: Task, classes: Optional[list[str]], data: TaskData):
+    """A task model from `cfg.init` (pretraining or fine-tuned checkpoint) or freshly initialized."""
+    num_labels = task.num_labels(classes)
+    head = dict(num_labels=num_labels, problem_type=task.problem_type,
+                id2label={i: str(c) for i, c in enumerate(classes or ["score"])})
+    tok = data.tokenizer
+    if cfg.init:
+        init = storage.localize(cfg.init, kind="checkpoints")  # a URI (s3://…/step-N) is downloaded once
+        _check_tokenizer(init, tok)
+        m = cfg.model
+        model = CTALForSequenceClassification.from_pretrained(
+            init, fusion=m.fusion, orthogonality_weight=m.orthogonality_weight,
+            hidden_dropout_prob=m.hidden_dropout_prob,
+            attention_probs_dropout_prob=m.attention_probs_dropout_prob, **head)
+        if tok.get("vocab_size", 0) > model.config.vocab_size:
+            raise ValueError(f"init={cfg.init} has vocab_size={model.config.vocab_size} but the data's "
+                             f"tokenizer has {tok['vocab_size']} tokens")
+    else:
+        model_cfg = to_dict(cfg.model)
+        # A fresh model takes its vocabulary from the data set's tokenizer.
+        model_cfg.update({k: tok[k] for k in ("vocab_size", "pad_token_id") if k in tok})
+        torch.manual_seed(cfg.seed)  # fresh weights depend on the seed only
+        model = CTALForSequenceClassification(CTALConfig(**model_cfg, **head))
+    freeze(model, cfg.freeze_layers)
+    return model
+
+
+def _check_tokenizer(init: Path, tok: dict) -> None:
+    """A checkpoint that carries tokenizer files must carry the data set's tokenizer."""
+    if tok.get("hash") and any((init / f).is_file() for f in TOKENIZER_FILES):
+        if tokenizer_hash(init) != tok["hash"]:
+            raise ValueError(f"init={init} was trained with a different tokenizer than the data set "
+                             f"(sha256 {tokenizer_hash(init)[:12]} vs {tok['hash'][:12]})")
+
+
+def freeze(model, n: int) -> None:
+    """Freeze both streams' embeddings and their lowest `n` layers (the embeddings feed them)."""
+    n_text, n_audio = len(model.text.encoder.layer), len(model.audio.encoder.layer)
+    if not 0 <= n <= min(n_text, n_audio):
+        raise ValueError(f"freeze_layers={n}, but the model has {n_text} text and {n_audio} audio layers")
+    if n == 0:
+        return
+    frozen = [model.text.embeddings, model.audio.embeddings,
+              *model.text.encoder.layer[:n], *model.audio.encoder.layer[:n]]
+    for module in frozen:
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
+def _optimizer(model, cfg: FinetuneConfig, total_steps: int):
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:  # biases and LayerNorm weights are not decayed (BERT convention)
+            (no_decay if p.ndim < 2 else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    warmup = int(round(cfg.warmup_ratio * total_steps))
+
+    def schedule(step):  # linear warmup, then linear decay to 0
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def fold_dirs_for(path: Path, folds: list[str]) -> dict[str, Path]:
+    return {f: path if len(folds) == 1 else path / f for f in folds}
+
+
+def fold_dirs(checkpoint: str | Path) -> dict[str, Path]:
+    """Fold name → directory holding that fold's model."""
+    return fold_dirs_for(Path(checkpoint), read_state(checkpoint)["folds"])
+
+
+def read_state(checkpoint: str | Path) -> dict:
+    path = Path(checkpoint) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(checkpoint)!r} is not a fine-tuning checkpoint (no {STATE_FILE})")
+    return json.loads(path.read_text())
+
+
+@dataclass
+class _FoldRun:
+    fold: Fold
+    classes: Optional[list[str]]
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    targets: np.ndarray  # of fold.train
+
+
+def _save(path: Path, runs: list[_FoldRun], cfg: FinetuneConfig, epoch: int, metrics: dict,
+          history: list[dict], data: TaskData) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    state = {"task": cfg.task, "folds": [r.fold.name for r in runs], "epoch": epoch, "metrics": metrics,
+             "history": history, "config": to_dict(cfg), "data": data.data_dir,
+             "tokenizer_hash": data.tokenizer.get("hash")}
+    for name, d in fold_dirs_for(path, [r.fold.name for r in runs]).items():
+        run = next(r for r in runs if r.fold.name == name)
+        _unwrap(run.model).save_pretrained(d)
+        torch.save({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()},
+                   d / TRAIN_STATE_FILE)
+    tok_dir = (storage.localize(storage.join(data.data_dir, TOKENIZER_DIR), kind="tokenizers")
+               if storage.is_uri(data.data_dir) else Path(data.data_dir) / TOKENIZER_DIR)
+    if tok_dir.is_dir():  # the tokenizer travels with the model, as with pretraining checkpoints
+        for f in TOKENIZER_FILES:
+            if (tok_dir / f).is_file():
+                (path / f).write_bytes((tok_dir / f).read_bytes())
+    (path / STATE_FILE).write_text(json.dumps(state, indent=2, default=float))  # last: marks it complete
+
+
+# --------------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class FinetuneResult:
+    history: list[dict]  # one entry per epoch: "epoch", "train_loss", "dev_<metric>"...
+    best: dict  # the entry with the best dev selection metric
+    best_checkpoint: Optional[Path] = None  # out_dir/best when out_dir was given
+
+
+def _device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def finetune(cfg: FinetuneConfig, *, data: Optional[TaskData] = None, out_dir: Optional[str | Path] = None,
+             report: Optional[ReportFn] = None, resume_from: Optional[str | Path] = None,
+             rank: int = 0, world_size: int = 1,
+             prepare_model: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None,
+             log: Callable[[str], None] = print) -> FinetuneResult:
+    """Fine-tune `cfg.task` on `cfg.data` (or `data`); see the module docstring.
+
+    rank / world_size / prepare_model: data-parallel training (Ray Train passes its rank and
+    `prepare_model`); each rank takes every world_size-th batch and all ranks score dev in full.
+    """
+    task = get_task(cfg.task)
+    data = data if data is not None else TaskData.load(cfg.data)
+    folds = task.folds(data.meta, cfg.fold, cfg.seed)
+    if cfg.init is None and rank == 0:
+        print(FRESH_MODEL_WARNING, file=sys.stderr, flush=True)
+    device = _device()
+    resume = Path(resume_from) if resume_from else None
+    state = read_state(resume) if resume else None
+    if state and state["folds"] != [f.name for f in folds]:
+        raise ValueError(f"resume_from={resume} holds folds {state['folds']}, this run has "
+                         f"{[f.name for f in folds]}")
+
+    runs = []
+    for fold in folds:
+        classes = task.classes(data.meta, fold)
+        targets = task.targets(data.meta, fold.train, classes)
+        if state:  # the checkpoint's weights; the config's other fields still apply
+            model = CTALForSequenceClassification.from_pretrained(fold_dirs(resume)[fold.name])
+            freeze(model, cfg.freeze_layers)
+        else:
+            model = build_model(cfg, task, classes, data)
+        model.to(device)
+        if prepare_model is not None:
+            model = prepare_model(model)
+        steps = len(_train_batches(data, fold, cfg, 0, rank, world_size)) * cfg.epochs
+        opt, sched = _optimizer(_unwrap(model), cfg, steps)
+        if state:
+            saved = torch.load(fold_dirs(resume)[fold.name] / TRAIN_STATE_FILE, map_location=device,
+                               weights_only=True)  # tensors and numbers only: nothing is unpickled
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+        runs.append(_FoldRun(fold, classes, model, opt, sched, targets))
+    if rank == 0:
+        m = _unwrap(runs[0].model)
+        log(f"{cfg.task}: {len(folds)} fold(s) {[f.name for f in folds]}, fusion={m.config.fusion}, "
+            f"{m.count_parameters(trainable_only=True):,} trainable parameters, device={device}")
+
+    history = list(state["history"]) if state else []
+    best = min(history, key=lambda h: _sort_key(task, h), default=None)
+    out = Path(out_dir) if out_dir else None
+    for epoch in range(state["epoch"] + 1 if state else 1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        losses = [_train_epoch(run, k, data, cfg, epoch, rank, world_size, device) for k, run in enumerate(runs)]
+        per_fold = {}
+        for run in runs:
+            outputs = predict(_unwrap(run.model), data, run.fold.dev, cfg.max_frames)
+            per_fold[run.fold.name] = task.score(outputs, data.meta, run.fold.dev, run.classes, cfg.seed)
+        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)),
+                   **{f"dev_{k}": v for k, v in task.aggregate(per_fold).items()},
+                   "epoch_s": time.perf_counter() - t0}
+        history.append(metrics)
+        improved = best is None or _sort_key(task, metrics) < _sort_key(task, best)
+        best = metrics if improved else best
+        if rank == 0:
+            log(f"epoch {epoch}/{cfg.epochs}: train_loss {metrics['train_loss']:.4f}  "
+                + "  ".join(f"dev {m} {metrics['dev_' + m]:.4f}" for m in task.metric_names)
+                + f"  ({metrics['epoch_s']:.1f} s)")
+        if out is not None and rank == 0:
+            _save(out / "last", runs, cfg, epoch, metrics, history, data)
+            if improved:
+                _save(out / "best", runs, cfg, epoch, metrics, history, data)
+        if report is not None:
+            if rank == 0:
+                with tempfile.TemporaryDirectory(prefix="ctal-ckpt-") as tmp:
+                    _save(Path(tmp), runs, cfg, epoch, metrics, history, data)
+                    report(metrics, tmp)  # Tune / Train copy it to storage before returning
+            else:
+                report(metrics, None)
+    return FinetuneResult(history, best, out / "best" if out is not None and best else None)
+
+
+def _sort_key(task: Task, metrics: dict) -> float:
+    """Smaller is better; NaN ranks last."""
+    v = metrics[f"dev_{task.metric}"]
+    if v is None or math.isnan(v):
+        return math.inf
+    return v if task.mode == "min" else -v
+
+
+def _train_batches(data: TaskData, fold: Fold, cfg: FinetuneConfig, epoch: int, rank: int, world_size: int):
+    batches = bucket_batches(np.minimum(data.n_frames[fold.train], cfg.max_frames), batch_size=cfg.batch_size,
+                             seed=cfg.seed, epoch=epoch)
+    usable = len(batches) // world_size * world_size  # equal step counts keep DDP ranks in lock step
+    if usable == 0:
+        raise ValueError(f"fold {fold.name}: {len(fold.train)} training rows make {len(batches)} batches of "
+                         f"{cfg.batch_size}, fewer than the {world_size} workers")
+    return batches[rank:usable:world_size]
+
+
+def _train_epoch(run: _FoldRun, k: int, data: TaskData, cfg: FinetuneConfig, epoch: int, rank: int,
+                 world_size: int, device) -> float:
+    model = run.model
+    inner = _unwrap(model)
+    limits = _limits(inner)
+    model.train()
+    torch.manual_seed(derive_seed(cfg.seed, k, epoch, rank))  # dropout: no RNG state to checkpoint
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses = []
+    for positions in _train_batches(data, run.fold, cfg, epoch, rank, world_size):
+        idx = run.fold.train[positions]
+        batch = _batch(data, idx, run.targets[positions], inner.config.pad_token_id, limits, cfg.max_frames,
+                       device)
+        with _autocast(device, cfg):
+            out = model(**batch)
+        run.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if cfg.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        losses.append(float(out.loss.detach()))
+    return float(np.mean(losses))
+
+
+def _autocast(device, cfg: FinetuneConfig):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16)
+
+
+# --------------------------------------------------------------------------------------------------
+# prediction and evaluation
+
+
+@torch.no_grad()
+def predict(model, data: TaskData, idx: np.ndarray, max_frames: int = 3000) -> Outputs:
+    """Logits and fused embeddings for rows `idx` (in that order), batched by length."""
+    model.eval()
+    device = next(model.parameters()).device
+    limits = _limits(model)
+    order = np.argsort(data.n_frames[idx], kind="stable")
+    logits, emb = [None] * len(idx), [None] * len(idx)
+    for s in range(0, len(order), EVAL_BATCH_SIZE):
+        pos = order[s:s + EVAL_BATCH_SIZE]
+        batch = _batch(data, idx[pos], None, model.config.pad_token_id, limits, max_frames, device)
+        out = model(**batch)
+        for j, p in enumerate(pos):
+            logits[p], emb[p] = out.logits[j].float().cpu().numpy(), out.embedding[j].float().cpu().numpy()
+    return Outputs(np.stack(logits), np.stack(emb))
+
+
+def evaluate(checkpoint: str | Path, data: Optional[TaskData] = None, role: str = "test",
+             task: Optional[str] = None) -> tuple[dict, dict]:
+    """Score a fine-tuning checkpoint on the protocol's `role` rows ("dev" or "test") of `data` (default:
+    the data set it was trained on). Returns (metrics aggregated over folds, metrics per fold)."""
+    state = read_state(checkpoint)
+    if task is not None and task != state["task"]:
+        raise ValueError(f"{checkpoint} was fine-tuned for {state['task']!r}, not {task!r}")
+    t = get_task(state["task"])
+    cfg = from_dict(FinetuneConfig, state["config"])
+    data = data if data is not None else TaskData.load(state["data"])
+    if state.get("tokenizer_hash") and data.tokenizer.get("hash") not in (None, state["tokenizer_hash"]):
+        raise ValueError(f"{checkpoint} was fine-tuned on data tokenized differently from {data.data_dir}")
+    folds = {f.name: f for f in t.folds(data.meta, cfg.fold, cfg.seed)}
+    missing = [f for f in state["folds"] if f not in folds]
+    if missing:
+        raise ValueError(f"{checkpoint} holds fold(s) {missing} that the data set does not have")
+    device = _device()
+    per_fold = {}
+    for name, d in fold_dirs(checkpoint).items():
+        fold = folds[name]
+        model = CTALForSequenceClassification.from_pretrained(d).to(device)
+        idx = fold.rows(role)
+        per_fold[name] = t.score(predict(model, data, idx, cfg.max_frames), data.meta, idx,
+                                 t.classes(data.meta, fold), cfg.seed)
+    return t.aggregate(per_fold), per_fold

@@ -1,0 +1,51 @@
+"""Metrics of a fine-tuned checkpoint on the task protocol's test (or dev) rows, as a table.
+
+    python pipelines/evaluate.py --task {emotion,sentiment,speaker} --checkpoint DIR [--data DIR]
+        [--split test|dev]
+
+--checkpoint: a checkpoint of pipelines/tune_finetune.py (e.g. <experiment>/best_checkpoint).
+--data defaults to the data set the checkpoint was fine-tuned on. Emotion prints each fold's session
+and the mean over folds.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ctal import storage
+from ctal.finetune import TaskData, evaluate, read_state
+from ctal.tasks import TASKS
+
+
+def format_table(metrics: dict, per_fold: dict, split: str) -> str:
+    names = list(next(iter(per_fold.values())))
+    rows = [(fold, m) for fold, m in per_fold.items()]
+    if len(per_fold) > 1:
+        rows.append(("mean", {n: metrics[n] for n in names}))
+    width = max(len("fold"), *(len(r[0]) for r in rows))
+    lines = ["fold".ljust(width) + "  " + "  ".join(f"{n:>8}" for n in names)]
+    lines += [f"{fold:<{width}}  " + "  ".join(f"{m[n]:>8.4f}" for n in names) for fold, m in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--checkpoint", required=True, help="a directory or a URI (s3://…/best_checkpoint)")
+    p.add_argument("--data", help="Parquet data set (default: the one the checkpoint was trained on)")
+    p.add_argument("--split", choices=("test", "dev"), default="test")
+    args = p.parse_args(argv)
+    try:
+        checkpoint = storage.localize(args.checkpoint, kind="checkpoints", refresh=True)  # a URI: downloaded
+        state = read_state(checkpoint)
+        data = TaskData.load(args.data or state["data"])
+        metrics, per_fold = evaluate(checkpoint, data, role=args.split, task=args.task)
+    except (FileNotFoundError, ValueError) as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
+    print(f"{args.task} checkpoint {args.checkpoint} (epoch {state['epoch']}), {args.split} rows of {data.data_dir}")
+    print(format_table(metrics, per_fold, args.split))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
