@@ -318,6 +318,7 @@ class SweepResult:
     best: Optional[dict]  # the best trial's row of the table
     table: Any  # pandas DataFrame, one row per trial
     errors: dict  # trial → error message
+    trial_checkpoints: dict = field(default_factory=dict)  # trial → its best checkpoint
 
 
 def _check_resources(opts: SweepOptions) -> None:
@@ -505,7 +506,8 @@ def summarize(grid, experiment: Path, task, space: SearchSpace, epochs: int,
                 storage.download_dir(f"{remote.split('://', 1)[0]}://{src}", best_dir)
             else:
                 shutil.copytree(src, best_dir)
-    return SweepResult(experiment, csv_path, md_path, plots, best_dir, best_row, table, errors)
+    return SweepResult(experiment, csv_path, md_path, plots, best_dir, best_row, table, errors,
+                       {t: p for t, p in best_ckpt.items() if p is not None})
 
 
 def _first_line(error) -> str:
