@@ -7,6 +7,7 @@ Shards are ``part-*.parquet`` beside ``quarantine.parquet``, ``report.json`` and
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Optional
@@ -50,6 +51,7 @@ REPORT_FILE = "report.json"
 TOKENIZER_DIR = "tokenizer"
 
 
+@functools.lru_cache(maxsize=None)
 def _audio_extensions() -> frozenset:
     """File extensions libsndfile decodes (its format names plus the usual aliases)."""
     import soundfile as sf
@@ -57,9 +59,6 @@ def _audio_extensions() -> frozenset:
     exts = {f.lower() for f in sf.available_formats()} - {"raw"}  # raw needs a layout we lack
     exts |= {"wave", "oga", "opus", "aif", "aifc", "snd", "sph", "mat", "sf", "8svx"}
     return frozenset(exts)
-
-
-_AUDIO_EXTENSIONS: Optional[frozenset] = None
 
 
 def _wav_truncation(path: str) -> Optional[str]:
@@ -85,12 +84,26 @@ def _wav_truncation(path: str) -> Optional[str]:
 
 
 def _quarantine(row: dict, reason: str, detail: str) -> tuple[None, dict]:
+    assert reason in QUARANTINE_REASONS, reason
     return None, {"id": str(row.get("id")), "audio_path": str(row.get("audio_path")),
                   "reason": reason, "detail": detail}
 
 
+def encode_text(tokenizer, text: str, max_tokens: int) -> np.ndarray:
+    """Token ids incl. special tokens, truncated to ``max_tokens``, from a transformers tokenizer or a
+    bare ``tokenizers.Tokenizer`` from ``ctal.tokenizer.load_backend`` (already set to truncate)."""
+    from tokenizers import Tokenizer
+
+    if isinstance(tokenizer, Tokenizer):
+        ids = tokenizer.encode(text).ids
+    else:
+        ids = tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"]
+    return np.asarray(ids, dtype=np.int32)
+
+
 def featurize_row(row: dict, tokenizer, data_cfg) -> tuple[Optional[dict], Optional[dict]]:
     """One manifest row → ``(record, None)`` for ``PARQUET_SCHEMA`` or ``(None, quarantine)``.
+    ``tokenizer``: as for ``encode_text``.
 
     Checks run cheapest first; each failure is a reason from ``QUARANTINE_REASONS``. Stereo is
     downmixed and any sample rate resampled (by ``compute_fbank``), never rejected.
@@ -98,10 +111,6 @@ def featurize_row(row: dict, tokenizer, data_cfg) -> tuple[Optional[dict], Optio
     import soundfile as sf
 
     from ctal.features import compute_fbank
-
-    global _AUDIO_EXTENSIONS
-    if _AUDIO_EXTENSIONS is None:
-        _AUDIO_EXTENSIONS = _audio_extensions()
 
     text = row.get("text")
     if row.get("text_error") == "non_utf8_transcript" or isinstance(text, bytes):
@@ -122,7 +131,7 @@ def featurize_row(row: dict, tokenizer, data_cfg) -> tuple[Optional[dict], Optio
     if p.stat().st_size == 0:
         return _quarantine(row, "empty_file", "file has 0 bytes")
     ext = p.suffix.lower().lstrip(".")
-    if ext and ext not in _AUDIO_EXTENSIONS:
+    if ext and ext not in _audio_extensions():
         return _quarantine(row, "unknown_format", f"extension .{ext} is not an audio format "
                                                   "soundfile decodes")
     try:
@@ -159,7 +168,7 @@ def featurize_row(row: dict, tokenizer, data_cfg) -> tuple[Optional[dict], Optio
                               dither=fc.dither)
     except ValueError as e:  # compute_fbank refuses input shorter than one window
         return _quarantine(row, "too_short", str(e))
-    input_ids = tokenizer(text, truncation=True, max_length=data_cfg.max_text_tokens)["input_ids"]
+    input_ids = encode_text(tokenizer, text, data_cfg.max_text_tokens)
     label = row.get("label")
     return {
         "id": str(row["id"]),
@@ -167,7 +176,7 @@ def featurize_row(row: dict, tokenizer, data_cfg) -> tuple[Optional[dict], Optio
         "split": row.get("split"),
         "speaker": None if row.get("speaker") is None else str(row["speaker"]),
         "text": text,
-        "input_ids": np.asarray(input_ids, dtype=np.int32),
+        "input_ids": input_ids,
         "n_frames": int(fbank.shape[0]),
         "fbank": fbank,
         "label": None if label is None else float(label),
@@ -205,7 +214,15 @@ def records_to_table(records: list[dict]) -> pa.Table:
 
 
 def list_shards(data_dir: str | Path) -> list[Path]:
-    """The feature shards of a complete data set, in order; refuses an incomplete one."""
+    """The feature shards of a complete data set, in order; refuses an incomplete one.
+    For a URI data set (``s3://``, ``file://``; see ctal.storage) the shards are URI strings."""
+    from . import storage
+
+    if storage.is_uri(data_dir):
+        if not storage.is_file(storage.join(data_dir, REPORT_FILE)):
+            raise FileNotFoundError(f"{str(data_dir)!r} has no {REPORT_FILE}: not a complete preprocessed "
+                                    "data set (missing, or a run that did not finish)")
+        return storage.glob(data_dir, SHARD_GLOB)
     data_dir = Path(data_dir)
     if not (data_dir / REPORT_FILE).is_file():
         raise FileNotFoundError(f"{str(data_dir)!r} has no {REPORT_FILE}: not a complete preprocessed "
@@ -226,5 +243,13 @@ def read_parquet_dataset(data_dir: str | Path, split: Optional[str] = None,
 
 
 def read_report(data_dir: str | Path) -> dict:
+    from . import storage
+
+    if storage.is_uri(data_dir):
+        return storage.read_json(storage.join(data_dir, REPORT_FILE))
     with open(Path(data_dir) / REPORT_FILE, encoding="utf-8") as f:
         return json.load(f)
+
+
+# --------------------------------------------------------------------------------------------------
+# loading for training: length-bucketed batches and collate (below)

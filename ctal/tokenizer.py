@@ -67,6 +67,18 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
+def load_backend(path: str | Path, max_length: int):
+    """The bare ``tokenizers`` encoder of a saved fast tokenizer, set to truncate like
+    ``tokenizer(text, truncation=True, max_length=max_length)``. Loads in milliseconds without
+    importing transformers (the preprocessing actors use it)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(max_length)
+    return tok
+
+
 def tokenizer_hash(path: str | Path) -> str:
     """sha256 over the tokenizer files of ``path`` (sorted by name). JSON files are hashed in canonical
     form without load-time keys, so a load → ``save_pretrained`` round trip keeps the hash."""

@@ -1,0 +1,315 @@
+"""Corpus → Parquet data set with Ray Data (DESIGN.md, "Parquet data contract").
+
+manifest rows (driver) → BPE training on the transcripts (driver, unless a tokenizer dir is given) →
+``ray.data.from_items`` → ``map_batches`` on an actor pool (tokenizer loaded once per actor) where each
+batch becomes one zstd Parquet shard written by the actor itself → only a small per-row summary
+travels back to the driver, which writes ``quarantine.parquet`` and ``report.json``.
+
+Features never pass through the driver, so its memory does not grow with the corpus. Everything is
+written into ``<out>.tmp-<uuid>`` and renamed to ``<out>`` at the end: a killed run leaves no
+directory a reader would take as complete (``report.json`` is the completeness marker as well).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ctal import storage
+from ctal.data import (PARQUET_SCHEMA, QUARANTINE_FILE, QUARANTINE_SCHEMA, REPORT_FILE, TOKENIZER_DIR,
+                       featurize_row, records_to_table)
+from ctal.tokenizer import (load_backend, load_tokenizer, tokenizer_hash, tokenizer_info,
+                            train_bpe_tokenizer)
+
+# What each actor sends back per utterance: enough for counts, hours and quarantine, no features.
+_SUMMARY_SCHEMA = pa.schema([
+    ("idx", pa.int64()), ("id", pa.string()), ("audio_path", pa.string()), ("reason", pa.string()),
+    ("detail", pa.string()), ("shard", pa.string()), ("duration_s", pa.float64()),
+    ("n_frames", pa.int64()),
+])
+
+
+def check_output(out_dir: str | Path, overwrite: bool = False) -> None:
+    """Refuse an existing output unless ``overwrite``; never replace a directory that is not ours."""
+    if storage.is_uri(out_dir):  # s3://, gs://, file:// (ctal/distributed/preprocess_uri.py)
+        from .preprocess_uri import check_output_uri
+        return check_output_uri(out_dir, overwrite)
+    out = Path(out_dir)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        if not overwrite:
+            raise FileExistsError(f"output {str(out)!r} already exists; pass overwrite=True "
+                                  "(--overwrite) to replace it")
+        if not (out / REPORT_FILE).is_file():
+            raise FileExistsError(f"refusing to overwrite {str(out)!r}: it is not a ctal data set "
+                                  f"(no {REPORT_FILE})")
+
+
+class _ShardWriter:
+    """Actor-side featurizer: one call = one batch of manifest rows = (at most) one Parquet shard."""
+
+    def __init__(self, tokenizer_dir: str, data_cfg, out_dir: str, rows_per_row_group: int,
+                 bare_tokenizer: bool):
+        import torch
+
+        # Ray gives an actor its CPUs, not a thread count: avoid oversubscribing the node with torch.
+        torch.set_num_threads(max(1, int(data_cfg.num_cpus_per_task)))
+        # A URI output: the tokenizer comes from there, shards are written locally and uploaded.
+        tokenizer_dir = storage.localize(tokenizer_dir, kind="tokenizers")
+        self.out_uri = out_dir if storage.is_uri(out_dir) else None
+        # The bare encoder spares each actor the transformers import (~0.7 s of start-up).
+        self.tokenizer = (load_backend(tokenizer_dir, data_cfg.max_text_tokens) if bare_tokenizer
+                          else load_tokenizer(tokenizer_dir))
+        self.cfg = data_cfg
+        self.out_dir = (Path(tempfile.gettempdir()) / f"ctal-shards-{uuid.uuid4().hex[:12]}" if self.out_uri
+                        else Path(out_dir))  # for a URI: made and removed by each call
+        self.rows_per_row_group = rows_per_row_group
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        idxs = batch["idx"].to_pylist()
+        rows = [json.loads(r) for r in batch["row"].to_pylist()]
+        name = f"part-{min(idxs):08d}.parquet"  # unique: every row lands in exactly one batch
+        if self.out_uri:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.out_dir / f".{name}.{uuid.uuid4().hex}.inprogress"
+        writer, pending, summary = None, [], []
+        try:
+            for idx, row in zip(idxs, rows):
+                record, bad = featurize_row(row, self.tokenizer, self.cfg)
+                if bad is not None:
+                    summary.append({"idx": idx, **bad, "shard": None, "duration_s": None,
+                                    "n_frames": None})
+                    continue
+                summary.append({"idx": idx, "id": record["id"], "audio_path": row["audio_path"],
+                                "reason": None, "detail": None, "shard": name,
+                                "duration_s": record["duration_s"], "n_frames": record["n_frames"]})
+                pending.append(record)
+                if len(pending) == self.rows_per_row_group:  # bounded memory: flush a row group
+                    writer = writer or pq.ParquetWriter(tmp, PARQUET_SCHEMA, compression="zstd")
+                    writer.write_table(records_to_table(pending))
+                    pending = []
+            if pending:
+                writer = writer or pq.ParquetWriter(tmp, PARQUET_SCHEMA, compression="zstd")
+                writer.write_table(records_to_table(pending))
+            if writer is not None:
+                writer.close()
+                writer = None
+                os.replace(tmp, self.out_dir / name)  # a retried batch replaces, never duplicates
+                if self.out_uri:  # uploaded whole under the same name: a retry replaces it there too
+                    storage.upload_file(self.out_dir / name, storage.join(self.out_uri, name))
+                    (self.out_dir / name).unlink()
+        finally:
+            if writer is not None:
+                writer.close()
+            tmp.unlink(missing_ok=True)
+            if self.out_uri:
+                shutil.rmtree(self.out_dir, ignore_errors=True)
+        return pa.Table.from_pylist(summary, schema=_SUMMARY_SCHEMA)
+
+
+def _prepare_tokenizer(rows: list[dict], data_cfg, dest: Path) -> dict:
+    """Train the BPE on the transcripts (or load ``data_cfg.tokenizer``) and save it to ``dest``;
+    decide whether the actors may use the bare ``tokenizers`` encoder (only if it gives the same ids)."""
+    if data_cfg.tokenizer:
+        tok = load_tokenizer(data_cfg.tokenizer)
+        tok.save_pretrained(str(dest))
+        source = str(Path(data_cfg.tokenizer).resolve())
+    else:
+        texts = [r["text"] for r in rows if r.get("text") and not r.get("text_error")]
+        if not texts:
+            raise ValueError("no usable transcripts to train the BPE tokenizer on")
+        tok = train_bpe_tokenizer(texts, data_cfg.vocab_size, dest,
+                                  model_max_length=data_cfg.max_text_tokens)
+        source = f"byte-level BPE trained on {len(texts)} transcripts (vocab_size={data_cfg.vocab_size})"
+    return {"path": TOKENIZER_DIR, "source": source, "hash": tokenizer_hash(dest), **tokenizer_info(tok),
+            "bare_encoder": _bare_encoder_agrees(tok, dest, rows, data_cfg.max_text_tokens)}
+
+
+def _bare_encoder_agrees(tok, tok_dir: Path, rows: list[dict], max_tokens: int) -> bool:
+    """Some transformers tokenizer classes add Python-side behaviour; check, don't assume."""
+    if not (tok_dir / "tokenizer.json").is_file():
+        return False
+    bare = load_backend(tok_dir, max_tokens)
+    texts = [r["text"] for r in rows[:500] if r.get("text") and not r.get("text_error")]
+    texts += ["", "Mixed CASE, punctuation!  and   spaces", "word " * (2 * max_tokens)]  # + truncation
+    return all(bare.encode(t).ids == tok(t, truncation=True, max_length=max_tokens)["input_ids"]
+               for t in texts)
+
+
+def run_preprocess(corpus: str, root: str | Path, out_dir: str | Path, data_cfg, overwrite: bool = False,
+                   num_cpus: Optional[float] = None, *, rows: Optional[list[dict]] = None,
+                   reader_kwargs: Optional[dict] = None, rows_per_row_group: int = 64,
+                   verbose: bool = True) -> dict:
+    """Featurize a corpus into the Parquet data set ``out_dir`` and return its report.
+
+    ``rows``: a manifest already read with ``read_corpus`` (else it is read here). ``num_cpus``: CPUs
+    the actor pool may use (default: the whole Ray cluster); each actor takes
+    ``data_cfg.num_cpus_per_task``. Starts Ray (``ray.init()``, honouring RAY_ADDRESS) if needed.
+    """
+    out = storage.normalize(out_dir) if storage.is_uri(out_dir) else Path(out_dir).resolve()
+    check_output(out, overwrite)
+    if rows is None:
+        from ctal.corpora import read_corpus
+        rows = read_corpus(corpus, str(root), **(reader_kwargs or {}))
+    n_in = len(rows)
+    if n_in == 0:
+        raise ValueError(f"{corpus} reader found no utterances under {str(root)!r}")
+    dup = [k for k, c in Counter(r["id"] for r in rows).items() if c > 1]
+    if dup:
+        raise ValueError(f"utterance ids must be unique; {len(dup)} repeat, e.g. {dup[0]!r}")
+
+    if storage.is_uri(out):  # shards go straight to the object store: ctal/distributed/preprocess_uri.py
+        from .preprocess_uri import preprocess_to_uri
+        report = preprocess_to_uri(rows, corpus, root, out, data_cfg, num_cpus, rows_per_row_group)
+        if verbose:
+            print(format_summary(report), flush=True)
+        return report
+
+    tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir(parents=True)
+    try:
+        t_start = time.perf_counter()
+        tok_report = _prepare_tokenizer(rows, data_cfg, tmp / TOKENIZER_DIR)
+        t_tok = time.perf_counter() - t_start
+        summary, n_actors, t_feat = _featurize(rows, data_cfg, tmp, num_cpus, rows_per_row_group,
+                                               tok_report["bare_encoder"])
+        report = _finish(summary, rows, corpus, root, out, tmp, data_cfg, tok_report, n_actors,
+                         t_tok, t_feat, time.perf_counter() - t_start)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if verbose:
+        print(format_summary(report), flush=True)
+    return report
+
+
+def _featurize(rows, data_cfg, tmp: Path | str, num_cpus, rows_per_row_group, bare_tokenizer):
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    cpus = num_cpus if num_cpus is not None else ray.cluster_resources().get("CPU", 1.0)
+    n = len(rows)
+    n_actors = max(1, int(cpus // data_cfg.num_cpus_per_task + 1e-9))
+    # Several shards per actor keep the pool busy to the end; rows_per_shard bounds file size.
+    rows_per_batch = max(1, min(data_cfg.rows_per_shard, math.ceil(n / (4 * n_actors))))
+    n_batches = math.ceil(n / rows_per_batch)
+    n_actors = min(n_actors, n_batches)
+    # JSON keeps the manifest's None/float/str mix out of Ray's per-block schema inference.
+    items = [{"idx": i, "row": json.dumps(r)} for i, r in enumerate(rows)]
+    t0 = time.perf_counter()
+    ds = ray.data.from_items(items, override_num_blocks=n_batches).map_batches(
+        _ShardWriter,
+        fn_constructor_kwargs={"tokenizer_dir": storage.join(tmp, TOKENIZER_DIR), "data_cfg": data_cfg,
+                               "out_dir": str(tmp), "rows_per_row_group": rows_per_row_group,
+                               "bare_tokenizer": bare_tokenizer},
+        batch_size=rows_per_batch,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=1),
+        num_cpus=data_cfg.num_cpus_per_task,
+    )
+    del items
+    parts = [b for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
+    summary = pa.concat_tables(parts).sort_by("idx") if parts else _SUMMARY_SCHEMA.empty_table()
+    return summary, n_actors, time.perf_counter() - t0
+
+
+def _finish(summary: pa.Table, rows, corpus, root, out: Path, tmp: Path, data_cfg, tok_report,
+            n_actors, t_tok, t_feat, t_total, shards: Optional[list[dict]] = None) -> dict:
+    n_in = len(rows)
+    idx = summary["idx"].to_pylist()
+    assert idx == list(range(n_in)), (f"{n_in} rows in, {len(idx)} accounted for "
+                                      f"({len(set(idx))} distinct): rows were lost or duplicated")
+    reasons = summary["reason"].to_pylist()
+    written_mask = [r is None for r in reasons]
+    n_written = sum(written_mask)
+    n_quarantined = n_in - n_written
+    assert n_in == n_written + n_quarantined
+
+    # Shards referenced by the summary are the data set; anything else (a retried batch's leftovers)
+    # goes. Renaming to part-00000.. gives a stable order that follows the manifest.
+    # (``shards`` given: a URI output, where preprocess_uri.py did this without renames.)
+    referenced = sorted({s for s in summary["shard"].to_pylist() if s is not None})
+    if shards is None:
+        for f in tmp.iterdir():
+            if f.is_file() and f.name not in referenced and f.name.endswith((".parquet", ".inprogress")):
+                f.unlink()
+        shards = []
+        for k, name in enumerate(referenced):
+            final = f"part-{k:05d}.parquet"
+            os.replace(tmp / name, tmp / final)
+            shards.append({"file": final, "rows": pq.ParquetFile(tmp / final).metadata.num_rows})
+    assert sum(s["rows"] for s in shards) == n_written, "shard row counts disagree with the summary"
+
+    q = summary.filter(pc.invert(pa.array(written_mask)))
+    pq.write_table(q.select([f.name for f in QUARANTINE_SCHEMA]).cast(QUARANTINE_SCHEMA),
+                   tmp / QUARANTINE_FILE, compression="zstd")
+
+    audio_s = float(sum(d for d, w in zip(summary["duration_s"].to_pylist(), written_mask) if w))
+    report = {
+        "corpus": corpus,
+        "root": str(Path(root).resolve()),
+        "counts": {
+            "in": n_in, "written": n_written, "quarantined": n_quarantined,
+            "quarantined_by_reason": dict(sorted(Counter(r for r in reasons if r).items())),
+        },
+        "hours": audio_s / 3600.0,
+        "n_frames": int(sum(n for n in summary["n_frames"].to_pylist() if n is not None)),
+        "shards": shards,
+        "features": asdict(data_cfg.features),
+        "data_config": asdict(data_cfg),
+        "tokenizer": tok_report,
+        "throughput": {
+            "featurize_wall_s": t_feat, "tokenizer_s": t_tok, "total_wall_s": t_total,
+            "utterances_per_s": n_in / t_feat, "realtime_factor": audio_s / t_feat,
+            "actors": n_actors, "cpus_per_actor": data_cfg.num_cpus_per_task,
+        },
+        "schema": PARQUET_SCHEMA.to_string(show_field_metadata=False),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    # Written last: its presence is what marks the directory as a complete data set.
+    with open(tmp / REPORT_FILE, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished data set into place; an existing one (checked earlier) is replaced."""
+    if out.exists():
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        else:
+            old = out.parent / f"{out.name}.old-{uuid.uuid4().hex[:12]}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+    tmp.rename(out)
+
+
+def format_summary(report: dict) -> str:
+    c, t = report["counts"], report["throughput"]
+    lines = [
+        f"{report['corpus']}: {c['in']} utterances in, {c['written']} written "
+        f"({report['hours']:.3f} h of audio in {len(report['shards'])} shards), "
+        f"{c['quarantined']} quarantined",
+    ]
+    for reason, k in c["quarantined_by_reason"].items():
+        lines.append(f"  quarantined {reason}: {k}")
+    lines.append(f"featurized in {t['featurize_wall_s']:.1f} s on {t['actors']} actors: "
+                 f"{t['utterances_per_s']:.1f} utt/s, {t['realtime_factor']:.0f}x realtime")
+    lines.append(f"tokenizer: {report['tokenizer']['source']} (vocab {report['tokenizer']['vocab_size']}, "
+                 f"sha256 {report['tokenizer']['hash'][:12]})")
+    return "\n".join(lines)
