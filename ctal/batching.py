@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from . import storage
 from .data import FBANK_DIM, list_shards
 from .features import model_frames
 from .masking import mask_frames, mask_tokens
@@ -194,14 +195,16 @@ class PretrainBatches:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.batch_size, self.max_frames_per_batch = batch_size, max_frames_per_batch
         self.columns = list(columns)
-        self.files = list_shards(data_dir)
+        self.files = list_shards(data_dir)  # URI strings for a data set on s3://, gs://, file://
+        # One pyarrow filesystem for every read (an S3 client per row group would be slow).
+        self._fs = storage.resolve(data_dir)[0] if storage.is_uri(data_dir) else None
 
         # The index: only the small columns are read (n_frames, split), never fbank.
         n_frames, keep, rg_of_row, self.row_groups = [], [], [], []  # row_groups: (file, rg, start)
         wanted = [s for s in split.split(",") if s]  # "" = every split
         seen_splits = set()
-        for f, path in enumerate(self.files):
-            pf = pq.ParquetFile(path)
+        for f in range(len(self.files)):
+            pf = self._parquet(f)
             t = pf.read(columns=["n_frames", "split"])
             splits = t.column("split").to_numpy(zero_copy_only=False)
             seen_splits.update(splits.tolist())
@@ -250,6 +253,11 @@ class PretrainBatches:
         self.pool_batches = counts[rank]  # batches in each of this rank's pools (epoch-invariant)
         self.n_rows = sum(len(p) for p in self.pools)
 
+    def _parquet(self, f: int) -> pq.ParquetFile:
+        if self._fs is None:
+            return pq.ParquetFile(self.files[f])
+        return pq.ParquetFile(storage.resolve(self.files[f])[1], filesystem=self._fs)
+
     def _bucket(self, rank: int, pool: int, epoch: int) -> list[list[int]]:
         """Batches of pool ``pool`` of ``rank`` in ``epoch``, as positions within the pool."""
         rows = self._pools[rank][pool]
@@ -281,7 +289,7 @@ class PretrainBatches:
             f, rg, start = self.row_groups[g]
             want = rows[self.rg_of_row[rows] == g]
             local = want - self.row_start[f] - start
-            t = pq.ParquetFile(self.files[f]).read_row_group(int(rg), columns=self.columns)
+            t = self._parquet(f).read_row_group(int(rg), columns=self.columns)
             t = t.take(pa.array(local))
             cols = {}
             for name in self.columns:

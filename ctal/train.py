@@ -12,6 +12,12 @@ Run directory layout::
                                            optimizer.safetensors, trainer_state.json, tokenizer/
     <run_dir>/tensorboard/                 per-step scalars (rank 0)
     <run_dir>/metrics.jsonl                the same, one JSON line per logged step (rank 0)
+
+``run_dir`` may be a URI (``s3://``, ``gs://``, ``file://``; ctal.storage): rank 0 then works in a
+local staging directory and uploads each checkpoint (trainer_state.json last, so a checkpoint
+without it is incomplete), metrics.jsonl and tensorboard/ after every checkpoint; a resume on any
+node downloads the newest intact checkpoint. ``cfg.data`` may be a URI too (shards are read
+through pyarrow's filesystem, the tokenizer is cached locally).
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 import uuid
 import warnings
@@ -32,6 +39,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from . import storage
 from .batching import PretrainBatches, collate, derive_seed, prefetch
 from .config import ConfigError, PretrainConfig, from_dict, to_dict
 from .data import TOKENIZER_DIR, read_report
@@ -73,8 +81,10 @@ def check_data(data_dir: str | Path) -> dict:
     the data is the one it was tokenized with (same hash). Raises ValueError on a mismatch."""
     from .tokenizer import tokenizer_hash
 
-    data_dir = Path(data_dir)
-    if not (data_dir / "report.json").is_file():
+    remote = storage.is_uri(data_dir)
+    data_dir = storage.normalize(data_dir) if remote else Path(data_dir)
+    if not (storage.is_file(storage.join(data_dir, "report.json")) if remote
+            else (data_dir / "report.json").is_file()):
         raise FileNotFoundError(f"{str(data_dir)!r} is not a preprocessed data set (no report.json); "
                                 "run pipelines/preprocess.py first")
     tok = dict(read_report(data_dir).get("tokenizer") or {})
@@ -82,7 +92,13 @@ def check_data(data_dir: str | Path) -> dict:
                if tok.get(k) is None]
     if missing:
         raise ValueError(f"{data_dir}/report.json records no tokenizer {', '.join(missing)}")
-    tok_dir = data_dir / tok.get("path", TOKENIZER_DIR)
+    if remote:  # a local copy: checkpoints include it and the hash is computed from files
+        tok_uri = storage.join(data_dir, tok.get("path", TOKENIZER_DIR))
+        tok_dir = storage.localize(tok_uri, kind="tokenizers")
+        if tokenizer_hash(tok_dir) != tok["hash"]:  # the cache may predate a rewritten data set
+            tok_dir = storage.localize(tok_uri, kind="tokenizers", refresh=True)
+    else:
+        tok_dir = data_dir / tok.get("path", TOKENIZER_DIR)
     actual = tokenizer_hash(tok_dir)
     if actual != tok["hash"]:
         raise ValueError(f"tokenizer mismatch: {tok_dir} hashes to {actual[:12]}…, but the data set was "
@@ -136,18 +152,27 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    """The newest checkpoint of a run directory (or None); it loads with ``from_pretrained``."""
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path | str]:
+    """The newest checkpoint of a run directory (or None); it loads with ``from_pretrained``.
+    For a URI run directory: the checkpoint's URI (``storage.localize`` gives a local copy)."""
+    if storage.is_uri(run_dir):
+        steps = remote_checkpoints(storage.join(run_dir, CHECKPOINTS))
+        return steps[-1][1] if steps else None
     found = list_checkpoints(Path(run_dir) / CHECKPOINTS)
     return found[-1][1] if found else None
 
 
 def read_metrics(run_dir: str | Path) -> dict[int, dict]:
     """step → logged metrics from ``metrics.jsonl``; after a resume the later lines win."""
-    path = Path(run_dir) / METRICS_FILE
     out: dict[int, dict] = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
+    if storage.is_uri(run_dir):
+        path = storage.join(run_dir, METRICS_FILE)
+        text = storage.read_text(path) if storage.is_file(path) else ""
+    else:
+        path = Path(run_dir) / METRICS_FILE
+        text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if text:
+        for line in text.splitlines():
             rec = json.loads(line)
             if "event" not in rec:
                 out[rec["step"]] = rec
@@ -224,6 +249,80 @@ def choose_checkpoint(ckpt_dir: Path, log: Callable[[str], None] = print) -> Opt
     return None
 
 
+# --------------------------------------------------------------------------------------------------
+# checkpoints in a URI run directory (s3://, gs://, file://): object stores cannot rename, so a
+# checkpoint counts as complete once its trainer_state.json exists, and that file is uploaded last
+
+
+def remote_checkpoints(ckpt_uri: str) -> list[tuple[int, str]]:
+    """(step, URI) of the complete checkpoints below ``ckpt_uri``, oldest first."""
+    found = []
+    for n in storage.listdir(ckpt_uri):
+        m = _STEP_DIR.match(n)
+        if m and storage.is_file(storage.join(ckpt_uri, n, STATE_FILE)):
+            found.append((int(m.group(1)), storage.join(ckpt_uri, n)))
+    return sorted(found)
+
+
+def push_checkpoint(local: Path, ckpt_uri: str, keep: int) -> str:
+    """Upload the finished local checkpoint ``local`` (step-N) to ``ckpt_uri/step-N`` with
+    trainer_state.json last, then delete all but the newest ``keep`` there. Returns its URI."""
+    dest = storage.join(ckpt_uri, local.name)
+    storage.delete(storage.join(dest, STATE_FILE))  # a leftover of this step turns incomplete first
+    storage.delete(dest)
+    storage.upload_dir(local, dest, last=STATE_FILE)
+    for _, old in remote_checkpoints(ckpt_uri)[:-keep] if keep > 0 else []:
+        storage.delete(old)
+    return dest
+
+
+def pull_checkpoint(uri: str, local_ckpt_dir: Path) -> Path:
+    """Download checkpoint ``uri`` to ``local_ckpt_dir/step-N`` (replacing an older copy)."""
+    final = local_ckpt_dir / storage.name(uri)
+    tmp = local_ckpt_dir / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        storage.download_dir(uri, tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def choose_remote_checkpoint(ckpt_uri: str, local_ckpt_dir: Path,
+                             log: Callable[[str], None] = print) -> Optional[Path]:
+    """``choose_checkpoint`` for a URI: the newest intact checkpoint, downloaded to
+    ``local_ckpt_dir`` and verified. Damaged ones are moved aside with a warning; step directories
+    without trainer_state.json (an upload that was cut off) are deleted."""
+    for n in storage.listdir(ckpt_uri):
+        if _STEP_DIR.match(n) and not storage.is_file(storage.join(ckpt_uri, n, STATE_FILE)):
+            storage.delete(storage.join(ckpt_uri, n))
+    for step, uri in reversed(remote_checkpoints(ckpt_uri)):
+        path = pull_checkpoint(uri, local_ckpt_dir)
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as e:
+            aside = storage.join(ckpt_uri, f"corrupt-{storage.name(uri)}-{uuid.uuid4().hex[:6]}")
+            storage.move(uri, aside)
+            shutil.rmtree(path, ignore_errors=True)
+            msg = (f"checkpoint step {step} is damaged ({e}); falling back to an older one "
+                   f"(moved to {storage.name(aside)})")
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            log(f"WARNING: {msg}")
+    return None
+
+
+def _push_logs(run_dir: Path, remote: str, writer) -> None:
+    """Upload metrics.jsonl and tensorboard/ of the local staging ``run_dir`` to ``remote``."""
+    writer.flush()
+    if (run_dir / METRICS_FILE).is_file():
+        storage.upload_file(run_dir / METRICS_FILE, storage.join(remote, METRICS_FILE))
+    if (run_dir / "tensorboard").is_dir():
+        storage.upload_dir(run_dir / "tensorboard", storage.join(remote, "tensorboard"))
+
+
 def load_training_state(path: Path, optimizer, scheduler) -> dict:
     """Restore optimizer and scheduler from a checkpoint (tensors from safetensors, the rest JSON)."""
     state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
@@ -256,15 +355,22 @@ def _ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return model
 
 
-def _resume_point(ckpt_dir: Path, rank: int, device: torch.device, log) -> Optional[Path]:
-    """Rank 0 picks the checkpoint (verifying it); every rank gets the same answer."""
-    path = choose_checkpoint(ckpt_dir, log) if rank == 0 else None
+def _resume_point(ckpt_dir: Path, rank: int, device: torch.device, log,
+                  remote: Optional[str] = None) -> Optional[Path]:
+    """Rank 0 picks the checkpoint (verifying it); every rank gets the same answer. With a URI run
+    directory (``remote``) each rank downloads it into its own ``ckpt_dir``."""
+    path = None
+    if rank == 0:
+        path = (choose_remote_checkpoint(storage.join(remote, CHECKPOINTS), ckpt_dir, log) if remote
+                else choose_checkpoint(ckpt_dir, log))
     if _is_distributed():
         # NCCL broadcasts only CUDA tensors, gloo only CPU ones.
         where = device if dist.get_backend() == "nccl" else "cpu"
         step = torch.tensor([-1 if path is None else int(_STEP_DIR.match(path.name).group(1))], device=where)
         dist.broadcast(step, src=0)
         path = None if int(step) < 0 else ckpt_dir / f"step-{int(step):08d}"
+        if remote and path is not None and rank != 0:
+            path = pull_checkpoint(storage.join(remote, CHECKPOINTS, path.name), ckpt_dir)
     return path
 
 
@@ -276,21 +382,30 @@ def pretrain_loop(cfg: PretrainConfig, *, run_dir: str | Path, rank: int = 0, wo
     """Pretrain CTAL on this worker's share of ``cfg.data`` until ``cfg.max_steps``.
 
     Resumes from the newest intact checkpoint in ``run_dir/checkpoints`` (one damaged beyond repair
-    is moved aside with a warning). ``prepare_model`` wraps the model for data parallelism (Ray's
-    ``prepare_model``; default: DDP when torch.distributed is initialized). ``report(metrics,
-    checkpoint_path)`` is called on every rank after each checkpoint (path on rank 0, else None).
-    Returns the last logged metrics and the final checkpoint path.
+    is moved aside with a warning); ``run_dir`` and ``cfg.data`` may be URIs (module docstring).
+    ``prepare_model`` wraps the model for data parallelism (Ray's ``prepare_model``; default: DDP
+    when torch.distributed is initialized). ``report(metrics, checkpoint_path)`` is called on every
+    rank after each checkpoint (path on rank 0, else None). Returns the last logged metrics and the
+    final checkpoint path.
     """
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / CHECKPOINTS
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     validate_pretrain_config(cfg)
     tok = check_data(cfg.data)
+    remote, staging = None, None
+    if storage.is_uri(run_dir):
+        # A URI run directory: this worker stages locally (rank 0 uploads at every checkpoint).
+        remote = storage.normalize(run_dir)
+        staging = tempfile.TemporaryDirectory(prefix="ctal-run-")  # removed even if we fail below
+        run_dir = Path(staging.name)
+        if rank == 0 and storage.is_file(storage.join(remote, METRICS_FILE)):
+            storage.download_file(storage.join(remote, METRICS_FILE), run_dir / METRICS_FILE)
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / CHECKPOINTS
     model_cfg = dataclasses.replace(cfg.model, vocab_size=tok["vocab_size"], pad_token_id=tok["pad_token_id"])
     # Crop to what the model's learned positions cover (narrow.yaml: 1000 frames).
     cfg = dataclasses.replace(cfg, max_frames=min(cfg.max_frames, model_cfg.max_audio_positions))
 
-    resume = _resume_point(ckpt_dir, rank, device, log)
+    resume = _resume_point(ckpt_dir, rank, device, log, remote)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every fresh run
     if resume is None:
         model = CTALForPretraining(CTALConfig.from_model_config(model_cfg))
@@ -311,9 +426,11 @@ def pretrain_loop(cfg: PretrainConfig, *, run_dir: str | Path, rank: int = 0, wo
             log(f"note: resuming a run of {state.get('world_size')} workers with {world_size}: "
                 "the data order differs from an uninterrupted run")
         if rank == 0:
-            log(f"resumed from {resume} (step {step})")
+            log(f"resumed from {storage.join(remote, CHECKPOINTS, resume.name) if remote else resume} "
+                f"(step {step})")
         if step >= cfg.max_steps:
-            return {"metrics": state.get("metrics", {}), "checkpoint": str(resume) if rank == 0 else None,
+            done = storage.join(remote, CHECKPOINTS, resume.name) if remote else str(resume)
+            return {"metrics": state.get("metrics", {}), "checkpoint": done if rank == 0 else None,
                     "step": step}
     model = (prepare_model or (lambda m: _ddp(m, device)))(raw)
 
@@ -414,7 +531,11 @@ def pretrain_loop(cfg: PretrainConfig, *, run_dir: str | Path, rank: int = 0, wo
                              "rng": "none saved: dropout and masks are reseeded from (seed, rank, step)",
                              "config": to_dict(cfg)}
                     path = str(save_checkpoint(ckpt_dir, step, raw, optimizer, scheduler, state,
-                                               tok["dir"], cfg.keep_checkpoints))
+                                               tok["dir"], 1 if remote else cfg.keep_checkpoints))
+                    if remote:
+                        path = push_checkpoint(Path(path), storage.join(remote, CHECKPOINTS),
+                                               cfg.keep_checkpoints)
+                        _push_logs(run_dir, remote, writer)
                     log(f"checkpoint {path}")
                 if report is not None:
                     report({**last, "step": step}, path)
@@ -424,8 +545,12 @@ def pretrain_loop(cfg: PretrainConfig, *, run_dir: str | Path, rank: int = 0, wo
         if writer is not None:
             writer.close()
             metrics_file.close()
-    return {"metrics": last, "checkpoint": str(latest_checkpoint(run_dir)) if rank == 0 else None,
-            "step": step}
+    if remote:
+        if rank == 0:
+            _push_logs(run_dir, remote, writer)
+        staging.cleanup()
+    done = latest_checkpoint(remote or run_dir)
+    return {"metrics": last, "checkpoint": str(done) if rank == 0 and done else None, "step": step}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,9 +5,10 @@
 
 Configs merge in order: configs/pretrain.yaml, configs/<size>.yaml, each --config, the flags above,
 then ``key=value`` overrides of PretrainConfig (``lr=1e-4 model.hidden_size=256``). Rerunning with
-the same --storage and --name resumes the run. Bad keys or values, a missing data set or a
-mismatched tokenizer fail before Ray starts (exit code 2); more workers than the cluster holds fail
-within seconds naming both (exit code 1) unless ``shrink_cpus_per_worker=true``.
+the same --storage and --name resumes the run. --data and --storage also take URIs (s3://, gs://,
+file://), which every node of a cluster reads and writes alike. Bad keys or values, a missing data set
+or a mismatched tokenizer fail before Ray starts (exit code 2); more workers than the cluster holds
+fail within seconds naming both (exit code 1) unless ``shrink_cpus_per_worker=true``.
 """
 from __future__ import annotations
 
@@ -23,12 +24,14 @@ SIZES = ("tiny", "base", "large", "narrow")
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="Parquet data set written by pipelines/preprocess.py")
+    p.add_argument("--data", required=True,
+                   help="Parquet data set from pipelines/preprocess.py: a directory or a URI (s3://, gs://, file://)")
     p.add_argument("--num-workers", type=int, help="Ray Train workers (DDP ranks)")
     p.add_argument("--size", choices=SIZES, default="tiny", help="model size config (default: tiny, 3+3)")
     p.add_argument("--config", action="append", default=[], help="PretrainConfig YAML (repeatable)")
     p.add_argument("--use-gpu", choices=("auto", "true", "false"))
-    p.add_argument("--storage", help="storage_path: where runs live (shared storage on a cluster)")
+    p.add_argument("--storage", help="storage_path: where runs live; on a cluster a URI every node reaches "
+                                     "(s3://bucket/prefix, gs://) or a shared mount")
     p.add_argument("--name", help="run_name: the same name resumes")
     p.add_argument("--address", help="Ray address ('local' = a fresh local cluster; default: RAY_ADDRESS "
                                      "or a running cluster, else a new local one)")

@@ -5,7 +5,9 @@ Resources, failure policy and storage all come from ``PretrainConfig``. The run 
 after a driver death and a restarted worker group (``max_failures``) resumes from the newest intact
 checkpoint there. The loop manages its own checkpoints (atomic, last M kept, damaged ones skipped)
 and reports metrics to Ray only at checkpoints: reporting every step throttles to the controller's
-2 s poll (DESIGN.md). On a multi-node cluster ``storage_path`` must be shared storage (NFS).
+2 s poll (DESIGN.md). ``data`` and ``storage_path`` may be pyarrow URIs (``s3://``, ``gs://``,
+``file://``; ctal.storage), which every node reads and writes alike; a plain path on a multi-node
+cluster must be a shared mount (NFS/EFS) at the same path on every node.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import ray.train.torch
 import torch
 import yaml
 
+from .. import storage
 from ..config import PretrainConfig, from_dict, to_dict
 from ..train import check_data, latest_checkpoint, pretrain_loop, read_metrics, validate_pretrain_config
 
@@ -114,21 +117,21 @@ def _train_fn(config: dict) -> None:
 
 @dataclass
 class PretrainResult:
-    run_dir: Path
-    checkpoint: Optional[Path]  # newest checkpoint: CTALForPretraining.from_pretrained(checkpoint)
+    run_dir: Path | str  # a URI string when storage_path is one
+    # newest checkpoint: CTALForPretraining.from_pretrained(checkpoint), or its URI:
+    # from_pretrained(ctal.storage.localize(checkpoint))
+    checkpoint: Optional[Path | str]
     metrics: dict
     resources: Resources
 
 
 def pretrain(cfg: PretrainConfig, *, address: Optional[str] = None, log=print) -> PretrainResult:
     """Pretrain CTAL with Ray Train. Starts Ray (``ray.init(address)``) unless already connected."""
-    for key in ("data", "storage_path"):
-        if "://" in getattr(cfg, key):
-            raise ValueError(f"{key}={getattr(cfg, key)!r}: pretraining reads data and writes checkpoints "
-                             "through the file system; on a cluster use a shared mount (NFS/EFS) at the same "
-                             "path on every node, not an object-store URI")
     validate_pretrain_config(cfg)
-    cfg = replace(cfg, data=str(Path(cfg.data).resolve()), storage_path=str(Path(cfg.storage_path).resolve()))
+    for key in ("data", "storage_path"):
+        storage.resolve(getattr(cfg, key))  # an unknown scheme fails here, naming the URI
+    # Absolute paths (workers do not share the driver's working directory); URIs as given.
+    cfg = replace(cfg, data=storage.normalize(cfg.data), storage_path=storage.normalize(cfg.storage_path))
     check_data(cfg.data)  # a mismatched tokenizer fails here, before any worker starts
     if not ray.is_initialized():
         ray.init(address=address)
@@ -138,7 +141,12 @@ def pretrain(cfg: PretrainConfig, *, address: Optional[str] = None, log=print) -
         log(f"note: {res.note}")
     if autoscaling:
         log(f"autoscaling cluster: now {dict(ray.cluster_resources())}, up to {capacity}")
-    run_dir = Path(cfg.storage_path) / cfg.run_name
+    local = [k for k in ("data", "storage_path") if not storage.is_uri(getattr(cfg, k))]
+    if local and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+        log(f"note: {' and '.join(local)} {'is a' if len(local) == 1 else 'are'} local path(s) on a multi-node "
+            "cluster: every node must see them at the same path (a shared mount), else use s3:// or gs://")
+    run_dir = storage.join(cfg.storage_path, cfg.run_name)
+    run_dir = run_dir if storage.is_uri(run_dir) else Path(run_dir)
     resources = {"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})}
     trainer = ray.train.torch.TorchTrainer(
         _train_fn,
