@@ -113,7 +113,7 @@ def collate(rows: Sequence[dict], *, max_frames: int, pad_token_id: int, masking
     """
     if not rows:
         raise ValueError("collate got no rows")
-    feats = [model_frames(torch.from_numpy(_fbank_array(r["fbank"])[:max_frames])) for r in rows]
+    feats = [model_frames(torch.as_tensor(_fbank_array(r["fbank"])[:max_frames].copy())) for r in rows]  # copy: rows may be read-only views
     ids = [_truncate_ids(np.asarray(r["input_ids"], dtype=np.int64), max_tokens) for r in rows]
     B, T, L = len(rows), max(len(f) for f in feats), max(len(i) for i in ids)
 
