@@ -35,6 +35,7 @@ from ctal.data import FBANK_DIM, TOKENIZER_DIR, read_parquet_dataset, read_repor
 from ctal.model import CTALConfig, CTALForSequenceClassification
 from ctal.tasks import Fold, Meta, Outputs, Task, get_task
 from ctal.tokenizer import TOKENIZER_FILES, tokenizer_hash
+from ctal.train import build_optimizer
 
 STATE_FILE = "finetune.json"
 TRAIN_STATE_FILE = "train_state.pt"
@@ -172,12 +173,7 @@ def freeze(model, n: int) -> None:
 
 
 def _optimizer(model, cfg: FinetuneConfig, total_steps: int):
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:  # biases and LayerNorm weights are not decayed (BERT convention)
-            (no_decay if p.ndim < 2 else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = build_optimizer(model, cfg)  # the pretraining AdamW: no decay on 1-d parameters
     warmup = int(round(cfg.warmup_ratio * total_steps))
 
     def schedule(step):  # linear warmup, then linear decay to 0

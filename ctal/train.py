@@ -111,8 +111,9 @@ def check_data(data_dir: str | Path) -> dict:
 # optimizer and schedule
 
 
-def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, LayerNorm and other 1-d parameters (as BERT/nanoGPT)."""
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
+    """AdamW (cfg.lr, cfg.weight_decay) over trainable parameters; no weight decay on biases,
+    LayerNorm and other 1-d parameters (as BERT/nanoGPT). Pretraining and fine-tuning share it."""
     params = {id(p): p for p in model.parameters() if p.requires_grad}.values()  # tied weights once
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]

@@ -29,10 +29,10 @@ SIZES = {  # utterances, pretraining steps, fine-tuning epochs
 }
 
 
-def stage(out: Path, name: str, fresh: bool):
-    """Context-free stage guard: returns the stage's result if it finished before, else None."""
+def stage(out: Path, name: str):
+    """The stage's recorded result if it finished in an earlier run, else None (--fresh removed them)."""
     marker = out / f"{name}.done.json"
-    if fresh or not marker.is_file():
+    if not marker.is_file():
         return None
     print(f"[{name}] reusing {marker.parent / name} (finished earlier; --fresh redoes it)")
     return json.loads(marker.read_text())
@@ -72,26 +72,26 @@ def main(argv=None) -> int:
 
     # 1. corpus
     corpus = out / "corpus"
-    if not (r := stage(out, "corpus", False)):
+    if not stage(out, "corpus"):
         t0 = time.time()
         print(f"[corpus] synthesizing {size['utterances']} utterances with eSpeak NG → {corpus}")
         if corpus.exists():
             shutil.rmtree(corpus)
-        r = done(out, "corpus", synthesize("mosei", corpus, size["utterances"], args.seed), t0)
+        done(out, "corpus", synthesize("mosei", corpus, size["utterances"], args.seed), t0)
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False)  # local Ray on this machine's cores
 
     # 2. Parquet
     data = out / "data"
-    if not stage(out, "data", False):
+    if not stage(out, "data"):
         t0 = time.time()
         data_cfg = load_config(DataConfig, [ROOT / "configs" / "preprocess.yaml"], ["vocab_size=2000"])
         report = run_preprocess("mosei", corpus, data, data_cfg, overwrite=True)
         done(out, "data", {"written": report.get("written"), "quarantined": report.get("quarantined")}, t0)
 
     # 3. pretraining
-    if not (pre := stage(out, "pretrain", False)):
+    if not (pre := stage(out, "pretrain")):
         t0 = time.time()
         cfg = load_config(PretrainConfig, [ROOT / "configs" / "pretrain.yaml", narrow], [
             f"data={data}", "split=train", f"max_steps={size['steps']}", f"num_workers={args.workers}",
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         pre = done(out, "pretrain", {"checkpoint": str(result.checkpoint), "run_dir": str(result.run_dir)}, t0)
 
     # 4. sweep over the fusion variants
-    if not (sweep := stage(out, "sweep", False)):
+    if not (sweep := stage(out, "sweep")):
         t0 = time.time()
         cfg = load_config(FinetuneConfig, [ROOT / "configs" / "finetune.yaml", narrow,
                                            ROOT / "configs" / "demo.yaml"],
