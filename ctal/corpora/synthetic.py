@@ -15,9 +15,12 @@ What carries each label:
   carries it: pitch, pitch range, rate and volume per class (PROSODY), jittered per utterance (rate
   +-8 %, pitch +-6, range +-8, volume +-10 %). hap is written "exc" 40 % of the time (the reader merges
   it back); 6 % of utterances are "fru", which the 4-class protocol drops.
-- mosei (sentiment; the fusion task the demo runs): "<opener> the <noun> was <adjective>." with polarity
-  -1 / 0 / +1 (p = 3/7, 1/7, 3/7) and intensity 1-3 from graded word lists (POSITIVE, NEGATIVE; neutral
-  predicates for 0). Independently, half the utterances are spoken with "ironic" prosody: slow, high,
+- mosei (sentiment; the fusion task the demo runs): "The <noun> was <adjective>." with polarity
+  -1 / 0 / +1 (p = 3/7, 1/7, 3/7) and intensity 1-3, one adjective per grade (the first word of each
+  POSITIVE / NEGATIVE list; neutral predicates for 0). One word per grade and no opener keep the
+  utterances short and the lexicon small: the label is an interaction (below), which gives no gradient
+  to either modality alone, and a CPU-sized model learns it from a few hundred utterances only when each
+  adjective recurs often. Independently, half the utterances are spoken with "ironic" prosody: slow, high,
   exaggerated pitch range, drawn-out word gaps. Then
 
       label = polarity * intensity * (-1 if ironic else +1)          in [-3, 3]
@@ -125,9 +128,12 @@ def _neutral_sentence(rng) -> str:
     return s[0].upper() + s[1:] + "."
 
 
-def _opinion(rng, polarity: int, intensity: int) -> str:
-    predicate = _pick(rng, NEUTRAL_PREDICATES if polarity == 0 else (POSITIVE if polarity > 0 else NEGATIVE)[intensity])
-    opener, noun = _pick(rng, _OPENERS), _pick(rng, NOUNS)
+def _opinion(rng, polarity: int, intensity: int, graded_words: int = 4, openers: bool = True) -> str:
+    """"<opener> the <noun> was <predicate>.", the predicate drawn from the first `graded_words` words of
+    the list for (polarity, intensity)."""
+    words = NEUTRAL_PREDICATES if polarity == 0 else (POSITIVE if polarity > 0 else NEGATIVE)[intensity][:graded_words]
+    predicate = _pick(rng, words)
+    opener, noun = _pick(rng, _OPENERS) if openers else "", _pick(rng, NOUNS)
     s = f"{opener}the {noun} was {predicate}."
     return s[0].upper() + s[1:]
 
@@ -186,7 +192,7 @@ def _plan_mosei(i: int, rng) -> dict:
     polarity = int(rng.choice([-1, 0, 1], p=[3 / 7, 1 / 7, 3 / 7]))
     intensity = int(rng.integers(1, 4)) if polarity else 0
     ironic = int(rng.random() < 0.5)
-    text = _opinion(rng, polarity, intensity)
+    text = _opinion(rng, polarity, intensity, graded_words=1, openers=False)
     return {**u, "id": f"{video}_{clip}", "layout": "mosei", "audio_path": f"wav/{video}_{clip}.wav",
             "split": VOICE_SPLIT[v], "speaker": video, "text": text, "_spoken": text, "polarity": polarity,
             "intensity": intensity, "ironic": ironic, "label": polarity * intensity * (-1 if ironic else 1),
