@@ -13,7 +13,7 @@ import soundfile as sf
 
 from ctal.corpora import (EMOTION_CLASSES, READERS, ROW_KEYS, CorpusLayoutError, make_trials, read_corpus,
                           read_iemocap, read_librispeech, read_manifest, read_mosei, read_trials, write_trials)
-from ctal.corpora.synthetic import META_FILE, VOICE_SPLIT, VOICES, plan_corpus, synthesize
+from ctal.corpora.synthetic import BLEEP, META_FILE, VOICE_SPLIT, VOICES, plan_corpus, synthesize
 
 N_UTTERANCES = {"librispeech": 40, "iemocap": 40, "mosei": 40}
 
@@ -92,6 +92,20 @@ def test_fusion_label_is_text_polarity_flipped_by_ironic_prosody():
     assert abs(np.mean((label[nonzero] > 0) == (ironic[nonzero] == 1)) - 0.5) < 0.03
     # ...while the pair determines it.
     assert np.all(np.sign(label[nonzero]) == polarity[nonzero] * np.where(ironic[nonzero] == 1, -1, 1))
+
+
+def test_mosei_audio_carries_prosody_but_not_the_predicate(corpora):
+    # The transcript has the adjective; the audio ends in the same censor tone whatever the adjective,
+    # so an audio-only model cannot read the polarity (the fusion task's audio side holds by construction).
+    truth = meta(corpora["mosei"])
+    tails = []
+    for t in truth.values():
+        assert t["text"].startswith("The movie was ")
+        audio, sr = sf.read(corpora["mosei"] / t["audio_path"], dtype="int16")
+        tails.append(audio[-len(BLEEP):])
+    assert np.abs(tails[0].astype(float) - np.rint(BLEEP)).max() <= 1
+    assert all(np.array_equal(tail, tails[0]) for tail in tails)
+    assert len({t["text"] for t in truth.values()}) > 5
 
 
 def test_prosody_is_audible_in_the_audio(corpora):

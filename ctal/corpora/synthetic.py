@@ -27,8 +27,12 @@ What carries each label:
 
   The text fixes |label| and the polarity but not the sign; the prosody fixes whether the sign flips
   but not the polarity. Acc-2 from text alone or from prosody alone is therefore at chance (50 %); only
-  a model that fuses both gets it right. (The audio also contains the words: an audio model that learnt
-  to recognise the adjectives would need no text. Models of the demo's size do not.)
+  a model that fuses both gets it right. The tone is what makes the audio side hold by construction:
+  with the adjective spoken, a small audio-only model learnt to recognise six adjectives and reached
+  test Acc-2 0.82. The text varies in nothing but the predicate, one adjective per grade, because the
+  label is an interaction, which gives neither stream a gradient of its own: a CPU-sized model leaves
+  that plateau within a few epochs only when the polarity is most of what varies in the text (with 16
+  nouns and 4 adjectives per grade it stayed at chance for 12+ epochs).
 
 Determinism: all choices come from numpy generators seeded with (seed, utterance index), so utterance
 i is the same in any corpus with the same seed, and the same arguments give the same bytes. eSpeak keeps
@@ -102,6 +106,13 @@ _OBJECTS = ("the window", "a small box", "the blue chair", "the letters", "a map
 _TIMES = ("this morning", "after lunch", "on monday", "before the meeting", "at noon", "last week",
           "in the evening", "")
 
+# The censor tone that replaces the MOSEI-layout predicate in the audio: 1 kHz, 0.4 s whatever the word,
+# 10 ms fades, then 0.1 s of silence. Identical in every utterance, so it carries nothing.
+_t = np.arange(int(0.4 * SAMPLE_RATE)) / SAMPLE_RATE
+BLEEP = np.concatenate([6000.0 * np.sin(2 * np.pi * 1000.0 * _t) * np.clip(np.minimum(_t, 0.4 - _t) / 0.01, 0, 1),
+                        np.zeros(int(0.1 * SAMPLE_RATE))])
+del _t
+
 # eSpeak NG C API constants (speak_lib.h).
 _AUDIO_OUTPUT_SYNCHRONOUS, _INITIALIZE_DONT_EXIT, _POS_CHARACTER, _CHARS_UTF8 = 2, 0x8000, 1, 1
 _RATE, _VOLUME, _PITCH, _RANGE, _WORDGAP = 1, 2, 3, 4, 7
@@ -128,12 +139,9 @@ def _neutral_sentence(rng) -> str:
     return s[0].upper() + s[1:] + "."
 
 
-def _opinion(rng, polarity: int, intensity: int, graded_words: int = 4, openers: bool = True) -> str:
-    """"<opener> the <noun> was <predicate>.", the predicate drawn from the first `graded_words` words of
-    the list for (polarity, intensity)."""
-    words = NEUTRAL_PREDICATES if polarity == 0 else (POSITIVE if polarity > 0 else NEGATIVE)[intensity][:graded_words]
-    predicate = _pick(rng, words)
-    opener, noun = _pick(rng, _OPENERS) if openers else "", _pick(rng, NOUNS)
+def _opinion(rng, polarity: int, intensity: int) -> str:
+    predicate = _pick(rng, NEUTRAL_PREDICATES if polarity == 0 else (POSITIVE if polarity > 0 else NEGATIVE)[intensity])
+    opener, noun = _pick(rng, _OPENERS), _pick(rng, NOUNS)
     s = f"{opener}the {noun} was {predicate}."
     return s[0].upper() + s[1:]
 
@@ -192,9 +200,13 @@ def _plan_mosei(i: int, rng) -> dict:
     polarity = int(rng.choice([-1, 0, 1], p=[3 / 7, 1 / 7, 3 / 7]))
     intensity = int(rng.integers(1, 4)) if polarity else 0
     ironic = int(rng.random() < 0.5)
-    text = _opinion(rng, polarity, intensity, graded_words=1, openers=False)
+    # One adjective per grade (the first of each list), one noun, no opener: see the module docstring.
+    predicate = _pick(rng, NEUTRAL_PREDICATES) if polarity == 0 else (POSITIVE if polarity > 0 else NEGATIVE)[intensity][0]
+    spoken = "The movie was"
+    text = f"{spoken} {predicate}."
     return {**u, "id": f"{video}_{clip}", "layout": "mosei", "audio_path": f"wav/{video}_{clip}.wav",
-            "split": VOICE_SPLIT[v], "speaker": video, "text": text, "_spoken": text, "polarity": polarity,
+            "split": VOICE_SPLIT[v], "speaker": video, "text": text, "_spoken": spoken, "_bleep": True,
+            "polarity": polarity,
             "intensity": intensity, "ironic": ironic, "label": polarity * intensity * (-1 if ironic else 1),
             **_prosody(rng, "ironic" if ironic else "plain")}
 
@@ -269,6 +281,8 @@ def _render(job: dict) -> int:
     if status != 0 or not data:
         raise RuntimeError(f"eSpeak produced no audio for {job['id']} ({job['voice']!r}: {job['_spoken']!r})")
     audio = resample_poly(np.frombuffer(data, np.int16).astype(np.float64), SAMPLE_RATE // 50, _ESPEAK_RATE // 50)
+    if job.get("_bleep"):
+        audio = np.concatenate([audio, BLEEP])
     audio = np.clip(np.rint(audio), -32768, 32767).astype(np.int16)
     sf.write(job["_path"], audio, SAMPLE_RATE, format=job["_format"], subtype="PCM_16")
     return len(audio)
