@@ -1,6 +1,7 @@
 """The demo's report: test metrics per fusion variant, pretraining loss curve, Markdown + PNG."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -63,4 +64,5 @@ def write_report(out_dir: Path, *, summary: list[str], test_rows: list[dict], co
             "## Sweep (dev metrics)", "", sweep_table_md, ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(text))
+    (out_dir / "test_metrics.json").write_text(json.dumps(test_rows, indent=1))  # the table, for scripts
     return path

@@ -154,6 +154,18 @@ def test_audio_causal_flag_hides_future_frames():
         assert past_changed == (not causal)
 
 
+def test_tanh_head_gets_lecun_init_and_the_encoders_bert_init():
+    torch.manual_seed(0)
+    cfg = CTALConfig(**{**NARROW, "hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 512},
+                     fusion="late_concat", num_labels=2)
+    model = CTALForSequenceClassification(cfg)
+    for layer in [*model.fusion.text_proj.values(), *model.fusion.audio_proj.values(), model.fusion.dense,
+                  model.classifier]:
+        assert layer.weight.std().item() == pytest.approx(layer.in_features ** -0.5, rel=0.05)
+        assert not layer.bias.any()
+    assert model.text.encoder.layer[0].attention.self.query.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
 def test_orthogonality_loss_is_mean_abs_cosine_with_each_sides_norm():
     torch.manual_seed(0)
     model = CTALForSequenceClassification(CTALConfig(**NARROW, num_labels=2)).eval()
