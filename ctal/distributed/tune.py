@@ -43,6 +43,7 @@ PARAMETERS = {
     "orthogonality_weight": ("model.orthogonality_weight",),
     "freeze_layers": ("freeze_layers",),
     "fusion": ("model.fusion",),
+    "seed": ("seed",),  # restarts: an objective with plateaus (an interaction label) can need them
 }
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 SWEEP_FILE = "sweep.json"
