@@ -6,7 +6,8 @@
    CMU-MOSEI-layout corpus whose label needs both modalities (text polarity, flipped by ironic prosody);
 2. preprocess both to Parquet with Ray Data, with one shared BPE tokenizer;
 3. pretrain a narrow 3+3 CTAL on the read speech with 2 Ray Train workers;
-4. sweep fine-tuning over the six fusion variants with Ray Tune (--quick: ctal, text_only, audio_only);
+4. sweep fine-tuning over the six fusion variants x 2 seeds with Ray Tune (--quick: ctal, text_only,
+   audio_only, one seed);
 5. evaluate the best checkpoint of each variant on the test split;
 6. write <out>/report.md with tables and plots, and print the table.
 Finished stages are reused on a rerun unless --fresh. --quick is the small version the tests run.
