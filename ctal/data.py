@@ -101,6 +101,17 @@ def encode_text(tokenizer, text: str, max_tokens: int) -> np.ndarray:
     return np.asarray(ids, dtype=np.int32)
 
 
+def train_transcript_tokenizer(rows: list[dict], data_cfg, dest: str | Path):
+    """Byte-level BPE (``data_cfg.vocab_size``) on the rows' usable transcripts, saved to ``dest``;
+    returns (tokenizer, number of transcripts). Rows whose text the reader flagged are skipped."""
+    from ctal.tokenizer import train_bpe_tokenizer
+
+    texts = [r["text"] for r in rows if r.get("text") and not r.get("text_error")]
+    if not texts:
+        raise ValueError("no usable transcripts to train the BPE tokenizer on")
+    return train_bpe_tokenizer(texts, data_cfg.vocab_size, dest, model_max_length=data_cfg.max_text_tokens), len(texts)
+
+
 def featurize_row(row: dict, tokenizer, data_cfg) -> tuple[Optional[dict], Optional[dict]]:
     """One manifest row → ``(record, None)`` for ``PARQUET_SCHEMA`` or ``(None, quarantine)``.
     ``tokenizer``: as for ``encode_text``.

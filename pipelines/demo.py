@@ -73,12 +73,12 @@ def main(argv=None) -> int:
 
     from ctal.corpora import read_corpus
     from ctal.corpora.synthetic import synthesize
+    from ctal.data import train_transcript_tokenizer
     from ctal.distributed.preprocess import run_preprocess
     from ctal.distributed.train import pretrain
     from ctal.distributed.tune import SweepOptions, parse_search_space, run_sweep
     from ctal.finetune import TaskData, evaluate
     from ctal.report import markdown_table, write_report
-    from ctal.tokenizer import train_bpe_tokenizer
     from ctal.train import read_metrics
 
     # 1. corpora: unlabeled read speech to pretrain on (as the paper pretrains on LibriSpeech), and the
@@ -104,14 +104,13 @@ def main(argv=None) -> int:
     data, pre_data = out / "data", out / "data_pretrain"
     if not stage(out, "data"):
         t0 = time.time()
-        texts = [r["text"] for layout, root in (("librispeech", pre_corpus), ("mosei", corpus))
-                 for r in read_corpus(layout, root)]
-        train_bpe_tokenizer(texts, 2000, out / "tokenizer")
+        jobs = {"pretrain": ("librispeech", pre_corpus, pre_data), "task": ("mosei", corpus, data)}
+        manifests = {name: read_corpus(layout, root) for name, (layout, root, _) in jobs.items()}
         data_cfg = load_config(DataConfig, [ROOT / "configs" / "preprocess.yaml"],
-                               [f"tokenizer={out / 'tokenizer'}", *DEMO_FEATURES])
-        reports = {name: run_preprocess(layout, root, dest, data_cfg, overwrite=True)
-                   for name, layout, root, dest in (("pretrain", "librispeech", pre_corpus, pre_data),
-                                                    ("task", "mosei", corpus, data))}
+                               ["vocab_size=2000", f"tokenizer={out / 'tokenizer'}", *DEMO_FEATURES])
+        train_transcript_tokenizer([r for m in manifests.values() for r in m], data_cfg, out / "tokenizer")
+        reports = {name: run_preprocess(layout, root, dest, data_cfg, overwrite=True, rows=manifests[name])
+                   for name, (layout, root, dest) in jobs.items()}
         done(out, "data", {name: {"written": r.get("written"), "quarantined": r.get("quarantined")}
                            for name, r in reports.items()}, t0)
 
@@ -127,6 +126,7 @@ def main(argv=None) -> int:
         pre = done(out, "pretrain", {"checkpoint": str(result.checkpoint), "run_dir": str(result.run_dir)}, t0)
 
     # 4. sweep over the fusion variants
+    task_data = TaskData.load(data)
     if not (sweep := stage(out, "sweep")):
         t0 = time.time()
         cfg = load_config(FinetuneConfig, [ROOT / "configs" / "finetune.yaml", narrow,
@@ -139,18 +139,13 @@ def main(argv=None) -> int:
         space = parse_search_space(space, "search_spaces/demo.yaml")
         opts = SweepOptions(search="grid", scheduler="fifo", storage=str(out), name="sweep",
                             max_concurrent=2, cpus_per_trial=1.0, verbose=0)
-        result = run_sweep(cfg, space, opts, data=TaskData.load(data))
-        best_trial = {}  # per variant, the trial best on dev (the table is sorted by the dev metric)
-        for trial, fusion in zip(result.table["trial"], result.table["fusion"]):
-            if trial in result.trial_checkpoints:
-                best_trial.setdefault(fusion, trial)
+        result = run_sweep(cfg, space, opts, data=task_data)
         sweep = done(out, "sweep", {
-            "checkpoints": {f: str(result.trial_checkpoints[t]) for f, t in best_trial.items()},
+            "checkpoints": {f: str(c) for f, c in result.best_per_fusion().items()},
             "table_md": result.table_md.read_text()}, t0)
 
     # 5. test metrics of each variant's best checkpoint
     t0 = time.time()
-    task_data = TaskData.load(data)
     rows = []
     for fusion in size["variants"]:
         ckpt = sweep["checkpoints"].get(fusion)

@@ -29,9 +29,8 @@ import pyarrow.parquet as pq
 
 from ctal import storage
 from ctal.data import (PARQUET_SCHEMA, QUARANTINE_FILE, QUARANTINE_SCHEMA, REPORT_FILE, TOKENIZER_DIR,
-                       featurize_row, records_to_table)
-from ctal.tokenizer import (load_backend, load_tokenizer, tokenizer_hash, tokenizer_info,
-                            train_bpe_tokenizer)
+                       featurize_row, records_to_table, train_transcript_tokenizer)
+from ctal.tokenizer import load_backend, load_tokenizer, tokenizer_hash, tokenizer_info
 
 # What each actor sends back per utterance: enough for counts, hours and quarantine, no features.
 _SUMMARY_SCHEMA = pa.schema([
@@ -126,12 +125,8 @@ def _prepare_tokenizer(rows: list[dict], data_cfg, dest: Path) -> dict:
         tok.save_pretrained(str(dest))
         source = str(Path(data_cfg.tokenizer).resolve())
     else:
-        texts = [r["text"] for r in rows if r.get("text") and not r.get("text_error")]
-        if not texts:
-            raise ValueError("no usable transcripts to train the BPE tokenizer on")
-        tok = train_bpe_tokenizer(texts, data_cfg.vocab_size, dest,
-                                  model_max_length=data_cfg.max_text_tokens)
-        source = f"byte-level BPE trained on {len(texts)} transcripts (vocab_size={data_cfg.vocab_size})"
+        tok, n_texts = train_transcript_tokenizer(rows, data_cfg, dest)
+        source = f"byte-level BPE trained on {n_texts} transcripts (vocab_size={data_cfg.vocab_size})"
     return {"path": TOKENIZER_DIR, "source": source, "hash": tokenizer_hash(dest), **tokenizer_info(tok),
             "bare_encoder": _bare_encoder_agrees(tok, dest, rows, data_cfg.max_text_tokens)}
 

@@ -321,6 +321,14 @@ class SweepResult:
     errors: dict  # trial → error message
     trial_checkpoints: dict = field(default_factory=dict)  # trial → its best checkpoint
 
+    def best_per_fusion(self) -> dict:
+        """fusion variant → the best checkpoint of its trial best on dev (the table is sorted by it)."""
+        best = {}
+        for trial, fusion in zip(self.table["trial"], self.table["fusion"]):
+            if trial in self.trial_checkpoints:
+                best.setdefault(fusion, self.trial_checkpoints[trial])
+        return best
+
 
 def _check_resources(opts: SweepOptions) -> None:
     """Tune waits forever for a trial that asks more than the cluster has: fail now instead."""
