@@ -40,10 +40,8 @@ def librispeech_like_frames(n: int, seed: int = 0) -> np.ndarray:
 
 def make_dataset(out: Path, n: int, seed: int = 0, rows_per_group: int = 32) -> Path:
     """A Parquet data set of the real schema (random fbank, random BPE-range ids) + tokenizer + report."""
-    import pyarrow.parquet as pq
-
-    from ctal.data import PARQUET_SCHEMA, records_to_table
-    from ctal.tokenizer import tokenizer_hash, tokenizer_info, train_bpe_tokenizer
+    from ctal.data import write_dataset
+    from ctal.tokenizer import train_bpe_tokenizer
 
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -51,17 +49,12 @@ def make_dataset(out: Path, n: int, seed: int = 0, rows_per_group: int = 32) -> 
     texts = [" ".join(rng.choice(words, int(rng.integers(5, 40)))) for _ in range(n)]
     tok = train_bpe_tokenizer(texts, 2000, out / "tokenizer")
     frames = librispeech_like_frames(n, seed)
-    with pq.ParquetWriter(out / "part-00000.parquet", PARQUET_SCHEMA, compression="zstd") as w:
-        for k in range(0, n, rows_per_group):
-            recs = [{"id": f"u{i}", "corpus": "bench", "split": "train", "speaker": "s", "text": texts[i],
-                     "input_ids": np.asarray(tok(texts[i])["input_ids"], np.int32), "n_frames": int(frames[i]),
-                     "fbank": rng.normal(size=(frames[i], 80)).astype(np.float32), "label": None,
-                     "label_name": None, "duration_s": frames[i] / 100, "sample_rate": 16000}
-                    for i in range(k, min(n, k + rows_per_group))]
-            w.write_table(records_to_table(recs))
-    report = {"counts": {"in": n, "written": n, "quarantined": 0}, "tokenizer": {
-        "path": "tokenizer", "hash": tokenizer_hash(out / "tokenizer"), **tokenizer_info(tok)}}
-    (out / "report.json").write_text(json.dumps(report))
+    recs = [{"id": f"u{i}", "corpus": "bench", "split": "train", "speaker": "s", "text": texts[i],
+             "input_ids": np.asarray(tok(texts[i])["input_ids"], np.int32), "n_frames": int(frames[i]),
+             "fbank": rng.normal(size=(frames[i], 80)).astype(np.float32), "label": None,
+             "label_name": None, "duration_s": frames[i] / 100, "sample_rate": 16000} for i in range(n)]
+    write_dataset(out, recs, tok, corpus="bench", source="benchmarks/train_throughput.py", rows_per_shard=n,
+                  row_group_size=rows_per_group)
     return out
 
 

@@ -16,7 +16,6 @@ so the comparison is about how many trial-epochs each scheduler spends to find o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -24,13 +23,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ctal.config import FinetuneConfig, load_config
-from ctal.data import FBANK_DIM, PARQUET_SCHEMA, REPORT_FILE
+from ctal.data import FBANK_DIM, TOKENIZER_DIR, write_dataset
 from ctal.distributed.tune import SweepOptions, parse_search_space, run_sweep
 from ctal.tasks import get_task
+from ctal.tokenizer import train_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = {
@@ -46,10 +44,11 @@ MODEL = ["model.hidden_size=32", "model.num_attention_heads=4", "model.intermedi
 
 
 def make_toy_emotion(out: Path, n: int = 2400, seed: int = 0, vocab: int = 64) -> Path:
-    """IEMOCAP-layout Parquet data set: 5 sessions x 2 speakers, 4 classes carried by the audio only."""
+    """IEMOCAP-layout Parquet data set: 5 sessions x 2 speakers, 4 classes carried by the audio only
+    (token ids are random in [5, vocab); the saved BPE only satisfies the data contract)."""
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
-    rows = {f.name: [] for f in PARQUET_SCHEMA}
+    records = []
     for i in range(n):
         session, gender, label = 1 + i % 5, "FM"[(i // 5) % 2], int(rng.integers(4))
         T = int(rng.integers(30, 60))
@@ -57,16 +56,12 @@ def make_toy_emotion(out: Path, n: int = 2400, seed: int = 0, vocab: int = 64) -
         block = slice(20 * label, 20 * label + 20)
         fbank[:, block] = 0.866 * fbank[:, block] + 0.5 * rng.normal(size=(T, 1))  # shared movement, var 1
         ids = np.concatenate([[0], rng.integers(5, vocab, int(rng.integers(4, 12))), [2]]).astype(np.int32)
-        for k, v in dict(id=f"Ses{session:02d}{gender}_toy_{gender}{i:05d}", corpus="toy", split=f"Session{session}",
-                         speaker=f"Ses{session:02d}_{gender}", text="", input_ids=ids, n_frames=T, fbank=fbank,
-                         label=float(label), label_name="neu hap ang sad".split()[label], duration_s=T / 100,
-                         sample_rate=16000).items():
-            rows[k].append(v)
-    rows["fbank"] = [f.tolist() for f in rows["fbank"]]
-    pq.write_table(pa.Table.from_pydict(rows, schema=PARQUET_SCHEMA), out / "part-00000.parquet",
-                   compression="zstd")
-    (out / REPORT_FILE).write_text(json.dumps({"corpus": "toy", "counts": {"in": n, "written": n, "quarantined": 0},
-                                               "tokenizer": {"vocab_size": vocab, "pad_token_id": 1}}))
+        records.append(dict(id=f"Ses{session:02d}{gender}_toy_{gender}{i:05d}", corpus="toy",
+                            split=f"Session{session}", speaker=f"Ses{session:02d}_{gender}", text="",
+                            input_ids=ids, n_frames=T, fbank=fbank, label=float(label),
+                            label_name="neu hap ang sad".split()[label], duration_s=T / 100, sample_rate=16000))
+    tok = train_bpe_tokenizer(["toy"], 300, out / TOKENIZER_DIR)
+    write_dataset(out, records, tok, corpus="toy", source="benchmarks/tune_efficiency.py", rows_per_shard=n)
     return out
 
 

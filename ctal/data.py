@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import functools
 import json
+import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from . import storage
+from .config import FeatureConfig, from_dict
 
 FBANK_DIM = 80
 
@@ -224,27 +230,45 @@ def records_to_table(records: list[dict]) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=PARQUET_SCHEMA)
 
 
-def list_shards(data_dir: str | Path) -> list[Path]:
-    """The feature shards of a complete data set, in order; refuses an incomplete one.
-    For a URI data set (``s3://``, ``file://``; see ctal.storage) the shards are URI strings."""
-    from . import storage
-
-    if storage.is_uri(data_dir):
-        if not storage.is_file(storage.join(data_dir, REPORT_FILE)):
-            raise FileNotFoundError(f"{str(data_dir)!r} has no {REPORT_FILE}: not a complete preprocessed "
-                                    "data set (missing, or a run that did not finish)")
-        return storage.glob(data_dir, SHARD_GLOB)
-    data_dir = Path(data_dir)
-    if not (data_dir / REPORT_FILE).is_file():
-        raise FileNotFoundError(f"{str(data_dir)!r} has no {REPORT_FILE}: not a complete preprocessed "
-                                "data set (missing, or a run that did not finish)")
-    return sorted(data_dir.glob(SHARD_GLOB))
+# --------------------------------------------------------------------------------------------------
+# a data set on disk or behind a URI: the one object every stage opens
 
 
-def read_parquet_dataset(data_dir: str | Path, split: Optional[str] = None,
-                         columns: Optional[list[str]] = None) -> pa.Table:
-    """All shards as one table of ``PARQUET_SCHEMA`` (plain pyarrow, no Ray), optionally one split."""
-    shards = list_shards(data_dir)
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """The tokenizer a data set was tokenized with, as ``report.json`` records it; ``dir`` is a local
+    directory holding its files (for a URI data set: a cached download) whose hash was checked."""
+    dir: Path
+    hash: str
+    vocab_size: int
+    pad_token_id: int
+    mask_token_id: int
+    special_token_ids: tuple[int, ...]
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """A complete preprocessed data set (``open_dataset``): where it is, what ``report.json`` says, its
+    verified tokenizer and featurizer settings. Reading rows goes through ``read`` or ``shards``."""
+    path: str  # absolute local path, or the URI as given (normalized)
+    report: dict
+    tokenizer: TokenizerInfo
+    features: Optional[FeatureConfig]  # None for a data set written without featurizing (test data)
+    shards: tuple  # Paths, or URI strings for a URI data set, in order
+
+    @functools.cached_property
+    def splits(self) -> dict[str, int]:
+        """split name → rows (read from the small ``split`` column only)."""
+        col = self.read(columns=["split"]).column("split").to_pylist()
+        return dict(sorted(Counter(col).items()))
+
+    def read(self, split: Optional[str] = None, columns: Optional[list[str]] = None) -> pa.Table:
+        """All shards as one table of ``PARQUET_SCHEMA`` (plain pyarrow, no Ray), optionally one split."""
+        return _read_shards(self.shards, split, columns)
+
+
+def _read_shards(shards, split: Optional[str], columns: Optional[list[str]]) -> pa.Table:
     filters = None if split is None else [("split", "==", split)]
     tables = [pq.read_table(s, columns=columns, filters=filters, schema=PARQUET_SCHEMA) for s in shards]
     if not tables:
@@ -253,13 +277,117 @@ def read_parquet_dataset(data_dir: str | Path, split: Optional[str] = None,
     return pa.concat_tables(tables)
 
 
-def read_report(data_dir: str | Path) -> dict:
-    from . import storage
+def _require_complete(data_dir) -> None:
+    if not storage.is_file(storage.join(data_dir, REPORT_FILE)):
+        raise FileNotFoundError(f"{str(data_dir)!r} has no {REPORT_FILE}: not a complete preprocessed "
+                                "data set (missing, or a run that did not finish); run pipelines/preprocess.py")
 
+
+def list_shards(data_dir: str | Path) -> list:
+    """The feature shards of a complete data set, in order; refuses an incomplete one.
+    For a URI data set (``s3://``, ``file://``; see ctal.storage) the shards are URI strings."""
+    _require_complete(data_dir)
     if storage.is_uri(data_dir):
-        return storage.read_json(storage.join(data_dir, REPORT_FILE))
-    with open(Path(data_dir) / REPORT_FILE, encoding="utf-8") as f:
-        return json.load(f)
+        return storage.glob(data_dir, SHARD_GLOB)
+    return sorted(Path(data_dir).glob(SHARD_GLOB))
+
+
+def read_report(data_dir: str | Path) -> dict:
+    return storage.read_json(storage.join(data_dir, REPORT_FILE))
+
+
+def _tokenizer_info(data_dir: str, report: dict) -> TokenizerInfo:
+    """The report's tokenizer entry, after checking that the tokenizer saved with the data is the one
+    it was tokenized with (same hash): a data set whose tokenizer/ was swapped is refused."""
+    from .tokenizer import tokenizer_hash
+
+    tok = dict(report.get("tokenizer") or {})
+    missing = [k for k in ("hash", "vocab_size", "pad_token_id", "mask_token_id", "special_token_ids")
+               if tok.get(k) is None]
+    if missing:
+        raise ValueError(f"{data_dir}/{REPORT_FILE} records no tokenizer {', '.join(missing)}")
+    where = storage.join(data_dir, tok.get("path", TOKENIZER_DIR))
+    if storage.is_uri(data_dir):  # a local copy: checkpoints include it and the hash is computed from files
+        tok_dir = storage.localize(where, kind="tokenizers")
+        if tokenizer_hash(tok_dir) != tok["hash"]:  # the cache may predate a rewritten data set
+            tok_dir = storage.localize(where, kind="tokenizers", refresh=True)
+    else:
+        tok_dir = Path(where)
+    try:
+        actual = tokenizer_hash(tok_dir)
+    except FileNotFoundError as e:
+        raise ValueError(f"{data_dir}: the tokenizer recorded in {REPORT_FILE} is missing ({e})") from e
+    if actual != tok["hash"]:
+        raise ValueError(f"tokenizer mismatch: {tok_dir} hashes to {actual[:12]}…, but the data set was "
+                         f"tokenized with {tok['hash'][:12]}… ({REPORT_FILE}); refusing to use it")
+    return TokenizerInfo(dir=Path(tok_dir), hash=tok["hash"], vocab_size=int(tok["vocab_size"]),
+                         pad_token_id=int(tok["pad_token_id"]), mask_token_id=int(tok["mask_token_id"]),
+                         special_token_ids=tuple(int(i) for i in tok["special_token_ids"]),
+                         source=str(tok.get("source", "")))
+
+
+def open_dataset(data_dir: str | Path) -> DataSet:
+    """Open the preprocessed data set at ``data_dir`` (a path or URI): refuses an incomplete one
+    (no ``report.json``) and one whose tokenizer does not hash to what the report recorded."""
+    path = storage.normalize(data_dir)
+    shards = tuple(list_shards(path))
+    report = read_report(path)
+    features = report.get("features")
+    return DataSet(path=path, report=report, tokenizer=_tokenizer_info(path, report),
+                   features=from_dict(FeatureConfig, features) if features else None, shards=shards)
+
+
+# --------------------------------------------------------------------------------------------------
+# writing report.json: preprocessing, test fixtures and benchmarks describe a data set the same way
+
+
+def tokenizer_entry(tokenizer, tokenizer_dir: str | Path, source: str, **extra) -> dict:
+    """``report.json``'s tokenizer entry for ``tokenizer`` saved at ``<data set>/tokenizer``."""
+    from .tokenizer import tokenizer_hash, tokenizer_info
+
+    return {"path": TOKENIZER_DIR, "source": source, "hash": tokenizer_hash(tokenizer_dir),
+            **tokenizer_info(tokenizer), **extra}
+
+
+def write_report(out_dir: str | Path, *, corpus: str, counts: dict, shards: list[dict], tokenizer: dict,
+                 features: Optional[dict] = None, **extra) -> dict:
+    """Write ``report.json`` (the completeness marker: call it last) and return the report.
+
+    ``counts`` must satisfy in == written + quarantined; ``shards`` are {"file", "rows"} entries whose
+    rows add up to written; ``tokenizer`` is a ``tokenizer_entry``.
+    """
+    n_in, n_written = counts["in"], counts["written"]
+    if n_in != n_written + counts.get("quarantined", 0):
+        raise ValueError(f"counts do not add up: {counts}")
+    if sum(s["rows"] for s in shards) != n_written:
+        raise ValueError(f"shard row counts add up to {sum(s['rows'] for s in shards)}, not {n_written}")
+    report = {"corpus": corpus, "counts": {"quarantined": 0, **counts}, "shards": shards,
+              "features": features, "tokenizer": tokenizer,
+              "schema": PARQUET_SCHEMA.to_string(show_field_metadata=False),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+    storage.write_text(storage.join(out_dir, REPORT_FILE), json.dumps(report, indent=2))
+    return report
+
+
+def write_dataset(out_dir: str | Path, records: list[dict], tokenizer, *, corpus: str, source: str,
+                  rows_per_shard: int = 2000, row_group_size: int = 64,
+                  features: Optional[dict] = None) -> DataSet:
+    """A data set from records already in memory (tests, benchmarks): zstd shards, the tokenizer saved to
+    ``tokenizer/`` (unless already there) and ``report.json`` last. Preprocessing writes its shards from
+    Ray actors instead, and the same ``write_report``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / TOKENIZER_DIR).is_dir():
+        tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+    shards = []
+    for k, start in enumerate(range(0, len(records), rows_per_shard)):
+        chunk = records[start:start + rows_per_shard]
+        name = f"part-{k:05d}.parquet"
+        pq.write_table(records_to_table(chunk), out / name, compression="zstd", row_group_size=row_group_size)
+        shards.append({"file": name, "rows": len(chunk)})
+    write_report(out, corpus=corpus, counts={"in": len(records), "written": len(records)}, shards=shards,
+                 tokenizer=tokenizer_entry(tokenizer, out / TOKENIZER_DIR, source), features=features)
+    return open_dataset(out)
 
 
 # --------------------------------------------------------------------------------------------------

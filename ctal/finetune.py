@@ -31,7 +31,7 @@ import torch
 from ctal.batching import bucket_batches, collate, derive_seed
 from ctal.config import FinetuneConfig, from_dict, to_dict
 from ctal import storage
-from ctal.data import FBANK_DIM, TOKENIZER_DIR, read_parquet_dataset, read_report
+from ctal.data import FBANK_DIM, TOKENIZER_DIR, TokenizerInfo, open_dataset
 from ctal.model import CTALConfig, CTALForSequenceClassification
 from ctal.tasks import Fold, Meta, Outputs, Task, get_task
 from ctal.tokenizer import TOKENIZER_FILES, tokenizer_hash
@@ -68,15 +68,15 @@ class TaskData:
     input_ids_offsets: np.ndarray
     fbank: np.ndarray  # (total frames, 80) float32
     fbank_offsets: np.ndarray
-    tokenizer: dict  # report.json's tokenizer entry (vocab_size, pad_token_id, hash, ...)
-    data_dir: str = ""
+    tokenizer: TokenizerInfo  # the data set's (verified) tokenizer
+    data_dir: str = ""  # absolute path, or the URI as given
 
     @classmethod
     def load(cls, data_dir: str | Path) -> "TaskData":
-        table = read_parquet_dataset(data_dir, columns=["id", "split", "speaker", "label", "input_ids",
-                                                        "n_frames", "fbank"]).combine_chunks()
+        ds = open_dataset(data_dir)
+        table = ds.read(columns=["id", "split", "speaker", "label", "input_ids", "n_frames", "fbank"]).combine_chunks()
         if table.num_rows == 0:
-            raise ValueError(f"{str(data_dir)!r} holds no utterances")
+            raise ValueError(f"{ds.path!r} holds no utterances")
 
         def flat(name, inner=False):
             col = table.column(name).chunk(0)
@@ -89,8 +89,7 @@ class TaskData:
         fbank, fb_off = flat("fbank", inner=True)
         return cls(meta=Meta.from_table(table), n_frames=table.column("n_frames").to_numpy().astype(np.int64),
                    input_ids=ids, input_ids_offsets=ids_off, fbank=fbank.reshape(-1, FBANK_DIM),
-                   fbank_offsets=fb_off, tokenizer=dict(read_report(data_dir).get("tokenizer") or {}),
-                   data_dir=storage.normalize(data_dir))  # absolute path, or the URI as given
+                   fbank_offsets=fb_off, tokenizer=ds.tokenizer, data_dir=ds.path)
 
     def rows(self, idx, targets=None) -> list[dict]:
         out = []
@@ -137,25 +136,25 @@ def build_model(cfg: FinetuneConfig, task: Task, classes: Optional[list[str]], d
             init, fusion=m.fusion, orthogonality_weight=m.orthogonality_weight,
             hidden_dropout_prob=m.hidden_dropout_prob,
             attention_probs_dropout_prob=m.attention_probs_dropout_prob, **head)
-        if tok.get("vocab_size", 0) > model.config.vocab_size:
+        if tok.vocab_size > model.config.vocab_size:
             raise ValueError(f"init={cfg.init} has vocab_size={model.config.vocab_size} but the data's "
-                             f"tokenizer has {tok['vocab_size']} tokens")
+                             f"tokenizer has {tok.vocab_size} tokens")
     else:
         model_cfg = to_dict(cfg.model)
         # A fresh model takes its vocabulary from the data set's tokenizer.
-        model_cfg.update({k: tok[k] for k in ("vocab_size", "pad_token_id") if k in tok})
+        model_cfg.update(vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id)
         torch.manual_seed(cfg.seed)  # fresh weights depend on the seed only
         model = CTALForSequenceClassification(CTALConfig(**model_cfg, **head))
     freeze(model, cfg.freeze_layers)
     return model
 
 
-def _check_tokenizer(init: Path, tok: dict) -> None:
+def _check_tokenizer(init: Path, tok: TokenizerInfo) -> None:
     """A checkpoint that carries tokenizer files must carry the data set's tokenizer."""
-    if tok.get("hash") and any((init / f).is_file() for f in TOKENIZER_FILES):
-        if tokenizer_hash(init) != tok["hash"]:
+    if any((init / f).is_file() for f in TOKENIZER_FILES):
+        if tokenizer_hash(init) != tok.hash:
             raise ValueError(f"init={init} was trained with a different tokenizer than the data set "
-                             f"(sha256 {tokenizer_hash(init)[:12]} vs {tok['hash'][:12]})")
+                             f"(sha256 {tokenizer_hash(init)[:12]} vs {tok.hash[:12]})")
 
 
 def freeze(model, n: int) -> None:
@@ -219,7 +218,7 @@ def _save(path: Path, runs: list[_FoldRun], cfg: FinetuneConfig, epoch: int, met
     path.mkdir(parents=True, exist_ok=True)
     state = {"task": cfg.task, "folds": [r.fold.name for r in runs], "epoch": epoch, "metrics": metrics,
              "history": history, "config": to_dict(cfg), "data": data.data_dir,
-             "tokenizer_hash": data.tokenizer.get("hash")}
+             "tokenizer_hash": data.tokenizer.hash}
     for name, d in fold_dirs_for(path, [r.fold.name for r in runs]).items():
         run = next(r for r in runs if r.fold.name == name)
         _unwrap(run.model).save_pretrained(d)
@@ -408,7 +407,7 @@ def evaluate(checkpoint: str | Path, data: Optional[TaskData] = None, role: str 
     t = get_task(state["task"])
     cfg = from_dict(FinetuneConfig, state["config"])
     data = data if data is not None else TaskData.load(state["data"])
-    if state.get("tokenizer_hash") and data.tokenizer.get("hash") not in (None, state["tokenizer_hash"]):
+    if state.get("tokenizer_hash") and data.tokenizer.hash != state["tokenizer_hash"]:
         raise ValueError(f"{checkpoint} was fine-tuned on data tokenized differently from {data.data_dir}")
     folds = {f.name: f for f in t.folds(data.meta, cfg.fold, cfg.seed)}
     missing = [f for f in state["folds"] if f not in folds]

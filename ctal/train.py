@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from . import storage
 from .batching import PretrainBatches, collate, derive_seed, prefetch
 from .config import ConfigError, PretrainConfig, from_dict, to_dict
-from .data import TOKENIZER_DIR, read_report
+from .data import TOKENIZER_DIR, open_dataset
 from .model import CTALConfig, CTALForPretraining
 
 CHECKPOINTS = "checkpoints"
@@ -77,34 +77,9 @@ def validate_pretrain_config(cfg: PretrainConfig) -> None:
 
 
 def check_data(data_dir: str | Path) -> dict:
-    """The data set's tokenizer facts from report.json, after checking that the tokenizer saved with
-    the data is the one it was tokenized with (same hash). Raises ValueError on a mismatch."""
-    from .tokenizer import tokenizer_hash
-
-    remote = storage.is_uri(data_dir)
-    data_dir = storage.normalize(data_dir) if remote else Path(data_dir)
-    if not (storage.is_file(storage.join(data_dir, "report.json")) if remote
-            else (data_dir / "report.json").is_file()):
-        raise FileNotFoundError(f"{str(data_dir)!r} is not a preprocessed data set (no report.json); "
-                                "run pipelines/preprocess.py first")
-    tok = dict(read_report(data_dir).get("tokenizer") or {})
-    missing = [k for k in ("hash", "vocab_size", "pad_token_id", "mask_token_id", "special_token_ids")
-               if tok.get(k) is None]
-    if missing:
-        raise ValueError(f"{data_dir}/report.json records no tokenizer {', '.join(missing)}")
-    if remote:  # a local copy: checkpoints include it and the hash is computed from files
-        tok_uri = storage.join(data_dir, tok.get("path", TOKENIZER_DIR))
-        tok_dir = storage.localize(tok_uri, kind="tokenizers")
-        if tokenizer_hash(tok_dir) != tok["hash"]:  # the cache may predate a rewritten data set
-            tok_dir = storage.localize(tok_uri, kind="tokenizers", refresh=True)
-    else:
-        tok_dir = data_dir / tok.get("path", TOKENIZER_DIR)
-    actual = tokenizer_hash(tok_dir)
-    if actual != tok["hash"]:
-        raise ValueError(f"tokenizer mismatch: {tok_dir} hashes to {actual[:12]}…, but the data set was "
-                         f"tokenized with {tok['hash'][:12]}… (report.json); refusing to pretrain")
-    tok["dir"] = str(tok_dir)
-    return tok
+    """The data set's verified tokenizer facts (``ctal.data.open_dataset``) as the loop uses them."""
+    tok = open_dataset(data_dir).tokenizer
+    return {**dataclasses.asdict(tok), "dir": str(tok.dir), "special_token_ids": list(tok.special_token_ids)}
 
 
 # --------------------------------------------------------------------------------------------------

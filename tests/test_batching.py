@@ -1,5 +1,4 @@
 """Length bucketing, collate and the per-worker Parquet feed (no Ray)."""
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +9,11 @@ import torch
 from ctal.batching import (PretrainBatches, bucket_batches, collate, padding_efficiency, prefetch,
                            split_matches)
 from ctal.config import MaskingConfig
-from ctal.data import PARQUET_SCHEMA, records_to_table
+from ctal.data import TOKENIZER_DIR
+from ctal.data import write_dataset as write_contract_dataset
 from ctal.features import add_deltas, normalize_utterance
 from ctal.masking import IGNORE_INDEX
+from ctal.tokenizer import train_bpe_tokenizer
 
 PAD, MASK, SPECIAL = 1, 4, [0, 1, 2, 3, 4]
 
@@ -32,11 +33,9 @@ def write_dataset(out: Path, n: int, *, rows_per_group: int, rows_per_shard: int
                      "n_frames": T, "label": None,
                      "fbank": (rng.normal(size=(T, 80)) if noise else np.zeros((T, 80))).astype(np.float32),
                      "label_name": None, "duration_s": T / 100, "sample_rate": 16000})
-    for s, k in enumerate(range(0, n, rows_per_shard)):
-        with pq.ParquetWriter(out / f"part-{s:05d}.parquet", PARQUET_SCHEMA) as w:
-            for j in range(k, min(n, k + rows_per_shard), rows_per_group):
-                w.write_table(records_to_table(recs[j:min(j + rows_per_group, k + rows_per_shard, n)]))
-    (out / "report.json").write_text(json.dumps({"counts": {"in": n, "written": n}}))
+    tok = train_bpe_tokenizer(["x"], 300, out / TOKENIZER_DIR)  # the contract wants one; ids here are synthetic
+    write_contract_dataset(out, recs, tok, corpus="fixture", source="tests/test_batching.py",
+                           rows_per_shard=rows_per_shard, row_group_size=rows_per_group)
     return out
 
 

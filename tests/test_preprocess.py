@@ -14,8 +14,7 @@ import soundfile as sf
 
 from ctal.config import DataConfig
 from ctal.corpora import read_corpus
-from ctal.data import (PARQUET_SCHEMA, QUARANTINE_SCHEMA, featurize_row, list_shards,
-                       read_parquet_dataset)
+from ctal.data import PARQUET_SCHEMA, QUARANTINE_SCHEMA, featurize_row, list_shards, open_dataset
 from ctal.features import compute_fbank
 from ctal.tokenizer import load_tokenizer, tokenizer_hash, train_bpe_tokenizer
 
@@ -96,7 +95,7 @@ def test_every_bad_input_is_quarantined_with_its_reason(preprocessed):
 def test_in_equals_written_plus_quarantined(preprocessed):
     report, out = preprocessed
     c = report["counts"]
-    written = read_parquet_dataset(out)
+    written = open_dataset(out).read()
     assert c["in"] == len(EXPECTED) == c["written"] + c["quarantined"]
     assert c["written"] == written.num_rows == sum(v is None for v in EXPECTED.values())
     assert sorted(written["id"].to_pylist()) == sorted(k for k, v in EXPECTED.items() if v is None)
@@ -121,13 +120,13 @@ def test_parquet_reads_back_with_plain_pyarrow_and_pandas_without_ray(preprocess
     assert int(n) == 4 and shape == "(80,)"
     for shard in list_shards(out):
         assert pq.read_schema(shard).equals(PARQUET_SCHEMA)
-    assert read_parquet_dataset(out).schema.equals(PARQUET_SCHEMA)
-    assert read_parquet_dataset(out, split="dev")["split"].to_pylist() == ["dev"] * 1
+    assert open_dataset(out).read().schema.equals(PARQUET_SCHEMA)
+    assert open_dataset(out).read(split="dev")["split"].to_pylist() == ["dev"] * 1
 
 
 def test_features_and_ids_match_the_featurizer_and_tokenizer(preprocessed, corpus):
     _, out = preprocessed
-    table = read_parquet_dataset(out).to_pandas().set_index("id")
+    table = open_dataset(out).read().to_pandas().set_index("id")
     tok = load_tokenizer(out / "tokenizer")
     for uid, f in [("good_a", "good_a.wav"), ("good_c", "good_c.wav"), ("stereo_8k", "stereo_8k.wav")]:
         wav, sr = sf.read(corpus.parent / f, dtype="float32")
@@ -188,7 +187,7 @@ def test_rerun_is_refused_and_overwrite_replaces(preprocessed, corpus, tmp_path)
     rep2 = run_preprocess("csv", small, out, _cfg(tokenizer=str(bert)), overwrite=True)
     assert rep2["counts"] == {"in": 3, "written": 2, "quarantined": 1,
                               "quarantined_by_reason": {"empty_file": 1}}
-    table = read_parquet_dataset(out)
+    table = open_dataset(out).read()
     assert sorted(table["id"].to_pylist()) == ["s1", "s2"]
     bert_tok = load_tokenizer(bert)
     assert table["input_ids"].to_pylist() == [bert_tok(t)["input_ids"] for t in table["text"].to_pylist()]
@@ -212,7 +211,7 @@ def test_failed_run_leaves_no_output(corpus, tmp_path):
     assert list(tmp_path.iterdir()) == []  # neither the output nor its .tmp- directory
     out.mkdir()
     with pytest.raises(FileNotFoundError, match="report.json"):
-        read_parquet_dataset(out)  # a directory without report.json is never taken as complete
+        open_dataset(out).read()  # a directory without report.json is never taken as complete
 
 
 def _cli(*args, env=None, timeout=60):
@@ -264,4 +263,4 @@ def test_killed_run_leaves_nothing_a_reader_takes_as_complete(corpus, tmp_path, 
     assert not out.exists()
     (partial,) = tmp_path.glob("data.tmp-*")
     with pytest.raises(FileNotFoundError, match="report.json"):
-        read_parquet_dataset(partial)
+        open_dataset(partial).read()

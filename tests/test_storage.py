@@ -152,7 +152,7 @@ def manifest(tmp_path_factory):
 def test_preprocessing_into_a_file_uri_gives_a_data_set_pretraining_reads(manifest, tmp_path, ray_local, monkeypatch):
     from ctal.batching import PretrainBatches
     from ctal.config import DataConfig
-    from ctal.data import list_shards, read_parquet_dataset, read_report
+    from ctal.data import list_shards, open_dataset, read_report
     from ctal.distributed.preprocess import check_output, run_preprocess
     from ctal.train import check_data
 
@@ -164,7 +164,7 @@ def test_preprocessing_into_a_file_uri_gives_a_data_set_pretraining_reads(manife
                                 "quarantined_by_reason": {"missing_file": 1}}
     shards = list_shards(out)
     assert shards and all(s.startswith(out + "/part-") for s in shards)
-    assert sum(s["rows"] for s in read_report(out)["shards"]) == 6 == read_parquet_dataset(out).num_rows
+    assert sum(s["rows"] for s in read_report(out)["shards"]) == 6 == open_dataset(out).read().num_rows
     assert sorted(storage.listdir(out)) == sorted([storage.name(s) for s in shards]
                                                    + ["quarantine.parquet", "report.json", "tokenizer"])
     assert check_data(out)["vocab_size"] > 5  # the tokenizer, fetched into the cache, hashes right
@@ -176,7 +176,7 @@ def test_preprocessing_into_a_file_uri_gives_a_data_set_pretraining_reads(manife
     run_preprocess("csv", manifest, out, cfg, overwrite=True, verbose=False)
     assert not storage.exists(f"{out}/part-99999999.parquet")  # the old set is gone, not merged
     assert {storage.name(s) for s in list_shards(out)} == {s["file"] for s in read_report(out)["shards"]}
-    assert read_parquet_dataset(out).num_rows == 6
+    assert open_dataset(out).read().num_rows == 6
     storage.write_text(f"file://{tmp_path}/foreign/notes.txt", "mine")
     with pytest.raises(FileExistsError, match="not a ctal data set"):
         check_output(f"file://{tmp_path}/foreign", overwrite=True)

@@ -5,14 +5,12 @@ a fine-tuning sweep (sentiment labels in [-3, 3]) when the mechanics, not the le
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from ctal.data import FBANK_DIM, PARQUET_SCHEMA, REPORT_FILE, TOKENIZER_DIR, records_to_table
-from ctal.tokenizer import tokenizer_hash, tokenizer_info, train_bpe_tokenizer
+from ctal.data import FBANK_DIM, TOKENIZER_DIR, write_dataset
+from ctal.tokenizer import train_bpe_tokenizer
 
 WORDS = ("the a cat dog sat ran on under mat log happy sad very not good bad day night blue red "
          "quick slow bird sang loud soft").split()
@@ -36,15 +34,6 @@ def write_tiny_dataset(out: str | Path, n: int = 48, *, splits: tuple[str, ...] 
             "fbank": rng.normal(size=(t, FBANK_DIM)).astype(np.float32),
             "label": float(rng.uniform(-3, 3)), "label_name": None, "duration_s": t / 100, "sample_rate": 16000,
         })
-    shards = []
-    for k, start in enumerate(range(0, n, rows_per_shard)):
-        name = f"part-{k:05d}.parquet"
-        pq.write_table(records_to_table(records[start:start + rows_per_shard]), out / name,
-                       compression="zstd", row_group_size=8)
-        shards.append({"file": name, "rows": len(records[start:start + rows_per_shard])})
-    report = {"corpus": "tiny", "counts": {"in": n, "written": n, "quarantined": 0}, "shards": shards,
-              "schema": PARQUET_SCHEMA.to_string(show_field_metadata=False),
-              "tokenizer": {"path": TOKENIZER_DIR, "source": "tests/tiny_data.py",
-                            "hash": tokenizer_hash(out / TOKENIZER_DIR), **tokenizer_info(tok)}}
-    (out / REPORT_FILE).write_text(json.dumps(report, indent=1))
+    write_dataset(out, records, tok, corpus="tiny", source="tests/tiny_data.py", rows_per_shard=rows_per_shard,
+                  row_group_size=8)
     return out

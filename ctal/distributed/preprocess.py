@@ -8,9 +8,12 @@ travels back to the driver, which writes ``quarantine.parquet`` and ``report.jso
 Features never pass through the driver, so its memory does not grow with the corpus. Everything is
 written into ``<out>.tmp-<uuid>`` and renamed to ``<out>`` at the end: a killed run leaves no
 directory a reader would take as complete (``report.json`` is the completeness marker as well).
+An output URI (``s3://``, ``gs://``, ``file://``) runs the same pipeline; only where the files go differs
+(``_preprocess_to_uri``: object stores have no rename).
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -28,9 +31,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ctal import storage
-from ctal.data import (PARQUET_SCHEMA, QUARANTINE_FILE, QUARANTINE_SCHEMA, REPORT_FILE, TOKENIZER_DIR,
-                       featurize_row, records_to_table, train_transcript_tokenizer)
-from ctal.tokenizer import load_backend, load_tokenizer, tokenizer_hash, tokenizer_info
+from ctal.data import (PARQUET_SCHEMA, QUARANTINE_FILE, QUARANTINE_SCHEMA, REPORT_FILE, SHARD_GLOB, TOKENIZER_DIR,
+                       featurize_row, records_to_table, tokenizer_entry, train_transcript_tokenizer, write_report)
+from ctal.tokenizer import load_backend, load_tokenizer
+
+# What a ctal data set holds at its top level: an overwrite may delete a URI prefix of only these.
+_OURS = (SHARD_GLOB, QUARANTINE_FILE, REPORT_FILE, TOKENIZER_DIR)
 
 # What each actor sends back per utterance: enough for counts, hours and quarantine, no features.
 _SUMMARY_SCHEMA = pa.schema([
@@ -41,10 +47,20 @@ _SUMMARY_SCHEMA = pa.schema([
 
 
 def check_output(out_dir: str | Path, overwrite: bool = False) -> None:
-    """Refuse an existing output unless ``overwrite``; never replace a directory that is not ours."""
-    if storage.is_uri(out_dir):  # s3://, gs://, file:// (ctal/distributed/preprocess_uri.py)
-        from .preprocess_uri import check_output_uri
-        return check_output_uri(out_dir, overwrite)
+    """Refuse an existing output unless ``overwrite``; never replace a directory (or URI prefix) that
+    is not ours. A half-written URI prefix of ours (no report.json yet) may be replaced."""
+    if storage.is_uri(out_dir):
+        storage.resolve(out_dir)  # an unknown scheme fails here, naming the URI
+        names = storage.listdir(out_dir)
+        if not names:
+            return
+        if not overwrite:
+            raise FileExistsError(f"output {out_dir!r} already exists; pass overwrite=True (--overwrite) to replace it")
+        foreign = [n for n in names if not any(fnmatch.fnmatch(n, p) for p in _OURS)]
+        if foreign:
+            raise FileExistsError(f"refusing to overwrite {out_dir!r}: it is not a ctal data set "
+                                  f"(it holds {foreign[0]!r})")
+        return
     out = Path(out_dir)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         if not overwrite:
@@ -127,8 +143,8 @@ def _prepare_tokenizer(rows: list[dict], data_cfg, dest: Path) -> dict:
     else:
         tok, n_texts = train_transcript_tokenizer(rows, data_cfg, dest)
         source = f"byte-level BPE trained on {n_texts} transcripts (vocab_size={data_cfg.vocab_size})"
-    return {"path": TOKENIZER_DIR, "source": source, "hash": tokenizer_hash(dest), **tokenizer_info(tok),
-            "bare_encoder": _bare_encoder_agrees(tok, dest, rows, data_cfg.max_text_tokens)}
+    return tokenizer_entry(tok, dest, source,
+                           bare_encoder=_bare_encoder_agrees(tok, dest, rows, data_cfg.max_text_tokens))
 
 
 def _bare_encoder_agrees(tok, tok_dir: Path, rows: list[dict], max_tokens: int) -> bool:
@@ -164,9 +180,8 @@ def run_preprocess(corpus: str, root: str | Path, out_dir: str | Path, data_cfg,
     if dup:
         raise ValueError(f"utterance ids must be unique; {len(dup)} repeat, e.g. {dup[0]!r}")
 
-    if storage.is_uri(out):  # shards go straight to the object store: ctal/distributed/preprocess_uri.py
-        from .preprocess_uri import preprocess_to_uri
-        report = preprocess_to_uri(rows, corpus, root, out, data_cfg, num_cpus, rows_per_row_group)
+    if storage.is_uri(out):  # shards go straight to the object store
+        report = _preprocess_to_uri(rows, corpus, root, out, data_cfg, num_cpus, rows_per_row_group)
         if verbose:
             print(format_summary(report), flush=True)
         return report
@@ -225,17 +240,16 @@ def _finish(summary: pa.Table, rows, corpus, root, out: Path, tmp: Path, data_cf
             n_actors, t_tok, t_feat, t_total, shards: Optional[list[dict]] = None) -> dict:
     n_in = len(rows)
     idx = summary["idx"].to_pylist()
-    assert idx == list(range(n_in)), (f"{n_in} rows in, {len(idx)} accounted for "
-                                      f"({len(set(idx))} distinct): rows were lost or duplicated")
+    if idx != list(range(n_in)):  # every manifest row must come back exactly once
+        raise RuntimeError(f"{n_in} rows in, {len(idx)} accounted for ({len(set(idx))} distinct): "
+                           "rows were lost or duplicated")
     reasons = summary["reason"].to_pylist()
     written_mask = [r is None for r in reasons]
     n_written = sum(written_mask)
-    n_quarantined = n_in - n_written
-    assert n_in == n_written + n_quarantined
 
     # Shards referenced by the summary are the data set; anything else (a retried batch's leftovers)
     # goes. Renaming to part-00000.. gives a stable order that follows the manifest.
-    # (``shards`` given: a URI output, where preprocess_uri.py did this without renames.)
+    # (``shards`` given: a URI output, where _uri_shards did this without renames.)
     referenced = sorted({s for s in summary["shard"].to_pylist() if s is not None})
     if shards is None:
         for f in tmp.iterdir():
@@ -246,38 +260,69 @@ def _finish(summary: pa.Table, rows, corpus, root, out: Path, tmp: Path, data_cf
             final = f"part-{k:05d}.parquet"
             os.replace(tmp / name, tmp / final)
             shards.append({"file": final, "rows": pq.ParquetFile(tmp / final).metadata.num_rows})
-    assert sum(s["rows"] for s in shards) == n_written, "shard row counts disagree with the summary"
 
     q = summary.filter(pc.invert(pa.array(written_mask)))
     pq.write_table(q.select([f.name for f in QUARANTINE_SCHEMA]).cast(QUARANTINE_SCHEMA),
                    tmp / QUARANTINE_FILE, compression="zstd")
 
     audio_s = float(sum(d for d, w in zip(summary["duration_s"].to_pylist(), written_mask) if w))
-    report = {
-        "corpus": corpus,
-        "root": str(Path(root).resolve()),
-        "counts": {
-            "in": n_in, "written": n_written, "quarantined": n_quarantined,
-            "quarantined_by_reason": dict(sorted(Counter(r for r in reasons if r).items())),
-        },
-        "hours": audio_s / 3600.0,
-        "n_frames": int(sum(n for n in summary["n_frames"].to_pylist() if n is not None)),
-        "shards": shards,
-        "features": asdict(data_cfg.features),
-        "data_config": asdict(data_cfg),
-        "tokenizer": tok_report,
-        "throughput": {
-            "featurize_wall_s": t_feat, "tokenizer_s": t_tok, "total_wall_s": t_total,
-            "utterances_per_s": n_in / t_feat, "realtime_factor": audio_s / t_feat,
-            "actors": n_actors, "cpus_per_actor": data_cfg.num_cpus_per_task,
-        },
-        "schema": PARQUET_SCHEMA.to_string(show_field_metadata=False),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    # Written last: its presence is what marks the directory as a complete data set.
-    with open(tmp / REPORT_FILE, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
+    # Written last (write_report checks the counts): its presence marks the directory complete.
+    return write_report(
+        tmp, corpus=corpus, shards=shards, tokenizer=tok_report, features=asdict(data_cfg.features),
+        counts={"in": n_in, "written": n_written, "quarantined": n_in - n_written,
+                "quarantined_by_reason": dict(sorted(Counter(r for r in reasons if r).items()))},
+        root=str(Path(root).resolve()), hours=audio_s / 3600.0,
+        n_frames=int(sum(n for n in summary["n_frames"].to_pylist() if n is not None)),
+        data_config=asdict(data_cfg),
+        throughput={"featurize_wall_s": t_feat, "tokenizer_s": t_tok, "total_wall_s": t_total,
+                    "utterances_per_s": n_in / t_feat, "realtime_factor": audio_s / t_feat,
+                    "actors": n_actors, "cpus_per_actor": data_cfg.num_cpus_per_task})
+
+
+def _preprocess_to_uri(rows: list[dict], corpus: str, root, out: str, data_cfg, num_cpus: Optional[float],
+                      rows_per_row_group: int) -> dict:
+    """Featurize ``rows`` into the data set at URI ``out``; returns its report.
+
+    Object stores have no directory rename, so: the tokenizer is trained on the driver and uploaded to
+    ``<out>/tokenizer/`` first (every actor, on any node, loads it from there); each actor uploads its
+    shard whole to ``<out>/part-<first row>.parquet`` (a retried batch replaces the same object; names
+    are not renumbered, which would copy every object again, but still sort in manifest order);
+    ``quarantine.parquet`` and then ``report.json`` go last, so a prefix without ``report.json`` is
+    incomplete. Replacing a data set deletes its ``report.json`` first, then the rest: unlike the local
+    rename, the old data set is gone while the new one is written.
+    """
+    staging = Path(tempfile.mkdtemp(prefix="ctal-preprocess-"))  # tokenizer, quarantine, report
+    try:
+        if storage.exists(out):  # checked by check_output: ours, and overwrite was asked for
+            storage.delete(storage.join(out, REPORT_FILE))  # first: the old set stops counting as complete
+            storage.delete(out)
+        t_start = time.perf_counter()
+        tok_report = _prepare_tokenizer(rows, data_cfg, staging / TOKENIZER_DIR)
+        storage.upload_dir(staging / TOKENIZER_DIR, storage.join(out, TOKENIZER_DIR))
+        t_tok = time.perf_counter() - t_start
+        summary, n_actors, t_feat = _featurize(rows, data_cfg, out, num_cpus, rows_per_row_group,
+                                               tok_report["bare_encoder"])
+        shards = _uri_shards(summary, out)
+        report = _finish(summary, rows, corpus, root, out, staging, data_cfg, tok_report, n_actors,
+                         t_tok, t_feat, time.perf_counter() - t_start, shards=shards)
+        storage.upload_file(staging / QUARANTINE_FILE, storage.join(out, QUARANTINE_FILE))
+        storage.upload_file(staging / REPORT_FILE, storage.join(out, REPORT_FILE))  # last: marks it complete
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return report
+
+
+def _uri_shards(summary, out: str) -> list[dict]:
+    """The shards the summary references (row counts from their footers); any other shard object
+    under ``out`` (a retried batch whose rows went elsewhere) is deleted."""
+    referenced = sorted({s for s in summary["shard"].to_pylist() if s is not None})
+    for uri in storage.glob(out, SHARD_GLOB):
+        if storage.name(uri) not in referenced:
+            storage.delete(uri)
+    fs, _ = storage.resolve(out)
+    return [{"file": name, "rows": pq.ParquetFile(storage.resolve(storage.join(out, name))[1],
+                                                   filesystem=fs).metadata.num_rows}
+            for name in referenced]
 
 
 def _publish(tmp: Path, out: Path) -> None:
