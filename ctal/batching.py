@@ -250,7 +250,6 @@ class PretrainBatches:
         if self.batches_per_epoch == 0:
             raise ValueError(f"{len(rows)} rows of split {split!r} are too few for {world_size} workers")
         self.pools = self._pools[rank]
-        self.pool_batches = counts[rank]  # batches in each of this rank's pools (epoch-invariant)
         self.n_rows = sum(len(p) for p in self.pools)
 
     def _parquet(self, f: int) -> pq.ParquetFile:

@@ -90,7 +90,8 @@ def _wav_truncation(path: str) -> Optional[str]:
 
 
 def _quarantine(row: dict, reason: str, detail: str) -> tuple[None, dict]:
-    assert reason in QUARANTINE_REASONS, reason
+    if reason not in QUARANTINE_REASONS:  # the report counts by reason: no reason outside the list
+        raise ValueError(f"unknown quarantine reason {reason!r}; known: {', '.join(QUARANTINE_REASONS)}")
     return None, {"id": str(row.get("id")), "audio_path": str(row.get("audio_path")),
                   "reason": reason, "detail": detail}
 
@@ -112,10 +113,15 @@ def train_transcript_tokenizer(rows: list[dict], data_cfg, dest: str | Path):
     returns (tokenizer, number of transcripts). Rows whose text the reader flagged are skipped."""
     from ctal.tokenizer import train_bpe_tokenizer
 
-    texts = [r["text"] for r in rows if r.get("text") and not r.get("text_error")]
+    from ctal.tokenizer import normalize_text, save_normalization
+
+    texts = [normalize_text(r["text"], data_cfg.text_normalization)
+             for r in rows if r.get("text") and not r.get("text_error")]
     if not texts:
         raise ValueError("no usable transcripts to train the BPE tokenizer on")
-    return train_bpe_tokenizer(texts, data_cfg.vocab_size, dest, model_max_length=data_cfg.max_text_tokens), len(texts)
+    tok = train_bpe_tokenizer(texts, data_cfg.vocab_size, dest, model_max_length=data_cfg.max_text_tokens)
+    save_normalization(dest, data_cfg.text_normalization)
+    return tok, len(texts)
 
 
 def featurize_row(row: dict, tokenizer, data_cfg) -> tuple[Optional[dict], Optional[dict]]:
@@ -128,6 +134,7 @@ def featurize_row(row: dict, tokenizer, data_cfg) -> tuple[Optional[dict], Optio
     import soundfile as sf
 
     from ctal.features import compute_fbank
+    from ctal.tokenizer import normalize_text
 
     text = row.get("text")
     if row.get("text_error") == "non_utf8_transcript" or isinstance(text, bytes):
@@ -185,7 +192,7 @@ def featurize_row(row: dict, tokenizer, data_cfg) -> tuple[Optional[dict], Optio
                               dither=fc.dither)
     except ValueError as e:  # compute_fbank refuses input shorter than one window
         return _quarantine(row, "too_short", str(e))
-    input_ids = encode_text(tokenizer, text, data_cfg.max_text_tokens)
+    input_ids = encode_text(tokenizer, normalize_text(text, data_cfg.text_normalization), data_cfg.max_text_tokens)
     label = row.get("label")
     return {
         "id": str(row["id"]),
@@ -244,6 +251,7 @@ class TokenizerInfo:
     pad_token_id: int
     mask_token_id: int
     special_token_ids: tuple[int, ...]
+    text_normalization: str = "none"  # what transcripts went through before tokenizing
     source: str = ""
 
 
@@ -323,6 +331,8 @@ def _tokenizer_info(data_dir: str, report: dict) -> TokenizerInfo:
     return TokenizerInfo(dir=Path(tok_dir), hash=tok["hash"], vocab_size=int(tok["vocab_size"]),
                          pad_token_id=int(tok["pad_token_id"]), mask_token_id=int(tok["mask_token_id"]),
                          special_token_ids=tuple(int(i) for i in tok["special_token_ids"]),
+                         # data sets written before normalization was recorded tokenized text as read
+                         text_normalization=tok.get("text_normalization", "none"),
                          source=str(tok.get("source", "")))
 
 
@@ -343,10 +353,11 @@ def open_dataset(data_dir: str | Path) -> DataSet:
 
 def tokenizer_entry(tokenizer, tokenizer_dir: str | Path, source: str, **extra) -> dict:
     """``report.json``'s tokenizer entry for ``tokenizer`` saved at ``<data set>/tokenizer``."""
-    from .tokenizer import tokenizer_hash, tokenizer_info
+    from .tokenizer import read_normalization, tokenizer_hash, tokenizer_info
 
     return {"path": TOKENIZER_DIR, "source": source, "hash": tokenizer_hash(tokenizer_dir),
-            **tokenizer_info(tokenizer), **extra}
+            "text_normalization": read_normalization(tokenizer_dir) or "none", **tokenizer_info(tokenizer),
+            **extra}
 
 
 def write_report(out_dir: str | Path, *, corpus: str, counts: dict, shards: list[dict], tokenizer: dict,

@@ -1,14 +1,24 @@
 """Tokenizers: the paper's byte-level BPE (trained on the corpus transcripts) or any local HF tokenizer.
 
 A tokenizer travels with the data set (``<data>/tokenizer/``) and is identified by ``tokenizer_hash``,
-so pretraining and fine-tuning can refuse data tokenized differently from their model.
+so pretraining and fine-tuning can refuse data tokenized differently from their model. The text
+normalization applied before tokenizing is saved beside it (``NORMALIZATION_FILE``) and is part of
+the hash: a tokenizer is never used with another normalization than the one it was made for.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
+
+# What is done to a transcript before it is tokenized (the Parquet ``text`` column keeps it as read).
+# "release": the authors' fine-tuning rule, applied everywhere: `.,?!` become spaces, runs of spaces
+#   become one, then lower case (on LibriSpeech, which has no punctuation, this is their pretraining
+#   rule: lower case). "lower": lower case only. "none": as read.
+TEXT_NORMALIZATIONS = ("release", "lower", "none")
+NORMALIZATION_FILE = "text_normalization.json"
 
 # RoBERTa's special tokens and ids (the paper's byte-level BPE follows RoBERTa).
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
@@ -17,6 +27,7 @@ SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model",
+    NORMALIZATION_FILE,
 )
 # Keys that transformers writes into tokenizer_config.json about *how* it was loaded, not what it is;
 # they change on a load → save round trip and must not change the hash.
@@ -24,6 +35,29 @@ _VOLATILE_CONFIG_KEYS = frozenset({
     "is_local", "local_files_only", "name_or_path", "_commit_hash", "cache_dir", "revision",
     "subfolder", "token", "trust_remote_code", "_from_auto",
 })
+
+
+def normalize_text(text: str, mode: str) -> str:
+    """``text`` as it is tokenized under normalization ``mode`` (one of TEXT_NORMALIZATIONS)."""
+    if mode == "release":
+        return re.sub(" +", " ", re.sub(r"[.,?!]", " ", text)).lower()
+    if mode == "lower":
+        return text.lower()
+    if mode == "none":
+        return text
+    raise ValueError(f"text_normalization={mode!r} is not one of {', '.join(TEXT_NORMALIZATIONS)}")
+
+
+def save_normalization(tokenizer_dir: str | Path, mode: str) -> None:
+    normalize_text("", mode)  # refuses an unknown mode
+    Path(tokenizer_dir, NORMALIZATION_FILE).write_text(json.dumps({"text_normalization": mode}) + "\n")
+
+
+def read_normalization(tokenizer_dir: str | Path) -> Optional[str]:
+    """The normalization saved with a tokenizer, or None where none was recorded (a Hugging Face
+    tokenizer folder, or a ctal tokenizer made before normalization was recorded)."""
+    f = Path(tokenizer_dir, NORMALIZATION_FILE)
+    return json.loads(f.read_text(encoding="utf-8"))["text_normalization"] if f.is_file() else None
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path,
@@ -41,8 +75,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Pa
                             special_tokens=list(SPECIAL_TOKENS), show_progress=False)
     backend = bpe._tokenizer  # the underlying tokenizers.Tokenizer; the wrapper adds nothing we keep
     backend.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
-    for i, tok in enumerate(SPECIAL_TOKENS):
-        assert backend.token_to_id(tok) == i, f"{tok} got id {backend.token_to_id(tok)}, expected {i}"
+    for i, tok in enumerate(SPECIAL_TOKENS):  # the model and masking rely on these ids (RoBERTa's)
+        if backend.token_to_id(tok) != i:
+            raise RuntimeError(f"BPE training gave {tok} id {backend.token_to_id(tok)}, expected {i}")
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", cls_token="<s>", eos_token="</s>",
         sep_token="</s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>",

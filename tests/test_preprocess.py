@@ -16,7 +16,8 @@ from ctal.config import DataConfig
 from ctal.corpora import read_corpus
 from ctal.data import PARQUET_SCHEMA, QUARANTINE_SCHEMA, featurize_row, list_shards, open_dataset
 from ctal.features import compute_fbank
-from ctal.tokenizer import load_tokenizer, tokenizer_hash, train_bpe_tokenizer
+from ctal.tokenizer import (load_tokenizer, normalize_text, read_normalization, save_normalization, tokenizer_hash,
+                            train_bpe_tokenizer)
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_S = 3.0
@@ -60,7 +61,7 @@ def corpus(tmp_path_factory):
     lines = [b"id,audio_path,text,speaker,split"]
     for i, (uid, f) in enumerate(files.items()):
         text = {"no_text": b"", "latin1_text": "caf\u00e9 au lait".encode("latin-1")}.get(
-            uid, f"utterance {uid} number {i} says hello world".encode())
+            uid, f"Utterance {uid} number {i}. Says Hello World!".encode())  # cased, punctuated
         lines.append(b",".join([uid.encode(), f.encode(), text, f"spk{i % 3}".encode(),
                                 b"dev" if i % 4 == 0 else b"train"]))
     manifest = d / "manifest.csv"
@@ -136,7 +137,8 @@ def test_features_and_ids_match_the_featurizer_and_tokenizer(preprocessed, corpu
         assert fbank.shape == ref.shape == (row["n_frames"], 80)
         np.testing.assert_allclose(fbank, ref, rtol=1e-5, atol=1e-4)
         assert row["sample_rate"] == sr and row["duration_s"] == pytest.approx(len(wav) / sr)
-        assert list(row["input_ids"]) == tok(row["text"])["input_ids"]
+        assert row["text"].startswith("Utterance")  # Parquet keeps the transcript as read ...
+        assert list(row["input_ids"]) == tok(normalize_text(row["text"], "release"))["input_ids"]  # ... ids don't
         assert row["input_ids"][0] == 0 and row["input_ids"][-1] == 2  # <s> … </s>
     assert table.loc["stereo_8k", "sample_rate"] == 8000  # converted, not rejected
     assert table.loc["good_a", "speaker"] == "spk0" and table.loc["good_a", "split"] == "dev"
@@ -150,7 +152,10 @@ def test_tokenizer_saved_with_its_hash(preprocessed, tmp_path):
     specials = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
     assert [tok.convert_tokens_to_ids(t) for t in specials] == [0, 1, 2, 3, 4]
     assert report["tokenizer"]["vocab_size"] == len(tok) and report["tokenizer"]["mask_token_id"] == 4
+    assert report["tokenizer"]["text_normalization"] == read_normalization(tdir) == "release"
     tok.save_pretrained(tmp_path / "resaved")  # a round trip is the same tokenizer ...
+    assert tokenizer_hash(tmp_path / "resaved") != report["tokenizer"]["hash"]  # (once it has its normalization)
+    save_normalization(tmp_path / "resaved", "release")
     assert tokenizer_hash(tmp_path / "resaved") == report["tokenizer"]["hash"]
     other = train_bpe_tokenizer(["completely different words"] * 3, 300, tmp_path / "other")
     assert tokenizer_hash(tmp_path / "other") != report["tokenizer"]["hash"]  # ... another is not
@@ -264,3 +269,13 @@ def test_killed_run_leaves_nothing_a_reader_takes_as_complete(corpus, tmp_path, 
     (partial,) = tmp_path.glob("data.tmp-*")
     with pytest.raises(FileNotFoundError, match="report.json"):
         open_dataset(partial).read()
+
+
+def test_a_tokenizer_is_never_used_with_another_normalization(preprocessed, corpus, tmp_path):
+    from ctal.distributed.preprocess import run_preprocess
+
+    _, out = preprocessed
+    with pytest.raises(ValueError, match="made for text_normalization=release, this run asks for none"):
+        run_preprocess("csv", corpus, tmp_path / "other", _cfg(tokenizer=str(out / "tokenizer"),
+                                                               text_normalization="none"))
+    assert not (tmp_path / "other").exists() and list(tmp_path.iterdir()) == []  # nothing written

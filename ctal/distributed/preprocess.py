@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from ctal import storage
 from ctal.data import (PARQUET_SCHEMA, QUARANTINE_FILE, QUARANTINE_SCHEMA, REPORT_FILE, SHARD_GLOB, TOKENIZER_DIR,
                        featurize_row, records_to_table, tokenizer_entry, train_transcript_tokenizer, write_report)
-from ctal.tokenizer import load_backend, load_tokenizer
+from ctal.tokenizer import load_backend, load_tokenizer, read_normalization, save_normalization
 
 # What a ctal data set holds at its top level: an overwrite may delete a URI prefix of only these.
 _OURS = (SHARD_GLOB, QUARANTINE_FILE, REPORT_FILE, TOKENIZER_DIR)
@@ -134,11 +134,18 @@ class _ShardWriter:
 
 
 def _prepare_tokenizer(rows: list[dict], data_cfg, dest: Path) -> dict:
-    """Train the BPE on the transcripts (or load ``data_cfg.tokenizer``) and save it to ``dest``;
-    decide whether the actors may use the bare ``tokenizers`` encoder (only if it gives the same ids)."""
+    """Train the BPE on the normalized transcripts (or load ``data_cfg.tokenizer``) and save it, with
+    its text normalization, to ``dest``; decide whether the actors may use the bare ``tokenizers``
+    encoder (only if it gives the same ids)."""
+    mode = data_cfg.text_normalization
     if data_cfg.tokenizer:
+        saved = read_normalization(data_cfg.tokenizer)
+        if saved is not None and saved != mode:
+            raise ValueError(f"tokenizer {data_cfg.tokenizer} was made for text_normalization={saved}, "
+                             f"this run asks for {mode}: pass text_normalization={saved} to use it")
         tok = load_tokenizer(data_cfg.tokenizer)
         tok.save_pretrained(str(dest))
+        save_normalization(dest, mode)
         source = str(Path(data_cfg.tokenizer).resolve())
     else:
         tok, n_texts = train_transcript_tokenizer(rows, data_cfg, dest)
