@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
-from ctal.config import FUSION_VARIANTS
+from ctal.model import FUSION_VARIANTS
 from ctal.model import (CTALConfig, CTALForPretraining, CTALForSequenceClassification,
                         text_config_from_hf)
 
