@@ -16,7 +16,6 @@ Differences from the released code, on purpose:
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
