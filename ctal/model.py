@@ -459,10 +459,14 @@ class FusionVariant:
             problems.append(f"combine={self.combine!r} is neither 'sum' nor 'concat'")
         if any(t is None and a is None for t, a in self.pairs) or not self.pairs:
             problems.append("every pair needs a text or an audio pool")
-        if self.text_pools and not self.text or self.audio_pools and not self.audio:
-            problems.append("it pools a stream that does not run")
         if self.cross_attention and not (self.text and self.audio):
             problems.append("cross-attention needs both streams")
+        # a stream runs exactly when something reads it: its pools, or the audio's cross-attention
+        for stream, runs, read in (("text", self.text, bool(self.text_pools) or self.cross_attention),
+                                   ("audio", self.audio, bool(self.audio_pools))):
+            if runs != read:
+                problems.append(f"{stream}={runs}, but " + ("no pool or cross-attention reads that stream"
+                                                            if runs else "a pool or cross-attention reads it"))
         if problems:
             raise ValueError(f"fusion variant {self.name!r}: {'; '.join(problems)}")
 
@@ -485,7 +489,7 @@ FUSION_VARIANTS: dict[str, FusionVariant] = {v.name: v for v in (
                   text=True, audio=True, cross_attention=True),
     FusionVariant("first_token", (("first", "first"),), text=True, audio=True, cross_attention=True),
     FusionVariant("mean_pool", (("mean", "mean"),), text=True, audio=True, cross_attention=True),
-    # the two streams' pooled vectors as they are without any cross-modal layer
+    # the baseline without a cross-modal layer: the unimodal pooled vectors side by side
     FusionVariant("late_concat", (("first", "attention"), ("max", "max")),
                   text=True, audio=True, cross_attention=False, combine="concat"),
     FusionVariant("text_only", (("first", None), ("max", None)), text=True, audio=False, cross_attention=False),

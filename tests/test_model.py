@@ -244,8 +244,10 @@ def test_config_allows_exactly_the_tables_fusion_variants():
 
 
 def test_an_inconsistent_fusion_variant_is_refused():
-    with pytest.raises(ValueError, match="pools a stream that does not run"):
+    with pytest.raises(ValueError, match="audio=False, but a pool or cross-attention reads it"):
         FusionVariant("bad", (("first", "max"),), text=True, audio=False, cross_attention=False)
+    with pytest.raises(ValueError, match="text=True, but no pool or cross-attention reads that stream"):
+        FusionVariant("bad", ((None, "max"),), text=True, audio=True, cross_attention=False)
     with pytest.raises(ValueError, match="cross-attention needs both streams"):
         FusionVariant("bad", ((None, "max"),), text=False, audio=True, cross_attention=True)
     with pytest.raises(ValueError, match="unknown pool 'median'"):
