@@ -11,12 +11,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, NewType, Optional, Union
 
 import yaml
 
-FUSION_VARIANTS = ("ctal", "first_token", "mean_pool", "late_concat", "text_only", "audio_only")
-Fusion = Literal["ctal", "first_token", "mean_pool", "late_concat", "text_only", "audio_only"]
+# A name in the fusion-variant table, ctal.model.FUSION_VARIANTS. The table lives with the model, and
+# model.py imports this module, so `_check_value` reads the table only when it checks a value.
+Fusion = NewType("Fusion", str)
 
 
 class ConfigError(ValueError):
@@ -166,6 +167,9 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if tp is Fusion:
+        from .model import FUSION_VARIANTS
+        tp, origin = Literal[tuple(FUSION_VARIANTS)], Literal
     if origin is Literal:
         allowed = typing.get_args(tp)
         if isinstance(value, bool) and all(isinstance(a, str) for a in allowed):

@@ -14,7 +14,7 @@ import torch
 from .batching import collate
 from .config import DataConfig
 from .data import featurize_row
-from .model import CTALForSequenceClassification, masked_mean
+from .model import FUSION_VARIANTS, CTALForSequenceClassification, masked_mean
 from .tokenizer import load_tokenizer
 
 
@@ -30,33 +30,40 @@ def find_tokenizer(checkpoint: str | Path, tokenizer: Optional[str | Path] = Non
 def embed_rows(model: CTALForSequenceClassification, rows: list[dict], tokenizer, *,
                data_cfg: Optional[DataConfig] = None, batch_size: int = 16, device: str = "cpu",
                max_frames: int = 3000, streams: bool = False) -> tuple[pa.Table, list[dict]]:
-    """Manifest rows → (table of id + embedding [+ text_vector, audio_vector], bad rows)."""
+    """Manifest rows → (table of id + embedding [+ text_vector, audio_vector], bad rows).
+
+    With `streams`, each stream the model's fusion variant runs adds the mean of its final states,
+    computed on that variant's own path: no text_vector for audio_only, no audio_vector for text_only,
+    and audio without cross-attention where the variant has none (late_concat, audio_only).
+    """
     data_cfg = data_cfg or DataConfig()
     model = model.to(device).eval()
     good, bad = [], []
     for row in rows:
         record, problem = featurize_row(row, tokenizer, data_cfg)
         (good if record is not None else bad).append(record if record is not None else problem)
-    out = {"id": [], "embedding": [], "text_vector": [], "audio_vector": []}
+    variant = FUSION_VARIANTS[model.config.fusion]
+    columns = ["embedding"] + [name for name, runs in (("text_vector", variant.text),
+                                                      ("audio_vector", variant.audio)) if streams and runs]
+    ids, out = [], {name: [] for name in columns}
     for start in range(0, len(good), batch_size):
         chunk = good[start:start + batch_size]
         batch = collate(chunk, max_frames=max_frames, pad_token_id=model.config.pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        fused, _ = model.embed(batch["input_ids"], batch["attention_mask"], batch["frames"],
-                               batch["frame_mask"])
-        out["id"] += [r["id"] for r in chunk]
-        out["embedding"] += list(fused.float().cpu().numpy())
-        if streams:  # mean of each stream's final states (cross-attended audio)
-            text, audio = model.encode(batch["input_ids"], batch["attention_mask"], batch["frames"],
-                                       batch["frame_mask"])
-            out["text_vector"] += list(masked_mean(text, batch["attention_mask"]).float().cpu().numpy())
-            out["audio_vector"] += list(masked_mean(audio, batch["frame_mask"]).float().cpu().numpy())
+        text, audio = model.stream_states(batch["input_ids"], batch["attention_mask"], batch["frames"],
+                                          batch["frame_mask"])
+        fused, _ = model.fusion(text, batch["attention_mask"], audio, batch["frame_mask"])  # = model.embed
+        vectors = {"embedding": fused}
+        if text is not None:
+            vectors["text_vector"] = masked_mean(text, batch["attention_mask"])
+        if audio is not None:
+            vectors["audio_vector"] = masked_mean(audio, batch["frame_mask"])
+        ids += [r["id"] for r in chunk]
+        for name in columns:
+            out[name] += list(vectors[name].float().cpu().numpy())
     H = model.config.hidden_size
     vec = lambda xs: pa.array([np.asarray(x, np.float32) for x in xs], pa.list_(pa.float32(), H))
-    cols = {"id": pa.array(out["id"], pa.string()), "embedding": vec(out["embedding"])}
-    if streams:
-        cols.update(text_vector=vec(out["text_vector"]), audio_vector=vec(out["audio_vector"]))
-    return pa.table(cols), bad
+    return pa.table({"id": pa.array(ids, pa.string()), **{name: vec(out[name]) for name in columns}}), bad
 
 
 def load_for_embedding(checkpoint: str | Path, tokenizer: Optional[str | Path] = None):

@@ -114,10 +114,3 @@ def model_frames(fbank80):
     """
     return normalize_utterance(add_deltas(fbank80))
 
-
-def n_frames(n_samples: int, sample_rate: int, frame_length_ms: float = 25.0,
-             frame_shift_ms: float = 10.0) -> int:
-    """Frame count Kaldi's snip_edges gives for `n_samples` at `sample_rate` (0 if shorter than a window)."""
-    window = int(sample_rate * frame_length_ms / 1000)
-    shift = int(sample_rate * frame_shift_ms / 1000)
-    return 0 if n_samples < window else 1 + (n_samples - window) // shift

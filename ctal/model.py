@@ -16,7 +16,6 @@ Differences from the released code, on purpose:
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -29,7 +28,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
-from .config import FUSION_VARIANTS, ModelConfig
+from .config import ModelConfig
 
 # Fields that change parameter shapes or which parameters exist: a checkpoint must agree on all of them.
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_text_layers", "num_audio_layers",
@@ -434,15 +433,69 @@ def masked_mean(x, mask):
     return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-# Which pools each variant pairs up: [(text pool, audio pool), ...]; None = that stream is not used.
-FUSION_POOLS = {
-    "ctal": [("first", "attention"), ("max", "max")],
-    "first_token": [("first", "first")],
-    "mean_pool": [("mean", "mean")],
-    "late_concat": [("first", "attention"), ("max", "max")],
-    "text_only": [("first", None), ("max", None)],
-    "audio_only": [(None, "attention"), (None, "max")],
-}
+POOLS = ("first", "max", "mean", "attention")
+
+
+@dataclass(frozen=True)
+class FusionVariant:
+    """What one fusion variant computes; `FUSION_VARIANTS` below is the only place variants are defined.
+
+    pairs: one (text pool, audio pool) per part of z; None where that stream is not pooled.
+    text, audio: which streams run. cross_attention: the audio stream attends to the final text states.
+    combine: "sum" puts tanh(W·t) + tanh(W·a) of a matched pair in one part (the paper); "concat" puts
+    them side by side, so a matched pair takes two parts of z.
+    """
+    name: str
+    pairs: tuple[tuple[Optional[str], Optional[str]], ...]
+    text: bool
+    audio: bool
+    cross_attention: bool
+    combine: str = "sum"
+
+    def __post_init__(self):
+        pools = [p for pair in self.pairs for p in pair if p is not None]
+        problems = [f"unknown pool {p!r} (known: {', '.join(POOLS)})" for p in pools if p not in POOLS]
+        if self.combine not in ("sum", "concat"):
+            problems.append(f"combine={self.combine!r} is neither 'sum' nor 'concat'")
+        if any(t is None and a is None for t, a in self.pairs) or not self.pairs:
+            problems.append("every pair needs a text or an audio pool")
+        if self.cross_attention and not (self.text and self.audio):
+            problems.append("cross-attention needs both streams")
+        # a stream runs exactly when something reads it: its pools, or the audio's cross-attention
+        for stream, runs, read in (("text", self.text, bool(self.text_pools) or self.cross_attention),
+                                   ("audio", self.audio, bool(self.audio_pools))):
+            if runs != read:
+                problems.append(f"{stream}={runs}, but " + ("no pool or cross-attention reads that stream"
+                                                            if runs else "a pool or cross-attention reads it"))
+        if problems:
+            raise ValueError(f"fusion variant {self.name!r}: {'; '.join(problems)}")
+
+    @property
+    def text_pools(self) -> list[str]:
+        return sorted({t for t, _ in self.pairs if t})
+
+    @property
+    def audio_pools(self) -> list[str]:
+        return sorted({a for _, a in self.pairs if a})
+
+    def fused_width(self, hidden_size: int) -> int:
+        """Width of z, the concatenated parts the fusion's dense layer reads."""
+        matched = sum(1 for t, a in self.pairs if t and a)
+        return (len(self.pairs) + (matched if self.combine == "concat" else 0)) * hidden_size
+
+
+FUSION_VARIANTS: dict[str, FusionVariant] = {v.name: v for v in (
+    FusionVariant("ctal", (("first", "attention"), ("max", "max")),
+                  text=True, audio=True, cross_attention=True),
+    FusionVariant("first_token", (("first", "first"),), text=True, audio=True, cross_attention=True),
+    FusionVariant("mean_pool", (("mean", "mean"),), text=True, audio=True, cross_attention=True),
+    # the baseline without a cross-modal layer: the unimodal pooled vectors side by side
+    FusionVariant("late_concat", (("first", "attention"), ("max", "max")),
+                  text=True, audio=True, cross_attention=False, combine="concat"),
+    FusionVariant("text_only", (("first", None), ("max", None)), text=True, audio=False, cross_attention=False),
+    FusionVariant("audio_only", ((None, "attention"), (None, "max")),
+                  text=False, audio=True, cross_attention=False),
+)}
 
 
 def lecun_normal_(linear: nn.Linear) -> None:
@@ -454,23 +507,19 @@ def lecun_normal_(linear: nn.Linear) -> None:
 class Fusion(nn.Module):
     """z = [tanh(W·text_pool_i) + tanh(W·audio_pool_i)]_i → Linear + tanh (paper, `ctal`).
 
-    `late_concat` concatenates the four pooled unimodal vectors instead of summing pairs and its audio
-    stream runs without cross-attention; `text_only` / `audio_only` use one stream.
+    The variant's row in FUSION_VARIANTS says which pools pair up and how a pair combines.
     """
 
     def __init__(self, cfg: CTALConfig):
         super().__init__()
         H = cfg.hidden_size
-        self.variant = cfg.fusion
-        self.pairs = FUSION_POOLS[cfg.fusion]
-        text_pools = sorted({t for t, _ in self.pairs if t})
-        audio_pools = sorted({a for _, a in self.pairs if a})
-        self.text_proj = nn.ModuleDict({p: nn.Linear(H, H) for p in text_pools})
-        self.audio_proj = nn.ModuleDict({p: nn.Linear(H, H) for p in audio_pools})
-        if "attention" in audio_pools:
+        self.variant = FUSION_VARIANTS[cfg.fusion]
+        # creation order fixes the init's random draws: keep text, audio, attention pool, dense
+        self.text_proj = nn.ModuleDict({p: nn.Linear(H, H) for p in self.variant.text_pools})
+        self.audio_proj = nn.ModuleDict({p: nn.Linear(H, H) for p in self.variant.audio_pools})
+        if "attention" in self.variant.audio_pools:
             self.attention_pool = nn.Linear(H, 1)  # scores frames for the attention pool
-        n_parts = 2 * len(self.pairs) if cfg.fusion == "late_concat" else len(self.pairs)
-        self.dense = nn.Linear(n_parts * H, H)
+        self.dense = nn.Linear(self.variant.fused_width(H), H)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
     def reset_parameters(self):
@@ -498,12 +547,12 @@ class Fusion(nn.Module):
     def forward(self, text, text_mask, audio, audio_mask):
         """Returns (fused (B, H), orthogonality loss: mean |cos| of matched text/audio vectors)."""
         parts, cosines = [], []
-        for t_pool, a_pool in self.pairs:
+        for t_pool, a_pool in self.variant.pairs:
             t = torch.tanh(self.text_proj[t_pool](self.pool(t_pool, text, text_mask))) if t_pool else None
             a = torch.tanh(self.audio_proj[a_pool](self.pool(a_pool, audio, audio_mask))) if a_pool else None
             if t is not None and a is not None:
                 cosines.append(F.cosine_similarity(t, a, dim=-1, eps=1e-6).abs())  # each side's own norm
-                parts += [t, a] if self.variant == "late_concat" else [t + a]
+                parts += [t, a] if self.variant.combine == "concat" else [t + a]
             else:
                 parts.append(t if t is not None else a)
         fused = torch.tanh(self.dense(self.dropout(torch.cat(parts, dim=-1))))
@@ -535,14 +584,19 @@ class CTALForSequenceClassification(CTALPreTrainedModel):
         self.fusion.reset_parameters()
         lecun_normal_(self.classifier)
 
+    def stream_states(self, input_ids, attention_mask, frames, frame_mask):
+        """Final (text, audio) states of the streams the fusion variant runs, None for one it does not."""
+        variant = self.fusion.variant
+        text = self.text(input_ids, attention_mask) if variant.text else None  # (B, L, H)
+        audio = None
+        if variant.audio:
+            context = text if variant.cross_attention else None
+            audio = self.audio(frames, frame_mask, context, attention_mask)  # (B, T, H)
+        return text, audio
+
     def embed(self, input_ids, attention_mask, frames, frame_mask):
         """Fused vector and orthogonality loss for a batch."""
-        variant = self.config.fusion
-        text = self.text(input_ids, attention_mask) if variant != "audio_only" else None
-        audio = None
-        if variant != "text_only":
-            cross = variant not in ("late_concat", "audio_only")
-            audio = self.audio(frames, frame_mask, text if cross else None, attention_mask)
+        text, audio = self.stream_states(input_ids, attention_mask, frames, frame_mask)
         return self.fusion(text, attention_mask, audio, frame_mask)
 
     def forward(self, input_ids, attention_mask, frames, frame_mask, labels=None):

@@ -3,7 +3,9 @@
     python pipelines/embed.py --checkpoint DIR --manifest FILE.csv --out FILE.parquet [--streams]
 
 The manifest is the generic CSV/TSV one (audio_path, text, optional id/speaker/label/split). Bad rows
-are listed (and written to FILE.bad.csv) but do not stop the run.
+are listed (and written to FILE.bad.csv) but do not stop the run. --streams adds the mean final state
+of each stream the checkpoint's fusion variant runs, on its own path (text_vector unless audio_only;
+audio_vector unless text_only, without cross-attention for late_concat and audio_only).
 """
 import argparse
 import sys
@@ -25,7 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", help="tokenizer dir (default: the one saved with the checkpoint)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--streams", action="store_true", help="also write per-stream vectors")
+    p.add_argument("--streams", action="store_true",
+                   help="also write the mean final state of each stream the fusion variant runs")
     args = p.parse_args(argv)
     try:
         rows = read_manifest(args.manifest)

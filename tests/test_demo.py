@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipelines.demo import SIZES
+from ctal.demo import SIZES
 from pipelines.demo import main as demo_main
 
 VARIANTS = SIZES["quick"]["variants"]

@@ -1,5 +1,6 @@
 """CTAL model: HF parity of the text stream, padding invariance, cross-modality, heads, checkpoints."""
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -8,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
-from ctal.config import FUSION_VARIANTS
-from ctal.model import (CTALConfig, CTALForPretraining, CTALForSequenceClassification,
-                        text_config_from_hf)
+from ctal.model import (FUSION_VARIANTS, CTALConfig, CTALForPretraining, CTALForSequenceClassification,
+                        FusionVariant, text_config_from_hf)
 
 NARROW = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=50,
               num_text_layers=2, num_audio_layers=2, max_position_embeddings=40,
@@ -180,6 +180,78 @@ def test_orthogonality_loss_is_mean_abs_cosine_with_each_sides_norm():
             a = torch.tanh(fusion.audio_proj[a_pool](fusion.pool(a_pool, audio, fmask))).numpy()
             ref.append(np.abs((t * a).sum(-1) / (np.linalg.norm(t, axis=-1) * np.linalg.norm(a, axis=-1))))
     assert abs(float(ortho) - float(np.mean(ref))) < 1e-5
+
+
+def fused_by_hand(model, fusion, ids, tmask, frames, fmask):
+    """Each variant's fused vector and orthogonality loss written out from its definition (DESIGN.md),
+    reading only the weights: an independent check of the table-driven Fusion."""
+    P = dict(model.named_parameters())
+    lin = lambda name, x: x @ P[f"fusion.{name}.weight"].T + P[f"fusion.{name}.bias"]
+    cross = fusion not in ("late_concat", "audio_only")  # late_concat: pooled unimodal vectors
+    text, audio = model.encode(ids, tmask, frames, fmask, cross=cross)
+
+    def pool(kind, x, mask):
+        m = mask.bool()[..., None]
+        if kind == "first":
+            return x[:, 0]
+        if kind == "max":
+            return x.masked_fill(~m, -1e30).amax(1)
+        if kind == "mean":
+            return (x * m).sum(1) / m.sum(1)
+        scores = lin("attention_pool", x).masked_fill(~m, -float("inf"))  # (B, T, 1)
+        return (scores.softmax(1) * x).sum(1)
+
+    T = lambda kind: torch.tanh(lin(f"text_proj.{kind}", pool(kind, text, tmask)))
+    A = lambda kind: torch.tanh(lin(f"audio_proj.{kind}", pool(kind, audio, fmask)))
+    pairs = []
+    if fusion in ("ctal", "late_concat"):
+        pairs = [(T("first"), A("attention")), (T("max"), A("max"))]
+    elif fusion in ("first_token", "mean_pool"):
+        kind = fusion.split("_")[0]
+        pairs = [(T(kind), A(kind))]
+    if fusion == "text_only":
+        z = [T("first"), T("max")]
+    elif fusion == "audio_only":
+        z = [A("attention"), A("max")]
+    elif fusion == "late_concat":
+        z = [pairs[0][0], pairs[0][1], pairs[1][0], pairs[1][1]]
+    else:
+        z = [t + a for t, a in pairs]
+    cos = [(t * a).sum(-1).abs() / (t.norm(dim=-1) * a.norm(dim=-1)) for t, a in pairs]
+    ortho = torch.stack(cos).mean() if cos else torch.zeros(())
+    return torch.tanh(lin("dense", torch.cat(z, -1))), ortho
+
+
+@pytest.mark.parametrize("fusion", FUSION_VARIANTS)
+def test_every_fusion_variant_computes_its_definition(fusion):
+    torch.manual_seed(0)
+    model = CTALForSequenceClassification(CTALConfig(**NARROW, fusion=fusion, num_labels=3)).eval()
+    ids, tmask, frames, fmask = batch(B=3, text_lens=[9, 4, 6], frame_lens=[60, 25, 41], seed=1)
+    with torch.no_grad():
+        out = model(ids, tmask, frames, fmask)
+        fused, ortho = fused_by_hand(model, fusion, ids, tmask, frames, fmask)
+    assert torch.allclose(out.embedding, fused, atol=1e-6)
+    assert torch.allclose(out.orthogonality_loss, ortho, atol=1e-6)
+    assert model.fusion.dense.in_features == FUSION_VARIANTS[fusion].fused_width(NARROW["hidden_size"])
+
+
+def test_config_allows_exactly_the_tables_fusion_variants():
+    from ctal.config import ConfigError, PretrainConfig, load_config
+    for name in FUSION_VARIANTS:
+        assert load_config(PretrainConfig, [], [f"model.fusion={name}"]).model.fusion == name
+    with pytest.raises(ConfigError, match=re.escape(f"model.fusion: 'concat' is not one of {list(FUSION_VARIANTS)}")):
+        load_config(PretrainConfig, [], ["model.fusion=concat"])
+
+
+def test_an_inconsistent_fusion_variant_is_refused():
+    with pytest.raises(ValueError, match="audio=False, but a pool or cross-attention reads it"):
+        FusionVariant("bad", (("first", "max"),), text=True, audio=False, cross_attention=False)
+    with pytest.raises(ValueError, match="text=True, but no pool or cross-attention reads that stream"):
+        FusionVariant("bad", ((None, "max"),), text=True, audio=True, cross_attention=False)
+    with pytest.raises(ValueError, match="cross-attention needs both streams"):
+        FusionVariant("bad", ((None, "max"),), text=False, audio=True, cross_attention=True)
+    with pytest.raises(ValueError, match="unknown pool 'median'"):
+        FusionVariant("bad", (("median", None),), text=True, audio=False, cross_attention=False)
 
 
 def test_pretraining_loss_parts_and_tied_decoder():

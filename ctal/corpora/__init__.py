@@ -11,7 +11,7 @@ from .iemocap import EMOTION_CLASSES, read_iemocap
 from .librispeech import read_librispeech
 from .manifest import read_manifest
 from .mosei import read_mosei
-from .trials import make_trials, read_trials, write_trials
+from .trials import make_trials
 
 READERS = {
     "librispeech": read_librispeech,
@@ -31,5 +31,4 @@ def read_corpus(name: str, root, **kw) -> list[dict]:
 __all__ = [
     "CorpusLayoutError", "EMOTION_CLASSES", "MISSING_TRANSCRIPT", "NON_UTF8_TRANSCRIPT", "READERS", "ROW_KEYS",
     "make_trials", "read_corpus", "read_iemocap", "read_librispeech", "read_manifest", "read_mosei",
-    "read_trials", "write_trials",
 ]

@@ -1,38 +1,16 @@
-"""Speaker-verification trial lists in VoxCeleb's format: one "<label> <a> <b>" per line, label 1 for
-same speaker (target), 0 for different (non-target).
+"""Speaker-verification trials as VoxCeleb lists them, (label, a, b): label 1 for the same speaker
+(target), 0 for different (non-target).
 
-`make_trials` writes utterance ids (the Parquet `id`) in the two path fields, which is what the
-evaluation looks embeddings up by; VoxCeleb's own lists hold relative wav paths instead.
+`make_trials` puts utterance ids (the Parquet `id`) where VoxCeleb's lists hold relative wav paths:
+the evaluation looks embeddings up by id.
 """
 
 from __future__ import annotations
 
 import random
 from collections import defaultdict
-from pathlib import Path
 
 Trial = tuple[int, str, str]
-
-
-def read_trials(path) -> list[Trial]:
-    trials = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) != 3 or parts[0] not in ("0", "1"):
-            raise ValueError(f"{path}:{n}: expected '<0|1> <path> <path>', got {line!r}")
-        trials.append((int(parts[0]), parts[1], parts[2]))
-    return trials
-
-
-def write_trials(path, trials) -> None:
-    lines = []
-    for label, a, b in trials:
-        if label not in (0, 1) or any(not s or any(c.isspace() for c in s) for s in (a, b)):
-            raise ValueError(f"cannot write trial {(label, a, b)!r}: label must be 0/1, paths non-empty without spaces")
-        lines.append(f"{int(label)} {a} {b}\n")
-    Path(path).write_text("".join(lines), encoding="utf-8")
 
 
 def make_trials(rows, n_pairs: int, seed: int) -> list[Trial]:
