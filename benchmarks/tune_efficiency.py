@@ -27,9 +27,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ctal.config import FinetuneConfig, load_config
+from ctal.config import FinetuneConfig, SweepConfig, load_config
 from ctal.data import FBANK_DIM, PARQUET_SCHEMA, REPORT_FILE
-from ctal.distributed.tune import SweepOptions, parse_search_space, run_sweep
+from ctal.distributed.tune import run_sweep
+from ctal.search_space import parse_search_space
 from ctal.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,8 +96,8 @@ def main(argv=None) -> int:
     runs = {}
     for scheduler in ("fifo", "asha"):
         t0 = time.perf_counter()
-        r = run_sweep(cfg, space, SweepOptions(search="grid", scheduler=scheduler, storage=str(work / "sweeps"),
-                                               name=f"{scheduler}-{int(time.time())}", verbose=0))
+        r = run_sweep(cfg, space, SweepConfig(search="grid", scheduler=scheduler, storage=str(work / "sweeps"),
+                                              name=f"{scheduler}-{int(time.time())}", verbose=0))
         runs[scheduler] = (r, time.perf_counter() - t0)
 
     fifo_epochs = runs["fifo"][0].table["epochs_run"].sum()

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     from ctal.data import train_transcript_tokenizer
     from ctal.distributed.preprocess import run_preprocess
     from ctal.distributed.train import pretrain
-    from ctal.distributed.tune import SweepOptions, parse_search_space, run_sweep
+    from ctal.distributed.tune import SweepConfig, parse_search_space, run_sweep
     from ctal.finetune import TaskData, evaluate
     from ctal.report import markdown_table, write_report
     from ctal.train import read_metrics
@@ -137,8 +137,8 @@ def main(argv=None) -> int:
         space["fusion"]["choice"] = [v for v in space["fusion"]["choice"] if v in size["variants"]]
         space["seed"]["choice"] = space["seed"]["choice"][:size["restarts"]]
         space = parse_search_space(space, "search_spaces/demo.yaml")
-        opts = SweepOptions(search="grid", scheduler="fifo", storage=str(out), name="sweep",
-                            max_concurrent=2, cpus_per_trial=1.0, verbose=0)
+        opts = SweepConfig(search="grid", scheduler="fifo", storage=str(out), name="sweep",
+                           max_concurrent=2, cpus_per_trial=1.0, verbose=0)
         result = run_sweep(cfg, space, opts, data=task_data)
         sweep = done(out, "sweep", {
             "checkpoints": {f: str(c) for f, c in result.best_per_fusion().items()},
