@@ -74,24 +74,21 @@ def parse_search_space(data: Any, source: str = "search space") -> SearchSpace:
     """Validate a search-space mapping: names, distributions, bounds and every value's type."""
     if not isinstance(data, dict) or not data:
         raise ConfigError(f"{source}: expected a non-empty mapping of parameter → distribution")
-    unknown = [k for k in data if k not in PARAMETERS]
+    unknown = ", ".join(repr(k) for k in data if k not in PARAMETERS)
     if unknown:
-        raise ConfigError(f"{source}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
-                          f"allowed: {', '.join(PARAMETERS)}")
-    params = {}
-    for name, spec in data.items():
-        where = f"{source}: {name}"
-        p = _parse_param(name, spec, where)
+        raise ConfigError(f"{source}: unknown parameter(s) {unknown}; allowed: {', '.join(PARAMETERS)}")
+    params = {name: _param(name, spec, f"{source}: {name}") for name, spec in data.items()}
+    for p in params.values():
         for value in _candidates(p):  # every value the config could receive must fit its field
             try:
-                apply_params(FinetuneConfig(), {name: value})
+                apply_params(FinetuneConfig(), {p.name: value})
             except ConfigError as e:
-                raise ConfigError(f"{where}: {e}") from None
-        params[name] = p
+                raise ConfigError(f"{source}: {p.name}: {e}") from None
     return SearchSpace(params, copy.deepcopy(data))
 
 
-def _parse_param(name: str, spec: Any, where: str) -> Param:
+def _param(name: str, spec: Any, where: str) -> Param:
+    """One entry: a constant, or one distribution and its optional grid."""
     if not isinstance(spec, dict):
         return Param(name, None, (spec,))
     dists = [k for k in spec if k in DISTRIBUTIONS]
