@@ -12,7 +12,6 @@ most 1.05x slower), then padding efficiency of random vs length-bucketed batches
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics

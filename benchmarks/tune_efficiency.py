@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ctal.config import FinetuneConfig, load_config
+from ctal.config import FinetuneConfig, SweepConfig, load_config
 from ctal.data import FBANK_DIM, TOKENIZER_DIR, write_dataset
-from ctal.distributed.tune import SweepOptions, parse_search_space, run_sweep
+from ctal.distributed.tune import run_sweep
+from ctal.search_space import parse_search_space
 from ctal.tasks import get_task
 from ctal.tokenizer import train_bpe_tokenizer
 
@@ -90,8 +91,8 @@ def main(argv=None) -> int:
     runs = {}
     for scheduler in ("fifo", "asha"):
         t0 = time.perf_counter()
-        r = run_sweep(cfg, space, SweepOptions(search="grid", scheduler=scheduler, storage=str(work / "sweeps"),
-                                               name=f"{scheduler}-{int(time.time())}", verbose=0))
+        r = run_sweep(cfg, space, SweepConfig(search="grid", scheduler=scheduler, storage=str(work / "sweeps"),
+                                              name=f"{scheduler}-{int(time.time())}", verbose=0))
         runs[scheduler] = (r, time.perf_counter() - t0)
 
     fifo_epochs = runs["fifo"][0].table["epochs_run"].sum()

@@ -143,6 +143,25 @@ class FinetuneConfig:
     bf16: bool = True  # autocast on GPU only
 
 
+@dataclass
+class SweepConfig:
+    """A Ray Tune sweep of fine-tuning (configs/sweep.yaml); ranges and the fit with the search space
+    are checked by ``ctal.search_space.check_sweep``."""
+    search: Literal["optuna", "random", "grid"] = "optuna"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    num_samples: Optional[int] = None  # None: 1 for grid (Ray repeats the grid this often), else 8
+    gpus_per_trial: float = 0.0  # fractions share a GPU
+    cpus_per_trial: float = 1.0
+    workers_per_trial: int = 1  # > 1: a TorchTrainer (DDP) inside each trial
+    max_concurrent: Optional[int] = None
+    storage: str = "runs/tune"  # a directory or a URI (s3://, gs://, file://)
+    name: Optional[str] = None  # default: ctal-<task>
+    grace_period: int = 1  # ASHA: epochs before the first cut
+    reduction_factor: int = 3  # ASHA: keep the best 1/rf at each rung
+    seed: int = 0  # of the search algorithm (a trial's own seed is FinetuneConfig.seed)
+    verbose: int = 1  # Tune's console verbosity, 0..3
+
+
 # --------------------------------------------------------------------------------------------------
 # loading and validation
 

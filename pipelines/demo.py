@@ -52,7 +52,9 @@ def main(argv=None) -> int:
     from ctal.data import train_transcript_tokenizer
     from ctal.distributed.preprocess import run_preprocess
     from ctal.distributed.train import pretrain
-    from ctal.distributed.tune import SweepOptions, parse_search_space, run_sweep
+    from ctal.config import SweepConfig
+    from ctal.distributed.tune import run_sweep
+    from ctal.search_space import parse_search_space
     from ctal.finetune import TaskData
     from ctal.train import read_metrics
 
@@ -100,8 +102,8 @@ def main(argv=None) -> int:
                            f"epochs={size['epochs']}", f"seed={args.seed}"])
         space = restrict_space(yaml.safe_load((ROOT / "search_spaces" / "demo.yaml").read_text()), size)
         space = parse_search_space(space, "search_spaces/demo.yaml")
-        opts = SweepOptions(search="grid", scheduler="fifo", storage=str(out), name="sweep",
-                            max_concurrent=2, cpus_per_trial=1.0, verbose=0)
+        opts = SweepConfig(search="grid", scheduler="fifo", storage=str(out), name="sweep",
+                           max_concurrent=2, cpus_per_trial=1.0, verbose=0)
         result = run_sweep(cfg, space, opts, data=task_data)
         sweep = done(out, "sweep", {
             "checkpoints": {f: str(c) for f, c in result.best_per_fusion().items()},

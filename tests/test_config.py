@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from ctal.config import (ConfigError, DataConfig, FinetuneConfig, PretrainConfig, load_config,
+from ctal.config import (ConfigError, DataConfig, FinetuneConfig, PretrainConfig, SweepConfig, load_config,
                          parse_overrides)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -64,3 +64,26 @@ def test_override_syntax_errors():
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["lr"])
     assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+
+
+def test_sweep_settings_load_from_yaml_with_overrides(tmp_path):
+    assert load_config(SweepConfig, [CONFIGS / "sweep.yaml"]) == SweepConfig()  # the file states the defaults
+    mine = tmp_path / "gpu.yaml"
+    mine.write_text("gpus_per_trial: 0.5\nscheduler: fifo\nmax_concurrent: 4\n")
+    sweep = load_config(SweepConfig, [CONFIGS / "sweep.yaml", mine],
+                        ["search=grid", "max_concurrent=2", "storage=s3://bucket/tune", "num_samples=3"])
+    assert (sweep.search, sweep.scheduler, sweep.max_concurrent, sweep.num_samples) == ("grid", "fifo", 2, 3)
+    assert sweep.gpus_per_trial == 0.5 and sweep.storage == "s3://bucket/tune" and sweep.name is None
+
+
+@pytest.mark.parametrize("override,message", [
+    ("search=bayes", r"search: 'bayes' is not one of \['optuna', 'random', 'grid'\]"),
+    ("scheduler=hyperband", r"scheduler: 'hyperband' is not one of \['asha', 'fifo'\]"),
+    ("num_samples=many", "num_samples: expected an integer"),
+    ("cpus_per_trial=lots", "cpus_per_trial: expected a number"),
+    ("grace_period=1.5", "grace_period: expected an integer"),
+    ("num_sample=4", r"unknown config key 'num_sample'.*num_samples"),
+])
+def test_bad_sweep_settings_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(SweepConfig, [CONFIGS / "sweep.yaml"], [override])

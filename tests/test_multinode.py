@@ -225,15 +225,16 @@ def _node_loss(root: Path, cluster, nodes: dict) -> tuple[dict, list[str]]:
 
 def _tune(root: Path, nodes: list[str]) -> dict:
     from ctal import storage
-    from ctal.config import FinetuneConfig, load_config
-    from ctal.distributed.tune import SweepOptions, parse_search_space, run_sweep
+    from ctal.config import FinetuneConfig, SweepConfig, load_config
+    from ctal.distributed.tune import run_sweep
+    from ctal.search_space import parse_search_space
 
     cfg = load_config(FinetuneConfig, [REPO / "configs/finetune.yaml"],
                       [*NARROW, "task=sentiment", f"data=file://{root}/tune_data", "epochs=1", "batch_size=8",
                        "lr=1e-3", "max_frames=80"])
     space = parse_search_space({"lr": {"choice": [1e-3, 3e-3]}, "fusion": "ctal"})
-    opts = SweepOptions(search="grid", scheduler="fifo", cpus_per_trial=1, storage=f"file://{root}/tune",
-                        name="spread", verbose=0)
+    opts = SweepConfig(search="grid", scheduler="fifo", cpus_per_trial=1, storage=f"file://{root}/tune",
+                       name="spread", verbose=0)
     before = set(_actors("ImplicitFunc"))  # Tune's actor class for a function trainable
     result = run_sweep(cfg, space, opts)
     trials = {a: i for a, i in _actors("ImplicitFunc").items() if a not in before}

@@ -185,14 +185,15 @@ def test_preprocessing_into_a_file_uri_gives_a_data_set_pretraining_reads(manife
 def test_a_sweep_in_a_file_uri_publishes_its_results_there_and_resumes(tmp_path, ray_local, monkeypatch, capsys):
     from tiny_data import write_tiny_dataset
 
-    from ctal.config import FinetuneConfig
-    from ctal.distributed.tune import SweepOptions, parse_search_space, run_sweep
+    from ctal.config import FinetuneConfig, SweepConfig
+    from ctal.distributed.tune import run_sweep
+    from ctal.search_space import parse_search_space
 
     monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
     data = write_tiny_dataset(tmp_path / "data", n=24, splits=("train", "dev", "test"))
     cfg = load_config(FinetuneConfig, [REPO / "configs/finetune.yaml"],
                       [*NARROW, "task=sentiment", f"data=file://{data}", "epochs=1", "batch_size=8", "max_frames=80"])
-    opts = SweepOptions(search="grid", scheduler="fifo", storage=f"file://{tmp_path}/tune", name="s", verbose=0)
+    opts = SweepConfig(search="grid", scheduler="fifo", storage=f"file://{tmp_path}/tune", name="s", verbose=0)
     result = run_sweep(cfg, parse_search_space({"lr": 1e-3}), opts)
     exp = f"file://{tmp_path}/tune/s"
     assert result.experiment == exp and result.best_checkpoint == f"{exp}/best_checkpoint"

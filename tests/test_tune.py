@@ -1,6 +1,7 @@
 """Ray Tune sweeps end to end on synthetic corpora (eSpeak NG → preprocess → Parquet), one local Ray.
 
-Search-space validation, a tiny sweep per task, a crashing trial, a sweep whose driver is killed and
+Search-space and sweep-setting validation (before Ray starts, also through the recipe), the results
+table without Ray, a tiny sweep per task, a crashing trial, a sweep whose driver is killed and
 resumed, the best checkpoint loading and re-evaluating to its dev metric, and exact resume of the
 fine-tuning loop itself.
 """
@@ -17,12 +18,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ctal.config import ConfigError, DataConfig, FinetuneConfig, load_config
+from ctal.config import ConfigError, DataConfig, FinetuneConfig, SweepConfig, load_config
 from ctal.corpora.synthetic import synthesize
-from ctal.distributed.tune import (PARAMETERS, SweepOptions, load_search_space, load_sweep,
-                                   parse_search_space, run_sweep)
+from ctal.distributed.tune import SWEEP_FILE, load_sweep, run_sweep
 from ctal.finetune import TaskData, evaluate, finetune, fold_dirs
 from ctal.model import CTALForSequenceClassification
+from ctal.report import trial_row, write_results
+from ctal.search_space import PARAMETERS, check_sweep, load_search_space, parse_search_space
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = {"emotion": "iemocap", "sentiment": "mosei", "speaker": "librispeech"}
@@ -76,10 +78,116 @@ def test_search_space_errors_name_the_parameter(spec, message):
 
 def test_grid_search_needs_finite_values():
     space = parse_search_space({"lr": {"loguniform": [1e-5, 1e-3]}, "fusion": {"choice": ["ctal"]}})
-    with pytest.raises(ConfigError, match="--search grid needs a finite set for lr"):
-        space.check("grid")
-    space.check("optuna")
-    parse_search_space({"lr": {"loguniform": [1e-5, 1e-3], "grid": [1e-5, 1e-4]}}).check("grid")
+    with pytest.raises(ConfigError, match="search=grid needs a finite set for lr"):
+        check_sweep(FinetuneConfig(), space, SweepConfig(search="grid"))
+    check_sweep(FinetuneConfig(), space, SweepConfig(search="optuna"))
+    check_sweep(FinetuneConfig(), parse_search_space({"lr": {"loguniform": [1e-5, 1e-3], "grid": [1e-5, 1e-4]}}),
+                SweepConfig(search="grid"))
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"num_samples": 0}, "num_samples must be >= 1, got 0"),
+    ({"cpus_per_trial": 0.0}, "cpus_per_trial must be > 0"),
+    ({"gpus_per_trial": -1.0}, "gpus_per_trial must be >= 0"),
+    ({"workers_per_trial": 0}, "workers_per_trial must be >= 1"),
+    ({"max_concurrent": 0}, "max_concurrent must be >= 1"),
+    ({"reduction_factor": 1}, "reduction_factor must be >= 2"),
+    ({"verbose": 4}, "verbose must be 0..3"),
+    ({"grace_period": 0}, "grace_period must be >= 1"),
+    ({"grace_period": 4}, "grace_period=4: ASHA needs it <= the most epochs a trial runs (3)"),
+])
+def test_sweep_settings_out_of_range_fail_naming_the_setting(settings, message):
+    space = parse_search_space({"epochs": {"choice": [2, 3]}})
+    with pytest.raises(ConfigError) as e:
+        check_sweep(FinetuneConfig(), space, SweepConfig(**settings))
+    assert message in str(e.value)
+    if "grace_period" in settings:  # FIFO has no rungs: any grace period is fine there
+        check_sweep(FinetuneConfig(), space, SweepConfig(scheduler="fifo", grace_period=4))
+
+
+def test_every_bad_sweep_setting_is_named_at_once():
+    with pytest.raises(ConfigError, match="num_samples must be >= 1.*; max_concurrent must be >= 1"):
+        check_sweep(FinetuneConfig(), parse_search_space({"lr": 1e-4}), SweepConfig(num_samples=0, max_concurrent=0))
+
+
+def test_search_space_and_report_import_without_ray():
+    code = "import sys, ctal.search_space, ctal.report; print(sorted({'ray', 'torch'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_sweep_json_of_an_older_version_still_loads(tmp_path):
+    """Sweeps started before SweepConfig stored their settings under "options"."""
+    (tmp_path / SWEEP_FILE).write_text(json.dumps({
+        "config": {"task": "emotion", "epochs": 2}, "space": {"fusion": {"choice": ["ctal", "text_only"]}},
+        "options": {"search": "grid", "scheduler": "fifo", "num_samples": None, "max_concurrent": 1,
+                    "storage": "runs/tune", "name": "old", "verbose": 1}}))
+    cfg, space, sweep = load_sweep(tmp_path)
+    assert cfg.task == "emotion" and cfg.epochs == 2 and set(space.params) == {"fusion"}
+    assert sweep == SweepConfig(search="grid", scheduler="fifo", max_concurrent=1, name="old")
+
+
+def test_results_table_sorts_trials_best_first_and_says_how_each_ended(tmp_path):
+    history = lambda maes: pd.DataFrame({"epoch": range(1, len(maes) + 1), "dev_mae": maes, "dev_corr": 0.5})
+    trials = [("a", {"fusion": "ctal", "lr": 1e-3}, history([0.9, 0.7, 0.8]), ""),
+              ("b", {"fusion": "text_only", "lr": 1e-4}, history([0.6]), ""),
+              ("c", {"fusion": "audio_only", "lr": 1e-2}, None, "ValueError: lr | too high")]
+    rows, bests = zip(*(trial_row(t, c, h, e, 3, "dev_mae", "min") for t, c, h, e in trials))
+    assert [b if b is None else int(b["epoch"]) for b in bests] == [2, 1, None]
+    curves = {"a": ("ctal", [1, 2, 3], [0.9, 0.7, 0.8])}
+    table, csv_path, md_path, plots = write_results(list(rows), curves, "dev_mae", "min", tmp_path)
+    assert list(table["trial"]) == ["b", "a", "c"]
+    assert list(table["status"]) == ["stopped early", "done", "error"]
+    assert list(table["best_epoch"].fillna(0)) == [1, 2, 0]
+    assert pd.read_csv(csv_path, dtype={"trial": str})["trial"].tolist() == ["b", "a", "c"]
+    md = md_path.read_text().splitlines()
+    assert md[0].startswith("| trial | status | fusion | lr |") and len(md) == 5
+    assert "| c | error | audio_only | 0.01 |" in md[4] and "lr \\| too high" in md[4]
+    assert {p.name for p in plots} == {"best_per_fusion.png", "learning_curves.png"}
+
+
+BEFORE_RAY = """
+import contextlib, importlib.util, io, json, sys
+import ray
+
+started = []
+ray.init = lambda *a, **k: (started.append(1), sys.exit(99))
+spec = importlib.util.spec_from_file_location("tune_finetune", sys.argv[1])
+recipe = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(recipe)
+out = []
+for argv in json.loads(sys.argv[2]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = recipe.main(argv)
+        except SystemExit as e:
+            code = e.code
+    out.append([code, err.getvalue(), bool(started) or ray.is_initialized()])
+print(json.dumps(out))
+"""
+
+
+def test_bad_sweep_settings_exit_2_naming_the_key_before_ray_starts(tmp_path):
+    from tiny_data import write_tiny_dataset
+
+    data = write_tiny_dataset(tmp_path / "data", n=24, splits=("train", "dev", "test"))
+    base = ["--task", "sentiment", "--data", str(data), "--storage", str(tmp_path / "runs")]
+    cases = {
+        "search: 'bogus' is not one of ['optuna', 'random', 'grid']": ["--search", "bogus"],
+        "workers_per_trial: expected an integer, got 1.5": ["--workers-per-trial", "1.5"],
+        "sweep settings: unknown config key 'grace_perod'": ["sweep.grace_perod=2"],
+        "num_samples must be >= 1, got 0": ["--num-samples", "0"],
+        "grace_period=3: ASHA needs it <= the most epochs a trial runs (2)": ["sweep.grace_period=3", "epochs=2"],
+    }
+    run = subprocess.run([sys.executable, "-c", BEFORE_RAY, str(ROOT / "pipelines" / "tune_finetune.py"),
+                          json.dumps([base + argv for argv in cases.values()])],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for message, (code, err, ray_started) in zip(cases, json.loads(run.stdout.splitlines()[-1])):
+        assert (code, ray_started) == (2, False), (message, err)
+        assert message in err
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("task", sorted(LAYOUTS))
@@ -134,7 +242,7 @@ def test_tiny_sweep_per_task_keeps_a_best_checkpoint_that_reevaluates_to_its_dev
     cfg = narrow_config(task, dataset(task))
     space = parse_search_space({"lr": {"loguniform": [3e-4, 3e-3]},
                                 "fusion": {"choice": ["ctal", "late_concat"]}})
-    result = run_sweep(cfg, space, SweepOptions(num_samples=2, storage=str(tmp_path), name=task, verbose=0))
+    result = run_sweep(cfg, space, SweepConfig(num_samples=2, storage=str(tmp_path), name=task, verbose=0))
 
     metric = {"emotion": "dev_ua", "sentiment": "dev_mae", "speaker": "dev_eer"}[task]
     table = result.table
@@ -164,8 +272,8 @@ def test_tiny_sweep_per_task_keeps_a_best_checkpoint_that_reevaluates_to_its_dev
 def test_a_crashing_trial_is_reported_and_the_sweep_goes_on(dataset, ray_local, tmp_path):
     cfg = narrow_config("sentiment", dataset("sentiment"))
     space = parse_search_space({"freeze_layers": {"choice": [0, 5]}})
-    result = run_sweep(cfg, space, SweepOptions(search="grid", scheduler="fifo", storage=str(tmp_path),
-                                                name="crash", verbose=0))
+    result = run_sweep(cfg, space, SweepConfig(search="grid", scheduler="fifo", storage=str(tmp_path),
+                                               name="crash", verbose=0))
     table = result.table.set_index("freeze_layers")
     assert table.loc[0, "status"] == "done" and table.loc[5, "status"] == "error"
     assert "freeze_layers=5, but the model has 1 text and 1 audio layers" in table.loc[5, "error"]
@@ -239,9 +347,9 @@ def test_a_sweep_killed_after_its_first_trial_resumes_without_rerunning_it(datas
 def test_a_trial_with_two_workers_runs_data_parallel(dataset, ray_local, tmp_path):
     cfg = narrow_config("sentiment", dataset("sentiment"))
     space = parse_search_space({"fusion": "text_only"})  # leaves the audio stream unused under DDP
-    result = run_sweep(cfg, space, SweepOptions(search="random", scheduler="fifo", num_samples=1,
-                                                workers_per_trial=2, storage=str(tmp_path), name="ddp",
-                                                verbose=0))
+    result = run_sweep(cfg, space, SweepConfig(search="random", scheduler="fifo", num_samples=1,
+                                               workers_per_trial=2, storage=str(tmp_path), name="ddp",
+                                               verbose=0))
     assert list(result.table["status"]) == ["done"]
     metrics, _ = evaluate(result.best_checkpoint, role="dev")
     assert metrics["mae"] == pytest.approx(result.best["dev_mae"], abs=1e-6)
