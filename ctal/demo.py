@@ -12,7 +12,7 @@ from pathlib import Path
 from .corpora.synthetic import synthesize
 from .finetune import TaskData, evaluate
 from .model import FUSION_VARIANTS
-from .report import markdown_table, write_report
+from .report import markdown_table, write_demo_report
 
 # The variants that read one stream: the demo's label needs both, so these show chance.
 UNIMODAL = tuple(name for name, v in FUSION_VARIANTS.items() if not (v.text and v.audio))
@@ -97,7 +97,7 @@ def demo_report(out: Path, size: dict, rows: list[dict], *, workers: int, wall_s
                f"Fine-tuning: {size['epochs']} epochs per fusion variant and seed ({size['restarts']} "
                "seed(s)); the checkpoint best on dev MAE is tested.",
                f"Total wall time: {wall_s:.0f} s."]
-    path = write_report(out, summary=summary, test_rows=rows, columns=columns, metric="acc2",
-                        pretrain_metrics=pretrain_metrics, sweep_table_md=sweep_table_md)
+    path = write_demo_report(out, summary=summary, test_rows=rows, columns=columns, metric="acc2",
+                             pretrain_metrics=pretrain_metrics, sweep_table_md=sweep_table_md, unimodal=UNIMODAL)
     print("\n" + markdown_table(rows, columns) + "\n")
     return path

@@ -12,7 +12,6 @@ import pandas as pd
 
 from ctal.search_space import PARAMETERS
 
-UNIMODAL = ("text_only", "audio_only")
 
 
 def markdown_table(rows: list[dict], columns: list[str], float_format: str = ".3f") -> str:
@@ -157,11 +156,12 @@ def describe(result: SweepResult, task) -> str:
 # the demo's report
 
 
-def plot_variants(rows: list[dict], metric: str, out: Path, chance: float | None = None) -> Path:
+def plot_variants(rows: list[dict], metric: str, out: Path, chance: float | None = None,
+                  unimodal: tuple = ()) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     names = [r["fusion"] for r in rows]
-    colors = ["tab:gray" if n in UNIMODAL else "tab:blue" for n in names]
+    colors = ["tab:gray" if n in unimodal else "tab:blue" for n in names]
     ax.bar(names, [r[metric] for r in rows], color=colors)
     if chance is not None:
         ax.axhline(chance, color="k", ls="--", lw=1, label="chance")
@@ -186,10 +186,12 @@ def plot_pretraining(metrics: dict[int, dict], out: Path) -> Path:
     return _save(fig, out)
 
 
-def write_report(out_dir: Path, *, summary: list[str], test_rows: list[dict], columns: list[str],
-                 metric: str, pretrain_metrics: dict[int, dict], sweep_table_md: str) -> Path:
+def write_demo_report(out_dir: Path, *, summary: list[str], test_rows: list[dict], columns: list[str],
+                      metric: str, pretrain_metrics: dict[int, dict], sweep_table_md: str,
+                      unimodal: tuple = ()) -> Path:
     out_dir = Path(out_dir)
-    bars = plot_variants(test_rows, metric, out_dir / "test_per_fusion.png", chance=0.5 if metric == "acc2" else None)
+    bars = plot_variants(test_rows, metric, out_dir / "test_per_fusion.png",
+                         chance=0.5 if metric == "acc2" else None, unimodal=unimodal)
     curve = plot_pretraining(pretrain_metrics, out_dir / "pretraining_loss.png")
     text = ["# ctal-ray demo report", "", *summary, "",
             "## Test metrics per fusion variant (best dev checkpoint of each)", "",
