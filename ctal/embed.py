@@ -11,19 +11,22 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from . import checkpoint as ctal_checkpoint
+from . import storage
 from .batching import collate
 from .config import DataConfig
 from .data import featurize_row
 from .model import CTALForSequenceClassification, masked_mean
-from .tokenizer import load_tokenizer
+from .tokenizer import TOKENIZER_FILES, load_tokenizer
 
 
 def find_tokenizer(checkpoint: str | Path, tokenizer: Optional[str | Path] = None) -> Path:
-    """The tokenizer saved with a checkpoint (``<ckpt>/tokenizer`` or the checkpoint dir itself)."""
-    for cand in ([tokenizer] if tokenizer else [Path(checkpoint) / "tokenizer", Path(checkpoint)]):
-        if (Path(cand) / "tokenizer.json").is_file() or (Path(cand) / "vocab.txt").is_file():
-            return Path(cand)
-    raise FileNotFoundError(f"no tokenizer in {checkpoint}; pass the data set's tokenizer dir")
+    """``tokenizer`` if given, else the tokenizer saved with a (local) checkpoint: its ``tokenizer/``,
+    or for one fold's model directory the ``tokenizer/`` of the checkpoint it belongs to."""
+    found = Path(tokenizer) if tokenizer else ctal_checkpoint.tokenizer_dir(checkpoint)
+    if found is None or not any((found / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"no tokenizer in {tokenizer or checkpoint}; pass the data set's tokenizer dir")
+    return found
 
 
 @torch.no_grad()
@@ -60,5 +63,14 @@ def embed_rows(model: CTALForSequenceClassification, rows: list[dict], tokenizer
 
 
 def load_for_embedding(checkpoint: str | Path, tokenizer: Optional[str | Path] = None):
-    model = CTALForSequenceClassification.from_pretrained(checkpoint)
-    return model, load_tokenizer(find_tokenizer(checkpoint, tokenizer))
+    """(model, tokenizer) of a fine-tuned checkpoint (a path or URI) with one model, or of one
+    fold's model directory of a checkpoint with several."""
+    local = ctal_checkpoint.local_copy(checkpoint)
+    if (local / ctal_checkpoint.STATE_FILE).is_file():
+        dirs = ctal_checkpoint.model_dirs(local)
+        if len(dirs) > 1:
+            raise ValueError(f"{checkpoint} holds {len(dirs)} models ({', '.join(dirs)}); pass one fold's "
+                             f"directory, e.g. {storage.join(checkpoint, next(iter(dirs)))}")
+        local = next(iter(dirs.values()))
+    model = CTALForSequenceClassification.from_pretrained(local)
+    return model, load_tokenizer(find_tokenizer(local, tokenizer))

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     from ctal.distributed.tune import SweepOptions, parse_search_space, run_sweep
     from ctal.finetune import TaskData, evaluate
     from ctal.report import markdown_table, write_report
-    from ctal.train import read_metrics
+    from ctal.pretrain import read_metrics
 
     # 1. corpora: unlabeled read speech to pretrain on (as the paper pretrains on LibriSpeech), and the
     # fusion task. Pretraining on the task corpus itself taught cross-attention to ignore the text (its

@@ -1,62 +1,75 @@
 """CTAL pretraining loop in plain PyTorch: one function per worker, callable with or without Ray.
 
-``pretrain_loop`` is what every worker runs (Ray Train calls it from ``ctal.distributed.train``;
-``launch_local`` runs it in processes of its own). It is exactly resumable: the data position is a
-function of the step, dropout is reseeded every step from (seed, rank, step) and the masks from
+``prepare(cfg)`` checks a run once (config value ranges, URIs, the data set and its tokenizer) and
+returns the ``PretrainPlan`` that ``pretrain_loop`` runs; Ray Train's workers get the plan the
+driver checked (``ctal.distributed.train``), ``launch_local`` runs it in processes of its own, and a
+direct call with a plain config prepares it first. The loop is exactly resumable: the data position
+is a function of the step, dropout is reseeded every step from (seed, rank, step) and the masks from
 (seed, rank, batch index), so a checkpoint holds only model, optimizer, scheduler and step, and
 a resumed run logs the same losses as an uninterrupted one (bitwise on CPU).
 
 Run directory layout::
 
-    <run_dir>/checkpoints/step-00000100/   config.json, model.safetensors  (from_pretrained-loadable)
-                                           optimizer.safetensors, trainer_state.json, tokenizer/
+    <run_dir>/checkpoints/step-00000100/   a ctal.checkpoint checkpoint: config.json, model.safetensors
+                                           (from_pretrained-loadable), optimizer.safetensors,
+                                           tokenizer/, checkpoint.json (last)
     <run_dir>/tensorboard/                 per-step scalars (rank 0)
     <run_dir>/metrics.jsonl                the same, one JSON line per logged step (rank 0)
 
-``run_dir`` may be a URI (``s3://``, ``gs://``, ``file://``; ctal.storage): rank 0 then works in a
-local staging directory and uploads each checkpoint (trainer_state.json last, so a checkpoint
-without it is incomplete), metrics.jsonl and tensorboard/ after every checkpoint; a resume on any
-node downloads the newest intact checkpoint. ``cfg.data`` may be a URI too (shards are read
+``run_dir`` may be a URI (``s3://``, ``gs://``, ``file://``; ctal.storage): checkpoints are written
+there by the same store as locally, while rank 0 keeps metrics.jsonl and tensorboard/ in a local
+staging directory and uploads them after every checkpoint (object stores cannot append); a resume
+on any node downloads the newest intact checkpoint. ``cfg.data`` may be a URI too (shards are read
 through pyarrow's filesystem, the tokenizer is cached locally).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
-import os
-import re
-import shutil
 import tempfile
 import time
-import uuid
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
-from . import storage
+from . import checkpoint, storage
 from .batching import PretrainBatches, collate, derive_seed, prefetch
-from .config import ConfigError, PretrainConfig, from_dict, to_dict
+from .checkpoint import CheckpointStore, Part
+from .config import ConfigError, PretrainConfig, to_dict
 from .data import TOKENIZER_DIR, read_report
 from .model import CTALConfig, CTALForPretraining
+from .optim import build_optimizer, build_scheduler
 
 CHECKPOINTS = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
-STATE_FILE = "trainer_state.json"
-_STEP_DIR = re.compile(r"^step-(\d{8})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is incomplete or damaged (the loop then falls back to an older one)."""
 
 
 # --------------------------------------------------------------------------------------------------
-# checks that run before any work starts
+# checks that run once, before any work starts
+
+
+@dataclass(frozen=True)
+class PretrainPlan:
+    """A checked pretraining run, made by ``prepare``: what the loop and the Ray launcher take."""
+    cfg: PretrainConfig  # value ranges checked; data and storage_path absolute or URIs; max_frames
+    #                      within the model's learned positions
+    tokenizer: dict  # check_data's facts (hash, vocab_size, special ids, dir) and its "uri"
+
+
+def prepare(cfg: PretrainConfig) -> PretrainPlan:
+    """Check ``cfg`` and its data set (ConfigError, ValueError or OSError naming what is wrong)."""
+    validate_pretrain_config(cfg)
+    for key in ("data", "storage_path"):
+        storage.resolve(getattr(cfg, key))  # an unknown scheme fails here, naming the URI
+    # Absolute paths (Ray workers do not share the driver's working directory); URIs as given.
+    cfg = dataclasses.replace(cfg, data=storage.normalize(cfg.data), storage_path=storage.normalize(cfg.storage_path),
+                              max_frames=min(cfg.max_frames, cfg.model.max_audio_positions))
+    tok = check_data(cfg.data)
+    return PretrainPlan(cfg, {**tok, "uri": storage.join(cfg.data, tok.get("path", TOKENIZER_DIR))})
 
 
 def validate_pretrain_config(cfg: PretrainConfig) -> None:
@@ -72,8 +85,6 @@ def validate_pretrain_config(cfg: PretrainConfig) -> None:
         raise ConfigError(f"warmup_ratio: must be in [0, 1), got {cfg.warmup_ratio}")
     if cfg.max_frames_per_batch < 0 or cfg.max_failures < -1:
         raise ConfigError("max_frames_per_batch must be >= 0 and max_failures >= -1 (-1 = unlimited)")
-
-
 
 
 def check_data(data_dir: str | Path) -> dict:
@@ -108,211 +119,24 @@ def check_data(data_dir: str | Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# optimizer and schedule
-
-
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
-    """AdamW (cfg.lr, cfg.weight_decay) over trainable parameters; no weight decay on biases,
-    LayerNorm and other 1-d parameters (as BERT/nanoGPT). Pretraining and fine-tuning share it."""
-    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()  # tied weights once
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-
-
-def lr_lambda(cfg: PretrainConfig) -> Callable[[int], float]:
-    """Linear warmup over warmup_ratio x max_steps, then linear decay to 0 (HF's linear schedule)."""
-    warmup = round(cfg.warmup_ratio * cfg.max_steps)
-
-    def fn(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        return max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - warmup))
-    return fn
-
-
-# --------------------------------------------------------------------------------------------------
-# checkpoints: written to a temporary directory and renamed, so a directory named step-N is complete
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of the complete checkpoints in ``ckpt_dir``, oldest first."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _STEP_DIR.match(p.name))]
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path | str]:
-    """The newest checkpoint of a run directory (or None); it loads with ``from_pretrained``.
-    For a URI run directory: the checkpoint's URI (``storage.localize`` gives a local copy)."""
-    if storage.is_uri(run_dir):
-        steps = remote_checkpoints(storage.join(run_dir, CHECKPOINTS))
-        return steps[-1][1] if steps else None
-    found = list_checkpoints(Path(run_dir) / CHECKPOINTS)
-    return found[-1][1] if found else None
+# the run directory's logs
 
 
 def read_metrics(run_dir: str | Path) -> dict[int, dict]:
     """step → logged metrics from ``metrics.jsonl``; after a resume the later lines win."""
+    path = storage.join(run_dir, METRICS_FILE)
     out: dict[int, dict] = {}
-    if storage.is_uri(run_dir):
-        path = storage.join(run_dir, METRICS_FILE)
-        text = storage.read_text(path) if storage.is_file(path) else ""
-    else:
-        path = Path(run_dir) / METRICS_FILE
-        text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if text:
-        for line in text.splitlines():
-            rec = json.loads(line)
-            if "event" not in rec:
-                out[rec["step"]] = rec
+    for line in (storage.read_text(path) if storage.is_file(path) else "").splitlines():
+        rec = json.loads(line)
+        if "event" not in rec:
+            out[rec["step"]] = rec
     return out
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model: CTALForPretraining, optimizer, scheduler,
-                    state: dict, tokenizer_dir: Optional[str], keep: int) -> Path:
-    """Write step-N atomically (tmp dir + rename), then drop all but the newest ``keep``."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    final = ckpt_dir / f"step-{step:08d}"
-    tmp = ckpt_dir / f".step-{step:08d}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        model.save_pretrained(tmp)
-        opt = optimizer.state_dict()
-        tensors = {f"state.{i}.{k}": v.detach().contiguous().cpu()
-                   for i, s in opt["state"].items() for k, v in s.items()}
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        if tokenizer_dir:
-            shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
-        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        full_state = {**state, "step": step, "optimizer_param_groups": opt["param_groups"],
-                      "scheduler": sched, "files": {f: _sha256(tmp / f) for f in files}}
-        with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:
-            json.dump(full_state, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():  # a leftover from a run that fell back past it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for _, old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def verify_checkpoint(path: Path) -> dict:
-    """The trainer state of ``path`` after checking every file against its recorded sha256;
-    raises CheckpointError if anything is missing or damaged."""
-    try:
-        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-        files = state["files"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: unreadable {STATE_FILE} ({e})") from e
-    for name, digest in files.items():
-        f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"{path}: {name} is missing")
-        if _sha256(f) != digest:
-            raise CheckpointError(f"{path}: {name} does not match its recorded sha256 (damaged)")
-    return state
-
-
-def choose_checkpoint(ckpt_dir: Path, log: Callable[[str], None] = print) -> Optional[Path]:
-    """The newest intact checkpoint; damaged newer ones are renamed aside with a warning.
-    Leftover temporary directories of interrupted saves are removed."""
-    if ckpt_dir.is_dir():
-        for p in ckpt_dir.glob(".step-*.tmp-*"):
-            shutil.rmtree(p, ignore_errors=True)
-    for step, path in reversed(list_checkpoints(ckpt_dir)):
-        try:
-            verify_checkpoint(path)
-            return path
-        except CheckpointError as e:
-            aside = path.with_name(f"corrupt-{path.name}-{uuid.uuid4().hex[:6]}")
-            path.rename(aside)
-            msg = (f"checkpoint step {step} is damaged ({e}); falling back to an older one "
-                   f"(moved to {aside.name})")
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            log(f"WARNING: {msg}")
-    return None
-
-
-# --------------------------------------------------------------------------------------------------
-# checkpoints in a URI run directory (s3://, gs://, file://): object stores cannot rename, so a
-# checkpoint counts as complete once its trainer_state.json exists, and that file is uploaded last
-
-
-def remote_checkpoints(ckpt_uri: str) -> list[tuple[int, str]]:
-    """(step, URI) of the complete checkpoints below ``ckpt_uri``, oldest first."""
-    found = []
-    for n in storage.listdir(ckpt_uri):
-        m = _STEP_DIR.match(n)
-        if m and storage.is_file(storage.join(ckpt_uri, n, STATE_FILE)):
-            found.append((int(m.group(1)), storage.join(ckpt_uri, n)))
-    return sorted(found)
-
-
-def push_checkpoint(local: Path, ckpt_uri: str, keep: int) -> str:
-    """Upload the finished local checkpoint ``local`` (step-N) to ``ckpt_uri/step-N`` with
-    trainer_state.json last, then delete all but the newest ``keep`` there. Returns its URI."""
-    dest = storage.join(ckpt_uri, local.name)
-    storage.delete(storage.join(dest, STATE_FILE))  # a leftover of this step turns incomplete first
-    storage.delete(dest)
-    storage.upload_dir(local, dest, last=STATE_FILE)
-    for _, old in remote_checkpoints(ckpt_uri)[:-keep] if keep > 0 else []:
-        storage.delete(old)
-    return dest
-
-
-def pull_checkpoint(uri: str, local_ckpt_dir: Path) -> Path:
-    """Download checkpoint ``uri`` to ``local_ckpt_dir/step-N`` (replacing an older copy)."""
-    final = local_ckpt_dir / storage.name(uri)
-    tmp = local_ckpt_dir / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        storage.download_dir(uri, tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def choose_remote_checkpoint(ckpt_uri: str, local_ckpt_dir: Path,
-                             log: Callable[[str], None] = print) -> Optional[Path]:
-    """``choose_checkpoint`` for a URI: the newest intact checkpoint, downloaded to
-    ``local_ckpt_dir`` and verified. Damaged ones are moved aside with a warning; step directories
-    without trainer_state.json (an upload that was cut off) are deleted."""
-    for n in storage.listdir(ckpt_uri):
-        if _STEP_DIR.match(n) and not storage.is_file(storage.join(ckpt_uri, n, STATE_FILE)):
-            storage.delete(storage.join(ckpt_uri, n))
-    for step, uri in reversed(remote_checkpoints(ckpt_uri)):
-        path = pull_checkpoint(uri, local_ckpt_dir)
-        try:
-            verify_checkpoint(path)
-            return path
-        except CheckpointError as e:
-            aside = storage.join(ckpt_uri, f"corrupt-{storage.name(uri)}-{uuid.uuid4().hex[:6]}")
-            storage.move(uri, aside)
-            shutil.rmtree(path, ignore_errors=True)
-            msg = (f"checkpoint step {step} is damaged ({e}); falling back to an older one "
-                   f"(moved to {storage.name(aside)})")
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            log(f"WARNING: {msg}")
-    return None
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path | str]:
+    """The newest checkpoint of a run directory (or None); it loads with ``from_pretrained``, for a
+    URI after ``ctal.checkpoint.local_copy``."""
+    return CheckpointStore(storage.join(run_dir, CHECKPOINTS)).latest()
 
 
 def _push_logs(run_dir: Path, remote: str, writer) -> None:
@@ -322,21 +146,6 @@ def _push_logs(run_dir: Path, remote: str, writer) -> None:
         storage.upload_file(run_dir / METRICS_FILE, storage.join(remote, METRICS_FILE))
     if (run_dir / "tensorboard").is_dir():
         storage.upload_dir(run_dir / "tensorboard", storage.join(remote, "tensorboard"))
-
-
-def load_training_state(path: Path, optimizer, scheduler) -> dict:
-    """Restore optimizer and scheduler from a checkpoint (tensors from safetensors, the rest JSON)."""
-    state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    flat = load_file(str(path / "optimizer.safetensors"))
-    opt_state: dict = {}
-    for key, value in flat.items():
-        _, idx, name = key.split(".", 2)
-        opt_state.setdefault(int(idx), {})[name] = value
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g
-              for g in state["optimizer_param_groups"]]
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
-    return state
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,32 +165,34 @@ def _ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return model
 
 
-def _resume_point(ckpt_dir: Path, rank: int, device: torch.device, log,
-                  remote: Optional[str] = None) -> Optional[Path]:
-    """Rank 0 picks the checkpoint (verifying it); every rank gets the same answer. With a URI run
-    directory (``remote``) each rank downloads it into its own ``ckpt_dir``."""
-    path = None
-    if rank == 0:
-        path = (choose_remote_checkpoint(storage.join(remote, CHECKPOINTS), ckpt_dir, log) if remote
-                else choose_checkpoint(ckpt_dir, log))
+def _resume_point(store: CheckpointStore, rank: int, device: torch.device, log) -> Optional[tuple[int, Path]]:
+    """(step, local copy) of the checkpoint to resume from, or None: rank 0 chooses (verifying it),
+    every rank gets the same answer and its own local copy (for a URI, in this node's cache)."""
+    chosen = store.choose(log) if rank == 0 else None
     if _is_distributed():
         # NCCL broadcasts only CUDA tensors, gloo only CPU ones.
         where = device if dist.get_backend() == "nccl" else "cpu"
-        step = torch.tensor([-1 if path is None else int(_STEP_DIR.match(path.name).group(1))], device=where)
+        step = torch.tensor([-1 if chosen is None else chosen[0]], device=where)
         dist.broadcast(step, src=0)
-        path = None if int(step) < 0 else ckpt_dir / f"step-{int(step):08d}"
-        if remote and path is not None and rank != 0:
-            path = pull_checkpoint(storage.join(remote, CHECKPOINTS, path.name), ckpt_dir)
-    return path
+        if rank != 0 and int(step) >= 0:
+            chosen = int(step), checkpoint.local_copy(store.path(int(step)))
+    return chosen
 
 
-def pretrain_loop(cfg: PretrainConfig, *, run_dir: str | Path, rank: int = 0, world_size: int = 1,
+def _local_tokenizer(tok: dict) -> Path:
+    """The data set's tokenizer on this node: the copy ``check_data`` checked, or (a worker on
+    another node than the driver) one fetched from the data set; ``checkpoint.write`` checks its hash."""
+    return Path(tok["dir"]) if Path(tok["dir"]).is_dir() else storage.localize(tok["uri"], kind="tokenizers")
+
+
+def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, rank: int = 0, world_size: int = 1,
                   device: Optional[torch.device] = None,
                   prepare_model: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None,
                   report: Optional[Callable[[dict, Optional[str]], None]] = None,
                   log: Callable[[str], None] = print) -> dict:
-    """Pretrain CTAL on this worker's share of ``cfg.data`` until ``cfg.max_steps``.
+    """Pretrain CTAL on this worker's share of the data until ``cfg.max_steps``.
 
+    ``plan``: from ``prepare(cfg)``; a plain PretrainConfig is prepared (checked) here first.
     Resumes from the newest intact checkpoint in ``run_dir/checkpoints`` (one damaged beyond repair
     is moved aside with a warning); ``run_dir`` and ``cfg.data`` may be URIs (module docstring).
     ``prepare_model`` wraps the model for data parallelism (Ray's ``prepare_model``; default: DDP
@@ -389,49 +200,43 @@ def pretrain_loop(cfg: PretrainConfig, *, run_dir: str | Path, rank: int = 0, wo
     rank after each checkpoint (path on rank 0, else None). Returns the last logged metrics and the
     final checkpoint path.
     """
+    plan = plan if isinstance(plan, PretrainPlan) else prepare(plan)
+    cfg, tok = plan.cfg, plan.tokenizer
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    validate_pretrain_config(cfg)
-    tok = check_data(cfg.data)
+    store = CheckpointStore(storage.join(run_dir, CHECKPOINTS), keep=cfg.keep_checkpoints)
     remote, staging = None, None
     if storage.is_uri(run_dir):
-        # A URI run directory: this worker stages locally (rank 0 uploads at every checkpoint).
+        # Object stores cannot append: rank 0 logs locally and uploads the logs at every checkpoint.
         remote = storage.normalize(run_dir)
         staging = tempfile.TemporaryDirectory(prefix="ctal-run-")  # removed even if we fail below
         run_dir = Path(staging.name)
         if rank == 0 and storage.is_file(storage.join(remote, METRICS_FILE)):
             storage.download_file(storage.join(remote, METRICS_FILE), run_dir / METRICS_FILE)
     run_dir = Path(run_dir)
-    ckpt_dir = run_dir / CHECKPOINTS
     model_cfg = dataclasses.replace(cfg.model, vocab_size=tok["vocab_size"], pad_token_id=tok["pad_token_id"])
-    # Crop to what the model's learned positions cover (narrow.yaml: 1000 frames).
-    cfg = dataclasses.replace(cfg, max_frames=min(cfg.max_frames, model_cfg.max_audio_positions))
 
-    resume = _resume_point(ckpt_dir, rank, device, log, remote)
+    resume = _resume_point(store, rank, device, log)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every fresh run
     if resume is None:
         model = CTALForPretraining(CTALConfig.from_model_config(model_cfg))
         step = 0
     else:
-        model = CTALForPretraining.from_pretrained(resume, **vars(model_cfg))
+        checkpoint.check_tokenizer(resume[1], tok["hash"])
+        model = CTALForPretraining.from_pretrained(resume[1], **vars(model_cfg))
     raw = model.to(device)  # before the optimizer, so its restored state lands on the device too
     optimizer = build_optimizer(raw, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = build_scheduler(optimizer, cfg.warmup_ratio, cfg.max_steps)
     if resume is not None:
-        state = load_training_state(resume, optimizer, scheduler)
-        if state.get("tokenizer_hash") != tok["hash"]:
-            theirs = str(state.get("tokenizer_hash"))[:12]
-            raise ValueError(f"checkpoint {resume} was trained with tokenizer {theirs}…, the data set uses "
-                             f"{tok['hash'][:12]}…; refusing to resume")
+        checkpoint.load_training_state(resume[1], optimizer, scheduler)
+        state = checkpoint.read_state(resume[1])
         step = state["step"]
         if state.get("world_size") != world_size:
             log(f"note: resuming a run of {state.get('world_size')} workers with {world_size}: "
                 "the data order differs from an uninterrupted run")
         if rank == 0:
-            log(f"resumed from {storage.join(remote, CHECKPOINTS, resume.name) if remote else resume} "
-                f"(step {step})")
+            log(f"resumed from {store.path(step)} (step {step})")
         if step >= cfg.max_steps:
-            done = storage.join(remote, CHECKPOINTS, resume.name) if remote else str(resume)
-            return {"metrics": state.get("metrics", {}), "checkpoint": done if rank == 0 else None,
+            return {"metrics": state.get("metrics", {}), "checkpoint": str(store.path(step)) if rank == 0 else None,
                     "step": step}
     model = (prepare_model or (lambda m: _ddp(m, device)))(raw)
 
@@ -525,17 +330,16 @@ def pretrain_loop(cfg: PretrainConfig, *, run_dir: str | Path, rank: int = 0, wo
                 path, t_save = None, time.perf_counter()
                 if rank == 0:
                     epoch, skip = data.position(step * accum)
-                    state = {"world_size": world_size, "seed": cfg.seed, "tokenizer_hash": tok["hash"],
+                    state = {"step": step, "world_size": world_size, "seed": cfg.seed,
                              "data_position": {"batch_index": step * accum, "epoch": epoch, "skip": skip,
                                                "batches_per_epoch": data.batches_per_epoch},
                              "metrics": last,
                              "rng": "none saved: dropout and masks are reseeded from (seed, rank, step)",
                              "config": to_dict(cfg)}
-                    path = str(save_checkpoint(ckpt_dir, step, raw, optimizer, scheduler, state,
-                                               tok["dir"], 1 if remote else cfg.keep_checkpoints))
+                    path = str(store.save(step, "pretraining", {"main": Part(raw, optimizer, scheduler)},
+                                          tokenizer_dir=_local_tokenizer(tok), tokenizer_hash=tok["hash"],
+                                          state=state))
                     if remote:
-                        path = push_checkpoint(Path(path), storage.join(remote, CHECKPOINTS),
-                                               cfg.keep_checkpoints)
                         _push_logs(run_dir, remote, writer)
                     log(f"checkpoint {path}")
                 if report is not None:
@@ -550,7 +354,7 @@ def pretrain_loop(cfg: PretrainConfig, *, run_dir: str | Path, rank: int = 0, wo
         if rank == 0:
             _push_logs(run_dir, remote, writer)
         staging.cleanup()
-    done = latest_checkpoint(remote or run_dir)
+    done = store.latest()
     return {"metrics": last, "checkpoint": str(done) if rank == 0 and done else None, "step": step}
 
 
@@ -558,10 +362,9 @@ def pretrain_loop(cfg: PretrainConfig, *, run_dir: str | Path, rank: int = 0, wo
 # without Ray: N local processes with torch.distributed (the baseline of benchmarks/train_throughput)
 
 
-def _local_worker(rank: int, cfg_dict: dict, run_dir: str, world_size: int, port: int, threads: int):
+def _local_worker(rank: int, plan: PretrainPlan, run_dir: str, world_size: int, port: int, threads: int):
     torch.set_num_threads(threads)
-    cfg = from_dict(PretrainConfig, cfg_dict)
-    use_cuda = torch.cuda.is_available() and cfg.use_gpu != "false"
+    use_cuda = torch.cuda.is_available() and plan.cfg.use_gpu != "false"
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -569,7 +372,7 @@ def _local_worker(rank: int, cfg_dict: dict, run_dir: str, world_size: int, port
         dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                                 rank=rank, world_size=world_size)
     try:
-        pretrain_loop(cfg, run_dir=run_dir, rank=rank, world_size=world_size, device=device)
+        pretrain_loop(plan, run_dir=run_dir, rank=rank, world_size=world_size, device=device)
     finally:
         if world_size > 1:
             dist.destroy_process_group()
@@ -577,7 +380,8 @@ def _local_worker(rank: int, cfg_dict: dict, run_dir: str, world_size: int, port
 
 def launch_local(cfg: PretrainConfig, run_dir: str | Path, num_workers: Optional[int] = None) -> None:
     """Run ``pretrain_loop`` in ``num_workers`` local processes (DDP over gloo, or NCCL on GPUs),
-    each with ``max(1, int(cfg.cpus_per_worker))`` torch threads — the same as under Ray."""
+    each with ``max(1, int(cfg.cpus_per_worker))`` torch threads — the same as under Ray. The run
+    is checked (``prepare``) once, here."""
     import socket
 
     import torch.multiprocessing as mp
@@ -587,7 +391,7 @@ def launch_local(cfg: PretrainConfig, run_dir: str | Path, num_workers: Optional
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     threads = max(1, int(cfg.cpus_per_worker))
-    args = (to_dict(cfg), str(run_dir), n, port, threads)
+    args = (prepare(cfg), str(run_dir), n, port, threads)
     if n == 1:
         _local_worker(0, *args)
     else:
