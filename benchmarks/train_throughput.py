@@ -4,7 +4,7 @@
     python benchmarks/train_throughput.py --gpu [--sizes tiny,base,large] [--batch-size 8] [--compile]
 
 Default mode: one synthetic Parquet data set with LibriSpeech-like lengths, the same config through
-``ctal.train.launch_local`` (N processes, torch.distributed) and through ``ctal.distributed.train``
+``ctal.pretrain.launch_local`` (N processes, torch.distributed) and through ``ctal.distributed.train``
 (Ray Train, N workers), printing steady-state samples/s of each and their ratio (target: Ray at
 most 1.05x slower), then padding efficiency of random vs length-bucketed batches (target >= 92 %).
 ``--gpu``: samples/s and MFU of the paper sizes in bf16 on one GPU, without Ray; skips without CUDA.
@@ -60,7 +60,7 @@ def make_dataset(out: Path, n: int, seed: int = 0, rows_per_group: int = 32) -> 
 def steady_samples_per_s(run_dir: Path, skip_windows: int = 1) -> float:
     """Samples/s over all logged windows but the first (warm-up); windows hold equal sample counts
     (batching by count), so the overall rate is their harmonic mean."""
-    from ctal.train import read_metrics
+    from ctal.pretrain import read_metrics
 
     rates = [m["samples_per_s"] for _, m in sorted(read_metrics(run_dir).items())][skip_windows:]
     return statistics.harmonic_mean(rates)
@@ -71,7 +71,7 @@ def compare_plain_and_ray(args) -> None:
 
     from ctal.config import PretrainConfig, load_config
     from ctal.distributed.train import pretrain
-    from ctal.train import launch_local
+    from ctal.pretrain import launch_local
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ctal-bench-"))
     data = work / "data"

@@ -11,19 +11,22 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from . import checkpoint as ctal_checkpoint
+from . import storage
 from .batching import collate
 from .config import DataConfig
 from .data import featurize_row
 from .model import FUSION_VARIANTS, CTALForSequenceClassification, masked_mean
-from .tokenizer import load_tokenizer
+from .tokenizer import TOKENIZER_FILES, load_tokenizer, read_normalization
 
 
 def find_tokenizer(checkpoint: str | Path, tokenizer: Optional[str | Path] = None) -> Path:
-    """The tokenizer saved with a checkpoint (``<ckpt>/tokenizer`` or the checkpoint dir itself)."""
-    for cand in ([tokenizer] if tokenizer else [Path(checkpoint) / "tokenizer", Path(checkpoint)]):
-        if (Path(cand) / "tokenizer.json").is_file() or (Path(cand) / "vocab.txt").is_file():
-            return Path(cand)
-    raise FileNotFoundError(f"no tokenizer in {checkpoint}; pass the data set's tokenizer dir")
+    """``tokenizer`` if given, else the tokenizer saved with a (local) checkpoint: its ``tokenizer/``,
+    or for one fold's model directory the ``tokenizer/`` of the checkpoint it belongs to."""
+    found = Path(tokenizer) if tokenizer else ctal_checkpoint.tokenizer_dir(checkpoint)
+    if found is None or not any((found / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"no tokenizer in {tokenizer or checkpoint}; pass the data set's tokenizer dir")
+    return found
 
 
 @torch.no_grad()
@@ -31,6 +34,7 @@ def embed_rows(model: CTALForSequenceClassification, rows: list[dict], tokenizer
                data_cfg: Optional[DataConfig] = None, batch_size: int = 16, device: str = "cpu",
                max_frames: int = 3000, streams: bool = False) -> tuple[pa.Table, list[dict]]:
     """Manifest rows → (table of id + embedding [+ text_vector, audio_vector], bad rows).
+    ``data_cfg``: featurizer and text normalization (``load_for_embedding`` gives the checkpoint's).
 
     With `streams`, each stream the model's fusion variant runs adds the mean of its final states,
     computed on that variant's own path: no text_vector for audio_only, no audio_vector for text_only,
@@ -67,5 +71,18 @@ def embed_rows(model: CTALForSequenceClassification, rows: list[dict], tokenizer
 
 
 def load_for_embedding(checkpoint: str | Path, tokenizer: Optional[str | Path] = None):
-    model = CTALForSequenceClassification.from_pretrained(checkpoint)
-    return model, load_tokenizer(find_tokenizer(checkpoint, tokenizer))
+    """(model, tokenizer, data_cfg) of a fine-tuned checkpoint (a path or URI) with one model, or of
+    one fold's model directory of a checkpoint with several. ``data_cfg`` carries the text
+    normalization saved with the tokenizer, so new text is tokenized the way the model was trained."""
+    local = ctal_checkpoint.local_copy(checkpoint)
+    if (local / ctal_checkpoint.STATE_FILE).is_file():
+        dirs = ctal_checkpoint.model_dirs(local)
+        if len(dirs) > 1:
+            raise ValueError(f"{checkpoint} holds {len(dirs)} models ({', '.join(dirs)}); pass one fold's "
+                             f"directory, e.g. {storage.join(checkpoint, next(iter(dirs)))}")
+        local = next(iter(dirs.values()))
+    model = CTALForSequenceClassification.from_pretrained(local)
+    tok_dir = find_tokenizer(local, tokenizer)
+    # A tokenizer without a recorded normalization predates it: its text was tokenized as read.
+    data_cfg = DataConfig(text_normalization=read_normalization(tok_dir) or "none")
+    return model, load_tokenizer(tok_dir), data_cfg

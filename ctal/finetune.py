@@ -6,17 +6,16 @@ others: one), epoch by epoch, scoring every fold on its dev rows after each epoc
 `out_dir/{last,best}`. `evaluate(checkpoint, data, role)` scores a checkpoint on the protocol's dev or
 test rows; it is the only code that reads test rows.
 
-Checkpoint layout: `finetune.json` (task, folds, config, metrics, data tokenizer hash) and, per fold,
-`config.json` + `model.safetensors` (`CTALForSequenceClassification.from_pretrained`) plus
-`train_state.pt` (optimizer and schedule, to resume). One fold sits at the top level, several in
-sub-directories named after them.
+Checkpoints are `ctal.checkpoint`'s format, kind "finetuning": per fold a model directory
+(`CTALForSequenceClassification.from_pretrained` loads it) with its `optimizer.safetensors` (optimizer
+and schedule, to resume), one fold at the top level, several in sub-directories named after them;
+`tokenizer/`, and `checkpoint.json` with the task, folds, epoch, metrics, history, config and data set.
 
 Determinism: batches come from (seed, epoch), dropout is reseeded from (seed, fold, epoch, rank), so a
 run resumed from an epoch checkpoint repeats the epochs it would have run.
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import tempfile
@@ -28,17 +27,17 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ctal.batching import bucket_batches, collate, derive_seed
-from ctal.config import FinetuneConfig, from_dict, to_dict
+from ctal import checkpoint as checkpoints
 from ctal import storage
+from ctal.batching import bucket_batches, collate, derive_seed
+from ctal.checkpoint import Part
+from ctal.config import FinetuneConfig, from_dict, to_dict
 from ctal.data import FBANK_DIM, TOKENIZER_DIR, TokenizerInfo, open_dataset
 from ctal.model import CTALConfig, CTALForSequenceClassification
+from ctal.optim import build_optimizer, build_scheduler
 from ctal.tasks import Fold, Meta, Outputs, Task, get_task
-from ctal.tokenizer import TOKENIZER_FILES, tokenizer_hash
-from ctal.train import build_optimizer
 
-STATE_FILE = "finetune.json"
-TRAIN_STATE_FILE = "train_state.pt"
+KIND = "finetuning"  # checkpoint.json's kind
 EVAL_BATCH_SIZE = 16  # fixed, so a checkpoint's metrics do not depend on the training batch size
 
 FRESH_MODEL_WARNING = (
@@ -123,14 +122,15 @@ def _unwrap(model):
 
 
 def build_model(cfg: FinetuneConfig, task: Task, classes: Optional[list[str]], data: TaskData):
-    """A task model from `cfg.init` (pretraining or fine-tuned checkpoint) or freshly initialized."""
+    """A task model from `cfg.init` (pretraining or fine-tuned checkpoint, path or URI; its tokenizer
+    must be the data set's) or freshly initialized."""
     num_labels = task.num_labels(classes)
     head = dict(num_labels=num_labels, problem_type=task.problem_type,
                 id2label={i: str(c) for i, c in enumerate(classes or ["score"])})
     tok = data.tokenizer
     if cfg.init:
-        init = storage.localize(cfg.init, kind="checkpoints")  # a URI (s3://…/step-N) is downloaded once
-        _check_tokenizer(init, tok)
+        init = checkpoints.local_copy(cfg.init)  # a URI (s3://…/step-N) is downloaded once
+        checkpoints.check_tokenizer(init, tok.hash)
         m = cfg.model
         model = CTALForSequenceClassification.from_pretrained(
             init, fusion=m.fusion, orthogonality_weight=m.orthogonality_weight,
@@ -149,14 +149,6 @@ def build_model(cfg: FinetuneConfig, task: Task, classes: Optional[list[str]], d
     return model
 
 
-def _check_tokenizer(init: Path, tok: TokenizerInfo) -> None:
-    """A checkpoint that carries tokenizer files must carry the data set's tokenizer."""
-    if any((init / f).is_file() for f in TOKENIZER_FILES):
-        if tokenizer_hash(init) != tok.hash:
-            raise ValueError(f"init={init} was trained with a different tokenizer than the data set "
-                             f"(sha256 {tokenizer_hash(init)[:12]} vs {tok.hash[:12]})")
-
-
 def freeze(model, n: int) -> None:
     """Freeze both streams' embeddings and their lowest `n` layers (the embeddings feed them)."""
     n_text, n_audio = len(model.text.encoder.layer), len(model.audio.encoder.layer)
@@ -171,36 +163,21 @@ def freeze(model, n: int) -> None:
             p.requires_grad_(False)
 
 
-def _optimizer(model, cfg: FinetuneConfig, total_steps: int):
-    opt = build_optimizer(model, cfg)  # the pretraining AdamW: no decay on 1-d parameters
-    warmup = int(round(cfg.warmup_ratio * total_steps))
-
-    def schedule(step):  # linear warmup, then linear decay to 0
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-
-
 # --------------------------------------------------------------------------------------------------
 # checkpoints
 
 
-def fold_dirs_for(path: Path, folds: list[str]) -> dict[str, Path]:
-    return {f: path if len(folds) == 1 else path / f for f in folds}
+def read_state(checkpoint: str | Path) -> dict:
+    """The state of a fine-tuning checkpoint (task, folds, epoch, metrics, history, config, data)."""
+    state = checkpoints.read_state(checkpoint)
+    if state.get("kind") != KIND:
+        raise ValueError(f"{checkpoint} is a {state.get('kind')} checkpoint, not a fine-tuning one")
+    return state
 
 
 def fold_dirs(checkpoint: str | Path) -> dict[str, Path]:
-    """Fold name → directory holding that fold's model."""
-    return fold_dirs_for(Path(checkpoint), read_state(checkpoint)["folds"])
-
-
-def read_state(checkpoint: str | Path) -> dict:
-    path = Path(checkpoint) / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(checkpoint)!r} is not a fine-tuning checkpoint (no {STATE_FILE})")
-    return json.loads(path.read_text())
+    """Fold name → the (ordinary model) directory holding that fold's model."""
+    return checkpoints.model_dirs(checkpoint, read_state(checkpoint))
 
 
 @dataclass
@@ -213,24 +190,14 @@ class _FoldRun:
     targets: np.ndarray  # of fold.train
 
 
-def _save(path: Path, runs: list[_FoldRun], cfg: FinetuneConfig, epoch: int, metrics: dict,
+def _save(dest: str | Path, runs: list[_FoldRun], cfg: FinetuneConfig, epoch: int, metrics: dict,
           history: list[dict], data: TaskData) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    state = {"task": cfg.task, "folds": [r.fold.name for r in runs], "epoch": epoch, "metrics": metrics,
-             "history": history, "config": to_dict(cfg), "data": data.data_dir,
-             "tokenizer_hash": data.tokenizer.hash}
-    for name, d in fold_dirs_for(path, [r.fold.name for r in runs]).items():
-        run = next(r for r in runs if r.fold.name == name)
-        _unwrap(run.model).save_pretrained(d)
-        torch.save({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()},
-                   d / TRAIN_STATE_FILE)
     tok_dir = (storage.localize(storage.join(data.data_dir, TOKENIZER_DIR), kind="tokenizers")
                if storage.is_uri(data.data_dir) else Path(data.data_dir) / TOKENIZER_DIR)
-    if tok_dir.is_dir():  # the tokenizer travels with the model, as with pretraining checkpoints
-        for f in TOKENIZER_FILES:
-            if (tok_dir / f).is_file():
-                (path / f).write_bytes((tok_dir / f).read_bytes())
-    (path / STATE_FILE).write_text(json.dumps(state, indent=2, default=float))  # last: marks it complete
+    state = {"task": cfg.task, "folds": [r.fold.name for r in runs], "epoch": epoch, "metrics": metrics,
+             "history": history, "config": to_dict(cfg), "data": data.data_dir}
+    checkpoints.write(dest, KIND, {r.fold.name: Part(_unwrap(r.model), r.optimizer, r.scheduler) for r in runs},
+                      tokenizer_dir=tok_dir, tokenizer_hash=data.tokenizer.hash, state=state)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,8 +231,8 @@ def finetune(cfg: FinetuneConfig, *, data: Optional[TaskData] = None, out_dir: O
     if cfg.init is None and rank == 0:
         print(FRESH_MODEL_WARNING, file=sys.stderr, flush=True)
     device = _device()
-    resume = Path(resume_from) if resume_from else None
-    state = read_state(resume) if resume else None
+    resume = checkpoints.local_copy(resume_from) if resume_from else None
+    state = _resume_state(resume, data) if resume else None
     if state and state["folds"] != [f.name for f in folds]:
         raise ValueError(f"resume_from={resume} holds folds {state['folds']}, this run has "
                          f"{[f.name for f in folds]}")
@@ -275,7 +242,7 @@ def finetune(cfg: FinetuneConfig, *, data: Optional[TaskData] = None, out_dir: O
         classes = task.classes(data.meta, fold)
         targets = task.targets(data.meta, fold.train, classes)
         if state:  # the checkpoint's weights; the config's other fields still apply
-            model = CTALForSequenceClassification.from_pretrained(fold_dirs(resume)[fold.name])
+            model = CTALForSequenceClassification.from_pretrained(checkpoints.model_dirs(resume, state)[fold.name])
             freeze(model, cfg.freeze_layers)
         else:
             model = build_model(cfg, task, classes, data)
@@ -283,12 +250,10 @@ def finetune(cfg: FinetuneConfig, *, data: Optional[TaskData] = None, out_dir: O
         if prepare_model is not None:
             model = prepare_model(model)
         steps = len(_train_batches(data, fold, cfg, 0, rank, world_size)) * cfg.epochs
-        opt, sched = _optimizer(_unwrap(model), cfg, steps)
+        opt = build_optimizer(_unwrap(model), cfg)
+        sched = build_scheduler(opt, cfg.warmup_ratio, steps)
         if state:
-            saved = torch.load(fold_dirs(resume)[fold.name] / TRAIN_STATE_FILE, map_location=device,
-                               weights_only=True)  # tensors and numbers only: nothing is unpickled
-            opt.load_state_dict(saved["optimizer"])
-            sched.load_state_dict(saved["scheduler"])
+            checkpoints.load_training_state(checkpoints.model_dirs(resume, state)[fold.name], opt, sched)
         runs.append(_FoldRun(fold, classes, model, opt, sched, targets))
     if rank == 0:
         m = _unwrap(runs[0].model)
@@ -322,11 +287,20 @@ def finetune(cfg: FinetuneConfig, *, data: Optional[TaskData] = None, out_dir: O
         if report is not None:
             if rank == 0:
                 with tempfile.TemporaryDirectory(prefix="ctal-ckpt-") as tmp:
-                    _save(Path(tmp), runs, cfg, epoch, metrics, history, data)
-                    report(metrics, tmp)  # Tune / Train copy it to storage before returning
+                    _save(Path(tmp) / "checkpoint", runs, cfg, epoch, metrics, history, data)
+                    report(metrics, str(Path(tmp) / "checkpoint"))  # Tune / Train copy it before returning
             else:
                 report(metrics, None)
     return FinetuneResult(history, best, out / "best" if out is not None and best else None)
+
+
+def _resume_state(resume: Path, data: TaskData) -> dict:
+    """The state of the checkpoint to resume from, after checking its files and its tokenizer."""
+    state = checkpoints.verify(resume)
+    if state.get("kind") != KIND:
+        raise ValueError(f"resume_from={resume} is a {state.get('kind')} checkpoint, not a fine-tuning one")
+    checkpoints.check_tokenizer(resume, data.tokenizer.hash)
+    return state
 
 
 def _sort_key(task: Task, metrics: dict) -> float:
@@ -400,15 +374,16 @@ def predict(model, data: TaskData, idx: np.ndarray, max_frames: int = 3000) -> O
 def evaluate(checkpoint: str | Path, data: Optional[TaskData] = None, role: str = "test",
              task: Optional[str] = None) -> tuple[dict, dict]:
     """Score a fine-tuning checkpoint on the protocol's `role` rows ("dev" or "test") of `data` (default:
-    the data set it was trained on). Returns (metrics aggregated over folds, metrics per fold)."""
+    the data set it was trained on). `checkpoint` may be a URI. Returns (metrics aggregated over
+    folds, metrics per fold)."""
+    checkpoint = checkpoints.local_copy(checkpoint)
     state = read_state(checkpoint)
     if task is not None and task != state["task"]:
         raise ValueError(f"{checkpoint} was fine-tuned for {state['task']!r}, not {task!r}")
     t = get_task(state["task"])
     cfg = from_dict(FinetuneConfig, state["config"])
     data = data if data is not None else TaskData.load(state["data"])
-    if state.get("tokenizer_hash") and data.tokenizer.hash != state["tokenizer_hash"]:
-        raise ValueError(f"{checkpoint} was fine-tuned on data tokenized differently from {data.data_dir}")
+    checkpoints.check_tokenizer(checkpoint, data.tokenizer.hash)
     folds = {f.name: f for f in t.folds(data.meta, cfg.fold, cfg.seed)}
     missing = [f for f in state["folds"] if f not in folds]
     if missing:

@@ -2,15 +2,14 @@
 
 On a cluster every node reads and writes data sets, checkpoints and results through the same URI;
 a plain path means this machine's file system (on several nodes: a shared mount at the same path).
-Callers keep their plain-path code as it was and take the branch here only for a URI::
+Every function here takes either, so callers need no branch of their own::
 
-    if storage.is_uri(out):
-        storage.write_text(storage.join(out, "report.json"), text)
+    storage.write_text(storage.join(out, "report.json"), text)   # out: a directory or s3://b/k
 
 Object stores have no directory rename and no append, so the URI branch never relies on either:
 a directory is published by uploading its files with a *marker file last* (``publish_dir``), and
-readers treat a directory without its marker as incomplete. ``file://`` URIs take exactly this
-branch as well (pyarrow's LocalFileSystem), which is how the tests cover what S3 and GCS run.
+readers treat a directory without its marker as incomplete (a local directory is renamed into
+place instead). ``file://`` URIs take the object-store branch (pyarrow's LocalFileSystem), which is how the tests cover what S3 and GCS run.
 Credentials are never handled here: pyarrow finds them as the AWS/GCP SDKs do (instance profile,
 environment, ``~/.aws``).
 """
@@ -125,16 +124,6 @@ def is_file(path) -> bool:
     return _info(path).type == pafs.FileType.File
 
 
-def is_dir(path) -> bool:
-    """For object stores: whether any object lies below ``path`` (prefixes are directories)."""
-    return _info(path).type == pafs.FileType.Directory
-
-
-def makedirs(path) -> None:
-    fs, p = resolve(path)
-    fs.create_dir(p, recursive=True)
-
-
 def listdir(path) -> list[str]:
     """Names directly below ``path`` (files and directories), sorted; [] if it does not exist."""
     fs, p = resolve(path)
@@ -163,8 +152,6 @@ def open_output(path) -> IO[bytes]:
 
 
 def read_text(path) -> str:
-    if not is_uri(path):
-        return Path(path).read_text(encoding="utf-8")
     with open_input(path) as f:
         return f.read().decode("utf-8")
 
@@ -317,14 +304,15 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ctal")
 
 
-def localize(path, *, kind: str = "dirs", refresh: bool = False) -> Path:
+def localize(path, *, kind: str = "dirs", refresh: bool = False, version: str = "") -> Path:
     """A local directory holding what ``path`` holds: ``path`` itself when it is a plain path, else
-    a download into ``<cache>/<kind>/<hash of the URI>`` (reused unless ``refresh``). The download
-    lands in a temporary sibling first and is renamed, so concurrent workers on one node never see
-    half a copy. Use it for small directories read whole: tokenizers, checkpoints."""
+    a download into ``<cache>/<kind>/<hash of the URI and version>`` (reused unless ``refresh``; a
+    new ``version`` makes a new copy). The download lands in a temporary sibling first and is
+    renamed, so concurrent workers on one node never see half a copy. Use it for small directories
+    read whole: tokenizers, checkpoints."""
     if not is_uri(path):
         return Path(path)
-    key = hashlib.sha256(normalize(path).encode()).hexdigest()[:20]
+    key = hashlib.sha256((normalize(path) + version).encode()).hexdigest()[:20]
     final = cache_root() / kind / f"{key}-{name(path)}"
     if final.is_dir() and not refresh:
         return final

@@ -54,9 +54,9 @@ def main(argv=None) -> int:
     from ctal.distributed.train import pretrain
     from ctal.config import SweepConfig
     from ctal.distributed.tune import run_sweep
-    from ctal.search_space import parse_search_space
     from ctal.finetune import TaskData
-    from ctal.train import read_metrics
+    from ctal.pretrain import read_metrics
+    from ctal.search_space import parse_search_space
 
     # 1. corpora: unlabeled read speech to pretrain on (as the paper pretrains on LibriSpeech), and the
     # fusion task

@@ -32,12 +32,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         rows = read_manifest(args.manifest)
-        model, tokenizer = load_for_embedding(args.checkpoint, args.tokenizer)
+        model, tokenizer, data_cfg = load_for_embedding(args.checkpoint, args.tokenizer)
     except (FileNotFoundError, ValueError, CorpusLayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    table, bad = embed_rows(model, rows, tokenizer, batch_size=args.batch_size, device=args.device,
-                            max_frames=model.config.max_audio_positions, streams=args.streams)
+    table, bad = embed_rows(model, rows, tokenizer, data_cfg=data_cfg, batch_size=args.batch_size,
+                            device=args.device, max_frames=model.config.max_audio_positions, streams=args.streams)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, args.out, compression="zstd")
     print(f"wrote {table.num_rows} embeddings (dim {model.config.hidden_size}) to {args.out}")

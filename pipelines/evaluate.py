@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ctal import storage
 from ctal.finetune import TaskData, evaluate, read_state
 from ctal.tasks import TASKS
 
@@ -36,10 +35,9 @@ def main(argv=None) -> int:
     p.add_argument("--split", choices=("test", "dev"), default="test")
     args = p.parse_args(argv)
     try:
-        checkpoint = storage.localize(args.checkpoint, kind="checkpoints", refresh=True)  # a URI: downloaded
-        state = read_state(checkpoint)
+        state = read_state(args.checkpoint)  # a URI is downloaded (once per version) by evaluate
         data = TaskData.load(args.data or state["data"])
-        metrics, per_fold = evaluate(checkpoint, data, role=args.split, task=args.task)
+        metrics, per_fold = evaluate(args.checkpoint, data, role=args.split, task=args.task)
     except (FileNotFoundError, ValueError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     print(f"{args.task} checkpoint {args.checkpoint} (epoch {state['epoch']}), {args.split} rows of {data.data_dir}")

@@ -44,21 +44,18 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(PretrainConfig, [CONFIGS / "pretrain.yaml", CONFIGS / f"{args.size}.yaml",
                                            *args.config], overrides)
-        from ctal.train import check_data, validate_pretrain_config  # a typo need not wait for torch
+        from ctal.pretrain import prepare  # a typo need not wait for torch
 
-        validate_pretrain_config(cfg)
-        check_data(cfg.data)
+        plan = prepare(cfg)  # the only check of the run: config, URIs, data set and tokenizer
     except (ConfigError, ValueError, OSError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
 
     from ctal.distributed.train import ResourceError, pretrain
 
     try:
-        result = pretrain(cfg, address=args.address)
+        result = pretrain(plan, address=args.address)
     except ResourceError as e:
         p.exit(1, f"{p.prog}: error: {e}\n")
-    except ValueError as e:  # a path the workers cannot use; raised before any worker starts
-        p.exit(2, f"{p.prog}: error: {e}\n")
     print(f"done: step {result.metrics.get('step')}, loss {result.metrics.get('loss', float('nan')):.4f}; "
           f"checkpoint {result.checkpoint} (CTALForPretraining.from_pretrained loads it)")
     return 0

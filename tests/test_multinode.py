@@ -128,7 +128,7 @@ def test_tune_trials_spread_over_both_nodes(cluster_runs):
     assert set(sweep["trial_nodes"]) == set(sweep["nodes"]) and len(sweep["nodes"]) == 2
     assert sweep["experiment"].startswith("file://") and sweep["results_csv"]
     assert "model.safetensors" in sweep["best_checkpoint_files"]
-    assert "tokenizer.json" in sweep["best_checkpoint_files"]  # copied from the file:// data set
+    assert "tokenizer" in sweep["best_checkpoint_files"]  # copied from the file:// data set
 
 
 # -- the cluster side (runs in the subprocess) -------------------------------------------------------
@@ -159,7 +159,7 @@ def _pretrain_cfg(root: Path, name: str, *extra):
 
 
 def _losses(run_uri: str) -> dict[str, float]:
-    from ctal.train import read_metrics
+    from ctal.pretrain import read_metrics
 
     return {str(s): m["loss"] for s, m in read_metrics(run_uri).items()}
 
@@ -177,7 +177,8 @@ def _pretrain(root: Path, name: str, *extra) -> dict:
 def _node_loss(root: Path, cluster, nodes: dict) -> tuple[dict, list[str]]:
     """Freeze the run after its first checkpoint and remove one of its two nodes; the third worker
     node (a spare) takes its place. Returns what was seen and the worker nodes left."""
-    from ctal.train import CHECKPOINTS, read_metrics, remote_checkpoints
+    from ctal.checkpoint import CheckpointStore
+    from ctal.pretrain import CHECKPOINTS, read_metrics
 
     run = f"file://{root}/runs/node-loss"
     box: dict = {}
@@ -192,7 +193,7 @@ def _node_loss(root: Path, cluster, nodes: dict) -> tuple[dict, list[str]]:
     thread = threading.Thread(target=train, daemon=True)
     thread.start()
     deadline = time.time() + 180
-    while not remote_checkpoints(f"{run}/{CHECKPOINTS}"):
+    while not CheckpointStore(f"{run}/{CHECKPOINTS}").list():
         assert thread.is_alive(), f"the run ended before its first checkpoint: {box}"
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.02)

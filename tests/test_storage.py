@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from ctal import storage
+from ctal.checkpoint import STATE_FILE, CheckpointStore
 from ctal.config import PretrainConfig, load_config
-from ctal.train import CHECKPOINTS, STATE_FILE, pretrain_loop, read_metrics, remote_checkpoints
+from ctal.pretrain import CHECKPOINTS, pretrain_loop, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 NARROW = ["model.hidden_size=32", "model.num_attention_heads=4", "model.intermediate_size=64",
@@ -42,7 +43,7 @@ def test_files_and_directories_round_trip_through_a_uri(tmp_path):
     base = f"file://{tmp_path}/store"
     storage.write_text(storage.join(base, "d", "a.txt"), "hello")
     assert storage.read_text(storage.join(base, "d", "a.txt")) == "hello"
-    assert storage.is_dir(storage.join(base, "d")) and storage.listdir(base) == ["d"]
+    assert storage.listdir(base) == ["d"] and storage.listdir(storage.join(base, "d")) == ["a.txt"]
     local = tmp_path / "local"
     (local / "sub").mkdir(parents=True)
     (local / "sub" / "x.bin").write_bytes(b"\x00\x01")
@@ -113,15 +114,15 @@ def test_pretraining_through_file_uris_logs_what_local_paths_log_and_resumes(tin
     out = pretrain_loop(_cfg(f"file://{tiny}"), run_dir=run, **quiet)
     assert out["checkpoint"] == f"{run}/{CHECKPOINTS}/step-00000008"
     assert _losses(run) == _losses(tmp_path / "local")
-    assert [s for s, _ in remote_checkpoints(f"{run}/{CHECKPOINTS}")] == [3, 6, 8]
+    assert [s for s, _ in CheckpointStore(f"{run}/{CHECKPOINTS}").list()] == [3, 6, 8]
     assert list((tmp_path / "remote" / "tensorboard").glob("events.out.tfevents.*"))
 
-    # a cut-off upload (no trainer_state.json) is deleted, a damaged checkpoint moved aside; the run
+    # a cut-off upload (no checkpoint.json) is deleted, a damaged checkpoint moved aside; the run
     # resumes from the newest intact one on a fresh node (nothing local) and logs the same losses
     storage.delete(f"{run}/{CHECKPOINTS}/step-00000008/{STATE_FILE}")
     model = tmp_path / "remote" / CHECKPOINTS / "step-00000006" / "model.safetensors"
     model.write_bytes(model.read_bytes()[:100])
-    with pytest.warns(RuntimeWarning, match="step 6 is damaged"):
+    with pytest.warns(RuntimeWarning, match="step-00000006 is damaged"):
         pretrain_loop(_cfg(f"file://{tiny}"), run_dir=run, **quiet)
     lines = [json.loads(x) for x in (tmp_path / "remote" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if x.get("event") == "resume"] == [3]
@@ -154,7 +155,6 @@ def test_preprocessing_into_a_file_uri_gives_a_data_set_pretraining_reads(manife
     from ctal.config import DataConfig
     from ctal.data import list_shards, open_dataset, read_report
     from ctal.distributed.preprocess import check_output, run_preprocess
-    from ctal.train import check_data
 
     monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
     out = f"file://{tmp_path}/data"
@@ -167,7 +167,7 @@ def test_preprocessing_into_a_file_uri_gives_a_data_set_pretraining_reads(manife
     assert sum(s["rows"] for s in read_report(out)["shards"]) == 6 == open_dataset(out).read().num_rows
     assert sorted(storage.listdir(out)) == sorted([storage.name(s) for s in shards]
                                                    + ["quarantine.parquet", "report.json", "tokenizer"])
-    assert check_data(out)["vocab_size"] > 5  # the tokenizer, fetched into the cache, hashes right
+    assert open_dataset(out).tokenizer.vocab_size > 5  # the tokenizer, fetched into the cache, hashes right
     assert PretrainBatches(out, rank=0, world_size=1, seed=0, batch_size=2).batches_per_epoch == 3
 
     with pytest.raises(FileExistsError, match="already exists"):
@@ -200,7 +200,7 @@ def test_a_sweep_in_a_file_uri_publishes_its_results_there_and_resumes(tmp_path,
     names = storage.listdir(exp)
     assert {"sweep.json", "results.csv", "results.md", "best_checkpoint"} <= set(names)
     assert any(n.startswith("trial_") for n in names)
-    assert "tokenizer.json" in storage.listdir(result.best_checkpoint)  # from the file:// data set
+    assert "tokenizer.json" in storage.listdir(f"{result.best_checkpoint}/tokenizer")  # from the file:// data
 
     spec = importlib.util.spec_from_file_location("pipeline_tune_finetune", REPO / "pipelines/tune_finetune.py")
     pipeline = importlib.util.module_from_spec(spec)

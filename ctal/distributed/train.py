@@ -1,6 +1,7 @@
-"""CTAL pretraining on Ray Train: a TorchTrainer whose workers run ``ctal.train.pretrain_loop``.
+"""CTAL pretraining on Ray Train: a TorchTrainer whose workers run ``ctal.pretrain.pretrain_loop``.
 
-Resources, failure policy and storage all come from ``PretrainConfig``. The run directory is
+Resources, failure policy and storage all come from ``PretrainConfig``. The run is checked once, on
+the driver before Ray starts (``ctal.pretrain.prepare``); the workers get the checked plan. The run directory is
 ``<storage_path>/<run_name>`` (Ray's experiment directory), so rerunning with the same name resumes
 after a driver death and a restarted worker group (``max_failures``) resumes from the newest intact
 checkpoint there. The loop manages its own checkpoints (atomic, last M kept, damaged ones skipped)
@@ -25,7 +26,7 @@ import yaml
 
 from .. import storage
 from ..config import PretrainConfig, from_dict, to_dict
-from ..train import check_data, latest_checkpoint, pretrain_loop, read_metrics, validate_pretrain_config
+from ..pretrain import PretrainPlan, latest_checkpoint, pretrain_loop, prepare, read_metrics
 
 
 class ResourceError(RuntimeError):
@@ -97,7 +98,7 @@ def plan_resources(cfg: PretrainConfig, cluster: dict) -> Resources:
 
 def _train_fn(config: dict) -> None:
     """What each Ray Train worker runs."""
-    cfg = from_dict(PretrainConfig, config["cfg"])
+    plan = PretrainPlan(from_dict(PretrainConfig, config["cfg"]), config["tokenizer"])  # checked by the driver
     torch.set_num_threads(max(1, int(config["cpus_per_worker"])))  # fractional CPUs → 1 thread
     ctx = ray.train.get_context()
 
@@ -110,7 +111,7 @@ def _train_fn(config: dict) -> None:
         sys.stdout.write(msg + "\n")
         sys.stdout.flush()
 
-    pretrain_loop(cfg, run_dir=config["run_dir"], rank=ctx.get_world_rank(),
+    pretrain_loop(plan, run_dir=config["run_dir"], rank=ctx.get_world_rank(),
                   world_size=ctx.get_world_size(), device=ray.train.torch.get_device(),
                   prepare_model=ray.train.torch.prepare_model, report=report, log=log)
 
@@ -119,20 +120,17 @@ def _train_fn(config: dict) -> None:
 class PretrainResult:
     run_dir: Path | str  # a URI string when storage_path is one
     # newest checkpoint: CTALForPretraining.from_pretrained(checkpoint), or its URI:
-    # from_pretrained(ctal.storage.localize(checkpoint))
+    # from_pretrained(ctal.checkpoint.local_copy(checkpoint))
     checkpoint: Optional[Path | str]
     metrics: dict
     resources: Resources
 
 
-def pretrain(cfg: PretrainConfig, *, address: Optional[str] = None, log=print) -> PretrainResult:
-    """Pretrain CTAL with Ray Train. Starts Ray (``ray.init(address)``) unless already connected."""
-    validate_pretrain_config(cfg)
-    for key in ("data", "storage_path"):
-        storage.resolve(getattr(cfg, key))  # an unknown scheme fails here, naming the URI
-    # Absolute paths (workers do not share the driver's working directory); URIs as given.
-    cfg = replace(cfg, data=storage.normalize(cfg.data), storage_path=storage.normalize(cfg.storage_path))
-    check_data(cfg.data)  # a mismatched tokenizer fails here, before any worker starts
+def pretrain(cfg: PretrainConfig | PretrainPlan, *, address: Optional[str] = None, log=print) -> PretrainResult:
+    """Pretrain CTAL with Ray Train. ``cfg``: a config, checked here before Ray starts, or the plan
+    ``ctal.pretrain.prepare`` made of one. Starts Ray (``ray.init(address)``) unless already connected."""
+    plan = cfg if isinstance(cfg, PretrainPlan) else prepare(cfg)
+    cfg = plan.cfg
     if not ray.is_initialized():
         ray.init(address=address)
     capacity, autoscaling = cluster_capacity()
@@ -151,7 +149,8 @@ def pretrain(cfg: PretrainConfig, *, address: Optional[str] = None, log=print) -
     trainer = ray.train.torch.TorchTrainer(
         _train_fn,
         train_loop_config={"cfg": to_dict(replace(cfg, cpus_per_worker=res.cpus_per_worker)),
-                           "run_dir": str(run_dir), "cpus_per_worker": res.cpus_per_worker},
+                           "tokenizer": plan.tokenizer, "run_dir": str(run_dir),
+                           "cpus_per_worker": res.cpus_per_worker},
         scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=cfg.run_name, storage_path=cfg.storage_path,

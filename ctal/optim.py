@@ -1,0 +1,37 @@
+"""The optimizer and learning-rate schedule of both loops (pretraining and fine-tuning).
+
+One schedule, Hugging Face's ``get_linear_schedule_with_warmup``: the rate multiplier is
+``step / warmup`` during warmup (0 at step 0, so the first optimizer step only fills AdamW's
+moments) and then falls linearly to 0 at ``total_steps``. ``warmup = round(warmup_ratio x total)``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
+    """AdamW (cfg.lr, cfg.weight_decay) over trainable parameters; no weight decay on biases,
+    LayerNorm and other 1-d parameters (as BERT/nanoGPT)."""
+    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()  # tied weights once
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+
+def linear_warmup_decay(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """The lr multiplier at ``step`` (module docstring): HF's linear schedule with warmup."""
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return fn
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup_ratio: float,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``linear_warmup_decay`` over ``total_steps`` optimizer steps, stepped once per optimizer step."""
+    warmup = round(warmup_ratio * total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(warmup, total_steps))

@@ -1,0 +1,367 @@
+"""CTAL pretraining loop in plain PyTorch: one function per worker, callable with or without Ray.
+
+``prepare(cfg)`` checks a run once (config value ranges, URIs, the data set and its tokenizer) and
+returns the ``PretrainPlan`` that ``pretrain_loop`` runs; Ray Train's workers get the plan the
+driver checked (``ctal.distributed.train``), ``launch_local`` runs it in processes of its own, and a
+direct call with a plain config prepares it first. The loop is exactly resumable: the data position
+is a function of the step, dropout is reseeded every step from (seed, rank, step) and the masks from
+(seed, rank, batch index), so a checkpoint holds only model, optimizer, scheduler and step, and
+a resumed run logs the same losses as an uninterrupted one (bitwise on CPU).
+
+Run directory layout::
+
+    <run_dir>/checkpoints/step-00000100/   a ctal.checkpoint checkpoint: config.json, model.safetensors
+                                           (from_pretrained-loadable), optimizer.safetensors,
+                                           tokenizer/, checkpoint.json (last)
+    <run_dir>/tensorboard/                 per-step scalars (rank 0)
+    <run_dir>/metrics.jsonl                the same, one JSON line per logged step (rank 0)
+
+``run_dir`` may be a URI (``s3://``, ``gs://``, ``file://``; ctal.storage): checkpoints are written
+there by the same store as locally, while rank 0 keeps metrics.jsonl and tensorboard/ in a local
+staging directory and uploads them after every checkpoint (object stores cannot append); a resume
+on any node downloads the newest intact checkpoint. ``cfg.data`` may be a URI too (shards are read
+through pyarrow's filesystem, the tokenizer is cached locally).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint, storage
+from .batching import PretrainBatches, collate, derive_seed, prefetch
+from .checkpoint import CheckpointStore, Part
+from .config import ConfigError, PretrainConfig, to_dict
+from .data import TOKENIZER_DIR, TokenizerInfo, open_dataset
+from .model import CTALConfig, CTALForPretraining
+from .optim import build_optimizer, build_scheduler
+
+CHECKPOINTS = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+
+
+# --------------------------------------------------------------------------------------------------
+# checks that run once, before any work starts
+
+
+@dataclass(frozen=True)
+class PretrainPlan:
+    """A checked pretraining run, made by ``prepare``: what the loop and the Ray launcher take."""
+    cfg: PretrainConfig  # value ranges checked; data and storage_path absolute or URIs; max_frames
+    #                      within the model's learned positions
+    tokenizer: TokenizerInfo  # the data set's, verified (``ctal.data.open_dataset``)
+
+
+def prepare(cfg: PretrainConfig) -> PretrainPlan:
+    """Check ``cfg`` and its data set (ConfigError, ValueError or OSError naming what is wrong)."""
+    validate_pretrain_config(cfg)
+    for key in ("data", "storage_path"):
+        storage.resolve(getattr(cfg, key))  # an unknown scheme fails here, naming the URI
+    # Absolute paths (Ray workers do not share the driver's working directory); URIs as given.
+    cfg = dataclasses.replace(cfg, data=storage.normalize(cfg.data), storage_path=storage.normalize(cfg.storage_path),
+                              max_frames=min(cfg.max_frames, cfg.model.max_audio_positions))
+    return PretrainPlan(cfg, open_dataset(cfg.data).tokenizer)
+
+
+def validate_pretrain_config(cfg: PretrainConfig) -> None:
+    """Value ranges the typed schema cannot express; raises ConfigError naming the key."""
+    positive = ("max_steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every",
+                "keep_checkpoints", "num_workers", "bucket_pool_rows", "max_frames")
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {getattr(cfg, key)}")
+    if cfg.cpus_per_worker <= 0:
+        raise ConfigError(f"cpus_per_worker: must be > 0, got {cfg.cpus_per_worker}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise ConfigError(f"warmup_ratio: must be in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.max_frames_per_batch < 0 or cfg.max_failures < -1:
+        raise ConfigError("max_frames_per_batch must be >= 0 and max_failures >= -1 (-1 = unlimited)")
+
+
+# --------------------------------------------------------------------------------------------------
+# the run directory's logs
+
+
+def read_metrics(run_dir: str | Path) -> dict[int, dict]:
+    """step → logged metrics from ``metrics.jsonl``; after a resume the later lines win."""
+    path = storage.join(run_dir, METRICS_FILE)
+    out: dict[int, dict] = {}
+    for line in (storage.read_text(path) if storage.is_file(path) else "").splitlines():
+        rec = json.loads(line)
+        if "event" not in rec:
+            out[rec["step"]] = rec
+    return out
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path | str]:
+    """The newest checkpoint of a run directory (or None); it loads with ``from_pretrained``, for a
+    URI after ``ctal.checkpoint.local_copy``."""
+    return CheckpointStore(storage.join(run_dir, CHECKPOINTS)).latest()
+
+
+def _push_logs(run_dir: Path, remote: str, writer) -> None:
+    """Upload metrics.jsonl and tensorboard/ of the local staging ``run_dir`` to ``remote``."""
+    writer.flush()
+    if (run_dir / METRICS_FILE).is_file():
+        storage.upload_file(run_dir / METRICS_FILE, storage.join(remote, METRICS_FILE))
+    if (run_dir / "tensorboard").is_dir():
+        storage.upload_dir(run_dir / "tensorboard", storage.join(remote, "tensorboard"))
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Default ``prepare_model`` without Ray: DDP when a process group is up."""
+    model = model.to(device)
+    if _is_distributed() and dist.get_world_size() > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def _resume_point(store: CheckpointStore, rank: int, device: torch.device, log) -> Optional[tuple[int, Path]]:
+    """(step, local copy) of the checkpoint to resume from, or None: rank 0 chooses (verifying it),
+    every rank gets the same answer and its own local copy (for a URI, in this node's cache)."""
+    chosen = store.choose(log) if rank == 0 else None
+    if _is_distributed():
+        # NCCL broadcasts only CUDA tensors, gloo only CPU ones.
+        where = device if dist.get_backend() == "nccl" else "cpu"
+        step = torch.tensor([-1 if chosen is None else chosen[0]], device=where)
+        dist.broadcast(step, src=0)
+        if rank != 0 and int(step) >= 0:
+            chosen = int(step), checkpoint.local_copy(store.path(int(step)))
+    return chosen
+
+
+def _local_tokenizer(tok: TokenizerInfo, data: str) -> Path:
+    """The data set's tokenizer on this node: the copy ``prepare`` checked, or (a worker on another
+    node than the driver) one fetched from the data set; ``checkpoint.write`` checks its hash."""
+    return tok.dir if tok.dir.is_dir() else storage.localize(storage.join(data, TOKENIZER_DIR), kind="tokenizers")
+
+
+def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, rank: int = 0, world_size: int = 1,
+                  device: Optional[torch.device] = None,
+                  prepare_model: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None,
+                  report: Optional[Callable[[dict, Optional[str]], None]] = None,
+                  log: Callable[[str], None] = print) -> dict:
+    """Pretrain CTAL on this worker's share of the data until ``cfg.max_steps``.
+
+    ``plan``: from ``prepare(cfg)``; a plain PretrainConfig is prepared (checked) here first.
+    Resumes from the newest intact checkpoint in ``run_dir/checkpoints`` (one damaged beyond repair
+    is moved aside with a warning); ``run_dir`` and ``cfg.data`` may be URIs (module docstring).
+    ``prepare_model`` wraps the model for data parallelism (Ray's ``prepare_model``; default: DDP
+    when torch.distributed is initialized). ``report(metrics, checkpoint_path)`` is called on every
+    rank after each checkpoint (path on rank 0, else None). Returns the last logged metrics and the
+    final checkpoint path.
+    """
+    plan = plan if isinstance(plan, PretrainPlan) else prepare(plan)
+    cfg, tok = plan.cfg, plan.tokenizer
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    store = CheckpointStore(storage.join(run_dir, CHECKPOINTS), keep=cfg.keep_checkpoints)
+    remote, staging = None, None
+    if storage.is_uri(run_dir):
+        # Object stores cannot append: rank 0 logs locally and uploads the logs at every checkpoint.
+        remote = storage.normalize(run_dir)
+        staging = tempfile.TemporaryDirectory(prefix="ctal-run-")  # removed even if we fail below
+        run_dir = Path(staging.name)
+        if rank == 0 and storage.is_file(storage.join(remote, METRICS_FILE)):
+            storage.download_file(storage.join(remote, METRICS_FILE), run_dir / METRICS_FILE)
+    run_dir = Path(run_dir)
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id)
+
+    resume = _resume_point(store, rank, device, log)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every fresh run
+    if resume is None:
+        model = CTALForPretraining(CTALConfig.from_model_config(model_cfg))
+        step = 0
+    else:
+        checkpoint.check_tokenizer(resume[1], tok.hash)
+        model = CTALForPretraining.from_pretrained(resume[1], **vars(model_cfg))
+    raw = model.to(device)  # before the optimizer, so its restored state lands on the device too
+    optimizer = build_optimizer(raw, cfg)
+    scheduler = build_scheduler(optimizer, cfg.warmup_ratio, cfg.max_steps)
+    if resume is not None:
+        checkpoint.load_training_state(resume[1], optimizer, scheduler)
+        state = checkpoint.read_state(resume[1])
+        step = state["step"]
+        if state.get("world_size") != world_size:
+            log(f"note: resuming a run of {state.get('world_size')} workers with {world_size}: "
+                "the data order differs from an uninterrupted run")
+        if rank == 0:
+            log(f"resumed from {store.path(step)} (step {step})")
+        if step >= cfg.max_steps:
+            return {"metrics": state.get("metrics", {}), "checkpoint": str(store.path(step)) if rank == 0 else None,
+                    "step": step}
+    model = (prepare_model or (lambda m: _ddp(m, device)))(raw)
+
+    data = PretrainBatches(cfg.data, rank=rank, world_size=world_size, seed=cfg.seed, split=cfg.split,
+                           batch_size=cfg.batch_size, max_frames_per_batch=cfg.max_frames_per_batch,
+                           max_frames=cfg.max_frames, pool_rows=cfg.bucket_pool_rows)
+    max_tokens = model_cfg.max_position_embeddings - (model_cfg.pad_token_id + 1
+                                                      if model_cfg.text_position_style == "roberta" else 0)
+
+    def batches(start: int):
+        for index, rows in enumerate(data.iter_from(start), start):
+            g = torch.Generator().manual_seed(derive_seed(cfg.seed, rank, index, 1))
+            b = collate(rows, max_frames=cfg.max_frames, pad_token_id=tok.pad_token_id,
+                        masking=cfg.masking, mask_token_id=tok.mask_token_id, vocab_size=tok.vocab_size,
+                        special_token_ids=list(tok.special_token_ids), generator=g, max_tokens=max_tokens)
+            b["n_real"], b["n_padded"] = int(b["frame_mask"].sum()), b["frame_mask"].numel()
+            if device.type == "cuda":  # pinned in the prefetch thread, so the copy is asynchronous
+                b = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()}
+            yield b
+
+    writer, metrics_file = None, None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        run_dir.mkdir(parents=True, exist_ok=True)
+        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step or None)
+        metrics_file = open(run_dir / METRICS_FILE, "a", encoding="utf-8")
+        if step:  # lines after this one supersede earlier lines of the same steps
+            metrics_file.write(json.dumps({"event": "resume", "step": step}) + "\n")
+        n_params = raw.count_parameters()
+        log(f"pretraining {n_params / 1e6:.2f} M parameters on {world_size} worker(s), {device.type}; "
+            f"{data.batches_per_epoch} batches per epoch per worker; steps {step} → {cfg.max_steps}")
+
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda"
+                else contextlib.nullcontext())
+    accum = cfg.grad_accum_steps
+    it = prefetch(batches(step * accum))
+    # Running sums since the last log, kept on the device so there is no sync per step.
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, mlm, acoustic, micro-batches
+    counts = torch.zeros(3, dtype=torch.float64)  # samples, real frames, padded frames
+    last = {}
+    t0 = time.perf_counter()
+    model.train()
+    try:
+        while step < cfg.max_steps:
+            torch.manual_seed(derive_seed(cfg.seed, rank, step))  # dropout: a function of the step
+            for micro in range(accum):
+                batch = next(it)
+                counts += torch.tensor([len(batch["input_ids"]), batch.pop("n_real"), batch.pop("n_padded")],
+                                       dtype=torch.float64)
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                sync = micro == accum - 1 or not hasattr(model, "no_sync")
+                with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                    out = model(**batch)
+                (out.loss / accum).backward()
+                sums += torch.stack([out.loss.detach(), out.mlm_loss.detach(),
+                                     out.masked_acoustic_loss.detach(), torch.ones((), device=device)]).double()
+            if cfg.clip_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip_grad_norm)
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                stats = torch.cat([sums, counts.to(device)])
+                if _is_distributed():
+                    dist.all_reduce(stats)
+                stats = stats.cpu()
+                dt = time.perf_counter() - t0
+                loss, mlm, acoustic, n = stats[:4].tolist()
+                samples, real, padded = stats[4:].tolist()
+                last = {"step": step, "loss": loss / n, "mlm_loss": mlm / n,
+                        "masked_acoustic_loss": acoustic / n, "lr": lr, "samples_per_s": samples / dt,
+                        "padding_efficiency": real / padded, "epoch": step * accum / data.batches_per_epoch}
+                if rank == 0:
+                    log(f"step {step:>7d} | loss {last['loss']:.4f} | mlm {last['mlm_loss']:.4f} | "
+                        f"acoustic {last['masked_acoustic_loss']:.4f} | lr {last['lr']:.2e} | "
+                        f"{last['samples_per_s']:.1f} samples/s | "
+                        f"padding eff {last['padding_efficiency']:.3f}")
+                    for k, v in last.items():
+                        if k != "step":
+                            writer.add_scalar(f"train/{k}", v, step)
+                    metrics_file.write(json.dumps(last) + "\n")
+                    metrics_file.flush()
+                sums.zero_()
+                counts.zero_()
+                t0 = time.perf_counter()
+
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                path, t_save = None, time.perf_counter()
+                if rank == 0:
+                    epoch, skip = data.position(step * accum)
+                    state = {"step": step, "world_size": world_size, "seed": cfg.seed,
+                             "data_position": {"batch_index": step * accum, "epoch": epoch, "skip": skip,
+                                               "batches_per_epoch": data.batches_per_epoch},
+                             "metrics": last,
+                             "rng": "none saved: dropout and masks are reseeded from (seed, rank, step)",
+                             "config": to_dict(cfg)}
+                    path = str(store.save(step, "pretraining", {"main": Part(raw, optimizer, scheduler)},
+                                          tokenizer_dir=_local_tokenizer(tok, cfg.data), tokenizer_hash=tok.hash,
+                                          state=state))
+                    if remote:
+                        _push_logs(run_dir, remote, writer)
+                    log(f"checkpoint {path}")
+                if report is not None:
+                    report({**last, "step": step}, path)
+                t0 += time.perf_counter() - t_save  # checkpointing is not training throughput
+    finally:
+        it.close()
+        if writer is not None:
+            writer.close()
+            metrics_file.close()
+    if remote:
+        if rank == 0:
+            _push_logs(run_dir, remote, writer)
+        staging.cleanup()
+    done = store.latest()
+    return {"metrics": last, "checkpoint": str(done) if rank == 0 and done else None, "step": step}
+
+
+# --------------------------------------------------------------------------------------------------
+# without Ray: N local processes with torch.distributed (the baseline of benchmarks/train_throughput)
+
+
+def _local_worker(rank: int, plan: PretrainPlan, run_dir: str, world_size: int, port: int, threads: int):
+    torch.set_num_threads(threads)
+    use_cuda = torch.cuda.is_available() and plan.cfg.use_gpu != "false"
+    device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                rank=rank, world_size=world_size)
+    try:
+        pretrain_loop(plan, run_dir=run_dir, rank=rank, world_size=world_size, device=device)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def launch_local(cfg: PretrainConfig, run_dir: str | Path, num_workers: Optional[int] = None) -> None:
+    """Run ``pretrain_loop`` in ``num_workers`` local processes (DDP over gloo, or NCCL on GPUs),
+    each with ``max(1, int(cfg.cpus_per_worker))`` torch threads — the same as under Ray. The run
+    is checked (``prepare``) once, here."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    n = num_workers or cfg.num_workers
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    threads = max(1, int(cfg.cpus_per_worker))
+    args = (prepare(cfg), str(run_dir), n, port, threads)
+    if n == 1:
+        _local_worker(0, *args)
+    else:
+        mp.spawn(_local_worker, args=args, nprocs=n, join=True)
+
