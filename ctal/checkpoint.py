@@ -195,18 +195,21 @@ def tokenizer_dir(checkpoint: str | Path) -> Optional[Path]:
     return next((c for c in candidates if any((c / f).is_file() for f in TOKENIZER_FILES)), None)
 
 
-def check_tokenizer(checkpoint: str | Path, expected_hash: str) -> None:
+def check_tokenizer(checkpoint: str | Path, expected_hash: str, fix: str = "") -> None:
     """Refuse a checkpoint (pretraining or fine-tuned, local) whose tokenizer is not the expected one
-    (the data set's): ValueError naming both hashes. A checkpoint without a tokenizer is refused too,
-    since nothing then shows that its token ids mean what the data's mean."""
+    (the data set's): ValueError naming both hashes, and ``fix`` (what would mend it) when given.
+    A checkpoint without a tokenizer is refused too, since nothing then shows that its token ids
+    mean what the data's mean."""
     tok = tokenizer_dir(checkpoint)
+    hint = f"; {fix}" if fix else ""
     if tok is None:
         raise ValueError(f"checkpoint {checkpoint} holds no {TOKENIZER_DIR}/, so it cannot be checked against "
-                         f"the data set's tokenizer (sha256 {expected_hash[:12]}…)")
+                         f"the data set's tokenizer (sha256 {expected_hash[:12]}…){hint}")
     actual = _tokenizer.tokenizer_hash(tok)
     if actual != expected_hash:
         raise ValueError(f"tokenizer mismatch: checkpoint {checkpoint} was trained with tokenizer sha256 "
-                         f"{actual[:12]}…, the data set's tokenizer is {expected_hash[:12]}…; refusing to use it")
+                         f"{actual[:12]}…, the data set's tokenizer is {expected_hash[:12]}…; refusing to use "
+                         f"it{hint}")
 
 
 # --------------------------------------------------------------------------------------------------

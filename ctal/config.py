@@ -70,9 +70,12 @@ class DataConfig:
     min_duration_s: float = 0.2
     max_duration_s: float = 35.0
     silence_peak: float = 1e-4  # audio whose absolute peak is below this is "all silent"
-    tokenizer: Optional[str] = None  # local HF tokenizer dir; None = train a byte-level BPE
-    # Applied to transcripts before tokenizing (ctal.tokenizer.TEXT_NORMALIZATIONS); saved with the tokenizer.
-    text_normalization: Literal["release", "lower", "none"] = "release"
+    # A Hugging Face tokenizer folder, a ctal checkpoint or another data set (path or URI): their
+    # tokenizer is used, one vocabulary across stages; None = train a byte-level BPE.
+    tokenizer: Optional[str] = None
+    # Applied to transcripts before tokenizing (ctal.tokenizer.TEXT_NORMALIZATIONS), saved with the
+    # tokenizer; None: the one recorded with `tokenizer`, else "release" (the authors' rule).
+    text_normalization: Optional[Literal["release", "lower", "none"]] = None
     vocab_size: int = 30000  # for the trained BPE (paper: 30k on LibriSpeech)
     max_text_tokens: int = 512
     rows_per_shard: int = 2000

@@ -17,7 +17,7 @@ from .batching import collate
 from .config import DataConfig
 from .data import featurize_row
 from .model import FUSION_VARIANTS, CTALForSequenceClassification, masked_mean
-from .tokenizer import TOKENIZER_FILES, load_tokenizer, read_normalization
+from .tokenizer import TOKENIZER_FILES, load_tokenizer, read_normalization, tokenizer_hash
 
 
 def find_tokenizer(checkpoint: str | Path, tokenizer: Optional[str | Path] = None) -> Path:
@@ -83,6 +83,9 @@ def load_for_embedding(checkpoint: str | Path, tokenizer: Optional[str | Path] =
         local = next(iter(dirs.values()))
     model = CTALForSequenceClassification.from_pretrained(local)
     tok_dir = find_tokenizer(local, tokenizer)
+    if tokenizer and ctal_checkpoint.tokenizer_dir(local) is not None:  # another tokenizer: same ids?
+        ctal_checkpoint.check_tokenizer(local, tokenizer_hash(tok_dir),
+                                        fix=f"drop --tokenizer to use the checkpoint's own ({tokenizer} differs)")
     # A tokenizer without a recorded normalization predates it: its text was tokenized as read.
     data_cfg = DataConfig(text_normalization=read_normalization(tok_dir) or "none")
     return model, load_tokenizer(tok_dir), data_cfg

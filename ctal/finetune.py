@@ -20,7 +20,7 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -69,6 +69,7 @@ class TaskData:
     fbank_offsets: np.ndarray
     tokenizer: TokenizerInfo  # the data set's (verified) tokenizer
     data_dir: str = ""  # absolute path, or the URI as given
+    report: dict = field(default_factory=dict)  # its report.json
 
     @classmethod
     def load(cls, data_dir: str | Path) -> "TaskData":
@@ -88,7 +89,7 @@ class TaskData:
         fbank, fb_off = flat("fbank", inner=True)
         return cls(meta=Meta.from_table(table), n_frames=table.column("n_frames").to_numpy().astype(np.int64),
                    input_ids=ids, input_ids_offsets=ids_off, fbank=fbank.reshape(-1, FBANK_DIM),
-                   fbank_offsets=fb_off, tokenizer=ds.tokenizer, data_dir=ds.path)
+                   fbank_offsets=fb_off, tokenizer=ds.tokenizer, data_dir=ds.path, report=ds.report)
 
     def rows(self, idx, targets=None) -> list[dict]:
         out = []
@@ -121,6 +122,19 @@ def _unwrap(model):
     return getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
 
 
+def check_init(init: str | Path, data: TaskData) -> Path:
+    """The local copy of checkpoint ``init`` (a URI is downloaded once per node), after checking that
+    it was trained with the data set's tokenizer. Recipes call it before Ray starts, so a mismatch
+    fails in seconds with the command that re-tokenizes the data for this checkpoint."""
+    local = checkpoints.local_copy(init)
+    report = data.report
+    fix = ("re-tokenize the data with the checkpoint's tokenizer: python pipelines/preprocess.py "
+           f"--corpus {report.get('corpus', 'CORPUS')} --root {report.get('root', 'ROOT')} "
+           f"--out {data.data_dir}-retok tokenizer={init}")
+    checkpoints.check_tokenizer(local, data.tokenizer.hash, fix=fix)
+    return local
+
+
 def build_model(cfg: FinetuneConfig, task: Task, classes: Optional[list[str]], data: TaskData):
     """A task model from `cfg.init` (pretraining or fine-tuned checkpoint, path or URI; its tokenizer
     must be the data set's) or freshly initialized."""
@@ -129,8 +143,7 @@ def build_model(cfg: FinetuneConfig, task: Task, classes: Optional[list[str]], d
                 id2label={i: str(c) for i, c in enumerate(classes or ["score"])})
     tok = data.tokenizer
     if cfg.init:
-        init = checkpoints.local_copy(cfg.init)  # a URI (s3://…/step-N) is downloaded once
-        checkpoints.check_tokenizer(init, tok.hash)
+        init = check_init(cfg.init, data)
         m = cfg.model
         model = CTALForSequenceClassification.from_pretrained(
             init, fusion=m.fusion, orthogonality_weight=m.orthogonality_weight,
@@ -376,14 +389,14 @@ def evaluate(checkpoint: str | Path, data: Optional[TaskData] = None, role: str 
     """Score a fine-tuning checkpoint on the protocol's `role` rows ("dev" or "test") of `data` (default:
     the data set it was trained on). `checkpoint` may be a URI. Returns (metrics aggregated over
     folds, metrics per fold)."""
-    checkpoint = checkpoints.local_copy(checkpoint)
+    original, checkpoint = checkpoint, checkpoints.local_copy(checkpoint)
     state = read_state(checkpoint)
     if task is not None and task != state["task"]:
         raise ValueError(f"{checkpoint} was fine-tuned for {state['task']!r}, not {task!r}")
     t = get_task(state["task"])
     cfg = from_dict(FinetuneConfig, state["config"])
     data = data if data is not None else TaskData.load(state["data"])
-    checkpoints.check_tokenizer(checkpoint, data.tokenizer.hash)
+    check_init(original, data)
     folds = {f.name: f for f in t.folds(data.meta, cfg.fold, cfg.seed)}
     missing = [f for f in state["folds"] if f not in folds]
     if missing:

@@ -18,6 +18,7 @@ from typing import Iterable, Optional
 #   become one, then lower case (on LibriSpeech, which has no punctuation, this is their pretraining
 #   rule: lower case). "lower": lower case only. "none": as read.
 TEXT_NORMALIZATIONS = ("release", "lower", "none")
+DEFAULT_NORMALIZATION = "release"  # where neither the config nor the tokenizer says otherwise
 NORMALIZATION_FILE = "text_normalization.json"
 
 # RoBERTa's special tokens and ids (the paper's byte-level BPE follows RoBERTa).
@@ -37,8 +38,10 @@ _VOLATILE_CONFIG_KEYS = frozenset({
 })
 
 
-def normalize_text(text: str, mode: str) -> str:
-    """``text`` as it is tokenized under normalization ``mode`` (one of TEXT_NORMALIZATIONS)."""
+def normalize_text(text: str, mode: Optional[str]) -> str:
+    """``text`` as it is tokenized under normalization ``mode`` (one of TEXT_NORMALIZATIONS; None:
+    the default)."""
+    mode = mode or DEFAULT_NORMALIZATION
     if mode == "release":
         return re.sub(" +", " ", re.sub(r"[.,?!]", " ", text)).lower()
     if mode == "lower":
@@ -48,7 +51,8 @@ def normalize_text(text: str, mode: str) -> str:
     raise ValueError(f"text_normalization={mode!r} is not one of {', '.join(TEXT_NORMALIZATIONS)}")
 
 
-def save_normalization(tokenizer_dir: str | Path, mode: str) -> None:
+def save_normalization(tokenizer_dir: str | Path, mode: Optional[str]) -> None:
+    mode = mode or DEFAULT_NORMALIZATION
     normalize_text("", mode)  # refuses an unknown mode
     Path(tokenizer_dir, NORMALIZATION_FILE).write_text(json.dumps({"text_normalization": mode}) + "\n")
 

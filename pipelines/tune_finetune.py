@@ -26,7 +26,7 @@ from pathlib import Path
 from ctal import storage
 from ctal.config import ConfigError, FinetuneConfig, SweepConfig, load_config
 from ctal.distributed.tune import SWEEP_FILE, experiment_location, load_sweep, run_sweep
-from ctal.finetune import TaskData
+from ctal.finetune import TaskData, check_init
 from ctal.report import describe
 from ctal.search_space import check_sweep, load_search_space
 from ctal.tasks import TASKS, get_task
@@ -95,6 +95,8 @@ def main(argv=None) -> int:
             if pinned:
                 print(f"not searched, set on the command line: {', '.join(pinned)}")
         data = TaskData.load(cfg.data)
+        if cfg.init:
+            check_init(cfg.init, data)  # one vocabulary: refuse a mismatch now, not inside every trial
         check_sweep(cfg, space, sweep, data)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")

@@ -214,3 +214,55 @@ def test_the_schedule_is_hugging_faces_linear_warmup_and_decay():
         ours = linear_warmup_decay(warmup, total)
         assert [ours(s) for s in range(total + 2)] == [ref.lr_lambdas[0](s) for s in range(total + 2)]
     assert linear_warmup_decay(4, 10)(0) == 0.0  # step/warmup: no update at step 0, as HF
+
+
+# -- one vocabulary across the journey ----------------------------------------------------------------
+
+
+def test_a_mismatched_init_fails_before_ray_naming_both_hashes_and_the_fix(tiny, other_tokenizer, tmp_path):
+    """The recipe refuses before Ray starts (not from inside every trial), and says how to mend it."""
+    import subprocess
+    import sys
+    import time
+
+    from ctal.pretrain import pretrain_loop
+    from test_tune import BEFORE_RAY
+
+    pre = pretrain_loop(_pretrain_cfg(tiny), run_dir=tmp_path / "run", log=lambda _: None)["checkpoint"]
+    argv = ["--task", "sentiment", "--data", str(other_tokenizer), "--init", str(pre),
+            "--storage", str(tmp_path / "tune")]
+    t0 = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", BEFORE_RAY, str(REPO / "pipelines" / "tune_finetune.py"),
+                          json.dumps([argv])], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    [(code, err, ray_started)] = json.loads(run.stdout.splitlines()[-1])
+    assert (code, ray_started) == (2, False), err
+    assert f"{_hash(tiny)[:12]}" in err and f"{_hash(other_tokenizer)[:12]}" in err
+    assert "python pipelines/preprocess.py" in err and f"tokenizer={pre}" in err
+    assert time.perf_counter() - t0 < 120 and not (tmp_path / "tune").exists()
+
+
+def test_preprocessing_takes_the_tokenizer_of_a_data_set_or_a_checkpoint(tiny, tmp_path):
+    from dataclasses import replace
+
+    from ctal.config import DataConfig
+    from ctal.distributed.preprocess import resolve_tokenizer
+    from ctal.pretrain import pretrain_loop
+    from ctal.tokenizer import save_normalization
+
+    # a data set: its verified tokenizer, and the normalization it was tokenized with (none recorded: as read)
+    cfg = resolve_tokenizer(DataConfig(tokenizer=str(tiny)))
+    assert (cfg.tokenizer, cfg.text_normalization) == (str(tiny / "tokenizer"), "none")
+    with pytest.raises(ValueError, match="made for text_normalization=none, this run asks for release"):
+        resolve_tokenizer(DataConfig(tokenizer=str(tiny), text_normalization="release"))
+    # a pretraining checkpoint: its tokenizer/ (the data set's, copied), whose hash is the data set's
+    pre = pretrain_loop(_pretrain_cfg(tiny), run_dir=tmp_path / "run", log=lambda _: None)["checkpoint"]
+    cfg = resolve_tokenizer(DataConfig(tokenizer=str(pre)))
+    assert Path(cfg.tokenizer) == Path(pre) / "tokenizer" and tokenizer_hash(cfg.tokenizer) == _hash(tiny)
+    # a tokenizer folder with a recorded normalization: adopted; none anywhere: the authors' rule
+    folder = tmp_path / "tok"
+    shutil.copytree(tiny / "tokenizer", folder)
+    assert resolve_tokenizer(DataConfig(tokenizer=str(folder))).text_normalization == "release"
+    save_normalization(folder, "lower")
+    assert resolve_tokenizer(replace(DataConfig(), tokenizer=str(folder))).text_normalization == "lower"
+    assert resolve_tokenizer(DataConfig()).text_normalization == "release"

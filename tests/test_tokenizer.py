@@ -24,7 +24,7 @@ def test_unknown_modes_are_refused_in_code_and_in_config():
         normalize_text("x", "upper")
     with pytest.raises(ConfigError, match="text_normalization"):
         load_config(DataConfig, [], ["text_normalization=upper"])
-    assert DataConfig().text_normalization == "release"  # the authors' choice is the default
+    assert DataConfig().text_normalization is None  # resolved at preprocessing: the tokenizer's, else "release"
 
 
 def test_normalization_is_part_of_the_tokenizer_identity(tmp_path):

@@ -22,7 +22,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
@@ -33,7 +33,8 @@ import pyarrow.parquet as pq
 from ctal import storage
 from ctal.data import (PARQUET_SCHEMA, QUARANTINE_FILE, QUARANTINE_SCHEMA, REPORT_FILE, SHARD_GLOB, TOKENIZER_DIR,
                        featurize_row, records_to_table, tokenizer_entry, train_transcript_tokenizer, write_report)
-from ctal.tokenizer import load_backend, load_tokenizer, read_normalization, save_normalization
+from ctal.tokenizer import (DEFAULT_NORMALIZATION, load_backend, load_tokenizer, read_normalization,
+                            save_normalization)
 
 # What a ctal data set holds at its top level: an overwrite may delete a URI prefix of only these.
 _OURS = (SHARD_GLOB, QUARANTINE_FILE, REPORT_FILE, TOKENIZER_DIR)
@@ -133,19 +134,40 @@ class _ShardWriter:
         return pa.Table.from_pylist(summary, schema=_SUMMARY_SCHEMA)
 
 
-def _prepare_tokenizer(rows: list[dict], data_cfg, dest: Path) -> dict:
-    """Train the BPE on the normalized transcripts (or load ``data_cfg.tokenizer``) and save it, with
-    its text normalization, to ``dest``; decide whether the actors may use the bare ``tokenizers``
-    encoder (only if it gives the same ids)."""
-    mode = data_cfg.text_normalization
-    if data_cfg.tokenizer:
-        saved = read_normalization(data_cfg.tokenizer)
-        if saved is not None and saved != mode:
+def resolve_tokenizer(data_cfg):
+    """``data_cfg`` with ``tokenizer`` resolved to a local tokenizer folder and ``text_normalization``
+    to the one it is used with. ``tokenizer=PATH`` may name a Hugging Face tokenizer folder, a ctal
+    checkpoint (its ``tokenizer/``) or another data set (its verified tokenizer), each a path or URI;
+    a normalization recorded with it is adopted, and a different one asked for explicitly is refused.
+    Runs before anything is written or Ray starts."""
+    from ctal import checkpoint
+    from ctal.data import REPORT_FILE, open_dataset
+
+    asked, saved, path = data_cfg.text_normalization, None, data_cfg.tokenizer
+    if path:
+        if storage.is_file(storage.join(path, REPORT_FILE)):  # a data set: one vocabulary across the journey
+            tok = open_dataset(path).tokenizer
+            path, saved = tok.dir, tok.text_normalization
+        else:
+            local = checkpoint.local_copy(path) if storage.is_uri(path) else Path(path)
+            path = checkpoint.tokenizer_dir(local) or local  # a checkpoint, else a tokenizer folder
+            saved = read_normalization(path)
+        if asked is not None and saved is not None and asked != saved:
             raise ValueError(f"tokenizer {data_cfg.tokenizer} was made for text_normalization={saved}, "
-                             f"this run asks for {mode}: pass text_normalization={saved} to use it")
+                             f"this run asks for {asked}: drop text_normalization={asked} (or pass "
+                             f"{saved}) to use it")
+    return replace(data_cfg, tokenizer=str(path) if path else None,
+                   text_normalization=asked or saved or DEFAULT_NORMALIZATION)
+
+
+def _prepare_tokenizer(rows: list[dict], data_cfg, dest: Path) -> dict:
+    """Train the BPE on the normalized transcripts (or copy ``data_cfg.tokenizer``, resolved by
+    ``resolve_tokenizer``) and save it, with its text normalization, to ``dest``; decide whether the
+    actors may use the bare ``tokenizers`` encoder (only if it gives the same ids)."""
+    if data_cfg.tokenizer:
         tok = load_tokenizer(data_cfg.tokenizer)
         tok.save_pretrained(str(dest))
-        save_normalization(dest, mode)
+        save_normalization(dest, data_cfg.text_normalization)
         source = str(Path(data_cfg.tokenizer).resolve())
     else:
         tok, n_texts = train_transcript_tokenizer(rows, data_cfg, dest)
@@ -177,6 +199,7 @@ def run_preprocess(corpus: str, root: str | Path, out_dir: str | Path, data_cfg,
     """
     out = storage.normalize(out_dir) if storage.is_uri(out_dir) else Path(out_dir).resolve()
     check_output(out, overwrite)
+    data_cfg = resolve_tokenizer(data_cfg)
     if rows is None:
         from ctal.corpora import read_corpus
         rows = read_corpus(corpus, str(root), **(reader_kwargs or {}))
