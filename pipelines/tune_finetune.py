@@ -20,13 +20,15 @@ import argparse
 import json
 import sys
 import typing
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from ctal import storage
+from ctal.checkpoint import STATE_FILE as CHECKPOINT_FILE
 from ctal.config import ConfigError, FinetuneConfig, SweepConfig, load_config
 from ctal.distributed.tune import SWEEP_FILE, experiment_location, load_sweep, run_sweep
 from ctal.finetune import TaskData, check_init
+from ctal.pretrain import latest_checkpoint
 from ctal.report import describe
 from ctal.search_space import check_sweep, load_search_space
 from ctal.tasks import TASKS, get_task
@@ -56,7 +58,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=sorted(TASKS))
     p.add_argument("--data", help="Parquet data set from pipelines/preprocess.py")
-    p.add_argument("--init", help="pretraining checkpoint (default: a fresh model, with a warning)")
+    p.add_argument("--init", help="pretraining checkpoint, or a pretraining run directory for its newest one "
+                                  "(default: a fresh model, with a warning)")
     p.add_argument("--config", action="append", default=[], help="FinetuneConfig YAML (repeatable)")
     p.add_argument("--space", help="search space YAML (default: search_spaces/<task>.yaml)")
     # Sweep settings (SweepConfig; defaults in configs/sweep.yaml): each flag is an override of one.
@@ -96,6 +99,8 @@ def main(argv=None) -> int:
                 print(f"not searched, set on the command line: {', '.join(pinned)}")
         data = TaskData.load(cfg.data)
         if cfg.init:
+            if not storage.is_file(storage.join(cfg.init, CHECKPOINT_FILE)) and latest_checkpoint(cfg.init):
+                cfg = replace(cfg, init=str(latest_checkpoint(cfg.init)))  # a pretraining run: its newest
             check_init(cfg.init, data)  # one vocabulary: refuse a mismatch now, not inside every trial
         check_sweep(cfg, space, sweep, data)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
