@@ -15,6 +15,8 @@ Differences from the released code, on purpose:
 """
 from __future__ import annotations
 
+import copy
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +36,23 @@ from .config import ModelConfig
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_text_layers", "num_audio_layers",
                        "num_attention_heads", "intermediate_size", "max_position_embeddings",
                        "type_vocab_size", "audio_dim", "max_audio_positions")
+MODEL_FIELDS = tuple(ModelConfig.__dataclass_fields__)
+# What a task head adds to the config (PretrainedConfig's own fields); from_pretrained accepts them.
+TASK_FIELDS = ("num_labels", "problem_type", "id2label", "label2id")
 
 
 class CTALConfig(PretrainedConfig):
-    """Hugging Face config carrying every field of `ctal.config.ModelConfig` (+ task fields)."""
+    """Hugging Face config carrying every field of `ctal.config.ModelConfig` (+ task fields).
+
+    With `text_init=DIR` the text architecture comes from DIR's config.json (`adopt_text_init`); a
+    keyword given here that disagrees with DIR raises ValueError naming both values.
+    """
     model_type = "ctal"
 
     def __init__(self, **kwargs):
+        kwargs.update(adopt_text_init(kwargs, explicit=kwargs))
         defaults = ModelConfig()
-        for name in ModelConfig.__dataclass_fields__:
+        for name in MODEL_FIELDS:
             setattr(self, name, kwargs.pop(name, getattr(defaults, name)))
         if self.fusion not in FUSION_VARIANTS:
             raise ValueError(f"fusion={self.fusion!r} is not one of {list(FUSION_VARIANTS)}")
@@ -55,7 +65,10 @@ class CTALConfig(PretrainedConfig):
 
     @classmethod
     def from_model_config(cls, cfg: ModelConfig, **kwargs) -> "CTALConfig":
-        return cls(**{**vars(cfg), **kwargs})
+        # Only fields that differ from ModelConfig's defaults count as set, so text_init may replace the rest.
+        defaults = ModelConfig()
+        given = {k: v for k, v in vars(cfg).items() if v != getattr(defaults, k)}
+        return cls(**{**given, **kwargs})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,7 +302,9 @@ class CTALPreTrainedModel(PreTrainedModel):
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
         self.config.architectures = [type(self).__name__]
-        self.config.to_json_file(path / "config.json")
+        config = copy.deepcopy(self.config)
+        config.text_init = None  # the weights hold the text stream now; DIR need not exist where this loads
+        config.to_json_file(path / "config.json")
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
                  if k not in self._tied_keys()}
         save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -616,18 +631,68 @@ class CTALForSequenceClassification(CTALPreTrainedModel):
 # loading a local Hugging Face BERT / RoBERTa into the text stream
 
 
+# The HF model types whose weight names and math the text stream follows, with the position style of each.
+TEXT_INIT_TYPES = {"bert": "bert", "roberta": "roberta"}
+
+
 def text_config_from_hf(hf_dir) -> dict:
-    """ModelConfig text fields read from a local HF BERT/RoBERTa config.json."""
-    hf = json.loads((Path(hf_dir) / "config.json").read_text())
-    if hf.get("model_type") not in ("bert", "roberta"):
-        raise ValueError(f"{hf_dir}: text_init supports BERT and RoBERTa, got {hf.get('model_type')!r}")
-    return dict(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                num_text_layers=hf["num_hidden_layers"], num_attention_heads=hf["num_attention_heads"],
-                intermediate_size=hf["intermediate_size"], hidden_act=hf.get("hidden_act", "gelu"),
-                max_position_embeddings=hf["max_position_embeddings"],
-                type_vocab_size=hf.get("type_vocab_size", 2), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-                pad_token_id=hf.get("pad_token_id", 0),
-                text_position_style="roberta" if hf["model_type"] == "roberta" else "bert")
+    """The ModelConfig fields a local HF BERT/RoBERTa checkpoint fixes, read from its config.json.
+
+    The one mapping from an HF config to ours; the audio stream shares hidden size, heads and FFN, so
+    it follows the checkpoint's width too. Anything the text stream cannot reproduce is refused,
+    naming the file.
+    """
+    from transformers import AutoConfig
+
+    file = Path(hf_dir) / "config.json"
+    if not file.is_file():
+        raise ValueError(f"text_init={hf_dir}: {file} does not exist (text_init needs a local Hugging Face "
+                         "BERT or RoBERTa folder)")
+    try:
+        raw = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"text_init={hf_dir}: {file} is not JSON ({e})") from None
+    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    if kind not in TEXT_INIT_TYPES:
+        raise ValueError(f"text_init={hf_dir}: {file} has model_type={kind!r}; text_init supports "
+                         f"{' and '.join(TEXT_INIT_TYPES)}")
+    hf = AutoConfig.for_model(**raw)  # BertConfig / RobertaConfig: their defaults fill absent keys
+    unsupported = {"position_embedding_type": (getattr(hf, "position_embedding_type", "absolute"), "absolute"),
+                   "is_decoder": (getattr(hf, "is_decoder", False), False)}
+    for key, (value, needed) in unsupported.items():
+        if value != needed:
+            raise ValueError(f"text_init={hf_dir}: {file} has {key}={value!r}; the text stream needs {needed!r}")
+    if hf.hidden_act not in ACT2FN:
+        raise ValueError(f"text_init={hf_dir}: {file} has hidden_act={hf.hidden_act!r}, not one of "
+                         "transformers' activations")
+    return dict(vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, num_text_layers=hf.num_hidden_layers,
+                num_attention_heads=hf.num_attention_heads, intermediate_size=hf.intermediate_size,
+                hidden_act=hf.hidden_act, max_position_embeddings=hf.max_position_embeddings,
+                type_vocab_size=hf.type_vocab_size, layer_norm_eps=hf.layer_norm_eps,
+                pad_token_id=hf.pad_token_id, text_position_style=TEXT_INIT_TYPES[kind])
+
+
+def adopt_text_init(values: dict, explicit=(), prefix: str = "") -> dict:
+    """What `values["text_init"]` decides: {field: value} from its config.json ({} without text_init).
+
+    `values` maps ModelConfig fields to what a config has now; those named in `explicit` were set by
+    the user (a keyword, a command-line override), the rest are defaults that text_init replaces. An
+    explicit value that disagrees raises ValueError naming the key (with `prefix`), both values and
+    the file.
+    """
+    hf_dir = values.get("text_init")
+    if not hf_dir:
+        return {}
+    try:
+        adopted = text_config_from_hf(hf_dir)
+    except ValueError as e:
+        raise ValueError(f"{prefix}{e}") from None  # its messages start with text_init=…
+    conflicts = [f"{prefix}{k}={values[k]!r} but {Path(hf_dir) / 'config.json'} has {k}={v!r}"
+                 for k, v in adopted.items() if k in explicit and values[k] != v]
+    if conflicts:
+        raise ValueError(f"{prefix}text_init={hf_dir} sets the text architecture: {'; '.join(conflicts)} "
+                         f"(drop the setting or give the checkpoint's value)")
+    return adopted
 
 
 def _read_hf_state(hf_dir: Path) -> dict:
@@ -653,8 +718,8 @@ def load_text_checkpoint(text: TextStream, hf_dir, cfg: CTALConfig):
     for key, value in expected.items():
         if getattr(cfg, key) != value:
             raise ValueError(f"text_init={hf_dir}: checkpoint has {key}={value!r} but the model config "
-                             f"has {key}={getattr(cfg, key)!r} (build the config with "
-                             "ctal.model.text_config_from_hf)")
+                             f"has {key}={getattr(cfg, key)!r} (CTALConfig(text_init=...) adopts the "
+                             "checkpoint's values; do not change them afterwards)")
     state = {}
     for k, v in _read_hf_state(hf_dir).items():
         for prefix in ("bert.", "roberta.", "model."):
