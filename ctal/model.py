@@ -313,13 +313,30 @@ class CTALPreTrainedModel(PreTrainedModel):
         return set()
 
     @classmethod
-    def from_pretrained(cls, path, **overrides):
-        """Load a CTAL checkpoint strictly; `overrides` may change non-architecture fields only.
+    def from_pretrained(cls, path, *model_args, **kwargs):
+        """Load a CTAL checkpoint strictly, the Hugging Face way.
 
-        A task model may start from a pretraining checkpoint (its heads are then fresh); anything
-        else missing, unexpected or mis-shaped raises with the first mismatch named.
+        Keywords: ModelConfig fields and task fields (TASK_FIELDS) override the saved config, but
+        not its architecture; `output_loading_info=True` returns (model, info) with HF's keys;
+        `dtype`/`torch_dtype` (a torch.dtype, its name, or "auto" = as saved) sets the dtype; `config`
+        and `subfolder` as in HF. Hub options (HUB_OPTIONS) have no effect: CTAL loads local folders
+        only. Anything else is refused by name. A task model may start from a pretraining checkpoint
+        (its heads are then fresh); anything else missing, unexpected or mis-shaped raises.
         """
-        path = Path(path)
+        if model_args:
+            raise TypeError(f"{cls.__name__}.from_pretrained() takes no positional arguments after the path")
+        _refuse_unknown(cls.__name__, kwargs)
+        options = {k: kwargs.pop(k) for k in LOADING_OPTIONS if k in kwargs}
+        if "_adapter_model_path" in (options.get("adapter_kwargs") or {}):
+            raise ValueError(f"{path}: PEFT adapters are not supported by CTAL checkpoints")
+        path = Path(path) / options.get("subfolder", "")
+        dtype = _requested_dtype(options.get("dtype"), options.get("torch_dtype"))
+        overrides = kwargs
+        if options.get("config") is not None:  # AutoModel passes the config it read; kwargs win over it
+            given = options["config"]
+            if not isinstance(given, CTALConfig):
+                raise TypeError(f"config must be a CTALConfig, got {type(given).__name__}")
+            overrides = {**{k: getattr(given, k) for k in (*MODEL_FIELDS, *TASK_FIELDS)}, **kwargs}
         if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
             raise FileNotFoundError(f"{path} is not a CTAL checkpoint (needs config.json and "
                                     "model.safetensors)")
@@ -340,15 +357,20 @@ class CTALPreTrainedModel(PreTrainedModel):
         config = CTALConfig(**{k: v for k, v in saved.items() if k not in ("architectures",)})
         model = cls(config)
         state = load_file(str(path / "model.safetensors"))
-        model._load_strict(state, path, allow_fresh=not same_kind)
-        return model
+        info = model._load_strict(state, path, allow_fresh=not same_kind)
+        if dtype == "auto":  # as saved: the first floating tensor's dtype, like HF
+            dtype = next((v.dtype for v in state.values() if v.is_floating_point()), None)
+        if dtype is not None:
+            model.to(dtype)
+        return (model, info) if options.get("output_loading_info") else model
 
-    def _load_strict(self, state: dict, path, allow_fresh: bool):
+    def _load_strict(self, state: dict, path, allow_fresh: bool) -> dict:
+        """Load `state`; returns HF's loading info (fresh heads missing, dropped heads unexpected)."""
         own = {k: v for k, v in self.state_dict().items() if k not in self._tied_keys()}
-        missing = [k for k in own if k not in state
-                   and not (allow_fresh and k.startswith(self._fresh_prefixes))]
-        unexpected = [k for k in state if k not in own
-                      and not (allow_fresh and k.startswith(self._dropped_prefixes))]
+        fresh = [k for k in own if k not in state]
+        dropped = [k for k in state if k not in own]
+        missing = [k for k in fresh if not (allow_fresh and k.startswith(self._fresh_prefixes))]
+        unexpected = [k for k in dropped if not (allow_fresh and k.startswith(self._dropped_prefixes))]
         if missing or unexpected:
             raise ValueError(f"checkpoint {path} does not fit {type(self).__name__} "
                              f"(fusion={self.config.fusion!r}): "
@@ -360,6 +382,59 @@ class CTALPreTrainedModel(PreTrainedModel):
                                  f"model expects {tuple(own[k].shape)}")
         self.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
         self._tie()
+        # strict loading leaves nothing mismatched or in error: either would have raised above
+        return {"missing_keys": set(fresh), "unexpected_keys": set(dropped), "mismatched_keys": set(),
+                "error_msgs": []}
+
+
+# HF loading options: AutoModel passes the hub ones along (and _from_auto, adapter_kwargs, trust_remote_code).
+HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "token",
+               "trust_remote_code", "adapter_kwargs", "_from_auto")
+LOADING_OPTIONS = ("config", "output_loading_info", "dtype", "torch_dtype", "subfolder", *HUB_OPTIONS)
+
+
+def _refuse_unknown(owner: str, kwargs: dict) -> None:
+    known = (*MODEL_FIELDS, *TASK_FIELDS, *LOADING_OPTIONS)
+    unknown = [k for k in kwargs if k not in known]
+    if unknown:
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, n=1))
+                 else repr(k) for k in unknown]
+        raise TypeError(f"{owner}.from_pretrained() got unknown keyword argument(s) {', '.join(hints)}; it "
+                        f"takes ModelConfig fields, task fields ({', '.join(TASK_FIELDS)}) and loading "
+                        f"options ({', '.join(LOADING_OPTIONS[:5])})")
+
+
+def _requested_dtype(dtype, torch_dtype):
+    """None (float32, as built), "auto", or a floating torch.dtype from a dtype or its name."""
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give dtype only "
+                         "(torch_dtype is its old name)")
+    dtype = dtype if dtype is not None else torch_dtype
+    if dtype is None or dtype == "auto":
+        return dtype
+    resolved = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if not (isinstance(resolved, torch.dtype) and resolved.is_floating_point):
+        raise ValueError(f"dtype={dtype!r} is not a floating torch dtype, its name (e.g. 'bfloat16') or 'auto'")
+    return resolved
+
+
+@dataclass
+class CTALModelOutput(ModelOutput):
+    text_last_hidden_state: Optional[torch.Tensor] = None  # (B, L, H)
+    audio_last_hidden_state: Optional[torch.Tensor] = None  # (B, T, H)
+
+
+class CTALModel(CTALPreTrainedModel):
+    """The two streams without heads (what AutoModel loads); takes the streams of any CTAL checkpoint."""
+    _dropped_prefixes = ("mlm_head.", "acoustic_head.", "fusion.", "classifier.")
+
+    def __init__(self, config: CTALConfig):
+        super().__init__(config)
+        self.init_parameters()
+
+    def forward(self, input_ids, attention_mask, frames, frame_mask):
+        text, audio = self.encode(input_ids, attention_mask, frames, frame_mask)
+        return CTALModelOutput(text_last_hidden_state=text, audio_last_hidden_state=audio)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -737,3 +812,21 @@ def load_text_checkpoint(text: TextStream, hf_dir, cfg: CTALConfig):
             raise ValueError(f"text_init={hf_dir}: {k} has shape {tuple(v.shape)}, "
                              f"expected {tuple(own[k].shape)}")
     text.load_state_dict(state, strict=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# transformers' Auto classes: AutoModel.from_pretrained(checkpoint) without remote code. `import ctal`
+# imports this module once transformers' Auto classes are imported (ctal/__init__.py says why then).
+
+
+def _register_auto_classes() -> None:
+    from transformers import (AutoConfig, AutoModel, AutoModelForPreTraining,
+                              AutoModelForSequenceClassification)
+
+    AutoConfig.register(CTALConfig.model_type, CTALConfig, exist_ok=True)
+    for auto, model in ((AutoModel, CTALModel), (AutoModelForPreTraining, CTALForPretraining),
+                        (AutoModelForSequenceClassification, CTALForSequenceClassification)):
+        auto.register(CTALConfig, model, exist_ok=True)
+
+
+_register_auto_classes()
