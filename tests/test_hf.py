@@ -1,5 +1,5 @@
 """Hugging Face conventions: text_init adopts a BERT/RoBERTa checkpoint's architecture, strict
-from_pretrained keywords, loading info, dtype, transformers' Auto classes."""
+from_pretrained keywords, loading info, dtype, transformers' Auto classes, the model card."""
 import importlib.util
 import json
 import shutil
@@ -14,6 +14,7 @@ from transformers import BertModel, RobertaConfig, RobertaModel
 
 from ctal.config import ConfigError, FinetuneConfig, PretrainConfig, load_config
 from ctal.model import CTALConfig, CTALForPretraining, CTALForSequenceClassification, CTALModel
+from ctal.model_card import model_card
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -222,3 +223,33 @@ def test_ctal_model_loads_the_streams_of_a_fine_tuned_checkpoint(tmp_path):
         out = base.eval()(ids, tmask, frames, fmask)
         text, audio = task.eval().encode(ids, tmask, frames, fmask)
     assert torch.equal(out.text_last_hidden_state, text) and torch.equal(out.audio_last_hidden_state, audio)
+
+
+# -- the model card ---------------------------------------------------------------------------------
+
+def test_model_card_states_the_facts():
+    card = model_card({
+        "kind": "fine-tuned", "task": "emotion", "fusion": "ctal", "parameters": 12_345_678, "epoch": 7,
+        "data": "s3://bucket/iemocap", "tokenizer_hash": "ab" * 32, "text_normalization": "release",
+        "metrics": {"wa": 0.61234, "ua": 0.5}, "config": {"lr": 1e-5, "model.fusion": "ctal"},
+        "command": ["python", "pipelines/tune_finetune.py", "--task", "emotion", "--name", "my run"]})
+    assert card.startswith("---\nlibrary_name: ctal\n") and "- emotion\n" in card
+    assert "# CTAL fine-tuned checkpoint: emotion" in card
+    for row in ("| epoch | 7 |", "| parameters | 12.3M (12,345,678) |", "| data set | s3://bucket/iemocap |",
+                f"| tokenizer sha256 | {'ab' * 32} |", "| text normalization | release |",
+                "| wa | 0.6123 |", "| lr | 1e-05 |"):
+        assert row in card, row
+    assert "python pipelines/tune_finetune.py --task emotion --name 'my run'" in card
+    assert "AutoModelForSequenceClassification.from_pretrained" in card and "| step |" not in card
+
+    pre = model_card({"kind": "pretraining", "step": 1200, "data": "runs/a|b", "tokenizer_hash": "f00",
+                      "command": "python pipelines/pretrain.py --data d"})
+    assert "# CTAL pretraining checkpoint\n" in pre and "| step | 1200 |" in pre and "runs/a\\|b" in pre
+    assert "## Metrics" not in pre and "AutoModelForPreTraining" in pre
+
+
+def test_model_card_refuses_unknown_or_missing_facts():
+    with pytest.raises(ValueError, match=r"missing \['tokenizer_hash'\], unknown \['stepp'\]"):
+        model_card({"kind": "pretraining", "data": "d", "stepp": 3})
+    with pytest.raises(ValueError, match="kind='finetuned'"):
+        model_card({"kind": "finetuned", "data": "d", "tokenizer_hash": "x"})
