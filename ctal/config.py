@@ -49,7 +49,8 @@ class ModelConfig:
     orthogonality_weight: float = 1.0
     mlm_weight: float = 1.0
     acoustic_weight: float = 1.0
-    # Local Hugging Face BERT/RoBERTa directory to initialize the text stream from (never downloads).
+    # Local Hugging Face BERT/RoBERTa directory to initialize the text stream from (never downloads);
+    # its config.json decides the text architecture (load_config and CTALConfig adopt it).
     text_init: Optional[str] = None
 
 
