@@ -49,7 +49,8 @@ class ModelConfig:
     orthogonality_weight: float = 1.0
     mlm_weight: float = 1.0
     acoustic_weight: float = 1.0
-    # Local Hugging Face BERT/RoBERTa directory to initialize the text stream from (never downloads).
+    # Local Hugging Face BERT/RoBERTa directory to initialize the text stream from (never downloads);
+    # its config.json decides the text architecture (load_config and CTALConfig adopt it).
     text_init: Optional[str] = None
 
 
@@ -275,8 +276,15 @@ def parse_overrides(overrides: list[str]) -> dict:
     return out
 
 
-def load_config(cls: type, files: list[str | Path] = (), overrides: list[str] = ()) -> Any:
-    """Merge YAML ``files`` in order, then ``overrides``; validate into dataclass ``cls``."""
+def load_config(cls: type, files: list[str | Path] = (), overrides: list[str] = (),
+                return_adopted: bool = False) -> Any:
+    """Merge YAML ``files`` in order, then ``overrides``; validate into dataclass ``cls``.
+
+    A ``model.text_init=DIR`` then decides the text architecture: DIR's config.json values replace
+    what the files say, and an override that contradicts DIR is a ConfigError naming both values.
+    ``return_adopted=True`` returns ``(cfg, adopted)``, adopted = {dotted key: (before, DIR's value)}
+    for every value text_init changed, so a recipe can say so.
+    """
     merged: dict = {}
     for f in files:
         with open(f, encoding="utf-8") as fh:
@@ -284,5 +292,31 @@ def load_config(cls: type, files: list[str | Path] = (), overrides: list[str] = 
         if not isinstance(data, dict):
             raise ConfigError(f"{f}: expected a mapping at the top level")
         merged = _merge(merged, data)
-    merged = _merge(merged, parse_overrides(list(overrides)))
-    return from_dict(cls, merged)
+    given = parse_overrides(list(overrides))
+    cfg = from_dict(cls, _merge(merged, given))
+    adopted = _adopt_text_init(cfg, given)
+    return (cfg, adopted) if return_adopted else cfg
+
+
+def _adopt_text_init(cfg: Any, given: dict, prefix: str = "") -> dict:
+    """Apply text_init to every ModelConfig inside ``cfg`` (in place); ``given`` holds the overrides."""
+    if not isinstance(cfg, ModelConfig):
+        adopted = {}
+        for f in dataclasses.fields(cfg):
+            value, sub = getattr(cfg, f.name), given.get(f.name)
+            if dataclasses.is_dataclass(value):
+                adopted.update(_adopt_text_init(value, sub if isinstance(sub, dict) else {},
+                                                prefix + f.name + "."))
+        return adopted
+    if not cfg.text_init:
+        return {}
+    from .model import adopt_text_init  # torch, only when a text_init asks for it
+
+    try:
+        values = adopt_text_init(vars(cfg), explicit=given, prefix=prefix)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    adopted = {prefix + k: (getattr(cfg, k), v) for k, v in values.items() if getattr(cfg, k) != v}
+    for k, v in values.items():
+        setattr(cfg, k, v)
+    return adopted

@@ -15,6 +15,8 @@ Differences from the released code, on purpose:
 """
 from __future__ import annotations
 
+import copy
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +36,23 @@ from .config import ModelConfig
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_text_layers", "num_audio_layers",
                        "num_attention_heads", "intermediate_size", "max_position_embeddings",
                        "type_vocab_size", "audio_dim", "max_audio_positions")
+MODEL_FIELDS = tuple(ModelConfig.__dataclass_fields__)
+# What a task head adds to the config (PretrainedConfig's own fields); from_pretrained accepts them.
+TASK_FIELDS = ("num_labels", "problem_type", "id2label", "label2id")
 
 
 class CTALConfig(PretrainedConfig):
-    """Hugging Face config carrying every field of `ctal.config.ModelConfig` (+ task fields)."""
+    """Hugging Face config carrying every field of `ctal.config.ModelConfig` (+ task fields).
+
+    With `text_init=DIR` the text architecture comes from DIR's config.json (`adopt_text_init`); a
+    keyword given here that disagrees with DIR raises ValueError naming both values.
+    """
     model_type = "ctal"
 
     def __init__(self, **kwargs):
+        kwargs.update(adopt_text_init(kwargs, explicit=kwargs))
         defaults = ModelConfig()
-        for name in ModelConfig.__dataclass_fields__:
+        for name in MODEL_FIELDS:
             setattr(self, name, kwargs.pop(name, getattr(defaults, name)))
         if self.fusion not in FUSION_VARIANTS:
             raise ValueError(f"fusion={self.fusion!r} is not one of {list(FUSION_VARIANTS)}")
@@ -55,7 +65,10 @@ class CTALConfig(PretrainedConfig):
 
     @classmethod
     def from_model_config(cls, cfg: ModelConfig, **kwargs) -> "CTALConfig":
-        return cls(**{**vars(cfg), **kwargs})
+        # Only fields that differ from ModelConfig's defaults count as set, so text_init may replace the rest.
+        defaults = ModelConfig()
+        given = {k: v for k, v in vars(cfg).items() if v != getattr(defaults, k)}
+        return cls(**{**given, **kwargs})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,7 +302,9 @@ class CTALPreTrainedModel(PreTrainedModel):
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
         self.config.architectures = [type(self).__name__]
-        self.config.to_json_file(path / "config.json")
+        config = copy.deepcopy(self.config)
+        config.text_init = None  # the weights hold the text stream now; DIR need not exist where this loads
+        config.to_json_file(path / "config.json")
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
                  if k not in self._tied_keys()}
         save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -298,13 +313,30 @@ class CTALPreTrainedModel(PreTrainedModel):
         return set()
 
     @classmethod
-    def from_pretrained(cls, path, **overrides):
-        """Load a CTAL checkpoint strictly; `overrides` may change non-architecture fields only.
+    def from_pretrained(cls, path, *model_args, **kwargs):
+        """Load a CTAL checkpoint strictly, the Hugging Face way.
 
-        A task model may start from a pretraining checkpoint (its heads are then fresh); anything
-        else missing, unexpected or mis-shaped raises with the first mismatch named.
+        Keywords: ModelConfig fields and task fields (TASK_FIELDS) override the saved config, but
+        not its architecture; `output_loading_info=True` returns (model, info) with HF's keys;
+        `dtype`/`torch_dtype` (a torch.dtype, its name, or "auto" = as saved) sets the dtype; `config`
+        and `subfolder` as in HF. Hub options (HUB_OPTIONS) have no effect: CTAL loads local folders
+        only. Anything else is refused by name. A task model may start from a pretraining checkpoint
+        (its heads are then fresh); anything else missing, unexpected or mis-shaped raises.
         """
-        path = Path(path)
+        if model_args:
+            raise TypeError(f"{cls.__name__}.from_pretrained() takes no positional arguments after the path")
+        _refuse_unknown(cls.__name__, kwargs)
+        options = {k: kwargs.pop(k) for k in LOADING_OPTIONS if k in kwargs}
+        if "_adapter_model_path" in (options.get("adapter_kwargs") or {}):
+            raise ValueError(f"{path}: PEFT adapters are not supported by CTAL checkpoints")
+        path = Path(path) / options.get("subfolder", "")
+        dtype = _requested_dtype(options.get("dtype"), options.get("torch_dtype"))
+        overrides = kwargs
+        if options.get("config") is not None:  # AutoModel passes the config it read; kwargs win over it
+            given = options["config"]
+            if not isinstance(given, CTALConfig):
+                raise TypeError(f"config must be a CTALConfig, got {type(given).__name__}")
+            overrides = {**{k: getattr(given, k) for k in (*MODEL_FIELDS, *TASK_FIELDS)}, **kwargs}
         if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
             raise FileNotFoundError(f"{path} is not a CTAL checkpoint (needs config.json and "
                                     "model.safetensors)")
@@ -325,15 +357,20 @@ class CTALPreTrainedModel(PreTrainedModel):
         config = CTALConfig(**{k: v for k, v in saved.items() if k not in ("architectures",)})
         model = cls(config)
         state = load_file(str(path / "model.safetensors"))
-        model._load_strict(state, path, allow_fresh=not same_kind)
-        return model
+        info = model._load_strict(state, path, allow_fresh=not same_kind)
+        if dtype == "auto":  # as saved: the first floating tensor's dtype, like HF
+            dtype = next((v.dtype for v in state.values() if v.is_floating_point()), None)
+        if dtype is not None:
+            model.to(dtype)
+        return (model, info) if options.get("output_loading_info") else model
 
-    def _load_strict(self, state: dict, path, allow_fresh: bool):
+    def _load_strict(self, state: dict, path, allow_fresh: bool) -> dict:
+        """Load `state`; returns HF's loading info (fresh heads missing, dropped heads unexpected)."""
         own = {k: v for k, v in self.state_dict().items() if k not in self._tied_keys()}
-        missing = [k for k in own if k not in state
-                   and not (allow_fresh and k.startswith(self._fresh_prefixes))]
-        unexpected = [k for k in state if k not in own
-                      and not (allow_fresh and k.startswith(self._dropped_prefixes))]
+        fresh = [k for k in own if k not in state]
+        dropped = [k for k in state if k not in own]
+        missing = [k for k in fresh if not (allow_fresh and k.startswith(self._fresh_prefixes))]
+        unexpected = [k for k in dropped if not (allow_fresh and k.startswith(self._dropped_prefixes))]
         if missing or unexpected:
             raise ValueError(f"checkpoint {path} does not fit {type(self).__name__} "
                              f"(fusion={self.config.fusion!r}): "
@@ -345,6 +382,59 @@ class CTALPreTrainedModel(PreTrainedModel):
                                  f"model expects {tuple(own[k].shape)}")
         self.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
         self._tie()
+        # strict loading leaves nothing mismatched or in error: either would have raised above
+        return {"missing_keys": set(fresh), "unexpected_keys": set(dropped), "mismatched_keys": set(),
+                "error_msgs": []}
+
+
+# HF loading options: AutoModel passes the hub ones along (and _from_auto, adapter_kwargs, trust_remote_code).
+HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "token",
+               "trust_remote_code", "adapter_kwargs", "_from_auto")
+LOADING_OPTIONS = ("config", "output_loading_info", "dtype", "torch_dtype", "subfolder", *HUB_OPTIONS)
+
+
+def _refuse_unknown(owner: str, kwargs: dict) -> None:
+    known = (*MODEL_FIELDS, *TASK_FIELDS, *LOADING_OPTIONS)
+    unknown = [k for k in kwargs if k not in known]
+    if unknown:
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, n=1))
+                 else repr(k) for k in unknown]
+        raise TypeError(f"{owner}.from_pretrained() got unknown keyword argument(s) {', '.join(hints)}; it "
+                        f"takes ModelConfig fields, task fields ({', '.join(TASK_FIELDS)}) and loading "
+                        f"options ({', '.join(LOADING_OPTIONS[:5])})")
+
+
+def _requested_dtype(dtype, torch_dtype):
+    """None (float32, as built), "auto", or a floating torch.dtype from a dtype or its name."""
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give dtype only "
+                         "(torch_dtype is its old name)")
+    dtype = dtype if dtype is not None else torch_dtype
+    if dtype is None or dtype == "auto":
+        return dtype
+    resolved = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if not (isinstance(resolved, torch.dtype) and resolved.is_floating_point):
+        raise ValueError(f"dtype={dtype!r} is not a floating torch dtype, its name (e.g. 'bfloat16') or 'auto'")
+    return resolved
+
+
+@dataclass
+class CTALModelOutput(ModelOutput):
+    text_last_hidden_state: Optional[torch.Tensor] = None  # (B, L, H)
+    audio_last_hidden_state: Optional[torch.Tensor] = None  # (B, T, H)
+
+
+class CTALModel(CTALPreTrainedModel):
+    """The two streams without heads (what AutoModel loads); takes the streams of any CTAL checkpoint."""
+    _dropped_prefixes = ("mlm_head.", "acoustic_head.", "fusion.", "classifier.")
+
+    def __init__(self, config: CTALConfig):
+        super().__init__(config)
+        self.init_parameters()
+
+    def forward(self, input_ids, attention_mask, frames, frame_mask):
+        text, audio = self.encode(input_ids, attention_mask, frames, frame_mask)
+        return CTALModelOutput(text_last_hidden_state=text, audio_last_hidden_state=audio)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -616,18 +706,68 @@ class CTALForSequenceClassification(CTALPreTrainedModel):
 # loading a local Hugging Face BERT / RoBERTa into the text stream
 
 
+# The HF model types whose weight names and math the text stream follows, with the position style of each.
+TEXT_INIT_TYPES = {"bert": "bert", "roberta": "roberta"}
+
+
 def text_config_from_hf(hf_dir) -> dict:
-    """ModelConfig text fields read from a local HF BERT/RoBERTa config.json."""
-    hf = json.loads((Path(hf_dir) / "config.json").read_text())
-    if hf.get("model_type") not in ("bert", "roberta"):
-        raise ValueError(f"{hf_dir}: text_init supports BERT and RoBERTa, got {hf.get('model_type')!r}")
-    return dict(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                num_text_layers=hf["num_hidden_layers"], num_attention_heads=hf["num_attention_heads"],
-                intermediate_size=hf["intermediate_size"], hidden_act=hf.get("hidden_act", "gelu"),
-                max_position_embeddings=hf["max_position_embeddings"],
-                type_vocab_size=hf.get("type_vocab_size", 2), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-                pad_token_id=hf.get("pad_token_id", 0),
-                text_position_style="roberta" if hf["model_type"] == "roberta" else "bert")
+    """The ModelConfig fields a local HF BERT/RoBERTa checkpoint fixes, read from its config.json.
+
+    The one mapping from an HF config to ours; the audio stream shares hidden size, heads and FFN, so
+    it follows the checkpoint's width too. Anything the text stream cannot reproduce is refused,
+    naming the file.
+    """
+    from transformers import AutoConfig
+
+    file = Path(hf_dir) / "config.json"
+    if not file.is_file():
+        raise ValueError(f"text_init={hf_dir}: {file} does not exist (text_init needs a local Hugging Face "
+                         "BERT or RoBERTa folder)")
+    try:
+        raw = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"text_init={hf_dir}: {file} is not JSON ({e})") from None
+    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    if kind not in TEXT_INIT_TYPES:
+        raise ValueError(f"text_init={hf_dir}: {file} has model_type={kind!r}; text_init supports "
+                         f"{' and '.join(TEXT_INIT_TYPES)}")
+    hf = AutoConfig.for_model(**raw)  # BertConfig / RobertaConfig: their defaults fill absent keys
+    unsupported = {"position_embedding_type": (getattr(hf, "position_embedding_type", "absolute"), "absolute"),
+                   "is_decoder": (getattr(hf, "is_decoder", False), False)}
+    for key, (value, needed) in unsupported.items():
+        if value != needed:
+            raise ValueError(f"text_init={hf_dir}: {file} has {key}={value!r}; the text stream needs {needed!r}")
+    if hf.hidden_act not in ACT2FN:
+        raise ValueError(f"text_init={hf_dir}: {file} has hidden_act={hf.hidden_act!r}, not one of "
+                         "transformers' activations")
+    return dict(vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, num_text_layers=hf.num_hidden_layers,
+                num_attention_heads=hf.num_attention_heads, intermediate_size=hf.intermediate_size,
+                hidden_act=hf.hidden_act, max_position_embeddings=hf.max_position_embeddings,
+                type_vocab_size=hf.type_vocab_size, layer_norm_eps=hf.layer_norm_eps,
+                pad_token_id=hf.pad_token_id, text_position_style=TEXT_INIT_TYPES[kind])
+
+
+def adopt_text_init(values: dict, explicit=(), prefix: str = "") -> dict:
+    """What `values["text_init"]` decides: {field: value} from its config.json ({} without text_init).
+
+    `values` maps ModelConfig fields to what a config has now; those named in `explicit` were set by
+    the user (a keyword, a command-line override), the rest are defaults that text_init replaces. An
+    explicit value that disagrees raises ValueError naming the key (with `prefix`), both values and
+    the file.
+    """
+    hf_dir = values.get("text_init")
+    if not hf_dir:
+        return {}
+    try:
+        adopted = text_config_from_hf(hf_dir)
+    except ValueError as e:
+        raise ValueError(f"{prefix}{e}") from None  # its messages start with text_init=…
+    conflicts = [f"{prefix}{k}={values[k]!r} but {Path(hf_dir) / 'config.json'} has {k}={v!r}"
+                 for k, v in adopted.items() if k in explicit and values[k] != v]
+    if conflicts:
+        raise ValueError(f"{prefix}text_init={hf_dir} sets the text architecture: {'; '.join(conflicts)} "
+                         f"(drop the setting or give the checkpoint's value)")
+    return adopted
 
 
 def _read_hf_state(hf_dir: Path) -> dict:
@@ -653,8 +793,8 @@ def load_text_checkpoint(text: TextStream, hf_dir, cfg: CTALConfig):
     for key, value in expected.items():
         if getattr(cfg, key) != value:
             raise ValueError(f"text_init={hf_dir}: checkpoint has {key}={value!r} but the model config "
-                             f"has {key}={getattr(cfg, key)!r} (build the config with "
-                             "ctal.model.text_config_from_hf)")
+                             f"has {key}={getattr(cfg, key)!r} (CTALConfig(text_init=...) adopts the "
+                             "checkpoint's values; do not change them afterwards)")
     state = {}
     for k, v in _read_hf_state(hf_dir).items():
         for prefix in ("bert.", "roberta.", "model."):
@@ -672,3 +812,21 @@ def load_text_checkpoint(text: TextStream, hf_dir, cfg: CTALConfig):
             raise ValueError(f"text_init={hf_dir}: {k} has shape {tuple(v.shape)}, "
                              f"expected {tuple(own[k].shape)}")
     text.load_state_dict(state, strict=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# transformers' Auto classes: AutoModel.from_pretrained(checkpoint) without remote code. `import ctal`
+# imports this module once transformers' Auto classes are imported (ctal/__init__.py says why then).
+
+
+def _register_auto_classes() -> None:
+    from transformers import (AutoConfig, AutoModel, AutoModelForPreTraining,
+                              AutoModelForSequenceClassification)
+
+    AutoConfig.register(CTALConfig.model_type, CTALConfig, exist_ok=True)
+    for auto, model in ((AutoModel, CTALModel), (AutoModelForPreTraining, CTALForPretraining),
+                        (AutoModelForSequenceClassification, CTALForSequenceClassification)):
+        auto.register(CTALConfig, model, exist_ok=True)
+
+
+_register_auto_classes()

@@ -12,11 +12,11 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def test_yaml_files_merge_in_order_and_overrides_apply():
     cfg = load_config(PretrainConfig, [CONFIGS / "pretrain.yaml", CONFIGS / "base.yaml"],
                       ["model.hidden_size=256", "lr=1e-4", "model.fusion=late_concat",
-                       "masking.span_max=40", "use_gpu=false", "model.text_init=/tmp/x"])
+                       "masking.span_max=40", "use_gpu=false"])
     assert cfg.model.num_text_layers == 6 and cfg.model.num_audio_layers == 6
     assert cfg.model.hidden_size == 256 and cfg.lr == 1e-4 and isinstance(cfg.lr, float)
     assert cfg.model.fusion == "late_concat" and cfg.masking.span_max == 40
-    assert cfg.use_gpu == "false" and cfg.model.text_init == "/tmp/x"
+    assert cfg.use_gpu == "false" and cfg.model.text_init is None
     assert cfg.warmup_ratio == 0.07  # from pretrain.yaml
 
 
@@ -87,3 +87,11 @@ def test_sweep_settings_load_from_yaml_with_overrides(tmp_path):
 def test_bad_sweep_settings_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(SweepConfig, [CONFIGS / "sweep.yaml"], [override])
+
+
+def test_a_text_init_that_is_no_checkpoint_fails_naming_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.text_init=.*nowhere/config\.json does not exist"):
+        load_config(PretrainConfig, [], [f"model.text_init={tmp_path / 'nowhere'}"])
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_embd": 64}')
+    with pytest.raises(ConfigError, match=r"config\.json has model_type='gpt2'; text_init supports bert and roberta"):
+        load_config(FinetuneConfig, [], [f"model.text_init={tmp_path}"])

