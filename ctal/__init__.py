@@ -13,7 +13,10 @@ import importlib
 import importlib.abc
 import sys
 
-_AUTO = "transformers.models.auto"  # where AutoConfig and AutoModel* live
+# Where AutoModel* live. Not the auto package itself: transformers.modeling_utils imports
+# configuration_auto while it initializes, and importing ctal.model (which needs PreTrainedModel) at
+# that moment would be a circular import; modeling_auto is only imported once someone uses AutoModel*.
+_AUTO = "transformers.models.auto.modeling_auto"
 
 
 class _RegisterAfterImport(importlib.abc.Loader):
@@ -27,7 +30,8 @@ class _RegisterAfterImport(importlib.abc.Loader):
 
     def exec_module(self, module):
         self.loader.exec_module(module)
-        importlib.import_module("ctal.model")
+        if "ctal.model" not in sys.modules:  # being imported already: it registers itself at its end
+            importlib.import_module("ctal.model")
 
     def __getattr__(self, name):  # resource readers and the like: the wrapped loader's
         return getattr(self.loader, name)
