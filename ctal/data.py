@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
-from .config import FeatureConfig, from_dict
+from .config import ConfigError, FeatureConfig, from_dict
 
 FBANK_DIM = 80
 
@@ -289,6 +289,19 @@ def _require_complete(data_dir) -> None:
     if not storage.is_file(storage.join(data_dir, REPORT_FILE)):
         raise FileNotFoundError(f"{str(data_dir)!r} has no {REPORT_FILE}: not a complete preprocessed "
                                 "data set (missing, or a run that did not finish); run pipelines/preprocess.py")
+
+
+def check_vocabulary(model_cfg, tok: TokenizerInfo) -> None:
+    """A text stream adopted from ``model.text_init`` must read the data set's token ids: same
+    vocabulary size and pad id (preprocess with ``tokenizer=<that folder>`` to get them). Raises
+    ConfigError before any worker starts; without text_init the model takes the data's vocabulary."""
+    if not model_cfg.text_init:
+        return
+    ours, theirs = (model_cfg.vocab_size, model_cfg.pad_token_id), (tok.vocab_size, tok.pad_token_id)
+    if ours != theirs:
+        raise ConfigError(f"model.text_init={model_cfg.text_init} has vocab_size={ours[0]}, pad id {ours[1]}, "
+                          f"but the data set's tokenizer has vocab_size={theirs[0]}, pad id {theirs[1]}: "
+                          f"preprocess the corpus with tokenizer={model_cfg.text_init}")
 
 
 def list_shards(data_dir: str | Path) -> list:

@@ -40,7 +40,7 @@ from . import checkpoint, storage
 from .batching import PretrainBatches, collate, derive_seed, prefetch
 from .checkpoint import CheckpointStore, Part
 from .config import ConfigError, PretrainConfig, to_dict
-from .data import TOKENIZER_DIR, TokenizerInfo, open_dataset
+from .data import TOKENIZER_DIR, TokenizerInfo, check_vocabulary, open_dataset
 from .model import CTALConfig, CTALForPretraining
 from .optim import build_optimizer, build_scheduler
 
@@ -68,7 +68,9 @@ def prepare(cfg: PretrainConfig) -> PretrainPlan:
     # Absolute paths (Ray workers do not share the driver's working directory); URIs as given.
     cfg = dataclasses.replace(cfg, data=storage.normalize(cfg.data), storage_path=storage.normalize(cfg.storage_path),
                               max_frames=min(cfg.max_frames, cfg.model.max_audio_positions))
-    return PretrainPlan(cfg, open_dataset(cfg.data).tokenizer)
+    tok = open_dataset(cfg.data).tokenizer
+    check_vocabulary(cfg.model, tok)
+    return PretrainPlan(cfg, tok)
 
 
 def validate_pretrain_config(cfg: PretrainConfig) -> None:

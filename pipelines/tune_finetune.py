@@ -27,6 +27,7 @@ from ctal import storage
 from ctal.checkpoint import STATE_FILE as CHECKPOINT_FILE
 from ctal.config import ConfigError, FinetuneConfig, SweepConfig, load_config
 from ctal.distributed.tune import SWEEP_FILE, experiment_location, load_sweep, run_sweep
+from ctal.data import check_vocabulary
 from ctal.finetune import TaskData, check_init
 from ctal.pretrain import latest_checkpoint
 from ctal.report import describe
@@ -102,6 +103,7 @@ def main(argv=None) -> int:
             if not storage.is_file(storage.join(cfg.init, CHECKPOINT_FILE)) and latest_checkpoint(cfg.init):
                 cfg = replace(cfg, init=str(latest_checkpoint(cfg.init)))  # a pretraining run: its newest
             check_init(cfg.init, data)  # one vocabulary: refuse a mismatch now, not inside every trial
+        check_vocabulary(cfg.model, data.tokenizer)
         check_sweep(cfg, space, sweep, data)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")

@@ -253,3 +253,27 @@ def test_model_card_refuses_unknown_or_missing_facts():
         model_card({"kind": "pretraining", "data": "d", "stepp": 3})
     with pytest.raises(ValueError, match="kind='finetuned'"):
         model_card({"kind": "finetuned", "data": "d", "tokenizer_hash": "x"})
+
+
+def test_text_init_needs_the_data_tokenized_with_its_vocabulary_and_says_so_before_ray(tmp_path):
+    """The documented path: preprocess with tokenizer=DIR, then pretrain with model.text_init=DIR."""
+    import numpy as np
+
+    from ctal.data import write_dataset
+    from ctal.pretrain import prepare
+    from ctal.tokenizer import load_tokenizer
+    from tiny_data import write_tiny_dataset
+
+    hf_dir = minilm_dir()
+    args = [f"model.text_init={hf_dir}", "model.num_audio_layers=1"]
+    bpe = write_tiny_dataset(tmp_path / "bpe", n=8)
+    with pytest.raises(ConfigError, match=rf"vocab_size=30522, pad id 0.*vocab_size=\d+, pad id 1.*tokenizer={hf_dir}"):
+        prepare(load_config(PretrainConfig, [CONFIGS / "pretrain.yaml"], [*args, f"data={bpe}"]))
+    tok = load_tokenizer(hf_dir)
+    records = [{"id": f"u{i}", "corpus": "t", "split": "train", "speaker": "s", "text": "a cat sat",
+                "input_ids": np.asarray(tok("a cat sat")["input_ids"], np.int32), "n_frames": 40,
+                "fbank": np.zeros((40, 80), np.float32), "label": None, "label_name": None,
+                "duration_s": 0.4, "sample_rate": 16000} for i in range(8)]
+    write_dataset(tmp_path / "wordpiece", records, tok, corpus="t", source=str(hf_dir))
+    plan = prepare(load_config(PretrainConfig, [CONFIGS / "pretrain.yaml"], [*args, f"data={tmp_path / 'wordpiece'}"]))
+    assert (plan.cfg.model.vocab_size, plan.tokenizer.vocab_size, plan.cfg.model.hidden_size) == (30522, 30522, 384)
