@@ -6,6 +6,8 @@ A checkpoint is a directory::
     optimizer.safetensors            optimizer tensors, with the param groups and the scheduler state
                                      as JSON in its metadata: what a resume needs, never a pickle
     tokenizer/                       the tokenizer the model was trained with
+    README.md                        the model card: what it is, data set, tokenizer hash, step or
+                                     epoch, metrics, configuration, the command line that made it
     checkpoint.json                  the state file, written last: kind, models, tokenizer hash, the
                                      sha256 of every other file, and what the loop records
 
@@ -26,7 +28,9 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
+import sys
 import tempfile
 import uuid
 import warnings
@@ -41,11 +45,14 @@ from safetensors.torch import save_file
 from . import storage
 from .data import TOKENIZER_DIR
 from . import tokenizer as _tokenizer
+from .model_card import model_card
 from .tokenizer import TOKENIZER_FILES
 
 STATE_FILE = "checkpoint.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 FORMAT = 1
+CARD_FILE = "README.md"  # the model card (Hugging Face's convention), covered by the file hashes
+COMMAND_ENV = "CTAL_COMMAND"  # the recipe's command line, for the model card
 
 
 class CheckpointError(RuntimeError):
@@ -99,6 +106,7 @@ def write(dest: str | os.PathLike, kind: str, models: dict[str, Part], *, tokeni
         if copied != tokenizer_hash:
             raise ValueError(f"tokenizer {tokenizer_dir} hashes to {copied[:12]}…, expected "
                              f"{tokenizer_hash[:12]}… (a stale copy?); not writing {dest}")
+        (staging / CARD_FILE).write_text(_card(kind, state, models, tokenizer_hash, staging), encoding="utf-8")
         files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
         full = {"format": FORMAT, "kind": kind, **state, "models": dirs, "tokenizer_hash": tokenizer_hash,
                 "files": {f: _sha256(staging / f) for f in files}}
@@ -110,6 +118,40 @@ def write(dest: str | os.PathLike, kind: str, models: dict[str, Part], *, tokeni
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return _as_location(dest)
+
+
+def record_command() -> None:
+    """Remember this process's command line for the model cards of the checkpoints it writes.
+    Recipes call it on the driver; Ray workers on this machine inherit it through the environment
+    (a worker elsewhere writes a card without the command rather than its own worker command)."""
+    os.environ.setdefault(COMMAND_ENV, shlex.join(["python", *sys.argv]))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif v is None or isinstance(v, (str, int, float, bool)):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _card(kind: str, state: dict, models: dict[str, Part], tokenizer_hash: str, staging: Path) -> str:
+    """The checkpoint's README.md (ctal.model_card) from what the loop records."""
+    cfg = state.get("config") or {}
+    first = next(iter(models.values())).model
+    metrics = {k: v for k, v in (state.get("metrics") or {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    facts = {"kind": "pretraining" if kind == "pretraining" else "fine-tuned",
+             "data": state.get("data") or cfg.get("data") or "(not recorded)", "tokenizer_hash": tokenizer_hash,
+             "task": state.get("task"), "fusion": None if kind == "pretraining" else first.config.fusion,
+             "parameters": first.count_parameters(), "step": state.get("step"), "epoch": state.get("epoch"),
+             "metrics": metrics, "config": _flat(cfg),
+             "text_normalization": _tokenizer.read_normalization(staging / TOKENIZER_DIR),
+             # never a Ray worker's own command line: only what the recipe recorded
+             "command": os.environ.get(COMMAND_ENV)}
+    return model_card({k: v for k, v in facts.items() if v not in (None, {}, "")})
 
 
 def _save_training_state(model_dir: Path, optimizer, scheduler) -> None:

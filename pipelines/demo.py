@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from ctal.checkpoint import record_command
 from ctal.config import DataConfig, FinetuneConfig, PretrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers for pretraining")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    record_command()  # for the model cards of the checkpoints this run writes
     from ctal.demo import (DEMO_FEATURES, SIZES, demo_report, done, evaluate_variants, restrict_space, stage,
                            synthesize_corpora)  # torch and friends load after --help
 

@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ctal.checkpoint import record_command
 from ctal.config import ConfigError, PretrainConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -37,6 +38,7 @@ def main(argv=None) -> int:
                                      "or a running cluster, else a new local one)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
+    record_command()  # for the model cards of the checkpoints this run writes
 
     flags = {"data": args.data, "num_workers": args.num_workers, "use_gpu": args.use_gpu,
              "storage_path": args.storage, "run_name": args.name}

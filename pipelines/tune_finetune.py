@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ctal import storage
 from ctal.checkpoint import STATE_FILE as CHECKPOINT_FILE
+from ctal.checkpoint import record_command
 from ctal.config import ConfigError, FinetuneConfig, SweepConfig, load_config
 from ctal.distributed.tune import SWEEP_FILE, experiment_location, load_sweep, run_sweep
 from ctal.data import check_vocabulary
@@ -78,6 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="continue the sweep at <storage>/<name>")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="FinetuneConfig; sweep.key=value: SweepConfig")
     args = p.parse_args(argv)
+    record_command()  # for the model cards of the checkpoints this run writes
 
     try:
         sweep = load_sweep_config(args)

@@ -99,7 +99,7 @@ def test_the_store_lists_writes_prunes_chooses_and_reads_a_path_and_a_uri_alike(
     assert step == 3 and checkpoint.verify(local)["step"] == 3
     state = checkpoint.read_state(store.path(3))  # read without a download, path or URI
     assert state["kind"] == "pretraining" and state["models"] == {"main": "."}
-    assert sorted(state["files"]) == sorted(["config.json", "model.safetensors", "optimizer.safetensors",
+    assert sorted(state["files"]) == sorted(["README.md", "config.json", "model.safetensors", "optimizer.safetensors",
                                              *[f"tokenizer/{n}" for n in storage.listdir(tiny / "tokenizer")]])
     model = CTALForPretraining.from_pretrained(local)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in parts[3].model.state_dict().items())
@@ -190,8 +190,8 @@ def test_finetuning_checkpoints_hold_no_pickle_and_resume_to_the_same_losses(tin
 
     finetune(cfg, report=keep, log=lambda _: None)
     first = tmp_path / "epoch1"
-    assert sorted(p.name for p in first.iterdir()) == ["checkpoint.json", "config.json", "model.safetensors",
-                                                       "optimizer.safetensors", "tokenizer"]
+    assert sorted(p.name for p in first.iterdir()) == ["README.md", "checkpoint.json", "config.json",
+                                                       "model.safetensors", "optimizer.safetensors", "tokenizer"]
     assert checkpoint.verify(first)["epoch"] == 1 and read_state(first)["folds"] == ["main"]
     assert fold_dirs(first) == {"main": first}
     resumed = []
@@ -266,3 +266,21 @@ def test_preprocessing_takes_the_tokenizer_of_a_data_set_or_a_checkpoint(tiny, t
     save_normalization(folder, "lower")
     assert resolve_tokenizer(replace(DataConfig(), tokenizer=str(folder))).text_normalization == "lower"
     assert resolve_tokenizer(DataConfig()).text_normalization == "release"
+
+
+def test_every_checkpoint_carries_a_model_card_of_what_made_it(tiny, tmp_path, monkeypatch):
+    from ctal.finetune import finetune
+    from ctal.pretrain import pretrain_loop
+
+    monkeypatch.setenv(checkpoint.COMMAND_ENV, "python pipelines/pretrain.py --data d --name n")
+    pre = Path(pretrain_loop(_pretrain_cfg(tiny), run_dir=tmp_path / "run", log=lambda _: None)["checkpoint"])
+    card = (pre / checkpoint.CARD_FILE).read_text()
+    assert card.startswith("---\nlibrary_name: ctal") and "# CTAL pretraining checkpoint" in card
+    assert "| step | 2 |" in card and _hash(tiny) in card and str(tiny) in card
+    assert "python pipelines/pretrain.py --data d --name n" in card and "mlm_loss" in card
+    assert checkpoint.CARD_FILE in checkpoint.verify(pre)["files"]  # covered by the hashes like the rest
+    monkeypatch.delenv(checkpoint.COMMAND_ENV)
+    finetune(_finetune_cfg(tiny, f"init={pre}"), out_dir=tmp_path / "ft", log=lambda _: None)
+    card = (tmp_path / "ft" / "best" / checkpoint.CARD_FILE).read_text()
+    assert "# CTAL fine-tuned checkpoint: sentiment" in card and "| epoch | 1 |" in card and "dev_mae" in card
+    assert "## How it was made" not in card  # no command recorded: none invented
