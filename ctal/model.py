@@ -183,15 +183,20 @@ class TextEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
+def layer_stack(cfg: CTALConfig, n: int, cross_attention: bool) -> nn.Module:
+    """`encoder.layer.N.*`: N layers under HF BERT's names, so text weights load one to one."""
+    encoder = nn.Module()
+    encoder.layer = nn.ModuleList(TransformerLayer(cfg, cross_attention=cross_attention) for _ in range(n))
+    return encoder
+
+
 class TextStream(nn.Module):
     """RoBERTa-style bidirectional encoder (HF names: `embeddings.*`, `encoder.layer.N.*`)."""
 
     def __init__(self, cfg: CTALConfig):
         super().__init__()
         self.embeddings = TextEmbeddings(cfg)
-        self.encoder = nn.Module()
-        self.encoder.layer = nn.ModuleList(TransformerLayer(cfg, cross_attention=False)
-                                           for _ in range(cfg.num_text_layers))
+        self.encoder = layer_stack(cfg, cfg.num_text_layers, cross_attention=False)
 
     def forward(self, input_ids, attention_mask):
         x = self.embeddings(input_ids)  # (B, L, H)
@@ -226,9 +231,7 @@ class AudioStream(nn.Module):
     def __init__(self, cfg: CTALConfig):
         super().__init__()
         self.embeddings = AudioEmbeddings(cfg)
-        self.encoder = nn.Module()
-        self.encoder.layer = nn.ModuleList(TransformerLayer(cfg, cross_attention=True)
-                                           for _ in range(cfg.num_audio_layers))
+        self.encoder = layer_stack(cfg, cfg.num_audio_layers, cross_attention=True)
         self.causal = cfg.audio_causal
 
     def forward(self, frames, frame_mask, text=None, text_mask=None):
