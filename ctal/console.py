@@ -43,14 +43,15 @@ def _clock(seconds: float) -> str:
 class Progress:
     """``n`` of ``total`` units done, with the time left; a context manager.
 
-    ``initial``: units already done before this process started (a resumed run), left out of the
-    rate. ``write(line)`` prints a line (a metric, a note) without breaking the bar.
+    ``initial``: units already done before this process started (a resumed run). The time left
+    comes from the rate since the first update, so start-up time does not skew it. ``write(line)`` prints a line (a metric, a note) without breaking the bar.
     """
 
     def __init__(self, total: Optional[int], desc: str, unit: str = "it", initial: int = 0):
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
         self._initial, self._t0 = initial, time.monotonic()
         self._last_plain, self._printed_n = self._t0, initial
+        self._first: Optional[tuple[float, int]] = None  # (time, count) of the first update
         self._bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -65,6 +66,8 @@ class Progress:
         """Move to ``n`` units done (never backwards)."""
         if n <= self.n:
             return
+        if self._first is None:  # start-up (a process pool, a Ray worker group) is not the rate
+            self._first = time.monotonic(), n
         if self._bar is not None:
             self._bar.update(n - self.n)
         self.n = n
@@ -86,9 +89,10 @@ class Progress:
         else:
             text += f" {self.unit}"
         text += f", {_clock(elapsed)} elapsed"
-        done = self.n - self._initial
-        if self.total and 0 < done and self.n < self.total:
-            text += f", ~{_clock(elapsed / done * (self.total - self.n))} left"
+        if self.total and self._first and self._first[1] < self.n < self.total:
+            t_first, n_first = self._first
+            rate = (time.monotonic() - t_first) / (self.n - n_first)
+            text += f", ~{_clock(rate * (self.total - self.n))} left"
         return text
 
     def _plain(self) -> None:

@@ -30,8 +30,8 @@ def test_progress_without_a_terminal_prints_occasional_lines_with_time_left(monk
         bar.set(12)  # within PLAIN_EVERY_S of the start: no line yet
         assert capsys.readouterr().err == ""
         clock.t += console.PLAIN_EVERY_S
-        bar.set(20)  # 10 steps in 35 s since the resume point → 20 steps left ≈ 70 s
-        assert capsys.readouterr().err == "[pretrain] 20/40 steps (50%), 0:35 elapsed, ~1:10 left\n"
+        bar.set(20)  # 8 steps in 30 s since the first update (start-up left out) → 20 steps left ≈ 75 s
+        assert capsys.readouterr().err == "[pretrain] 20/40 steps (50%), 0:35 elapsed, ~1:15 left\n"
         bar.write("step      20 | loss 1.0")
         clock.t += 35
         bar.set(40)

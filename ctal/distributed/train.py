@@ -9,6 +9,11 @@ and reports metrics to Ray only at checkpoints: reporting every step throttles t
 2 s poll (DESIGN.md). ``data`` and ``storage_path`` may be pyarrow URIs (``s3://``, ``gs://``,
 ``file://``; ctal.storage), which every node reads and writes alike; a plain path on a multi-node
 cluster must be a shared mount (NFS/EFS) at the same path on every node.
+
+Console (ctal.distributed.console): rank 0's log lines travel to the driver, which prints them and
+moves a step bar with the time left; Ray's own output stays hidden unless ``--verbose``. The
+trainer's placement-group cleaner acts only on a controller death the GCS confirms
+(ctal.distributed.pg_cleaner), so a busy machine's State-API miss does not end a healthy run.
 """
 from __future__ import annotations
 
