@@ -34,6 +34,7 @@ def quiet_driver() -> None:
 
     for name in RAY_LOGGERS:  # ray.data configures its own logger at import: set each one
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
@@ -45,7 +46,8 @@ def init_ray(address: Optional[str] = None, **kwargs) -> None:
     (a caller that started it chose its own console)."""
     quiet_driver()
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=verbose(), **kwargs)
+        ray.init(address=address, log_to_driver=verbose(),
+                 logging_level=logging.INFO if verbose() else logging.WARNING, **kwargs)
 
 
 def tune_verbosity(requested: int) -> int:
