@@ -9,13 +9,15 @@ Without ``--verbose`` (``ctal.console.verbose()`` false):
   sweep's trials report to Tune, whose callback on the driver prints one line per trial. Errors
   still come back as the exceptions ``fit()`` raises, with the worker's traceback.
 - The driver's ``ray`` loggers show warnings and errors only; Ray Data's progress bars are off (ours
-  count rows instead); Tune runs at ``verbose=0`` (no status tables).
+  count rows instead); Tune runs at ``verbose=0`` with its legacy output (``RAY_AIR_NEW_OUTPUT=0``:
+  the new one prints its experiment box at any verbosity), a bar over trials in place of its tables.
 
 With ``--verbose`` all of it is back, as Ray prints it by default.
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Callable, Optional
 
@@ -32,6 +34,8 @@ def quiet_driver() -> None:
         return
     import ray.data
 
+    # Tune's new output engine prints its experiment box even at verbose=0; the legacy one is silent
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     for name in RAY_LOGGERS:  # ray.data configures its own logger at import: set each one
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
