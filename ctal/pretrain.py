@@ -103,6 +103,19 @@ def read_metrics(run_dir: str | Path) -> dict[int, dict]:
     return out
 
 
+def step_line(m: dict) -> str:
+    """The metric line the loop logs every ``log_every`` steps (``step_of`` reads the step back)."""
+    return (f"step {m['step']:>7d} | loss {m['loss']:.4f} | mlm {m['mlm_loss']:.4f} | "
+            f"acoustic {m['masked_acoustic_loss']:.4f} | lr {m['lr']:.2e} | {m['samples_per_s']:.1f} samples/s | "
+            f"padding eff {m['padding_efficiency']:.3f}")
+
+
+def step_of(line: str) -> Optional[int]:
+    """The step of a ``step_line``, None for any other line."""
+    head = line.split(" | ", 1)[0].split()
+    return int(head[1]) if len(head) == 2 and head[0] == "step" and head[1].isdigit() else None
+
+
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path | str]:
     """The newest checkpoint of a run directory (or None); it loads with ``from_pretrained``, for a
     URI after ``ctal.checkpoint.local_copy``."""
@@ -283,10 +296,7 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
                         "masked_acoustic_loss": acoustic / n, "lr": lr, "samples_per_s": samples / dt,
                         "padding_efficiency": real / padded, "epoch": step * accum / data.batches_per_epoch}
                 if rank == 0:
-                    log(f"step {step:>7d} | loss {last['loss']:.4f} | mlm {last['mlm_loss']:.4f} | "
-                        f"acoustic {last['masked_acoustic_loss']:.4f} | lr {last['lr']:.2e} | "
-                        f"{last['samples_per_s']:.1f} samples/s | "
-                        f"padding eff {last['padding_efficiency']:.3f}")
+                    log(step_line(last))
                     for k, v in last.items():
                         if k != "step":
                             writer.add_scalar(f"train/{k}", v, step)

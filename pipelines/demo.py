@@ -24,6 +24,7 @@ import yaml
 
 from ctal.checkpoint import record_command
 from ctal.config import DataConfig, FinetuneConfig, PretrainConfig, load_config
+from ctal.console import VERBOSE_HELP, set_verbose, stage as say
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +36,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers for pretraining")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     args = p.parse_args(argv)
+    set_verbose(args.verbose)
     record_command()  # for the model cards of the checkpoints this run writes
     from ctal.demo import (DEMO_FEATURES, SIZES, demo_report, done, evaluate_variants, restrict_space, stage,
                            synthesize_corpora)  # torch and friends load after --help
@@ -48,10 +51,9 @@ def main(argv=None) -> int:
     narrow = ROOT / "configs" / "narrow.yaml"
     t_start = time.time()
 
-    import ray
-
     from ctal.corpora import read_corpus
     from ctal.data import train_transcript_tokenizer
+    from ctal.distributed.console import init_ray
     from ctal.distributed.preprocess import run_preprocess
     from ctal.distributed.train import pretrain
     from ctal.config import SweepConfig
@@ -66,13 +68,13 @@ def main(argv=None) -> int:
     if not stage(out, "corpus"):
         synthesize_corpora(out, size, args.seed, corpus, pre_corpus)
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)  # local Ray on this machine's cores
+    init_ray(include_dashboard=False)  # local Ray on this machine's cores
 
     # 2. Parquet, both corpora with one tokenizer (the fine-tuned model keeps the pretrained embeddings)
     data, pre_data = out / "data", out / "data_pretrain"
     if not stage(out, "data"):
         t0 = time.time()
+        say("data", "log-Mel features and token ids of both corpora to Parquet with Ray Data, one shared BPE")
         jobs = {"pretrain": ("librispeech", pre_corpus, pre_data), "task": ("mosei", corpus, data)}
         manifests = {name: read_corpus(layout, root) for name, (layout, root, _) in jobs.items()}
         data_cfg = load_config(DataConfig, [ROOT / "configs" / "preprocess.yaml"],
@@ -86,6 +88,8 @@ def main(argv=None) -> int:
     # 3. pretraining
     if not (pre := stage(out, "pretrain")):
         t0 = time.time()
+        say("pretrain", f"narrow 3+3 CTAL, masked language + acoustic modeling, {size['steps']} steps on "
+            f"{args.workers} Ray Train workers")
         cfg = load_config(PretrainConfig, [ROOT / "configs" / "pretrain.yaml", narrow], [
             f"data={pre_data}", "split=train-clean-100", f"max_steps={size['steps']}",
             f"num_workers={args.workers}", "lr=1e-3", "batch_size=8", "max_frames=1000", "log_every=10",
@@ -98,6 +102,7 @@ def main(argv=None) -> int:
     task_data = TaskData.load(data)
     if not (sweep := stage(out, "sweep")):
         t0 = time.time()
+        say("sweep", f"fine-tuning the fusion variants {', '.join(size['variants'])} with Ray Tune")
         cfg = load_config(FinetuneConfig, [ROOT / "configs" / "finetune.yaml", narrow,
                                            ROOT / "configs" / "demo.yaml"],
                           ["task=sentiment", f"data={data}", f"init={pre['checkpoint']}",
@@ -112,6 +117,7 @@ def main(argv=None) -> int:
             "table_md": result.table_md.read_text()}, t0)
 
     # 5. test metrics of each variant's best checkpoint; 6. the report
+    say("evaluate", "each variant's best checkpoint on the test split, then the report")
     rows = evaluate_variants(sweep["checkpoints"], task_data, size["variants"])
     path = demo_report(out, size, rows, workers=args.workers, wall_s=time.time() - t_start,
                        pretrain_metrics=read_metrics(pre["run_dir"]), sweep_table_md=sweep["table_md"])

@@ -13,6 +13,7 @@ import sys
 
 from ctal import storage
 from ctal.config import ConfigError, DataConfig, load_config
+from ctal.console import VERBOSE_HELP, set_verbose, stage
 from ctal.corpora import READERS, read_corpus
 from ctal.distributed.preprocess import check_output, run_preprocess
 
@@ -28,8 +29,10 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output data set")
     p.add_argument("--config", action="append", default=[], help="DataConfig YAML (repeatable)")
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs for featurization (default: all)")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
+    set_verbose(args.verbose)
 
     try:
         data_cfg = load_config(DataConfig, args.config, args.overrides)
@@ -39,9 +42,11 @@ def main(argv=None) -> int:
     except (ConfigError, FileExistsError, ValueError, OSError) as e:  # CorpusLayoutError is a ValueError
         p.exit(2, f"{p.prog}: error: {e}\n")
 
-    import ray
+    from ctal.distributed.console import init_ray
 
-    ray.init()  # joins the cluster named by RAY_ADDRESS, else starts a local one
+    stage("preprocess", f"{len(rows)} {args.corpus} utterances from {root} → log-Mel features and "
+          f"token ids in {args.out} (Parquet, with Ray Data)")
+    init_ray()  # joins the cluster named by RAY_ADDRESS, else starts a local one
     run_preprocess(args.corpus, root, args.out, data_cfg, overwrite=args.overwrite,
                    num_cpus=args.num_cpus, rows=rows)
     return 0

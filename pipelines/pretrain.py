@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ctal.checkpoint import record_command
 from ctal.config import ConfigError, PretrainConfig, load_config
+from ctal.console import VERBOSE_HELP, set_verbose, stage
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SIZES = ("tiny", "base", "large", "narrow")
@@ -36,8 +37,10 @@ def main(argv=None) -> int:
     p.add_argument("--name", help="run_name: the same name resumes")
     p.add_argument("--address", help="Ray address ('local' = a fresh local cluster; default: RAY_ADDRESS "
                                      "or a running cluster, else a new local one)")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
+    set_verbose(args.verbose)
     record_command()  # for the model cards of the checkpoints this run writes
 
     flags = {"data": args.data, "num_workers": args.num_workers, "use_gpu": args.use_gpu,
@@ -54,6 +57,8 @@ def main(argv=None) -> int:
 
     from ctal.distributed.train import ResourceError, pretrain
 
+    stage("pretrain", f"CTAL ({args.size}) by masked language + masked acoustic modeling on {cfg.data}, "
+          f"{cfg.num_workers} Ray Train workers, {cfg.max_steps} steps → {cfg.storage_path}/{cfg.run_name}")
     try:
         result = pretrain(plan, address=args.address)
     except ResourceError as e:

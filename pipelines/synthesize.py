@@ -8,6 +8,7 @@ See ctal/corpora/synthetic.py for what carries each label.
 import argparse
 import json
 
+from ctal.console import VERBOSE_HELP, set_verbose, stage
 from ctal.corpora.synthetic import LAYOUTS, synthesize
 
 
@@ -19,7 +20,10 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="synthesis processes (default: CPUs, at most 4)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing synthetic corpus in --out")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     args = p.parse_args(argv)
+    set_verbose(args.verbose)
+    stage("synthesize", f"{args.utterances} {args.layout}-layout utterances with eSpeak NG → {args.out}")
     summary = synthesize(args.layout, args.out, args.utterances, args.seed, overwrite=args.overwrite,
                          workers=args.workers)
     print(json.dumps(summary, indent=2))

@@ -27,6 +27,7 @@ from ctal import storage
 from ctal.checkpoint import STATE_FILE as CHECKPOINT_FILE
 from ctal.checkpoint import record_command
 from ctal.config import ConfigError, FinetuneConfig, SweepConfig, load_config
+from ctal.console import VERBOSE_HELP, set_verbose, stage
 from ctal.distributed.tune import SWEEP_FILE, experiment_location, load_sweep, run_sweep
 from ctal.data import check_vocabulary
 from ctal.finetune import TaskData, check_init
@@ -78,7 +79,9 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-config", action="append", default=[], help="SweepConfig YAML (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the sweep at <storage>/<name>")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="FinetuneConfig; sweep.key=value: SweepConfig")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP + "; Tune at sweep.verbose")
     args = p.parse_args(argv)
+    set_verbose(args.verbose)
     record_command()  # for the model cards of the checkpoints this run writes
 
     try:
@@ -110,10 +113,11 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
 
-    import ray
+    from ctal.distributed.console import init_ray
 
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster named by RAY_ADDRESS, else starts a local one
+    stage("sweep", f"fine-tuning {cfg.task} on {cfg.data} from {cfg.init or 'a fresh model'}: "
+          f"{sweep.search} search, {sweep.scheduler} scheduler, with Ray Tune")
+    init_ray()  # joins the cluster named by RAY_ADDRESS, else starts a local one
     try:
         result = run_sweep(cfg, space, sweep, resume=args.resume, data=data, checked=True)
     except (ConfigError, FileNotFoundError, FileExistsError, RuntimeError) as e:

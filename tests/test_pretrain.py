@@ -327,3 +327,71 @@ def test_driver_killed_then_the_same_command_resumes(reference, dataset, tmp_pat
     assert killed_at - EVERY <= resumed_at <= killed_at
     assert f"resumed from {run / CHECKPOINTS / f'step-{resumed_at:08d}'}" in second.stdout + second.stderr
     assert losses(run) == ref
+
+
+# -- a busy machine (ray-project/ray PR 65447) -------------------------------------------------------
+
+
+def test_the_placement_group_cleaner_ignores_a_missing_state_api_answer_and_acts_on_death(ray_local, monkeypatch):
+    """Ray 2.60's cleaner removes the workers' placement group when the State API does not find the
+    live controller; ours asks the GCS and removes it only once the controller is dead."""
+    import ray.train.v2._internal.execution.controller.placement_group_cleaner as ray_cleaner
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from ctal.distributed.pg_cleaner import SteadyPlacementGroupCleaner, controller_state
+
+    @ray_local.remote(num_cpus=0)
+    class Controller:
+        def ping(self):
+            return True
+
+    monkeypatch.setattr(ray_cleaner, "is_actor_alive", lambda **kw: None)  # "not found" (a State API miss)
+
+    def watch(cleaner_cls, controller):
+        pg = placement_group([{"CPU": 0.01}])
+        ray_local.get(pg.ready(), timeout=60)
+        cleaner = cleaner_cls(controller_actor_id=controller._actor_id.hex(), check_interval_s=0.1,
+                              get_actor_timeout_s=1, stop_timeout=5)  # in this process, not an actor
+        cleaner.register_placement_group(pg)
+        cleaner.start_monitoring()
+        return pg, cleaner
+
+    def state(pg):
+        return placement_group_table(pg).get("state", "REMOVED")
+
+    controller = Controller.remote()
+    ray_local.get(controller.ping.remote())
+    assert controller_state(controller._actor_id.hex()) == "ALIVE"
+    pg, _ = watch(ray_cleaner.PlacementGroupCleaner, controller)  # Ray's own: fooled by the miss
+    deadline = time.time() + 30
+    while state(pg) != "REMOVED" and time.time() < deadline:
+        time.sleep(0.1)
+    assert state(pg) == "REMOVED"
+
+    pg, cleaner = watch(SteadyPlacementGroupCleaner, controller)
+    time.sleep(2)  # ~20 checks
+    assert state(pg) == "CREATED"
+    ray_local.kill(controller)
+    deadline = time.time() + 30
+    while state(pg) != "REMOVED" and time.time() < deadline:
+        time.sleep(0.1)
+    assert state(pg) == "REMOVED"
+    assert controller_state(controller._actor_id.hex()) == "DEAD"
+    cleaner.stop()
+
+
+@pytest.mark.slow
+def test_a_run_next_to_a_cpu_hog_finishes_with_the_losses_of_the_quiet_run(reference, dataset, tmp_path):
+    from ctal.distributed.train import pretrain
+
+    # Load ≈ 5+ on 2 cores: what made Ray's cleaner remove live runs' placement groups.
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(5)]
+    try:
+        # max_failures=0: a removed placement group would end the run, not be restarted silently
+        result = pretrain(make_cfg(dataset, tmp_path, "busy", "max_failures=0"))
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert losses(result.run_dir) == reference[1]
+    assert resumes(result.run_dir) == []

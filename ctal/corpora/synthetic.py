@@ -56,6 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..console import progress
 from .iemocap import EMOTION_CLASSES, MERGED
 
 LAYOUTS = ("librispeech", "iemocap", "mosei")
@@ -288,10 +289,11 @@ def _render(job: dict) -> int:
     return len(audio)
 
 
-def _render_all(jobs: list[dict], workers: int) -> list[int]:
+def _render_all(jobs: list[dict], workers: int, desc: str) -> list[int]:
     # spawn: a fork of the caller (maybe holding Ray or torch threads) is not a safe place for the engine.
     with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_engine) as pool:
-        return pool.map(_render, jobs, chunksize=max(1, len(jobs) // (4 * workers)))
+        done = pool.imap(_render, jobs, chunksize=max(1, len(jobs) // (16 * workers)))  # in order
+        return list(progress(done, len(jobs), desc, unit="utterances"))
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -369,7 +371,7 @@ def synthesize(layout: str, out_dir, n_utterances: int, seed: int = 0, *, overwr
         d.mkdir(parents=True, exist_ok=True)
     jobs = [{**u, "_path": str(out / u["audio_path"]), "_format": fmt} for u in plan]
     workers = max(1, min(workers or min(os.cpu_count() or 1, 4), len(jobs)))
-    for u, n in zip(plan, _render_all(jobs, workers)):
+    for u, n in zip(plan, _render_all(jobs, workers, f"synthesize {layout}")):
         u["duration_s"] = round(n / SAMPLE_RATE, 4)
     {"librispeech": _write_librispeech, "iemocap": _write_iemocap, "mosei": _write_mosei}[layout](out, plan)
     _write_meta(out, plan)

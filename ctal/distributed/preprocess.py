@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ctal import storage
+from ctal.console import Progress
 from ctal.data import (PARQUET_SCHEMA, QUARANTINE_FILE, QUARANTINE_SCHEMA, REPORT_FILE, SHARD_GLOB, TOKENIZER_DIR,
                        featurize_row, records_to_table, tokenizer_entry, train_transcript_tokenizer, write_report)
 from ctal.tokenizer import (DEFAULT_NORMALIZATION, load_backend, load_tokenizer, read_normalization,
@@ -238,8 +239,9 @@ def run_preprocess(corpus: str, root: str | Path, out_dir: str | Path, data_cfg,
 def _featurize(rows, data_cfg, tmp: Path | str, num_cpus, rows_per_row_group, bare_tokenizer):
     import ray
 
-    if not ray.is_initialized():
-        ray.init()
+    from .console import init_ray
+
+    init_ray()  # honours RAY_ADDRESS; no-op when Ray is up
     cpus = num_cpus if num_cpus is not None else ray.cluster_resources().get("CPU", 1.0)
     n = len(rows)
     n_actors = max(1, int(cpus // data_cfg.num_cpus_per_task + 1e-9))
@@ -261,7 +263,11 @@ def _featurize(rows, data_cfg, tmp: Path | str, num_cpus, rows_per_row_group, ba
         num_cpus=data_cfg.num_cpus_per_task,
     )
     del items
-    parts = [b for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
+    parts = []
+    with Progress(n, "preprocess", unit="utterances") as bar:  # Ray Data's own bars are off (console)
+        for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            parts.append(part)
+            bar.update(part.num_rows)
     summary = pa.concat_tables(parts).sort_by("idx") if parts else _SUMMARY_SCHEMA.empty_table()
     return summary, n_actors, time.perf_counter() - t0
 

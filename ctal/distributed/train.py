@@ -9,12 +9,18 @@ and reports metrics to Ray only at checkpoints: reporting every step throttles t
 2 s poll (DESIGN.md). ``data`` and ``storage_path`` may be pyarrow URIs (``s3://``, ``gs://``,
 ``file://``; ctal.storage), which every node reads and writes alike; a plain path on a multi-node
 cluster must be a shared mount (NFS/EFS) at the same path on every node.
+
+Console (ctal.distributed.console): rank 0's log lines travel to the driver, which prints them and
+moves a step bar with the time left; Ray's own output stays hidden unless ``--verbose``. The
+trainer's placement-group cleaner acts only on a controller death the GCS confirms
+(ctal.distributed.pg_cleaner), so a busy machine's State-API miss does not end a healthy run.
 """
 from __future__ import annotations
 
 import math
 import sys
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -25,8 +31,12 @@ import torch
 import yaml
 
 from .. import storage
+from ..checkpoint import CheckpointStore
 from ..config import PretrainConfig, from_dict, to_dict
-from ..pretrain import PretrainPlan, latest_checkpoint, pretrain_loop, prepare, read_metrics
+from ..console import Progress
+from ..pretrain import CHECKPOINTS, PretrainPlan, latest_checkpoint, pretrain_loop, prepare, read_metrics, step_of
+from .console import LogRelay, init_ray
+from .pg_cleaner import steady_trainer
 
 
 class ResourceError(RuntimeError):
@@ -107,9 +117,13 @@ def _train_fn(config: dict) -> None:
         ray.train.report({**metrics, "checkpoint": checkpoint_path or ""})
 
     def log(msg: str) -> None:
+        # Rank 0 speaks through the driver (ctal.distributed.console); the other ranks only repeat it.
         # Not print: Ray Train patches it to both print and log, so every line showed up twice.
-        sys.stdout.write(msg + "\n")
-        sys.stdout.flush()
+        if ctx.get_world_rank() == 0:
+            config["log"](msg)
+        else:
+            sys.stdout.write(msg + "\n")
+            sys.stdout.flush()
 
     pretrain_loop(plan, run_dir=config["run_dir"], rank=ctx.get_world_rank(),
                   world_size=ctx.get_world_size(), device=ray.train.torch.get_device(),
@@ -131,8 +145,7 @@ def pretrain(cfg: PretrainConfig | PretrainPlan, *, address: Optional[str] = Non
     ``ctal.pretrain.prepare`` made of one. Starts Ray (``ray.init(address)``) unless already connected."""
     plan = cfg if isinstance(cfg, PretrainPlan) else prepare(cfg)
     cfg = plan.cfg
-    if not ray.is_initialized():
-        ray.init(address=address)
+    init_ray(address)
     capacity, autoscaling = cluster_capacity()
     res = plan_resources(cfg, capacity)
     if res.note:
@@ -146,19 +159,30 @@ def pretrain(cfg: PretrainConfig | PretrainPlan, *, address: Optional[str] = Non
     run_dir = storage.join(cfg.storage_path, cfg.run_name)
     run_dir = run_dir if storage.is_uri(run_dir) else Path(run_dir)
     resources = {"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})}
-    trainer = ray.train.torch.TorchTrainer(
-        _train_fn,
-        train_loop_config={"cfg": to_dict(replace(cfg, cpus_per_worker=res.cpus_per_worker)),
-                           "tokenizer": plan.tokenizer, "run_dir": str(run_dir),
-                           "cpus_per_worker": res.cpus_per_worker},
-        scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=cfg.run_name, storage_path=cfg.storage_path,
-                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-                                       # keep Ray Train's own INFO chatter out of the loop's log
-                                       logging_config=ray.train.LoggingConfig(log_level="WARNING")),
-    )
-    trainer.fit()
+    done = [s for s, _ in CheckpointStore(storage.join(run_dir, CHECKPOINTS)).list()]
+    with Progress(cfg.max_steps, "pretrain", unit="steps", initial=max(done, default=0)) as bar, \
+            LogRelay(partial(_show, bar)) as relay:
+        trainer = steady_trainer(ray.train.torch.TorchTrainer)(
+            _train_fn,
+            train_loop_config={"cfg": to_dict(replace(cfg, cpus_per_worker=res.cpus_per_worker)),
+                               "tokenizer": plan.tokenizer, "run_dir": str(run_dir),
+                               "cpus_per_worker": res.cpus_per_worker, "log": relay.sender()},
+            scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
+                                                   resources_per_worker=resources),
+            run_config=ray.train.RunConfig(name=cfg.run_name, storage_path=cfg.storage_path,
+                                           failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                                           # keep Ray Train's own INFO chatter out of the loop's log
+                                           logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+        )
+        trainer.fit()
     logged = read_metrics(run_dir)
     return PretrainResult(run_dir=run_dir, checkpoint=latest_checkpoint(run_dir),
                           metrics=logged[max(logged)] if logged else {}, resources=res)
+
+
+def _show(bar: Progress, line: str) -> None:
+    """A line from rank 0, printed by the driver; a step line also moves the bar."""
+    step = step_of(line)
+    if step is not None:
+        bar.set(step)
+    bar.write(line)

@@ -21,8 +21,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
+from ray.tune import Callback
+
 from ctal import storage
 from ctal.config import FinetuneConfig, SweepConfig, from_dict, to_dict
+from ctal.console import Progress
 from ctal.finetune import FRESH_MODEL_WARNING, TaskData, finetune
 from ctal.report import SweepResult, trial_row, write_results
 from ctal.search_space import SearchSpace, apply_params, check_sweep, parse_search_space
@@ -67,9 +70,11 @@ def _trial_ddp(cfg: FinetuneConfig, data: TaskData, sweep: dict, train_storage: 
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from .pg_cleaner import steady_trainer
+
     workers, gpus = sweep["workers_per_trial"], sweep["gpus_per_trial"]
     per_worker = {"CPU": sweep["cpus_per_trial"] / workers, **({"GPU": gpus / workers} if gpus else {})}
-    trainer = TorchTrainer(
+    trainer = steady_trainer(TorchTrainer)(
         _ddp_worker,
         train_loop_config={"cfg": to_dict(cfg), "data": ray.put(data)},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
@@ -120,6 +125,8 @@ def run_sweep(cfg: FinetuneConfig, space: SearchSpace, sweep: SweepConfig, *, re
     import ray
     from ray import tune
 
+    from .console import quiet_driver, tune_verbosity
+
     data = data if data is not None else TaskData.load(cfg.data)
     if not checked:
         check_sweep(cfg, space, sweep, data)
@@ -136,12 +143,14 @@ def run_sweep(cfg: FinetuneConfig, space: SearchSpace, sweep: SweepConfig, *, re
     if not ray.is_initialized():
         raise RuntimeError("run_sweep needs ray.init() first")
     _check_resources(sweep)
+    quiet_driver()
 
     metric = f"dev_{task.metric}"
     # Keeping 1 checkpoint per trial forces a state snapshot per report; with epochs of seconds Tune
     # warns about it on every report. The snapshot is what makes --resume exact, so keep it, quietly.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     trainable = _trainable(cfg, data, sweep, where)
+    trials = TrialProgress(metric, task.mode, _n_trials(space, sweep))
     if resume:
         tuner = tune.Tuner.restore(where, trainable, resume_errored=True)
         experiment.mkdir(parents=True, exist_ok=True)  # for a URI sweep: the new staging directory
@@ -154,13 +163,75 @@ def run_sweep(cfg: FinetuneConfig, space: SearchSpace, sweep: SweepConfig, *, re
         tuner = tune.Tuner(trainable, param_space=_param_space(space, sweep.search),
                            tune_config=_tune_config(space, sweep, metric, task.mode, cfg.epochs),
                            run_config=tune.RunConfig(
-                               name=experiment.name, storage_path=storage.parent(where), verbose=sweep.verbose,
+                               name=experiment.name, storage_path=storage.parent(where),
+                               verbose=tune_verbosity(sweep.verbose), callbacks=[trials],
                                checkpoint_config=tune.CheckpointConfig(
                                    num_to_keep=1, checkpoint_score_attribute=metric,
                                    checkpoint_score_order=task.mode)))  # best + latest (kept to resume)
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:
+        trials.close()
     result = summarize(grid, experiment, task, space, cfg.epochs, remote=remote)
     return _published(result, remote) if remote else result
+
+
+def _n_trials(space: SearchSpace, sweep: SweepConfig) -> int:
+    """How many trials the sweep runs: grid search repeats the whole grid ``num_samples`` times."""
+    n = sweep.num_samples or (1 if sweep.search == "grid" else 8)
+    if sweep.search == "grid":
+        for p in space.params.values():
+            n *= len(p.values())
+    return n
+
+
+class TrialProgress(Callback):
+    """Tune callback on the driver: a bar over the sweep's trials and one line per finished trial
+    (its parameters and best dev metric), in place of Tune's status tables."""
+
+    def __init__(self, metric: str, mode: str, total: int):
+        self.metric, self.mode, self.total = metric, mode, total
+        self._best: dict[str, tuple[float, int]] = {}
+        self._bar: Optional[Progress] = None
+
+    def __getstate__(self):  # Tune saves its callbacks with the experiment: not the live bar
+        return {**self.__dict__, "_bar": None}
+
+    def _progress(self) -> Progress:
+        if self._bar is None:
+            self._bar = Progress(self.total, "sweep", unit="trials")
+        return self._bar
+
+    def setup(self, **info):
+        self._progress()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.metric)
+        if value is None:
+            return
+        best = self._best.get(trial.trial_id)
+        if best is None or (value > best[0] if self.mode == "max" else value < best[0]):
+            self._best[trial.trial_id] = (value, result.get("epoch", 0))
+
+    def _finished(self, trial, outcome: str) -> None:
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in sorted((trial.config or {}).items()))
+        bar = self._progress()
+        bar.update()
+        bar.write(f"trial {trial.trial_id} ({params}): {outcome}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        best = self._best.get(trial.trial_id)
+        self._finished(trial, "no result" if best is None else
+                       f"best {self.metric} {best[0]:.4f} at epoch {best[1]}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finished(trial, "failed (see the results table)")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def _check_resources(sweep: SweepConfig) -> None:

@@ -1,0 +1,126 @@
+"""Ray's side of the console (ctal.console): its chatter off unless ``--verbose``, our lines through.
+
+Without ``--verbose`` (``ctal.console.verbose()`` false):
+
+- ``ray.init(log_to_driver=False)``: nothing that Ray's worker processes print reaches the console
+  (Train controller and worker logs, the placement-group cleaner, per-report checkpoint lines,
+  trial output). What we want from workers comes to the driver by other means: pretraining's rank 0
+  sends its log lines through a ``LogRelay`` (the driver prints them and moves the step bar), a
+  sweep's trials report to Tune, whose callback on the driver prints one line per trial. Errors
+  still come back as the exceptions ``fit()`` raises, with the worker's traceback.
+- The driver's ``ray`` loggers show warnings and errors only; Ray Data's progress bars are off (ours
+  count rows instead); Tune runs at ``verbose=0`` with its legacy output (``RAY_AIR_NEW_OUTPUT=0``:
+  the new one prints its experiment box at any verbosity), a bar over trials in place of its tables.
+
+With ``--verbose`` all of it is back, as Ray prints it by default.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Callable, Optional
+
+import ray
+
+from ..console import verbose
+
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
+
+
+def quiet_driver() -> None:
+    """Hide Ray's driver-side INFO logs and Ray Data's progress bars (no-op when verbose)."""
+    if verbose():
+        return
+    import ray.data
+
+    # Tune's new output engine prints its experiment box even at verbose=0; the legacy one is silent
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    for name in RAY_LOGGERS:  # ray.data configures its own logger at import: set each one
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
+    logging.getLogger("ray.tune.utils.util").setLevel(logging.ERROR)  # "... may be a performance bottleneck"
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def init_ray(address: Optional[str] = None, **kwargs) -> None:
+    """``ray.init(address, **kwargs)`` with the console set up; no-op when Ray is already up
+    (a caller that started it chose its own console)."""
+    quiet_driver()
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=verbose(),
+                 logging_level=logging.INFO if verbose() else logging.WARNING, **kwargs)
+
+
+def tune_verbosity(requested: int) -> int:
+    """Tune's ``RunConfig(verbose=...)``: what the sweep config asks for when verbose, else 0."""
+    return requested if verbose() else 0
+
+
+@ray.remote(num_cpus=0)
+class _LogSink:
+    """Holds lines from workers until the driver collects them (needs no CPU: workers hold them)."""
+
+    def __init__(self):
+        self._lines: list[str] = []
+
+    def put(self, line: str) -> None:
+        self._lines.append(line)
+
+    def take(self) -> list[str]:
+        lines, self._lines = self._lines, []
+        return lines
+
+
+class LogRelay:
+    """Worker log lines, printed by the driver. ``with LogRelay(handle) as relay:`` the driver hands
+    each line that a worker sends with ``relay.sender()`` (picklable: pass it to the workers) to
+    ``handle``, about once a second, and what is left when the block ends."""
+
+    POLL_S = 1.0
+
+    def __init__(self, handle: Callable[[str], None]):
+        self._handle = handle
+        self._sink = _LogSink.remote()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ctal-log-relay", daemon=True)
+
+    def sender(self) -> Callable[[str], None]:
+        return _Sender(self._sink)
+
+    def _drain(self) -> None:
+        for line in ray.get(self._sink.take.remote()):
+            self._handle(line)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.POLL_S):
+            try:
+                self._drain()
+            except Exception:  # a slow answer must not end the run; the final drain gets the rest
+                pass
+
+    def __enter__(self) -> "LogRelay":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            self._drain()
+        finally:
+            ray.kill(self._sink)
+
+
+class _Sender:
+    def __init__(self, sink):
+        self._sink = sink
+
+    def __call__(self, line: str) -> None:
+        try:
+            ray.get(self._sink.put.remote(line))  # in order, and delivered before the worker moves on
+        except Exception:  # logging must not end a run: the line goes to the worker's own log
+            print(line, flush=True)
