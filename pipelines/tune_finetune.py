@@ -37,7 +37,7 @@ from ctal.search_space import check_sweep, load_search_space
 from ctal.tasks import TASKS, get_task
 
 ROOT = Path(__file__).resolve().parents[1]
-SWEEP_KEYS = [f.name for f in fields(SweepConfig)]
+SWEEP_KEYS = [f.name for f in fields(SweepConfig) if f.name != "verbose"]  # --verbose is the console's
 VERBATIM = ("storage", "name")  # paths and names are not parsed as YAML
 
 
