@@ -384,8 +384,9 @@ def test_the_placement_group_cleaner_ignores_a_missing_state_api_answer_and_acts
 def test_a_run_next_to_a_cpu_hog_finishes_with_the_losses_of_the_quiet_run(reference, dataset, tmp_path):
     from ctal.distributed.train import pretrain
 
-    # Load ≈ 5+ on 2 cores: what made Ray's cleaner remove live runs' placement groups.
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(5)]
+    # Load ≈ 5+ on 2 cores (3 hogs + 2 training workers + Ray's own): what made Ray's cleaner remove
+    # live runs' placement groups. More hogs only stretch the run (5 took ~16 min at load 26).
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
     try:
         # max_failures=0: a removed placement group would end the run, not be restarted silently
         result = pretrain(make_cfg(dataset, tmp_path, "busy", "max_failures=0"))
