@@ -39,7 +39,7 @@ NARROW = ["model.hidden_size=32", "model.num_attention_heads=4", "model.intermed
 PRETRAIN = [*NARROW, f"max_steps={STEPS}", f"checkpoint_every={EVERY}", "log_every=1", "batch_size=4",
             "lr=1e-3", "bucket_pool_rows=16", "keep_checkpoints=2", "seed=3", "num_workers=2",
             "cpus_per_worker=1", "use_gpu=false"]
-TIMEOUT_S = 420
+TIMEOUT_S = 900  # a loaded CI machine: node death detection and worker restarts take minutes there
 
 pytestmark = pytest.mark.slow
 
@@ -192,7 +192,7 @@ def _node_loss(root: Path, cluster, nodes: dict) -> tuple[dict, list[str]]:
 
     thread = threading.Thread(target=train, daemon=True)
     thread.start()
-    deadline = time.time() + 180
+    deadline = time.time() + 300
     while not CheckpointStore(f"{run}/{CHECKPOINTS}").list():
         assert thread.is_alive(), f"the run ended before its first checkpoint: {box}"
         assert time.time() < deadline, "no checkpoint appeared"
@@ -211,7 +211,7 @@ def _node_loss(root: Path, cluster, nodes: dict) -> tuple[dict, list[str]]:
     if _start_time(gone) == started[gone]:  # normally gone with its raylet; never kill a reused pid
         os.kill(gone, signal.SIGKILL)
     os.kill(survivor, signal.SIGCONT)
-    thread.join(timeout=240)
+    thread.join(timeout=420)
     assert not thread.is_alive(), "the run did not finish after the node loss"
     assert "r" in box, f"the run failed after the node loss: {box.get('error')}"
     r = box["r"]
@@ -222,6 +222,12 @@ def _node_loss(root: Path, cluster, nodes: dict) -> tuple[dict, list[str]]:
             "resumes": [x["step"] for x in lines if x.get("event") == "resume"],
             "workers_after": sorted({i["Address"]["NodeID"] for i in after.values()}),
             "final_step": max(int(s) for s in r["losses"])}, [keep_id, spare_id]
+
+
+def _alive_worker_nodes() -> list[str]:
+    import ray
+
+    return sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0)
 
 
 def _tune(root: Path, nodes: list[str]) -> dict:
@@ -262,6 +268,7 @@ def _play(root: Path, out: Path) -> None:
             observed[name] = fn()
         except BaseException as e:  # record and go on: the next scenario may still tell something
             observed[name] = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"}
+            print(f"== {name} failed: {type(e).__name__}: {e}", flush=True)
         observed.setdefault("timings_s", {})[name] = round(time.perf_counter() - t, 1)
         out.write_text(json.dumps(observed, indent=1))
         print(f"== {name}: {time.perf_counter() - t:.1f} s", flush=True)
@@ -295,7 +302,9 @@ def _play(root: Path, out: Path) -> None:
         return got
 
     step("node_loss", loss)
-    step("tune", lambda: _tune(root, box.get("left", [])))
+    # The nodes the node-loss scenario left; if it failed, the worker nodes alive now (so the sweep's
+    # own test still says something on its own).
+    step("tune", lambda: _tune(root, box.get("left") or _alive_worker_nodes()))
     ray.shutdown()
     cluster.shutdown()
 
