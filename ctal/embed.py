@@ -66,8 +66,9 @@ def embed_rows(model: CTALForSequenceClassification, rows: list[dict], tokenizer
         for name in columns:
             out[name] += list(vectors[name].float().cpu().numpy())
     H = model.config.hidden_size
-    vec = lambda xs: pa.array([np.asarray(x, np.float32) for x in xs], pa.list_(pa.float32(), H))
-    return pa.table({"id": pa.array(ids, pa.string()), **{name: vec(out[name]) for name in columns}}), bad
+    width = {"embedding": model.fusion.dense.out_features, "text_vector": H, "audio_vector": H}
+    vec = lambda name: pa.array([np.asarray(x, np.float32) for x in out[name]], pa.list_(pa.float32(), width[name]))
+    return pa.table({"id": pa.array(ids, pa.string()), **{name: vec(name) for name in columns}}), bad
 
 
 def load_for_embedding(checkpoint: str | Path, tokenizer: Optional[str | Path] = None):

@@ -5,11 +5,12 @@ Read top to bottom the way a frame travels:
     audio: frames(160) → AudioEmbeddings → N_a × TransformerLayer(self-attn,
                                                    cross-attn to the *final* text states, FFN) → audio states
     heads: MLM (tied to word embeddings) + acoustic reconstruction (L1 on masked frames)  [pretraining]
-           fusion of text/audio pools + orthogonality loss → task head                    [fine-tuning]
+           per-position tanh projections → pools → fusion + orthogonality loss → task head [fine-tuning]
 
 Differences from the released code, on purpose:
 - audio self-attention is bidirectional (the release used a causal mask); `audio_causal=True` restores it;
 - the orthogonality loss divides by the text norm and the audio norm (the release used the audio norm twice);
+  otherwise the fusion is the release's function (`Fusion`), its variants one table (`FUSION_VARIANTS`);
 - the text stream uses Hugging Face BERT/RoBERTa weight names and math, so `text_init` can load a local
   BERT or RoBERTa checkpoint and reproduce its hidden states exactly.
 """
@@ -518,7 +519,9 @@ class CTALForPretraining(CTALPreTrainedModel):
 
 
 def masked_max(x, mask):
-    return x.masked_fill(~mask.bool()[..., None], torch.finfo(x.dtype).min).amax(dim=1)
+    mask = mask.bool()
+    out = x.masked_fill(~mask[..., None], torch.finfo(x.dtype).min).amax(dim=1)
+    return out.masked_fill(~mask.any(1, keepdim=True), 0.0)  # a row with no position: 0, not -inf
 
 
 def masked_mean(x, mask):
@@ -535,8 +538,8 @@ class FusionVariant:
 
     pairs: one (text pool, audio pool) per part of z; None where that stream is not pooled.
     text, audio: which streams run. cross_attention: the audio stream attends to the final text states.
-    combine: "sum" puts tanh(W·t) + tanh(W·a) of a matched pair in one part (the paper); "concat" puts
-    them side by side, so a matched pair takes two parts of z.
+    combine: "sum" puts t + a of a matched pair in one part and adds |cos(t, a)| to the orthogonality
+    loss (the paper's orthogonal fusion); "concat" puts them side by side, no orthogonality term.
     """
     name: str
     pairs: tuple[tuple[Optional[str], Optional[str]], ...]
@@ -552,6 +555,8 @@ class FusionVariant:
             problems.append(f"combine={self.combine!r} is neither 'sum' nor 'concat'")
         if any(t is None and a is None for t, a in self.pairs) or not self.pairs:
             problems.append("every pair needs a text or an audio pool")
+        if any(t == "attention" for t, _ in self.pairs):
+            problems.append("the attention pool scores audio frames only")
         if self.cross_attention and not (self.text and self.audio):
             problems.append("cross-attention needs both streams")
         # a stream runs exactly when something reads it: its pools, or the audio's cross-attention
@@ -571,20 +576,29 @@ class FusionVariant:
     def audio_pools(self) -> list[str]:
         return sorted({a for _, a in self.pairs if a})
 
+    @property
+    def orthogonal(self) -> bool:
+        return self.combine == "sum" and any(t and a for t, a in self.pairs)
+
     def fused_width(self, hidden_size: int) -> int:
-        """Width of z, the concatenated parts the fusion's dense layer reads."""
+        """Width of z, the concatenated parts the fusion's dense layer reads (and writes)."""
         matched = sum(1 for t, a in self.pairs if t and a)
         return (len(self.pairs) + (matched if self.combine == "concat" else 0)) * hidden_size
 
 
 FUSION_VARIANTS: dict[str, FusionVariant] = {v.name: v for v in (
+    # the paper's (and the release's, orthogonal_fusion=True): [t_first + a_att ; t_max + a_max]
     FusionVariant("ctal", (("first", "attention"), ("max", "max")),
                   text=True, audio=True, cross_attention=True),
+    # the release's non-orthogonal fusion (orthogonal_fusion=False): [t_first ; a_att], no orthogonality term
+    FusionVariant("ctal_concat", (("first", "attention"),),
+                  text=True, audio=True, cross_attention=True, combine="concat"),
     FusionVariant("first_token", (("first", "first"),), text=True, audio=True, cross_attention=True),
     FusionVariant("mean_pool", (("mean", "mean"),), text=True, audio=True, cross_attention=True),
     # the baseline without a cross-modal layer: the unimodal pooled vectors side by side
     FusionVariant("late_concat", (("first", "attention"), ("max", "max")),
                   text=True, audio=True, cross_attention=False, combine="concat"),
+    # the release's single-stream heads (head=semantic / head=acoustic)
     FusionVariant("text_only", (("first", None), ("max", None)), text=True, audio=False, cross_attention=False),
     FusionVariant("audio_only", ((None, "attention"), (None, "max")),
                   text=False, audio=True, cross_attention=False),
@@ -597,23 +611,30 @@ def lecun_normal_(linear: nn.Linear) -> None:
         nn.init.zeros_(linear.bias)
 
 
-class Fusion(nn.Module):
-    """z = [tanh(W·text_pool_i) + tanh(W·audio_pool_i)]_i → Linear + tanh (paper, `ctal`).
+def orthogonality(t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Batch mean of |cos(t, a)|, each side divided by its own norm (the release divides by the
+    audio norm twice, a bug not kept)."""
+    return F.cosine_similarity(t, a, dim=-1, eps=1e-6).abs().mean()
 
-    The variant's row in FUSION_VARIANTS says which pools pair up and how a pair combines.
+
+class Fusion(nn.Module):
+    """The release's fusion: project every position, then pool, then combine (paper, `ctal`).
+
+    t = tanh(W_t h_text) at every token and a = tanh(W_a h_audio) at every frame; pools read the
+    projected states: first = t_0, text max over tokens 1..L (<s> excluded), audio max over real
+    frames, attention = softmax over frames of w·a, weighting a. The variant's pairs give the parts
+    of z; fused = tanh(W_z z) keeps z's width (2H for ctal). No dropout: the release applies none here.
     """
 
     def __init__(self, cfg: CTALConfig):
         super().__init__()
         H = cfg.hidden_size
-        self.variant = FUSION_VARIANTS[cfg.fusion]
+        self.variant = v = FUSION_VARIANTS[cfg.fusion]
         # creation order fixes the init's random draws: keep text, audio, attention pool, dense
-        self.text_proj = nn.ModuleDict({p: nn.Linear(H, H) for p in self.variant.text_pools})
-        self.audio_proj = nn.ModuleDict({p: nn.Linear(H, H) for p in self.variant.audio_pools})
-        if "attention" in self.variant.audio_pools:
-            self.attention_pool = nn.Linear(H, 1)  # scores frames for the attention pool
-        self.dense = nn.Linear(self.variant.fused_width(H), H)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.text_proj = nn.Linear(H, H) if v.text_pools else None
+        self.audio_proj = nn.Linear(H, H) if v.audio_pools else None
+        self.attention_pool = nn.Linear(H, 1) if "attention" in v.audio_pools else None
+        self.dense = nn.Linear(v.fused_width(H), v.fused_width(H))
 
     def reset_parameters(self):
         """LeCun init, N(0, 1/fan_in), for the tanh layers (BERT's N(0, 0.02) elsewhere).
@@ -627,29 +648,38 @@ class Fusion(nn.Module):
             if isinstance(module, nn.Linear):
                 lecun_normal_(module)
 
-    def pool(self, name, x, mask):
+    def pool(self, name, x, mask, exclude_first: bool = False):
+        """One pool of projected states x (B, T, H) over the real positions of mask (B, T)."""
         if name == "first":
             return x[:, 0]
+        mask = mask.bool()
+        if exclude_first:
+            mask = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, 1:]], dim=1)
         if name == "max":
             return masked_max(x, mask)
         if name == "mean":
             return masked_mean(x, mask)
-        scores = self.attention_pool(x).squeeze(-1).masked_fill(~mask.bool(), float("-inf"))
-        return torch.einsum("bt,bth->bh", scores.softmax(-1), x)  # attention pool
+        scores = self.attention_pool(x).squeeze(-1).masked_fill(~mask, float("-inf"))
+        return torch.einsum("bt,bth->bh", scores.softmax(-1), x)
 
     def forward(self, text, text_mask, audio, audio_mask):
-        """Returns (fused (B, H), orthogonality loss: mean |cos| of matched text/audio vectors)."""
-        parts, cosines = [], []
-        for t_pool, a_pool in self.variant.pairs:
-            t = torch.tanh(self.text_proj[t_pool](self.pool(t_pool, text, text_mask))) if t_pool else None
-            a = torch.tanh(self.audio_proj[a_pool](self.pool(a_pool, audio, audio_mask))) if a_pool else None
-            if t is not None and a is not None:
-                cosines.append(F.cosine_similarity(t, a, dim=-1, eps=1e-6).abs())  # each side's own norm
-                parts += [t, a] if self.variant.combine == "concat" else [t + a]
+        """Returns (fused (B, fused width), orthogonality loss: the sum over summed pairs of the batch
+        mean |cos(t, a)|, as the release; zero for a variant without summed pairs)."""
+        v = self.variant
+        t_states = torch.tanh(self.text_proj(text)) if self.text_proj is not None else None
+        a_states = torch.tanh(self.audio_proj(audio)) if self.audio_proj is not None else None
+        t_pooled = {p: self.pool(p, t_states, text_mask, exclude_first=p == "max") for p in v.text_pools}
+        a_pooled = {p: self.pool(p, a_states, audio_mask) for p in v.audio_pools}
+        parts, terms = [], []
+        for t_pool, a_pool in v.pairs:
+            t, a = t_pooled.get(t_pool), a_pooled.get(a_pool)
+            if t is not None and a is not None and v.combine == "sum":
+                parts.append(t + a)
+                terms.append(orthogonality(t, a))
             else:
-                parts.append(t if t is not None else a)
-        fused = torch.tanh(self.dense(self.dropout(torch.cat(parts, dim=-1))))
-        ortho = torch.stack(cosines).mean() if cosines else fused.new_zeros(())
+                parts += [x for x in (t, a) if x is not None]
+        fused = torch.tanh(self.dense(torch.cat(parts, dim=-1)))
+        ortho = torch.stack(terms).sum() if terms else fused.new_zeros(())
         return fused, ortho
 
 
@@ -672,7 +702,8 @@ class CTALForSequenceClassification(CTALPreTrainedModel):
         if config.num_labels < 1:
             raise ValueError("CTALForSequenceClassification needs num_labels >= 1")
         self.fusion = Fusion(config)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        # bias-free, as the release's classifier
+        self.classifier = nn.Linear(self.fusion.dense.out_features, config.num_labels, bias=False)
         self.init_parameters()
         self.fusion.reset_parameters()
         lecun_normal_(self.classifier)

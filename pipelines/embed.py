@@ -40,7 +40,7 @@ def main(argv=None) -> int:
                             device=args.device, max_frames=model.config.max_audio_positions, streams=args.streams)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, args.out, compression="zstd")
-    print(f"wrote {table.num_rows} embeddings (dim {model.config.hidden_size}) to {args.out}")
+    print(f"wrote {table.num_rows} embeddings (dim {model.fusion.dense.out_features}) to {args.out}")
     if bad:
         bad_path = Path(args.out).with_suffix(".bad.csv")
         pd.DataFrame(bad).to_csv(bad_path, index=False)

@@ -42,7 +42,7 @@ def test_embed_writes_one_vector_per_good_row_and_reports_bad_ones(tmp_path, cap
     table = pq.read_table(out).to_pandas()
     assert list(table["id"]) == ["u0", "u1", "u2"]
     emb = np.stack(table["embedding"].to_numpy())
-    assert emb.shape == (3, 32) and np.isfinite(emb).all()
+    assert emb.shape == (3, 64) and np.isfinite(emb).all()  # the fused vector: 2H for ctal
     assert np.stack(table["text_vector"].to_numpy()).shape == (3, 32)
     printed = capsys.readouterr().out
     assert "gone: missing_file" in printed

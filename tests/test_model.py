@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
 from ctal.model import (FUSION_VARIANTS, CTALConfig, CTALForPretraining, CTALForSequenceClassification,
-                        FusionVariant, text_config_from_hf)
+                        Fusion, FusionVariant, orthogonality, text_config_from_hf)
 
 NARROW = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=50,
               num_text_layers=2, num_audio_layers=2, max_position_embeddings=40,
@@ -160,29 +160,63 @@ def test_audio_causal_flag_hides_future_frames():
 def test_tanh_head_gets_lecun_init_and_the_encoders_bert_init():
     torch.manual_seed(0)
     cfg = CTALConfig(**{**NARROW, "hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 512},
-                     fusion="late_concat", num_labels=2)
+                     fusion="ctal", num_labels=2)
     model = CTALForSequenceClassification(cfg)
-    for layer in [*model.fusion.text_proj.values(), *model.fusion.audio_proj.values(), model.fusion.dense,
-                  model.classifier]:
+    f = model.fusion
+    for layer in [f.text_proj, f.audio_proj, f.dense, model.classifier]:
         assert layer.weight.std().item() == pytest.approx(layer.in_features ** -0.5, rel=0.05)
-        assert not layer.bias.any()
+    assert not any(layer.bias.any() for layer in (f.text_proj, f.audio_proj, f.dense))
+    assert model.classifier.bias is None  # bias-free, as the release's
+    assert f.dense.in_features == f.dense.out_features == 2 * 256 == model.classifier.in_features
     assert model.text.encoder.layer[0].attention.self.query.weight.std().item() == pytest.approx(0.02, rel=0.05)
 
 
-def test_orthogonality_loss_is_mean_abs_cosine_with_each_sides_norm():
-    torch.manual_seed(0)
-    model = CTALForSequenceClassification(CTALConfig(**NARROW, num_labels=2)).eval()
-    ids, tmask, frames, fmask = batch()
-    fusion = model.fusion
+def _fusion_by_hand_example(fusion="ctal"):
+    """H = 2, identity projections, so the projected states are numbers chosen below (h = atanh(v))."""
+    f = Fusion(CTALConfig(**{**NARROW, "hidden_size": 2, "num_attention_heads": 1}, fusion=fusion))
     with torch.no_grad():
-        text, audio = model.encode(ids, tmask, frames, fmask)
-        _, ortho = fusion(text, tmask, audio, fmask)
-        ref = []
-        for t_pool, a_pool in (("first", "attention"), ("max", "max")):
-            t = torch.tanh(fusion.text_proj[t_pool](fusion.pool(t_pool, text, tmask))).numpy()
-            a = torch.tanh(fusion.audio_proj[a_pool](fusion.pool(a_pool, audio, fmask))).numpy()
-            ref.append(np.abs((t * a).sum(-1) / (np.linalg.norm(t, axis=-1) * np.linalg.norm(a, axis=-1))))
-    assert abs(float(ortho) - float(np.mean(ref))) < 1e-5
+        for lin in (f.text_proj, f.audio_proj, f.dense):
+            lin.weight.copy_(torch.eye(lin.in_features))
+            lin.bias.zero_()
+        if f.attention_pool is not None:
+            f.attention_pool.weight.copy_(torch.tensor([[1.0, 0.0]]))  # score = first coordinate
+            f.attention_pool.bias.zero_()
+    t = torch.tensor([[[0.5, -0.5], [0.1, 0.6], [0.3, -0.2], [0.9, 0.9]]])  # last token: padding
+    a = torch.tensor([[[0.2, 0.4], [-0.6, 0.8], [0.99, 0.99]]])  # last frame: padding
+    return f, torch.atanh(t), torch.tensor([[1, 1, 1, 0]]), torch.atanh(a), torch.tensor([[1, 1, 0]])
+
+
+def test_ctal_fusion_on_a_small_example_worked_out_by_hand():
+    """By hand: t_first = (.5, -.5); t_max over tokens 1..2 = (.3, .6) (<s>'s .5 and the pad's .9 are
+    out); attention weights softmax(.2, -.6) = (p, 1-p), p = 1/(1+e^-.8) = .689974, so a_att =
+    (.8p - .6, .8 - .4p) = (-.048020, .524010); a_max = (.2, .8) (the pad's .99 is out).
+    z = (.451980, .024010, .5, 1.4), fused = tanh(z) = (.423525, .024006, .462117, .885352).
+    |cos(t_first, a_att)| = .768685, |cos(t_max, a_max)| = .976187: the loss is their sum, 1.744872."""
+    f, text, tmask, audio, amask = _fusion_by_hand_example()
+    with torch.no_grad():
+        fused, ortho = f(text, tmask, audio, amask)
+    np.testing.assert_allclose(fused[0].numpy(), [0.423525, 0.024006, 0.462117, 0.885352], atol=1e-5)
+    assert float(ortho) == pytest.approx(1.744872, abs=1e-5)
+
+
+def test_ctal_concat_is_the_releases_non_orthogonal_fusion():
+    f, text, tmask, audio, amask = _fusion_by_hand_example("ctal_concat")
+    with torch.no_grad():
+        fused, ortho = f(text, tmask, audio, amask)
+    # [t_first ; a_att] = (.5, -.5, -.048020, .524010) through the identity dense, and no loss
+    np.testing.assert_allclose(fused[0].numpy(), np.tanh([0.5, -0.5, -0.048020, 0.524010]), atol=1e-5)
+    assert float(ortho) == 0.0
+
+
+def test_orthogonality_loss_is_the_sum_of_abs_cosines_with_each_sides_norm():
+    """Against the definition on random vectors: sum over the two pairs of the batch mean of
+    |<t, a>| / (|t| |a|) — the release's sum (weight 1 = the paper's), with the text norm where the
+    release divided by the audio norm twice."""
+    g = torch.Generator().manual_seed(0)
+    pairs = [(torch.randn(5, 16, generator=g), 3 * torch.randn(5, 16, generator=g)) for _ in range(2)]
+    want = sum(np.mean(np.abs((t * a).sum(-1).numpy()) / (np.linalg.norm(t, axis=-1) * np.linalg.norm(a, axis=-1)))
+               for t, a in pairs)
+    assert float(sum(orthogonality(t, a) for t, a in pairs)) == pytest.approx(want, rel=1e-6)
 
 
 def fused_by_hand(model, fusion, ids, tmask, frames, fmask):
@@ -192,9 +226,13 @@ def fused_by_hand(model, fusion, ids, tmask, frames, fmask):
     lin = lambda name, x: x @ P[f"fusion.{name}.weight"].T + P[f"fusion.{name}.bias"]
     cross = fusion not in ("late_concat", "audio_only")  # late_concat: pooled unimodal vectors
     text, audio = model.encode(ids, tmask, frames, fmask, cross=cross)
+    t_all = torch.tanh(lin("text_proj", text)) if fusion != "audio_only" else None  # every position
+    a_all = torch.tanh(lin("audio_proj", audio)) if fusion != "text_only" else None  # every frame
 
-    def pool(kind, x, mask):
-        m = mask.bool()[..., None]
+    def pool(kind, x, mask, skip_first=False):
+        m = mask.bool()[..., None].clone()
+        if skip_first:
+            m[:, 0] = False
         if kind == "first":
             return x[:, 0]
         if kind == "max":
@@ -204,24 +242,23 @@ def fused_by_hand(model, fusion, ids, tmask, frames, fmask):
         scores = lin("attention_pool", x).masked_fill(~m, -float("inf"))  # (B, T, 1)
         return (scores.softmax(1) * x).sum(1)
 
-    T = lambda kind: torch.tanh(lin(f"text_proj.{kind}", pool(kind, text, tmask)))
-    A = lambda kind: torch.tanh(lin(f"audio_proj.{kind}", pool(kind, audio, fmask)))
-    pairs = []
-    if fusion in ("ctal", "late_concat"):
-        pairs = [(T("first"), A("attention")), (T("max"), A("max"))]
-    elif fusion in ("first_token", "mean_pool"):
-        kind = fusion.split("_")[0]
-        pairs = [(T(kind), A(kind))]
-    if fusion == "text_only":
+    T = lambda kind: pool(kind, t_all, tmask, skip_first=kind == "max")  # the release's max skips <s>
+    A = lambda kind: pool(kind, a_all, fmask)
+    z, cos = [], []
+    if fusion in ("ctal", "first_token", "mean_pool"):
+        pairs = ([(T("first"), A("attention")), (T("max"), A("max"))] if fusion == "ctal"
+                 else [(T(fusion.split("_")[0]), A(fusion.split("_")[0]))])
+        z = [t + a for t, a in pairs]
+        cos = [((t * a).sum(-1).abs() / (t.norm(dim=-1) * a.norm(dim=-1))).mean() for t, a in pairs]
+    elif fusion == "ctal_concat":
+        z = [T("first"), A("attention")]
+    elif fusion == "late_concat":
+        z = [T("first"), A("attention"), T("max"), A("max")]
+    elif fusion == "text_only":
         z = [T("first"), T("max")]
     elif fusion == "audio_only":
         z = [A("attention"), A("max")]
-    elif fusion == "late_concat":
-        z = [pairs[0][0], pairs[0][1], pairs[1][0], pairs[1][1]]
-    else:
-        z = [t + a for t, a in pairs]
-    cos = [(t * a).sum(-1).abs() / (t.norm(dim=-1) * a.norm(dim=-1)) for t, a in pairs]
-    ortho = torch.stack(cos).mean() if cos else torch.zeros(())
+    ortho = torch.stack(cos).sum() if cos else torch.zeros(())
     return torch.tanh(lin("dense", torch.cat(z, -1))), ortho
 
 
