@@ -142,7 +142,7 @@ def collate(rows: Sequence[dict], *, max_frames: int, pad_token_id: int, masking
         batch["frames"], batch["acoustic_mask"] = mask_frames(
             frames, frame_mask, generator=generator, mask_prob=masking.frame_mask_prob,
             span_min=masking.span_min, span_max=masking.span_max, zero_prob=masking.frame_zero_prob,
-            random_prob=masking.frame_random_prob)
+            random_prob=masking.frame_random_prob, decide=masking.frame_decide)
         batch["target_frames"] = frames
     return batch
 

@@ -94,6 +94,9 @@ class MaskingConfig:
     span_max: int = 50
     frame_zero_prob: float = 0.8
     frame_random_prob: float = 0.1
+    # zero / random / keep drawn for every chosen frame, random frames from the same utterance (the
+    # release's), or once per span with random frames from the batch ("span")
+    frame_decide: Literal["frame", "span"] = "frame"
 
 
 @dataclass

@@ -114,16 +114,20 @@ def mask_frames(
     span_max: int = 50,
     zero_prob: float = 0.8,
     random_prob: float = 0.1,
+    decide: str = "frame",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Span masking of acoustic frames, as in CTAL's (Mockingjay-derived) released code.
 
     For an utterance with n real frames (`frame_mask` True), round(mask_prob * n) frames (at least 1
     when n > 0 and mask_prob > 0) are chosen as non-overlapping spans of uniform length in
-    [span_min, span_max], the last span clipped so the total is exact. Per span: zeroed with
-    `zero_prob`, replaced by frames copied from random real positions of the batch with
-    `random_prob`, else kept. Returns (masked_frames, acoustic_mask) where acoustic_mask marks all
+    [span_min, span_max], the last span clipped so the total is exact. `decide="frame"` (the
+    release's): each chosen frame is zeroed with `zero_prob`, replaced by a random real frame of the
+    same utterance with `random_prob`, else kept. `decide="span"`: one such draw per span, random
+    frames from the whole batch. Returns (masked_frames, acoustic_mask) where acoustic_mask marks all
     chosen frames (the L1 loss scores them, kept ones included); padding is never chosen.
     """
+    if decide not in ("frame", "span"):
+        raise ValueError(f"decide must be 'frame' or 'span', got {decide!r}")
     if frames.ndim != 3 or frame_mask.shape != frames.shape[:2]:
         raise ValueError(f"expected frames (B, T, D) and frame_mask (B, T), got "
                          f"{tuple(frames.shape)} and {tuple(frame_mask.shape)}")
@@ -138,6 +142,8 @@ def mask_frames(
     acoustic_mask = torch.zeros_like(real)
     zeroed = torch.zeros_like(real)
     replaced = torch.zeros_like(real)
+    donor_of = torch.full(real.shape, -1, dtype=torch.long)  # per-frame: flat index of its donor
+    T = real.shape[1]
     for b in range(real.shape[0]):
         positions = real[b].nonzero().squeeze(1)  # spans run over real frames, wherever padding sits
         n = len(positions)
@@ -148,18 +154,31 @@ def mask_frames(
             continue
         lengths = _span_lengths(target, span_min, span_max, generator)
         starts = _span_starts(lengths, n, generator)
-        fate = torch.rand(len(lengths), generator=generator).tolist()
-        for start, length, u in zip(starts, lengths, fate):
-            span = positions[start:start + length]
-            acoustic_mask[b, span] = True
-            if u < zero_prob:
-                zeroed[b, span] = True
-            elif u < zero_prob + random_prob:
-                replaced[b, span] = True
+        if decide == "span":
+            fate = torch.rand(len(lengths), generator=generator).tolist()
+            for start, length, u in zip(starts, lengths, fate):
+                span = positions[start:start + length]
+                acoustic_mask[b, span] = True
+                if u < zero_prob:
+                    zeroed[b, span] = True
+                elif u < zero_prob + random_prob:
+                    replaced[b, span] = True
+            continue
+        chosen = torch.cat([positions[start:start + length] for start, length in zip(starts, lengths)])
+        acoustic_mask[b, chosen] = True
+        u = torch.rand(len(chosen), generator=generator)
+        zeroed[b, chosen[u < zero_prob]] = True
+        swap = chosen[(u >= zero_prob) & (u < zero_prob + random_prob)]
+        donor_of[b, swap] = b * T + positions[torch.randint(n, (len(swap),), generator=generator)]
 
     masked = frames.clone()
     device = frames.device
     masked[zeroed.to(device)] = 0.0
+    if decide == "frame":
+        swap = donor_of >= 0
+        if swap.any():  # donors read the unmasked input: a donor zeroed itself still gives its frame
+            masked[swap.to(device)] = frames.reshape(-1, frames.shape[-1])[donor_of[swap].to(device)]
+        return masked, acoustic_mask.to(device)
     n_replaced = int(replaced.sum())
     if n_replaced:
         donors = real_flat[torch.randint(len(real_flat), (n_replaced,), generator=generator)]

@@ -80,12 +80,13 @@ def _frame_batch(seed: int, batch: int = 32, max_len: int = 1000, dim: int = 4):
     return frames, frame_mask
 
 
-def test_frame_span_masking_rate_spans_and_fates():
+def test_per_span_decisions_rate_spans_and_fates():
     n_real = n_chosen = 0
     fates = {"zero": 0, "random": 0, "kept": 0}
     for seed in range(16):
         frames, frame_mask = _frame_batch(seed)
-        masked, acoustic_mask = mask_frames(frames, frame_mask, generator=torch.Generator().manual_seed(seed))
+        masked, acoustic_mask = mask_frames(frames, frame_mask, generator=torch.Generator().manual_seed(seed),
+                                            decide="span")
         assert not (acoustic_mask & ~frame_mask).any(), "padding was chosen"
         assert torch.equal(masked[~acoustic_mask], frames[~acoustic_mask])
         assert (masked[frame_mask] < 1e6).all(), "a padding frame was copied into a real one"
@@ -111,6 +112,40 @@ def test_frame_span_masking_rate_spans_and_fates():
     for fate, p in [("zero", 0.8), ("random", 0.1), ("kept", 0.1)]:
         tol = 4 * math.sqrt(p * (1 - p) / n_spans)  # 4 binomial standard deviations
         assert abs(fates[fate] / n_spans - p) < tol, (fate, fates)
+
+
+def test_per_frame_decisions_take_random_frames_from_the_same_utterance():
+    """The release's default: zero / random / keep drawn for every chosen frame (80/10/10), a random
+    frame copied from a real position of the same utterance, spans and rate as per span."""
+    fates = {"zero": 0, "random": 0, "kept": 0}
+    n_real = n_chosen = 0
+    mixed_spans = 0
+    for seed in range(6):
+        frames, frame_mask = _frame_batch(seed)
+        masked, acoustic_mask = mask_frames(frames, frame_mask, generator=torch.Generator().manual_seed(seed))
+        assert not (acoustic_mask & ~frame_mask).any()
+        assert torch.equal(masked[~acoustic_mask], frames[~acoustic_mask])
+        n_real += int(frame_mask.sum())
+        n_chosen += int(acoustic_mask.sum())
+        for b in range(frames.shape[0]):
+            own = frames[b, frame_mask[b]]  # this utterance's real frames
+            for t in acoustic_mask[b].nonzero().squeeze(1).tolist():
+                x = masked[b, t]
+                if (x == 0).all():
+                    fates["zero"] += 1
+                elif torch.equal(x, frames[b, t]):
+                    fates["kept"] += 1
+                else:
+                    fates["random"] += 1
+                    assert (own == x).all(1).any(), "a random frame not from the same utterance"
+            for start, length in _runs(acoustic_mask[b]):
+                span = masked[b, start:start + length]
+                mixed_spans += bool((span == 0).all(1).any() and not (span == 0).all())
+    assert abs(n_chosen / n_real - 0.15) < 0.015
+    n = sum(fates.values())
+    for fate, p in [("zero", 0.8), ("random", 0.1), ("kept", 0.1)]:
+        assert abs(fates[fate] / n - p) < 4 * math.sqrt(p * (1 - p) / n), (fate, fates)
+    assert mixed_spans > 100  # fates differ inside a span: decided per frame, not per span
 
 
 def test_short_and_empty_utterances():
