@@ -36,14 +36,16 @@ def derive_seed(*parts: int) -> int:
 
 
 def bucket_batches(n_frames: Sequence[int], *, batch_size: int = 8, max_frames_per_batch: int = 0,
-                   seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
+                   seed: int, epoch: int, shuffle: bool = True, halve_above_frames: int = 0) -> list[list[int]]:
     """Length-bucketed batches of indices into ``n_frames``.
 
     Indices are sorted by length (ties in a seeded random order) and cut into batches of
-    ``batch_size``, or, when ``max_frames_per_batch`` > 0, into the largest runs whose padded size
-    (count x longest) fits the budget (``batch_size`` is then ignored; an utterance longer than the
-    budget forms a batch of its own). With ``shuffle`` the batch order is permuted. Deterministic in
-    (seed, epoch); the number of batches does not depend on them.
+    ``batch_size`` (half as many, at least 1, where the batch's longest utterance has more than
+    ``halve_above_frames`` > 0 frames: the release's rule for long buckets), or, when
+    ``max_frames_per_batch`` > 0, into the largest runs whose padded size (count x longest) fits the
+    budget (``batch_size`` is then ignored; an utterance longer than the budget forms a batch of its
+    own). With ``shuffle`` the batch order is permuted. Deterministic in (seed, epoch); the number of
+    batches does not depend on them.
     """
     n = np.asarray(n_frames, dtype=np.int64)
     if batch_size < 1:
@@ -61,7 +63,13 @@ def bucket_batches(n_frames: Sequence[int], *, batch_size: int = 8, max_frames_p
         if start < len(order):
             batches.append(order[start:])
     else:
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        batches, i = [], 0
+        while i < len(order):
+            b = order[i:i + batch_size]
+            if 0 < halve_above_frames < n[b[-1]]:
+                b = b[:max(1, batch_size // 2)]
+            batches.append(b)
+            i += len(b)
     if shuffle:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return [b.tolist() for b in batches]
@@ -188,12 +196,13 @@ class PretrainBatches:
 
     def __init__(self, data_dir: str | Path, *, rank: int, world_size: int, seed: int,
                  split: str = "train", batch_size: int = 8, max_frames_per_batch: int = 0,
-                 max_frames: int = 3000, pool_rows: int = 1024,
-                 columns: Sequence[str] = ("input_ids", "fbank")):
+                 max_frames: int = 3000, pool_rows: int = 1024, halve_above_frames: int = 0,
+                 drop_longer: bool = False, columns: Sequence[str] = ("input_ids", "fbank")):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.batch_size, self.max_frames_per_batch = batch_size, max_frames_per_batch
+        self.halve_above_frames = halve_above_frames
         self.columns = list(columns)
         self.files = list_shards(data_dir)  # URI strings for a data set on s3://, gs://, file://
         # One pyarrow filesystem for every read (an S3 client per row group would be slow).
@@ -216,14 +225,17 @@ class PretrainBatches:
                 rg_of_row.append(np.full(rows, len(self.row_groups)))
                 self.row_groups.append((f, g, start))
                 start += rows
-        self.n_frames = np.minimum(np.concatenate(n_frames) if n_frames else np.zeros(0, np.int64),
-                                   max_frames)  # what the model sees after cropping
+        raw = np.concatenate(n_frames) if n_frames else np.zeros(0, np.int64)
+        self.n_frames = np.minimum(raw, max_frames)  # what the model sees after cropping
         self.rg_of_row = np.concatenate(rg_of_row) if rg_of_row else np.zeros(0, np.int64)
         self.row_start = np.array([0] + [len(x) for x in n_frames]).cumsum()  # global row of file f
-        rows = np.flatnonzero(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+        keep = np.concatenate(keep) if keep else np.zeros(0, bool)
+        self.n_dropped = int((keep & (raw > max_frames)).sum()) if drop_longer else 0
+        rows = np.flatnonzero(keep & ~(raw > max_frames) if drop_longer else keep)
         if len(rows) == 0:
+            dropped = f", {self.n_dropped} dropped as longer than max_frames={max_frames}" if self.n_dropped else ""
             raise ValueError(f"{str(data_dir)!r} has no rows of split {split!r} "
-                             f"(splits present: {sorted(seen_splits)})")
+                             f"(splits present: {sorted(seen_splits)}{dropped})")
 
         # Units: whole row groups when there are enough, else single rows.
         groups = np.unique(self.rg_of_row[rows])
@@ -262,7 +274,8 @@ class PretrainBatches:
         rows = self._pools[rank][pool]
         return bucket_batches(self.n_frames[rows], batch_size=self.batch_size,
                               max_frames_per_batch=self.max_frames_per_batch,
-                              seed=derive_seed(self.seed, rank, pool), epoch=epoch)
+                              seed=derive_seed(self.seed, rank, pool), epoch=epoch,
+                              halve_above_frames=self.halve_above_frames)
 
     def _pool_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, self.rank, epoch]).permutation(len(self.pools))

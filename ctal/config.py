@@ -110,12 +110,16 @@ class PretrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.07
     max_steps: int = 1000
-    batch_size: int = 8  # utterances per worker-step, when max_frames_per_batch == 0
-    max_frames_per_batch: int = 0  # > 0: batch by frame budget instead of by count
+    # Utterances per optimizer step, all workers together: the release's global batch (8 / 6 / 4 for
+    # tiny / base / large). Each worker takes batch_size / (num_workers x grad_accum_steps) per micro-step.
+    batch_size: int = 8
+    max_frames_per_batch: int = 0  # > 0: batch by a frame budget per worker micro-step instead (batch_size unused)
+    halve_batch_above_frames: int = 2000  # a batch whose longest utterance is longer holds half (release); 0: never
     bucket_pool_rows: int = 1024  # rows read and length-bucketed together per worker (memory bound)
     grad_accum_steps: int = 1
     clip_grad_norm: float = 1.0
-    max_frames: int = 3000  # longer utterances are cropped (learned positions stop at 3000)
+    max_frames: int = 3000  # learned audio positions stop at 3000
+    long_utterances: Literal["crop", "drop"] = "crop"  # over max_frames: cropped, or dropped (the release)
     seed: int = 0
     bf16: bool = True  # autocast on GPU only
     log_every: int = 10

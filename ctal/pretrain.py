@@ -70,7 +70,23 @@ def prepare(cfg: PretrainConfig) -> PretrainPlan:
                               max_frames=min(cfg.max_frames, cfg.model.max_audio_positions))
     tok = open_dataset(cfg.data).tokenizer
     check_vocabulary(cfg.model, tok)
+    worker_batch_size(cfg, cfg.num_workers)
     return PretrainPlan(cfg, tok)
+
+
+def worker_batch_size(cfg: PretrainConfig, world_size: int) -> int:
+    """Utterances per worker micro-step: the global ``batch_size`` split over workers and accumulation
+    steps (ConfigError when it does not split evenly). Frame-budget batching has no count: 0."""
+    if cfg.max_frames_per_batch > 0:
+        return 0
+    parts = world_size * cfg.grad_accum_steps
+    if cfg.batch_size % parts:
+        fits = [k * parts for k in (cfg.batch_size // parts, cfg.batch_size // parts + 1) if k]
+        raise ConfigError(
+            f"batch_size: {cfg.batch_size} utterances per optimizer step (the global batch) do not split over "
+            f"{world_size} worker(s) x grad_accum_steps={cfg.grad_accum_steps}; use a multiple of {parts} "
+            f"({' or '.join(map(str, fits))}), or max_frames_per_batch=N to batch by frames per worker")
+    return cfg.batch_size // parts
 
 
 def validate_pretrain_config(cfg: PretrainConfig) -> None:
@@ -224,8 +240,10 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
     model = (prepare_model or (lambda m: _ddp(m, device)))(raw)
 
     data = PretrainBatches(cfg.data, rank=rank, world_size=world_size, seed=cfg.seed, split=cfg.split,
-                           batch_size=cfg.batch_size, max_frames_per_batch=cfg.max_frames_per_batch,
-                           max_frames=cfg.max_frames, pool_rows=cfg.bucket_pool_rows)
+                           batch_size=worker_batch_size(cfg, world_size) or 1,
+                           max_frames_per_batch=cfg.max_frames_per_batch, max_frames=cfg.max_frames,
+                           pool_rows=cfg.bucket_pool_rows, halve_above_frames=cfg.halve_batch_above_frames,
+                           drop_longer=cfg.long_utterances == "drop")
     max_tokens = model_cfg.max_position_embeddings - (model_cfg.pad_token_id + 1
                                                       if model_cfg.text_position_style == "roberta" else 0)
 
@@ -249,8 +267,12 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
         if step:  # lines after this one supersede earlier lines of the same steps
             metrics_file.write(json.dumps({"event": "resume", "step": step}) + "\n")
         n_params = raw.count_parameters()
-        log(f"pretraining {n_params / 1e6:.2f} M parameters on {world_size} worker(s), {device.type}; "
-            f"{data.batches_per_epoch} batches per epoch per worker; steps {step} → {cfg.max_steps}")
+        per = worker_batch_size(cfg, world_size)
+        batch = (f"{cfg.batch_size} utterances per step ({per} per worker micro-step)" if per
+                 else f"up to {cfg.max_frames_per_batch} frames per worker micro-step")
+        dropped = f", {data.n_dropped} over max_frames dropped" if data.n_dropped else ""
+        log(f"pretraining {n_params / 1e6:.2f} M parameters on {world_size} worker(s), {device.type}; {batch}; "
+            f"{data.batches_per_epoch} batches per epoch per worker{dropped}; steps {step} → {cfg.max_steps}")
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda"
                 else contextlib.nullcontext())
@@ -367,6 +389,7 @@ def launch_local(cfg: PretrainConfig, run_dir: str | Path, num_workers: Optional
     import torch.multiprocessing as mp
 
     n = num_workers or cfg.num_workers
+    cfg = dataclasses.replace(cfg, num_workers=n)  # the batch check (prepare) splits over these workers
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

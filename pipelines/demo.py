@@ -6,7 +6,7 @@
    CMU-MOSEI-layout corpus whose label needs both modalities (text polarity, flipped by ironic prosody);
 2. preprocess both to Parquet with Ray Data, with one shared BPE tokenizer;
 3. pretrain a narrow 3+3 CTAL on the read speech with 2 Ray Train workers;
-4. sweep fine-tuning over the six fusion variants x 2 seeds with Ray Tune (--quick: ctal, text_only,
+4. sweep fine-tuning over the seven fusion variants x 2 seeds with Ray Tune (--quick: ctal, text_only,
    audio_only, one seed);
 5. evaluate the best checkpoint of each variant on the test split;
 6. write <out>/report.md with tables and plots, and print the table.
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
             f"{args.workers} Ray Train workers")
         cfg = load_config(PretrainConfig, [ROOT / "configs" / "pretrain.yaml", narrow], [
             f"data={pre_data}", "split=train-clean-100", f"max_steps={size['steps']}",
-            f"num_workers={args.workers}", "lr=1e-3", "batch_size=8", "max_frames=1000", "log_every=10",
+            f"num_workers={args.workers}", "lr=1e-3", f"batch_size={8 * args.workers}", "max_frames=1000", "log_every=10",
             f"checkpoint_every={max(10, size['steps'] // 3)}", f"storage_path={out}", "run_name=pretrain",
             f"seed={args.seed}", "shrink_cpus_per_worker=true"])
         result = pretrain(cfg)

@@ -9,7 +9,7 @@ import torch
 from ctal.batching import (PretrainBatches, bucket_batches, collate, padding_efficiency, prefetch,
                            split_matches)
 from ctal.config import MaskingConfig
-from ctal.data import TOKENIZER_DIR
+from ctal.data import TOKENIZER_DIR, open_dataset
 from ctal.data import write_dataset as write_contract_dataset
 from ctal.features import add_deltas, normalize_utterance
 from ctal.masking import IGNORE_INDEX
@@ -245,3 +245,25 @@ def test_prefetch_keeps_order_and_reraises():
     assert next(it) == 1
     with pytest.raises(KeyError, match="bad row"):
         next(it)
+
+
+def test_long_buckets_hold_half_the_utterances_as_the_release():
+    n = np.array([100] * 8 + [2500] * 8)
+    sizes = sorted((len(b), max(n[b])) for b in bucket_batches(n, batch_size=4, seed=0, epoch=0,
+                                                                halve_above_frames=2000))
+    assert sizes == [(2, 2500)] * 4 + [(4, 100)] * 2
+    assert all(len(b) == 4 for b in bucket_batches(n, batch_size=4, seed=0, epoch=0))  # 0: never halved
+    assert [len(b) for b in bucket_batches(np.array([3000]), batch_size=1, seed=0, epoch=0,
+                                           halve_above_frames=2000)] == [1]  # never below one
+
+
+def test_utterances_over_max_frames_are_cropped_or_dropped(tmp_path):
+    path = write_dataset(tmp_path / "d", 40, rows_per_group=10, rows_per_shard=20, frames=(100, 400), noise=False)
+    longer = int((open_dataset(path).read(columns=["n_frames"]).column("n_frames").to_numpy() > 250).sum())
+    assert 0 < longer < 40
+    cropped = PretrainBatches(path, rank=0, world_size=1, seed=0, batch_size=1, max_frames=250)
+    dropped = PretrainBatches(path, rank=0, world_size=1, seed=0, batch_size=1, max_frames=250, drop_longer=True)
+    assert cropped.n_rows == 40 and cropped.n_frames.max() == 250 and cropped.n_dropped == 0
+    assert dropped.n_rows == 40 - longer and dropped.n_dropped == longer
+    with pytest.raises(ValueError, match="40 dropped as longer than max_frames=50"):
+        PretrainBatches(path, rank=0, world_size=1, seed=0, batch_size=1, max_frames=50, drop_longer=True)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ctal.checkpoint import CheckpointStore
-from ctal.config import PretrainConfig, load_config
+from ctal.config import ConfigError, PretrainConfig, load_config
 from ctal.data import open_dataset
 from ctal.model import CTALForPretraining
 from ctal.pretrain import CHECKPOINTS, latest_checkpoint, pretrain_loop, prepare, read_metrics
@@ -207,7 +207,7 @@ def test_over_asking_fails_within_seconds_naming_asked_and_available(dataset, tm
     t0 = time.perf_counter()
     asked = rf"8 workers x 1 CPUs = 8 CPUs, the Ray cluster has {cpus:g} CPUs"
     with pytest.raises(ResourceError, match=asked):
-        pretrain(make_cfg(dataset, tmp_path, "too-big", "num_workers=8"))
+        pretrain(make_cfg(dataset, tmp_path, "too-big", "num_workers=8", "batch_size=8"))
     assert time.perf_counter() - t0 < 10
     assert not (tmp_path / "too-big").exists()
 
@@ -396,3 +396,14 @@ def test_a_run_next_to_a_cpu_hog_finishes_with_the_losses_of_the_quiet_run(refer
             hog.wait()
     assert losses(result.run_dir) == reference[1]
     assert resumes(result.run_dir) == []
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["batch_size=6", "num_workers=4"], r"batch_size: 6 utterances per optimizer step .* over 4 worker\(s\) "
+                                        r"x grad_accum_steps=1; use a multiple of 4 \(4 or 8\)"),
+    (["batch_size=8", "num_workers=2", "grad_accum_steps=3"], r"use a multiple of 6 \(6 or 12\)"),
+])
+def test_the_global_batch_must_split_over_workers_before_ray(dataset, tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        prepare(make_cfg(dataset, tmp_path, "indivisible", *extra))
+    assert prepare(make_cfg(dataset, tmp_path, "budget", *extra, "max_frames_per_batch=400"))  # frames: no count
