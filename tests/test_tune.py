@@ -18,6 +18,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from ctal.model import FUSION_VARIANTS
+
 from ctal.config import ConfigError, DataConfig, FinetuneConfig, SweepConfig, load_config
 from ctal.corpora.synthetic import synthesize
 from ctal.distributed.tune import SWEEP_FILE, load_sweep, run_sweep
@@ -195,8 +197,7 @@ def test_shipped_search_spaces_cover_every_parameter_and_fusion_variant(task):
     space = load_search_space(ROOT / "search_spaces" / f"{task}.yaml")
     assert set(space.params) >= set(PARAMETERS) - {"weight_decay", "seed"}
     assert space.params["lr"].dist == "loguniform"
-    assert set(space.params["fusion"].args) == {"ctal", "first_token", "mean_pool", "late_concat",
-                                                "text_only", "audio_only"}
+    assert set(space.params["fusion"].args) == set(FUSION_VARIANTS)
 
 
 # -- the fine-tuning loop (no Ray) -----------------------------------------------------------------
