@@ -317,10 +317,11 @@ def finetune(cfg: FinetuneConfig, *, data: Optional[TaskData] = None, out_dir: O
 
 
 def _resume_state(resume: Path, data: TaskData) -> dict:
-    """The state of the checkpoint to resume from, after checking its files and its tokenizer."""
+    """The state of the checkpoint to resume from, after checking its files, front end and tokenizer."""
     state = checkpoints.verify(resume)
     if state.get("kind") != KIND:
         raise ValueError(f"resume_from={resume} is a {state.get('kind')} checkpoint, not a fine-tuning one")
+    checkpoints.check_frontend(resume, data.frontend)
     checkpoints.check_tokenizer(resume, data.tokenizer.hash)
     return state
 
