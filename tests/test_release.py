@@ -57,22 +57,20 @@ def _vocab_size(bpe_dir: Path) -> int:
 
 
 def _layer(prefix: str, g: torch.Generator, cross: bool) -> dict:
-    blocks = ["attention"] + (["crossattention"] if cross else [])
+    """One RobertaLayer's state dict (with cross-attention for the acoustic encoder's)."""
+    def linear(name: str, n_out: int, n_in: int) -> dict:
+        return {f"{prefix}.{name}.weight": torch.randn(n_out, n_in, generator=g),
+                f"{prefix}.{name}.bias": torch.randn(n_out, generator=g)}
+
+    def layer_norm(name: str) -> dict:
+        return {f"{prefix}.{name}.{p}": torch.randn(H, generator=g) for p in ("weight", "bias")}
+
     out = {}
-    for block in blocks:
+    for block in ["attention"] + (["crossattention"] if cross else []):
         for proj in ("query", "key", "value"):
-            out[f"{prefix}.{block}.self.{proj}.weight"] = torch.randn(H, H, generator=g)
-            out[f"{prefix}.{block}.self.{proj}.bias"] = torch.randn(H, generator=g)
-        out[f"{prefix}.{block}.output.dense.weight"] = torch.randn(H, H, generator=g)
-        out[f"{prefix}.{block}.output.dense.bias"] = torch.randn(H, generator=g)
-        out[f"{prefix}.{block}.output.LayerNorm.weight"] = torch.randn(H, generator=g)
-        out[f"{prefix}.{block}.output.LayerNorm.bias"] = torch.randn(H, generator=g)
-    out[f"{prefix}.intermediate.dense.weight"] = torch.randn(FFN, H, generator=g)
-    out[f"{prefix}.intermediate.dense.bias"] = torch.randn(FFN, generator=g)
-    out[f"{prefix}.output.dense.weight"] = torch.randn(H, FFN, generator=g)
-    out[f"{prefix}.output.dense.bias"] = torch.randn(H, generator=g)
-    out[f"{prefix}.output.LayerNorm.weight"] = torch.randn(H, generator=g)
-    out[f"{prefix}.output.LayerNorm.bias"] = torch.randn(H, generator=g)
+            out.update(linear(f"{block}.self.{proj}", H, H))
+        out.update(linear(f"{block}.output.dense", H, H) | layer_norm(f"{block}.output.LayerNorm"))
+    out.update(linear("intermediate.dense", FFN, H) | linear("output.dense", H, FFN) | layer_norm("output.LayerNorm"))
     return out
 
 
