@@ -103,8 +103,12 @@ def load_release_checkpoint(path: str | Path) -> dict:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
-        raise ReleaseFormatError(f"{path} needs {found.group(1) if found else 'a type'} to load; a release "
-                                 f"checkpoint needs only {', '.join(sorted(allowed))}: refusing it") from None
+        if found is None:
+            # (torch's own message suggests weights_only=False: not repeated here)
+            raise ReleaseFormatError(f"{path} is not a torch.save checkpoint readable with "
+                                     "weights_only=True") from None
+        raise ReleaseFormatError(f"{path} needs {found.group(1)} to load; a release checkpoint needs only "
+                                 f"{', '.join(sorted(allowed))}: refusing it") from None
     except RuntimeError as e:
         raise ReleaseFormatError(f"{path} is not a torch.save checkpoint ({e})") from None
     missing = [k for k in REQUIRED_ENTRIES if not isinstance(ckpt, dict) or k not in ckpt]

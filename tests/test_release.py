@@ -395,3 +395,28 @@ def test_the_release_front_end_is_a_checked_config_choice():
         load_config(FeatureConfig, [], ["frontend=librosa"])
     with pytest.raises(ValueError, match="frontend"):
         model_frames(np.zeros((10, 80), np.float32), "librosa")
+
+
+def test_the_featurizer_writes_release_frames_when_asked(tmp_path):
+    import soundfile as sf
+
+    from ctal.config import DataConfig
+    from ctal.data import featurize_row
+    from ctal.tokenizer import train_bpe_tokenizer
+
+    x = _speechy(seed=3)
+    sf.write(tmp_path / "a.wav", x, 16000, subtype="FLOAT")
+    tok = train_bpe_tokenizer(["a cat sat"] * 4, 300, tmp_path / "tok")
+    row = {"id": "a", "audio_path": str(tmp_path / "a.wav"), "text": "a cat sat"}
+    record, problem = featurize_row(row, tok, DataConfig(features=FeatureConfig(frontend="release")))
+    assert problem is None and record["n_frames"] == 1 + len(x) // 160
+    np.testing.assert_array_equal(record["fbank"], compute_fbank(x, 16000, frontend="release"))
+
+
+def test_a_file_that_is_no_checkpoint_is_refused(tmp_path):
+    (tmp_path / "x.ckpt").write_bytes(b"not a pickle at all")
+    with pytest.raises(ReleaseFormatError, match="not a torch.save checkpoint"):
+        load_release_checkpoint(tmp_path / "x.ckpt")
+    torch.save({"model": torch.zeros(2)}, tmp_path / "y.ckpt")
+    with pytest.raises(ReleaseFormatError, match="no semantic_model, acoustic_model, Settings"):
+        load_release_checkpoint(tmp_path / "y.ckpt")
