@@ -108,11 +108,12 @@ def collate(rows: Sequence[dict], *, max_frames: int, pad_token_id: int, masking
             mask_token_id: Optional[int] = None, vocab_size: Optional[int] = None,
             special_token_ids: Optional[Sequence[int]] = None,
             generator: Optional[torch.Generator] = None,
-            max_tokens: Optional[int] = None) -> dict[str, torch.Tensor]:
+            max_tokens: Optional[int] = None, frontend: str = "kaldi") -> dict[str, torch.Tensor]:
     """Rows (dicts with ``input_ids``, ``fbank`` and optionally ``label``) → a padded batch.
 
     Frames are cropped to ``max_frames`` *before* delta + per-utterance normalization, so the model
-    sees exactly what a shorter utterance would give. Text longer than ``max_tokens`` keeps its
+    sees exactly what a shorter utterance would give; ``frontend`` is the data set's (``DataSet.frontend``),
+    whose delta and normalization apply. Text longer than ``max_tokens`` keeps its
     closing token. Returns input_ids/attention_mask (B, L) long, frames (B, T, 160) float32,
     frame_mask (B, T) bool and labels (B,) float32 when every row has one (classification callers
     cast to long). With a ``MaskingConfig`` (needs mask_token_id, vocab_size, special_token_ids and
@@ -121,7 +122,8 @@ def collate(rows: Sequence[dict], *, max_frames: int, pad_token_id: int, masking
     """
     if not rows:
         raise ValueError("collate got no rows")
-    feats = [model_frames(torch.as_tensor(_fbank_array(r["fbank"])[:max_frames].copy())) for r in rows]  # copy: rows may be read-only views
+    feats = [model_frames(torch.as_tensor(_fbank_array(r["fbank"])[:max_frames].copy()), frontend)
+             for r in rows]  # copy: rows may be read-only views
     ids = [_truncate_ids(np.asarray(r["input_ids"], dtype=np.int64), max_tokens) for r in rows]
     B, T, L = len(rows), max(len(f) for f in feats), max(len(i) for i in ids)
 

@@ -254,6 +254,28 @@ def check_tokenizer(checkpoint: str | Path, expected_hash: str, fix: str = "") -
                          f"it{hint}")
 
 
+def trained_frontend(checkpoint: str | Path) -> str:
+    """The front end (ctal.features.FRONTENDS) whose frames a local checkpoint, or the checkpoint a
+    model directory of it belongs to, was trained on; "kaldi" where none is recorded (checkpoints
+    made before there was a choice)."""
+    checkpoint = Path(checkpoint)
+    for where in (checkpoint, checkpoint.parent):
+        if (where / STATE_FILE).is_file():
+            return read_state(where).get("frontend", "kaldi")
+    return "kaldi"
+
+
+def check_frontend(checkpoint: str | Path, expected: str, fix: str = "") -> None:
+    """Refuse a checkpoint trained on other frames than the data set's front end ``expected``
+    (ValueError naming both, and ``fix`` when given): the weights expect their own features."""
+    actual = trained_frontend(checkpoint)
+    if actual != expected:
+        hint = f"; {fix}" if fix else ""
+        raise ValueError(f"front end mismatch: checkpoint {checkpoint} was trained on features.frontend={actual} "
+                         f"frames, the data set holds features.frontend={expected} frames; refusing to use "
+                         f"it{hint}")
+
+
 # --------------------------------------------------------------------------------------------------
 # a store of numbered checkpoints (a pretraining run's step-NNNNNNNN)
 

@@ -56,12 +56,19 @@ class ModelConfig:
 
 @dataclass
 class FeatureConfig:
-    """Kaldi-compatible log-mel filterbank settings (stored with the data set)."""
+    """Log-mel settings (stored with the data set). ``frontend`` (ctal.features.FRONTENDS): "kaldi"
+    (Kaldi fbank) or "release" (the authors' librosa features, for their released weights)."""
     sample_rate: int = 16000
     num_mel_bins: int = 80
     frame_length_ms: float = 25.0
     frame_shift_ms: float = 10.0
-    dither: float = 0.0
+    dither: float = 0.0  # kaldi only
+    frontend: Literal["kaldi", "release"] = "kaldi"
+
+    def __post_init__(self):
+        if self.frontend == "release" and self.dither:
+            raise ConfigError(f"features.dither={self.dither}: the release front end has no dither "
+                              "(kaldi only); drop it or use features.frontend=kaldi")
 
 
 @dataclass

@@ -189,7 +189,7 @@ def featurize_row(row: dict, tokenizer, data_cfg) -> tuple[Optional[dict], Optio
     try:
         fbank = compute_fbank(wav, sr, target_sample_rate=fc.sample_rate, num_mel_bins=fc.num_mel_bins,
                               frame_length_ms=fc.frame_length_ms, frame_shift_ms=fc.frame_shift_ms,
-                              dither=fc.dither)
+                              dither=fc.dither, frontend=fc.frontend)
     except ValueError as e:  # compute_fbank refuses input shorter than one window
         return _quarantine(row, "too_short", str(e))
     input_ids = encode_text(tokenizer, normalize_text(text, data_cfg.text_normalization), data_cfg.max_text_tokens)
@@ -265,6 +265,11 @@ class DataSet:
     features: Optional[FeatureConfig]  # None for a data set written without featurizing (test data)
     shards: tuple  # Paths, or URI strings for a URI data set, in order
 
+    @property
+    def frontend(self) -> str:
+        """The front end its ``fbank`` column came from: what ``model_frames`` needs at load time."""
+        return feature_frontend(self.report)
+
     @functools.cached_property
     def splits(self) -> dict[str, int]:
         """split name → rows (read from the small ``split`` column only)."""
@@ -274,6 +279,12 @@ class DataSet:
     def read(self, split: Optional[str] = None, columns: Optional[list[str]] = None) -> pa.Table:
         """All shards as one table of ``PARQUET_SCHEMA`` (plain pyarrow, no Ray), optionally one split."""
         return _read_shards(self.shards, split, columns)
+
+
+def feature_frontend(report: dict) -> str:
+    """The front end (ctal.features.FRONTENDS) recorded in a data set's ``report.json``; data sets
+    written before there was a choice, or without featurizing (test data), hold Kaldi frames."""
+    return (report.get("features") or {}).get("frontend", "kaldi")
 
 
 def _read_shards(shards, split: Optional[str], columns: Optional[list[str]]) -> pa.Table:

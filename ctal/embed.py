@@ -14,7 +14,7 @@ import torch
 from . import checkpoint as ctal_checkpoint
 from . import storage
 from .batching import collate
-from .config import DataConfig
+from .config import DataConfig, FeatureConfig
 from .data import featurize_row
 from .model import FUSION_VARIANTS, CTALForSequenceClassification, masked_mean
 from .tokenizer import TOKENIZER_FILES, load_tokenizer, read_normalization, tokenizer_hash
@@ -52,7 +52,8 @@ def embed_rows(model: CTALForSequenceClassification, rows: list[dict], tokenizer
     ids, out = [], {name: [] for name in columns}
     for start in range(0, len(good), batch_size):
         chunk = good[start:start + batch_size]
-        batch = collate(chunk, max_frames=max_frames, pad_token_id=model.config.pad_token_id)
+        batch = collate(chunk, max_frames=max_frames, pad_token_id=model.config.pad_token_id,
+                        frontend=data_cfg.features.frontend)
         batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         text, audio = model.stream_states(batch["input_ids"], batch["attention_mask"], batch["frames"],
                                           batch["frame_mask"])
@@ -88,5 +89,6 @@ def load_for_embedding(checkpoint: str | Path, tokenizer: Optional[str | Path] =
         ctal_checkpoint.check_tokenizer(local, tokenizer_hash(tok_dir),
                                         fix=f"drop --tokenizer to use the checkpoint's own ({tokenizer} differs)")
     # A tokenizer without a recorded normalization predates it: its text was tokenized as read.
-    data_cfg = DataConfig(text_normalization=read_normalization(tok_dir) or "none")
+    data_cfg = DataConfig(text_normalization=read_normalization(tok_dir) or "none",
+                          features=FeatureConfig(frontend=ctal_checkpoint.trained_frontend(local)))
     return model, load_tokenizer(tok_dir), data_cfg

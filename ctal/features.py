@@ -1,20 +1,56 @@
 """Waveform → acoustic frames, as CTAL's released code feeds its audio stream.
 
-Parquet stores 80-d Kaldi-style log-mel filterbanks (`compute_fbank`); at load time `model_frames`
-appends first-order deltas and normalizes per utterance, giving the 160-d frames the model eats.
+Parquet stores 80-d log-mel frames (`compute_fbank`); at load time `model_frames` appends first-order
+deltas and normalizes per utterance, giving the 160-d frames the model eats. Two front ends
+(`FRONTENDS`, `features.frontend`), each a pair: the stored log-mel and its load-time rule.
+
+- "kaldi" (default): Kaldi fbank (Povey window, pre-emphasis 0.97, 512-point FFT, HTK mel, uncentred
+  frames, log with an energy floor); delta width 5 with replicated edges; CMVN with 1e-5 inside the root.
+- "release": the authors' librosa features, for their released weights: Hann window, no pre-emphasis,
+  an FFT as long as the window (400 points), Slaney mel with area norm from 0 Hz, centred frames
+  (reflect padding, librosa 0.8's), power spectrum, `log(mel + 1e-6)`; delta width 9 with librosa's
+  edges (a line fitted to the first / last 9 frames); CMVN dividing by std + 1e-16. The release, too,
+  takes the delta before CMVN, so it fits the same contract. Its resampler (resampy) is not ours:
+  16 kHz audio (LibriSpeech) is not resampled at all.
 
 Waveform layout rule: a 1-D array is mono; a 2-D **numpy** array is soundfile's (frames, channels);
 a 2-D **torch** tensor is torchaudio's (channels, frames). Floating-point samples are expected in
 [-1, 1] (soundfile/torchaudio default); integer PCM is scaled to that range first.
 """
 
+import functools
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as AF
+import torchaudio.transforms as AT
 
 # Kaldi computes on int16-scaled samples; matching it keeps log energies (and dither=1.0) meaningful.
 _INT16_SCALE = 32768.0
+
+
+@dataclass(frozen=True)
+class LoadRule:
+    """How a front end's stored log-mel becomes the model's frames: delta, then per-utterance CMVN."""
+    delta_width: int
+    delta_edges: str  # "replicate" (torchaudio's compute_deltas) or "interp" (librosa's default)
+    var_eps: float  # added to the variance under the square root
+    std_eps: float  # added to the standard deviation
+
+
+FRONTENDS = {
+    "kaldi": LoadRule(delta_width=5, delta_edges="replicate", var_eps=1e-5, std_eps=0.0),
+    "release": LoadRule(delta_width=9, delta_edges="interp", var_eps=0.0, std_eps=1e-16),
+}
+RELEASE_LOG_FLOOR = 1e-6  # the release's log(mel + 1e-6)
+
+
+def _rule(frontend: str) -> LoadRule:
+    if frontend not in FRONTENDS:
+        raise ValueError(f"frontend={frontend!r} is not one of {list(FRONTENDS)}")
+    return FRONTENDS[frontend]
 
 
 def _to_mono_tensor(waveform) -> torch.Tensor:
@@ -49,12 +85,15 @@ def compute_fbank(
     frame_length_ms: float = 25.0,
     frame_shift_ms: float = 10.0,
     dither: float = 0.0,
+    frontend: str = "kaldi",
 ) -> np.ndarray:
-    """Kaldi-compatible log-mel filterbank, float32 (T, num_mel_bins).
+    """Log-mel frames of `frontend` (module docstring), float32 (T, num_mel_bins).
 
-    Any sample rate is resampled to `target_sample_rate`; multi-channel input is averaged. With
-    Kaldi's default snip_edges, T = 1 + (N - window) // shift, e.g. 98 frames for 1 s at 16 kHz.
+    Any sample rate is resampled to `target_sample_rate`; multi-channel input is averaged. Kaldi's
+    frames are uncentred (snip_edges): T = 1 + (N - window) // shift, e.g. 98 for 1 s at 16 kHz;
+    the release's are centred: T = 1 + N // shift, 101 for 1 s. Both refuse less than one window.
     """
+    _rule(frontend)
     if sample_rate <= 0 or int(sample_rate) != sample_rate:
         raise ValueError(f"sample_rate must be a positive integer, got {sample_rate}")
     x = _to_mono_tensor(waveform)
@@ -70,6 +109,12 @@ def compute_fbank(
             f"waveform too short: {x.numel()} samples at {target_sample_rate} Hz, "
             f"need at least one {frame_length_ms} ms window ({window} samples)"
         )
+    if frontend == "release":
+        if dither:
+            raise ValueError("the release front end has no dither (features.dither is for kaldi only)")
+        mel = _release_mel(int(target_sample_rate), window, int(target_sample_rate * frame_shift_ms / 1000),
+                           num_mel_bins)(x)  # (num_mel_bins, T)
+        return torch.log(mel + RELEASE_LOG_FLOOR).T.contiguous().numpy().astype(np.float32, copy=False)
     fbank = kaldi.fbank(
         x.unsqueeze(0) * _INT16_SCALE,
         num_mel_bins=num_mel_bins,
@@ -81,6 +126,14 @@ def compute_fbank(
     return fbank.numpy().astype(np.float32, copy=False)
 
 
+@functools.lru_cache(maxsize=8)
+def _release_mel(sample_rate: int, window: int, hop: int, n_mels: int) -> AT.MelSpectrogram:
+    # the release's settings (librosa.feature.melspectrogram's defaults, n_fft = window length)
+    return AT.MelSpectrogram(sample_rate=sample_rate, n_fft=window, win_length=window, hop_length=hop,
+                             f_min=0.0, f_max=None, n_mels=n_mels, window_fn=torch.hann_window, power=2.0,
+                             center=True, pad_mode="reflect", norm="slaney", mel_scale="slaney")
+
+
 def _as_frames(frames) -> tuple[torch.Tensor, bool]:
     is_numpy = isinstance(frames, np.ndarray)
     x = torch.from_numpy(frames) if is_numpy else frames
@@ -89,28 +142,52 @@ def _as_frames(frames) -> tuple[torch.Tensor, bool]:
     return x.float(), is_numpy
 
 
-def add_deltas(fbank, win_length: int = 5):
-    """(T, D) → (T, 2D): fbank concatenated with its first-order delta over time."""
+def _fitted_deltas(x: torch.Tensor, width: int) -> torch.Tensor:
+    """librosa.feature.delta's default: the least-squares slope over ``width`` frames centred on each
+    frame; the first and last width // 2 frames take the slope of the line fitted to the first /
+    last ``width`` frames (scipy's savgol "interp" edges). Shorter utterances: one line over all."""
+    T, half = x.shape[0], width // 2
+    if T < width:  # librosa refuses these; a line over the whole utterance is the same rule, shrunk
+        t = torch.arange(T, dtype=x.dtype) - (T - 1) / 2
+        slope = (t[:, None] * x).sum(0) / (t.square().sum() if T > 1 else 1.0)
+        return slope.expand(T, -1).clone()
+    k = torch.arange(-half, half + 1, dtype=x.dtype)
+    inner = x.unfold(0, width, 1) @ (k / k.square().sum())  # (T - 2 half, D)
+    return torch.cat([inner[:1].expand(half, -1), inner, inner[-1:].expand(half, -1)])
+
+
+def add_deltas(fbank, win_length: int = 5, edges: str = "replicate"):
+    """(T, D) → (T, 2D): fbank concatenated with its first-order delta over time. ``edges``:
+    "replicate" (torchaudio's compute_deltas) or "interp" (librosa's, ``_fitted_deltas``)."""
     x, is_numpy = _as_frames(fbank)
-    delta = AF.compute_deltas(x.T, win_length=win_length).T  # deltas run along the last axis
+    if edges == "replicate":
+        delta = AF.compute_deltas(x.T, win_length=win_length).T  # deltas run along the last axis
+    elif edges == "interp":
+        delta = _fitted_deltas(x, win_length)
+    else:
+        raise ValueError(f"edges={edges!r} is not 'replicate' or 'interp'")
     out = torch.cat([x, delta], dim=-1)
     return out.numpy() if is_numpy else out
 
 
-def normalize_utterance(frames, eps: float = 1e-5):
-    """Per-utterance mean/variance normalization of each dimension; constant dims map to 0."""
+def normalize_utterance(frames, eps: float = 1e-5, std_eps: float = 0.0):
+    """Per-utterance mean/variance normalization of each dimension, dividing by
+    sqrt(var + eps) + std_eps; constant dims map to 0."""
     x, is_numpy = _as_frames(frames)
     x = x.double()  # float32 mean of a constant dim is off by ~1 ulp, which eps would amplify
     mean = x.mean(dim=0, keepdim=True)
     var = x.var(dim=0, unbiased=False, keepdim=True)
-    out = ((x - mean) / torch.sqrt(var + eps)).float()
+    out = ((x - mean) / (torch.sqrt(var + eps) + std_eps)).float()
     return out.numpy() if is_numpy else out
 
 
-def model_frames(fbank80):
-    """The audio stream's input: normalize_utterance(add_deltas(fbank)), float32 (T, 160).
+def model_frames(fbank80, frontend: str = "kaldi"):
+    """The audio stream's input from the stored log-mel of ``frontend``: its delta, then its
+    per-utterance normalization (``FRONTENDS``), float32 (T, 160).
 
     Returns numpy for numpy input and torch for torch input.
     """
-    return normalize_utterance(add_deltas(fbank80))
+    rule = _rule(frontend)
+    frames = add_deltas(fbank80, win_length=rule.delta_width, edges=rule.delta_edges)
+    return normalize_utterance(frames, eps=rule.var_eps, std_eps=rule.std_eps)
 

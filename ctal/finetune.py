@@ -32,7 +32,7 @@ from ctal import storage
 from ctal.batching import bucket_batches, collate, derive_seed
 from ctal.checkpoint import Part
 from ctal.config import FinetuneConfig, from_dict, to_dict
-from ctal.data import FBANK_DIM, TOKENIZER_DIR, TokenizerInfo, open_dataset
+from ctal.data import FBANK_DIM, TOKENIZER_DIR, TokenizerInfo, feature_frontend, open_dataset
 from ctal.model import CTALConfig, CTALForSequenceClassification
 from ctal.optim import build_optimizer, build_scheduler
 from ctal.tasks import Fold, Meta, Outputs, Task, get_task
@@ -91,6 +91,10 @@ class TaskData:
                    input_ids=ids, input_ids_offsets=ids_off, fbank=fbank.reshape(-1, FBANK_DIM),
                    fbank_offsets=fb_off, tokenizer=ds.tokenizer, data_dir=ds.path, report=ds.report)
 
+    @property
+    def frontend(self) -> str:
+        return feature_frontend(self.report)
+
     def rows(self, idx, targets=None) -> list[dict]:
         out = []
         for k, i in enumerate(idx):
@@ -110,7 +114,7 @@ def _limits(model) -> dict:
 
 def _batch(data: TaskData, idx, targets, pad_token_id: int, limits: dict, max_frames: int, device) -> dict:
     b = collate(data.rows(idx, targets), max_frames=min(max_frames, limits["max_frames"]),
-                pad_token_id=pad_token_id, max_tokens=limits["max_tokens"])
+                pad_token_id=pad_token_id, max_tokens=limits["max_tokens"], frontend=data.frontend)
     return {k: v.to(device) for k, v in b.items()}
 
 
@@ -124,14 +128,19 @@ def _unwrap(model):
 
 def check_init(init: str | Path, data: TaskData) -> Path:
     """The local copy of checkpoint ``init`` (a URI is downloaded once per node), after checking that
-    it was trained with the data set's tokenizer. Recipes call it before Ray starts, so a mismatch
-    fails in seconds with the command that re-tokenizes the data for this checkpoint."""
+    it was trained on the data set's front end and with its tokenizer. Recipes call it before Ray
+    starts, so a mismatch fails in seconds with the command that preprocesses the data for this
+    checkpoint."""
     local = checkpoints.local_copy(init)
     report = data.report
-    fix = ("re-tokenize the data with the checkpoint's tokenizer: python pipelines/preprocess.py "
-           f"--corpus {report.get('corpus', 'CORPUS')} --root {report.get('root', 'ROOT')} "
-           f"--out {data.data_dir}-retok tokenizer={init}")
-    checkpoints.check_tokenizer(local, data.tokenizer.hash, fix=fix)
+    command = (f"python pipelines/preprocess.py --corpus {report.get('corpus', 'CORPUS')} "
+               f"--root {report.get('root', 'ROOT')} --out {data.data_dir}-{{}} tokenizer={init}")
+    wanted = checkpoints.trained_frontend(local)
+    checkpoints.check_frontend(local, data.frontend, fix=(
+        f"preprocess the data with features.frontend={wanted} and the checkpoint's tokenizer: "
+        f"{command.format(wanted)} features.frontend={wanted}"))
+    checkpoints.check_tokenizer(local, data.tokenizer.hash,
+                                fix=f"re-tokenize the data with the checkpoint's tokenizer: {command.format('retok')}")
     return local
 
 
@@ -208,7 +217,7 @@ def _save(dest: str | Path, runs: list[_FoldRun], cfg: FinetuneConfig, epoch: in
     tok_dir = (storage.localize(storage.join(data.data_dir, TOKENIZER_DIR), kind="tokenizers")
                if storage.is_uri(data.data_dir) else Path(data.data_dir) / TOKENIZER_DIR)
     state = {"task": cfg.task, "folds": [r.fold.name for r in runs], "epoch": epoch, "metrics": metrics,
-             "history": history, "config": to_dict(cfg), "data": data.data_dir}
+             "history": history, "config": to_dict(cfg), "data": data.data_dir, "frontend": data.frontend}
     checkpoints.write(dest, KIND, {r.fold.name: Part(_unwrap(r.model), r.optimizer, r.scheduler) for r in runs},
                       tokenizer_dir=tok_dir, tokenizer_hash=data.tokenizer.hash, state=state)
 
@@ -308,10 +317,11 @@ def finetune(cfg: FinetuneConfig, *, data: Optional[TaskData] = None, out_dir: O
 
 
 def _resume_state(resume: Path, data: TaskData) -> dict:
-    """The state of the checkpoint to resume from, after checking its files and its tokenizer."""
+    """The state of the checkpoint to resume from, after checking its files, front end and tokenizer."""
     state = checkpoints.verify(resume)
     if state.get("kind") != KIND:
         raise ValueError(f"resume_from={resume} is a {state.get('kind')} checkpoint, not a fine-tuning one")
+    checkpoints.check_frontend(resume, data.frontend)
     checkpoints.check_tokenizer(resume, data.tokenizer.hash)
     return state
 

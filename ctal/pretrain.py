@@ -40,7 +40,7 @@ from . import checkpoint, storage
 from .batching import PretrainBatches, collate, derive_seed, prefetch
 from .checkpoint import CheckpointStore, Part
 from .config import ConfigError, PretrainConfig, to_dict
-from .data import TOKENIZER_DIR, TokenizerInfo, check_vocabulary, open_dataset
+from .data import TOKENIZER_DIR, TokenizerInfo, check_vocabulary, feature_frontend, open_dataset, read_report
 from .model import CTALConfig, CTALForPretraining
 from .optim import build_optimizer, build_scheduler
 
@@ -244,6 +244,7 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
                            max_frames_per_batch=cfg.max_frames_per_batch, max_frames=cfg.max_frames,
                            pool_rows=cfg.bucket_pool_rows, halve_above_frames=cfg.halve_batch_above_frames,
                            drop_longer=cfg.long_utterances == "drop")
+    frontend = feature_frontend(read_report(cfg.data))  # the frames' load-time rule; checkpoints record it
     max_tokens = model_cfg.max_position_embeddings - (model_cfg.pad_token_id + 1
                                                       if model_cfg.text_position_style == "roberta" else 0)
 
@@ -252,7 +253,8 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
             g = torch.Generator().manual_seed(derive_seed(cfg.seed, rank, index, 1))
             b = collate(rows, max_frames=cfg.max_frames, pad_token_id=tok.pad_token_id,
                         masking=cfg.masking, mask_token_id=tok.mask_token_id, vocab_size=tok.vocab_size,
-                        special_token_ids=list(tok.special_token_ids), generator=g, max_tokens=max_tokens)
+                        special_token_ids=list(tok.special_token_ids), generator=g, max_tokens=max_tokens,
+                        frontend=frontend)
             b["n_real"], b["n_padded"] = int(b["frame_mask"].sum()), b["frame_mask"].numel()
             if device.type == "cuda":  # pinned in the prefetch thread, so the copy is asynchronous
                 b = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()}
@@ -332,7 +334,7 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
                 path, t_save = None, time.perf_counter()
                 if rank == 0:
                     epoch, skip = data.position(step * accum)
-                    state = {"step": step, "world_size": world_size, "seed": cfg.seed,
+                    state = {"step": step, "world_size": world_size, "seed": cfg.seed, "frontend": frontend,
                              "data_position": {"batch_index": step * accum, "epoch": epoch, "skip": skip,
                                                "batches_per_epoch": data.batches_per_epoch},
                              "metrics": last,
