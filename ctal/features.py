@@ -16,10 +16,18 @@ deltas and normalizes per utterance, giving the 160-d frames the model eats. Two
 Waveform layout rule: a 1-D array is mono; a 2-D **numpy** array is soundfile's (frames, channels);
 a 2-D **torch** tensor is torchaudio's (channels, frames). Floating-point samples are expected in
 [-1, 1] (soundfile/torchaudio default); integer PCM is scaled to that range first.
+
+Sample rates: any rate in SAMPLE_RATE_RANGE (4-192 kHz) is resampled to the target. A windowed-sinc resampler's
+kernel grows with the reduced ratio's numerator times denominator (16001 → 16000 Hz would need a
+16000 x 16001 kernel, gigabytes), so the ratio is rounded to the nearest one with both terms at most
+MAX_RESAMPLE_TERM (``resample_ratio``): every usual rate (8, 11.025, 22.05, 44.1, 48 kHz, ...) is
+exact, any other is off by at most 0.05 % (under a cent of pitch, the same in duration).
 """
 
 import functools
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -45,6 +53,20 @@ FRONTENDS = {
     "release": LoadRule(delta_width=9, delta_edges="interp", var_eps=0.0, std_eps=1e-16),
 }
 RELEASE_LOG_FLOOR = 1e-6  # the release's log(mel + 1e-6)
+SAMPLE_RATE_RANGE = (4000, 192000)  # source rates accepted (Hz); others are refused, by name
+MAX_RESAMPLE_TERM = 1000  # bounds the resampling kernel to ~1e6 taps (module docstring)
+
+
+def resample_ratio(sample_rate: int, target_sample_rate: int) -> tuple[int, int]:
+    """(orig, new) for ``torchaudio.functional.resample``: the reduced ratio ``target / sample_rate``,
+    or, when one of its terms exceeds MAX_RESAMPLE_TERM, the nearest ratio whose terms do not."""
+    lo, hi = sorted((int(sample_rate), int(target_sample_rate)))
+    g = math.gcd(lo, hi)
+    ratio = Fraction(lo // g, hi // g)  # <= 1, so limiting the denominator bounds both terms
+    if ratio.denominator > MAX_RESAMPLE_TERM:
+        ratio = ratio.limit_denominator(MAX_RESAMPLE_TERM)
+    small, large = ratio.numerator, ratio.denominator
+    return (large, small) if sample_rate > target_sample_rate else (small, large)
 
 
 def _rule(frontend: str) -> LoadRule:
@@ -89,20 +111,25 @@ def compute_fbank(
 ) -> np.ndarray:
     """Log-mel frames of `frontend` (module docstring), float32 (T, num_mel_bins).
 
-    Any sample rate is resampled to `target_sample_rate`; multi-channel input is averaged. Kaldi's
+    A sample rate in SAMPLE_RATE_RANGE is resampled to `target_sample_rate` (``resample_ratio``;
+    another raises ValueError); multi-channel input is averaged. Kaldi's
     frames are uncentred (snip_edges): T = 1 + (N - window) // shift, e.g. 98 for 1 s at 16 kHz;
     the release's are centred: T = 1 + N // shift, 101 for 1 s. Both refuse less than one window.
     """
     _rule(frontend)
     if sample_rate <= 0 or int(sample_rate) != sample_rate:
         raise ValueError(f"sample_rate must be a positive integer, got {sample_rate}")
+    if not SAMPLE_RATE_RANGE[0] <= sample_rate <= SAMPLE_RATE_RANGE[1]:
+        raise ValueError(f"sample rate {sample_rate} Hz is outside the supported "
+                         f"{SAMPLE_RATE_RANGE[0]}-{SAMPLE_RATE_RANGE[1]} Hz")
     x = _to_mono_tensor(waveform)
     if x.numel() == 0:
         raise ValueError("waveform is empty")
     if not torch.isfinite(x).all():
         raise ValueError("waveform contains NaN or infinite samples")
-    if int(sample_rate) != target_sample_rate:
-        x = AF.resample(x, int(sample_rate), int(target_sample_rate))
+    orig, new = resample_ratio(int(sample_rate), int(target_sample_rate))
+    if orig != new:
+        x = AF.resample(x, orig, new)
     window = int(target_sample_rate * frame_length_ms / 1000)
     if x.numel() < window:
         raise ValueError(
