@@ -7,8 +7,12 @@ Shards are ``part-*.parquet`` beside ``quarantine.parquet``, ``report.json`` and
 """
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import math
+import os
+import stat
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -47,9 +51,12 @@ QUARANTINE_SCHEMA = pa.schema([
 ])
 
 QUARANTINE_REASONS = (
-    "missing_file", "empty_file", "unknown_format", "corrupt_audio", "all_silent", "too_short",
-    "too_long", "missing_transcript", "non_utf8_transcript",
+    "missing_file", "not_a_file", "symlink_loop", "unreadable_file", "empty_file", "unknown_format",
+    "corrupt_audio", "unsupported_sample_rate", "all_silent", "too_short", "too_long",
+    "missing_transcript", "non_utf8_transcript",
 )
+# libsndfile's frame count for a stream whose header leaves the length open (a streamed FLAC)
+_UNKNOWN_LENGTH = 2**63 - 1
 
 SHARD_GLOB = "part-*.parquet"
 QUARANTINE_FILE = "quarantine.parquet"
@@ -96,16 +103,60 @@ def _quarantine(row: dict, reason: str, detail: str) -> tuple[None, dict]:
                   "reason": reason, "detail": detail}
 
 
-def encode_text(tokenizer, text: str, max_tokens: int) -> np.ndarray:
-    """Token ids incl. special tokens, truncated to ``max_tokens``, from a transformers tokenizer or a
-    bare ``tokenizers.Tokenizer`` from ``ctal.tokenizer.load_backend`` (already set to truncate)."""
+def encode_text(tokenizer, text: str, max_tokens: int) -> tuple[np.ndarray, bool]:
+    """(token ids incl. special tokens, truncated to ``max_tokens``; whether the text was cut), from
+    a transformers tokenizer or a bare ``tokenizers.Tokenizer`` from ``ctal.tokenizer.load_backend``
+    (already set to truncate)."""
     from tokenizers import Tokenizer
 
     if isinstance(tokenizer, Tokenizer):
-        ids = tokenizer.encode(text).ids
+        enc = tokenizer.encode(text)
+        ids, cut = enc.ids, bool(enc.overflowing)
     else:
         ids = tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"]
-    return np.asarray(ids, dtype=np.int32)
+        # only ids that fill the limit can have been cut: encode those again, whole, to tell
+        cut = len(ids) >= max_tokens and len(tokenizer(text, verbose=False)["input_ids"]) > max_tokens
+    return np.asarray(ids, dtype=np.int32), cut
+
+
+def _file_problem(p: Path) -> Optional[tuple[str, str]]:
+    """(reason, detail) when ``p`` cannot be an audio file, else None; each cause its own reason
+    (a symlink loop or a directory is not a "missing" file)."""
+    try:
+        st = p.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        if p.is_symlink():
+            return "missing_file", f"{p} is a symbolic link to {os.readlink(p)}, which does not exist"
+        return "missing_file", f"{p} does not exist"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink_loop", f"{p}: symbolic links that loop ({e.strerror})"
+        return "unreadable_file", f"{p}: {e.strerror or e}"
+    if stat.S_ISDIR(st.st_mode):
+        return "not_a_file", f"{p} is a directory"
+    if not stat.S_ISREG(st.st_mode):
+        return "not_a_file", f"{p} is not a regular file"
+    if st.st_size == 0:
+        return "empty_file", "file has 0 bytes"
+    return None
+
+
+def _read_unknown_length(path: str, max_frames: int) -> np.ndarray:
+    """Decode a stream whose header gives no length, at most ``max_frames`` + 1 frames (so a stream
+    longer than allowed is told by its length, without decoding it all). libsndfile decodes into
+    the buffer and then fails to seek past the stream's real end, so the frames it filled are
+    counted from a NaN-filled buffer (decoded samples are finite; NaN ones are refused anyway)."""
+    import soundfile as sf
+
+    with sf.SoundFile(path) as f:
+        buf = np.full((max_frames + 1, f.channels), np.nan, dtype=np.float32)
+        try:
+            f.read(out=buf)
+        except sf.LibsndfileError:
+            pass
+    filled = ~np.isnan(buf).any(axis=1)
+    n = int(filled.argmin()) if not filled.all() else len(buf)
+    return buf[:n, 0] if buf.shape[1] == 1 else buf[:n]
 
 
 def train_transcript_tokenizer(rows: list[dict], data_cfg, dest: str | Path):
@@ -129,11 +180,13 @@ def featurize_row(row: dict, tokenizer, data_cfg) -> tuple[Optional[dict], Optio
     ``tokenizer``: as for ``encode_text``.
 
     Checks run cheapest first; each failure is a reason from ``QUARANTINE_REASONS``. Stereo is
-    downmixed and any sample rate resampled (by ``compute_fbank``), never rejected.
+    downmixed and a sample rate in ``SAMPLE_RATE_RANGE`` resampled (by ``compute_fbank``). A stream
+    whose header gives no length is decoded up to ``max_duration_s``. A transcript over
+    ``max_text_tokens`` is cut, and the record says so (``text_truncated``).
     """
     import soundfile as sf
 
-    from ctal.features import compute_fbank
+    from ctal.features import SAMPLE_RATE_RANGE, compute_fbank
     from ctal.tokenizer import normalize_text
 
     text = row.get("text")
@@ -150,10 +203,9 @@ def featurize_row(row: dict, tokenizer, data_cfg) -> tuple[Optional[dict], Optio
 
     path = str(row["audio_path"])
     p = Path(path)
-    if not p.is_file():
-        return _quarantine(row, "missing_file", f"{path} does not exist")
-    if p.stat().st_size == 0:
-        return _quarantine(row, "empty_file", "file has 0 bytes")
+    problem = _file_problem(p)
+    if problem:
+        return _quarantine(row, *problem)
     ext = p.suffix.lower().lstrip(".")
     if ext and ext not in _audio_extensions():
         return _quarantine(row, "unknown_format", f"extension .{ext} is not an audio format "
@@ -165,18 +217,31 @@ def featurize_row(row: dict, tokenizer, data_cfg) -> tuple[Optional[dict], Optio
         return _quarantine(row, "corrupt_audio" if ext else "unknown_format", str(e))
     if info.frames <= 0 or info.samplerate <= 0:
         return _quarantine(row, "empty_file", "file holds no audio frames")
-    duration = info.frames / info.samplerate
-    if duration > data_cfg.max_duration_s:
+    lo, hi = SAMPLE_RATE_RANGE
+    if not lo <= info.samplerate <= hi:
+        return _quarantine(row, "unsupported_sample_rate", f"{info.samplerate} Hz is outside {lo}-{hi} Hz")
+    known_length = info.frames < _UNKNOWN_LENGTH
+    max_frames = int(math.ceil(data_cfg.max_duration_s * info.samplerate))
+    if known_length and info.frames > max_frames:
+        duration = info.frames / info.samplerate
         return _quarantine(row, "too_long", f"{duration:.2f} s > max_duration_s={data_cfg.max_duration_s}")
     try:
         trunc = _wav_truncation(path)
         if trunc:
             return _quarantine(row, "corrupt_audio", trunc)
-        wav, sr = sf.read(path, dtype="float32", always_2d=False)
+        if known_length:
+            wav, sr = sf.read(path, dtype="float32", always_2d=False)
+        else:
+            wav, sr = _read_unknown_length(path, max_frames), info.samplerate
     except Exception as e:
         return _quarantine(row, "corrupt_audio", f"decoding failed: {e}")
-    if len(wav) < info.frames:
+    if not known_length and len(wav) > max_frames:
+        return _quarantine(row, "too_long", f"over max_duration_s={data_cfg.max_duration_s} (the header "
+                                            "gives no length; decoding stopped there)")
+    if known_length and len(wav) < info.frames:
         return _quarantine(row, "corrupt_audio", f"truncated: decoded {len(wav)} of {info.frames} frames")
+    if len(wav) == 0:
+        return _quarantine(row, "empty_file", "file holds no audio frames")
     if not np.isfinite(wav).all():
         return _quarantine(row, "corrupt_audio", "NaN or infinite samples")
     duration = len(wav) / sr
@@ -192,7 +257,8 @@ def featurize_row(row: dict, tokenizer, data_cfg) -> tuple[Optional[dict], Optio
                               dither=fc.dither, frontend=fc.frontend)
     except ValueError as e:  # compute_fbank refuses input shorter than one window
         return _quarantine(row, "too_short", str(e))
-    input_ids = encode_text(tokenizer, normalize_text(text, data_cfg.text_normalization), data_cfg.max_text_tokens)
+    input_ids, text_truncated = encode_text(tokenizer, normalize_text(text, data_cfg.text_normalization),
+                                            data_cfg.max_text_tokens)
     label = row.get("label")
     return {
         "id": str(row["id"]),
@@ -207,6 +273,7 @@ def featurize_row(row: dict, tokenizer, data_cfg) -> tuple[Optional[dict], Optio
         "label_name": row.get("label_name"),
         "duration_s": float(duration),
         "sample_rate": int(sr),
+        "text_truncated": text_truncated,  # not a Parquet column: counted in report.json
     }, None
 
 

@@ -1,11 +1,14 @@
-"""Pieces every corpus reader shares: the manifest row, the layout error, tolerant text decoding."""
+"""Pieces every corpus reader shares: the manifest row, the layout error, tolerant text decoding,
+audio files in any letter case and text files with or without a byte-order mark."""
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import os
 from pathlib import Path
+from typing import Iterable
 
 ROW_KEYS = ("id", "corpus", "audio_path", "text", "text_error", "speaker", "split", "label", "label_name")
 
@@ -29,6 +32,22 @@ def make_row(id, corpus, audio_path, text, text_error, speaker, split, label=Non
         "label": None if label is None else float(label),
         "label_name": label_name,
     }
+
+
+def is_audio(path: Path, suffix: str) -> bool:
+    """``path`` ends in ``suffix`` in any letter case (.flac, .FLAC) and is not hidden (macOS "._" forks)."""
+    return path.suffix.lower() == suffix and not path.name.startswith(".")
+
+
+def audio_by_stem(paths: Iterable[Path], suffix: str) -> dict[str, Path]:
+    """stem → path of the ``paths`` that are audio files with ``suffix`` (``is_audio``)."""
+    return {p.stem: p for p in paths if is_audio(p, suffix)}
+
+
+def read_lines(path: Path) -> list[bytes]:
+    """A text file's lines as bytes, without a UTF-8 byte-order mark (Windows editors add one; it
+    would become part of the first utterance id)."""
+    return path.read_bytes().removeprefix(codecs.BOM_UTF8).splitlines()
 
 
 def decode_transcript(raw: bytes) -> tuple[str | None, str | None]:

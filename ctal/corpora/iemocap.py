@@ -19,7 +19,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from ._common import MISSING_TRANSCRIPT, CorpusLayoutError, decode_transcript, make_row
+from ._common import MISSING_TRANSCRIPT, CorpusLayoutError, audio_by_stem, decode_transcript, make_row, read_lines
 
 EMOTION_CLASSES = ("neu", "hap", "ang", "sad")
 MERGED = {"exc": "hap"}
@@ -46,7 +46,7 @@ def read_iemocap(root, *, stats: dict | None = None) -> list[dict]:
         labels = _parse(session / "dialog" / "EmoEvaluation", _EVAL_LINE)
         texts = _parse(session / "dialog" / "transcriptions", _TRANS_LINE)
         wav_dir = session / "sentences" / "wav"
-        wavs = {p.stem: p for p in wav_dir.glob("*/*.wav") if not p.name.startswith(".")}
+        wavs = audio_by_stem(wav_dir.glob("*/*"), ".wav")
         if not labels and not wavs:
             raise CorpusLayoutError(f"{session} has neither wav files nor EmoEvaluation labels; {LAYOUT}")
         for utt in sorted(labels.keys() | wavs.keys()):
@@ -75,7 +75,7 @@ def _parse(directory: Path, pattern: re.Pattern) -> dict[str, bytes]:
     for f in sorted(directory.glob("*.txt")):
         if f.name.startswith("."):  # macOS "._" resource forks ship inside the official archive
             continue
-        for line in f.read_bytes().splitlines():
+        for line in read_lines(f):
             m = pattern.match(line.strip())
             if m:
                 out[m[1].decode("utf-8", "replace")] = m[2]

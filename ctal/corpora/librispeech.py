@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import MISSING_TRANSCRIPT, CorpusLayoutError, decode_transcript, make_row
+from ._common import MISSING_TRANSCRIPT, CorpusLayoutError, audio_by_stem, decode_transcript, make_row, read_lines
 
 LAYOUT = (
     "expected <root>/<subset>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac with "
@@ -46,11 +46,11 @@ def _read_chapter(chapter: Path, split: str) -> list[dict]:
     texts = {}
     trans = chapter / f"{speaker}-{chapter.name}.trans.txt"
     if trans.is_file():
-        for line in trans.read_bytes().splitlines():
+        for line in read_lines(trans):
             parts = line.strip().split(None, 1)
             if parts:
                 texts[parts[0].decode("utf-8", "replace")] = decode_transcript(parts[1] if len(parts) > 1 else b"")
-    audio = {p.stem: p for p in chapter.glob("*.flac") if not p.name.startswith(".")}
+    audio = audio_by_stem(chapter.iterdir(), ".flac")
     # A transcript line without its flac still becomes a row: the pipeline quarantines it as missing audio.
     return [
         make_row(utt, "librispeech", audio.get(utt, chapter / f"{utt}.flac"),

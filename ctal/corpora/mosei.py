@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ._common import CorpusLayoutError, make_row, plain_field, read_table, transcript_field
+from ._common import CorpusLayoutError, audio_by_stem, is_audio, make_row, plain_field, read_table, transcript_field
 
 LAYOUT = (
     "expected <root>/label.csv with columns video_id, clip_id, text, label, mode (train/valid/test) and "
@@ -35,6 +35,8 @@ def read_mosei(root) -> list[dict]:
     missing = [c for c in COLUMNS if c not in header]
     if missing:
         raise CorpusLayoutError(f"{label_csv} lacks column(s) {', '.join(missing)}; {LAYOUT}")
+    flat = audio_by_stem(wav_dir.glob("*"), ".wav")
+    nested = {(p.parent.name, p.stem): p for p in wav_dir.glob("*/*") if is_audio(p, ".wav")}
     rows = []
     for line, rec in records:
         video, clip, mode = plain_field(rec.get("video_id")), plain_field(rec.get("clip_id")), plain_field(rec.get("mode"))
@@ -46,9 +48,7 @@ def read_mosei(root) -> list[dict]:
             label = math.nan
         if not -3.0 <= label <= 3.0:  # NaN fails too: a wrong column, not a row to quarantine
             raise CorpusLayoutError(f"{label_csv}:{line}: label {rec.get('label')!r} is not a number in [-3, 3]")
-        audio = wav_dir / f"{video}_{clip}.wav"
-        if not audio.exists() and (wav_dir / video / f"{clip}.wav").exists():
-            audio = wav_dir / video / f"{clip}.wav"
+        audio = flat.get(f"{video}_{clip}") or nested.get((video, clip)) or wav_dir / f"{video}_{clip}.wav"
         rows.append(make_row(f"{video}_{clip}", "mosei", audio, *transcript_field(rec.get("text")),
                              speaker=video, split=SPLITS[mode.lower()], label=label))
     if not rows:
