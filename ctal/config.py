@@ -24,6 +24,13 @@ class ConfigError(ValueError):
     """A config key or value that does not fit the schema."""
 
 
+def _check_range(key: str, value: Any, ok: bool, allowed: str) -> None:
+    """Range checks run in ``__post_init__``, so every config is checked where it is built (loading
+    it, before Ray starts), not inside a worker."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is out of range: {allowed}")
+
+
 @dataclass
 class ModelConfig:
     """CTAL architecture (paper: hidden 768, 12 heads, FFN 3072; sizes are configs/*.yaml)."""
@@ -69,6 +76,17 @@ class FeatureConfig:
         if self.frontend == "release" and self.dither:
             raise ConfigError(f"features.dither={self.dither}: the release front end has no dither "
                               "(kaldi only); drop it or use features.frontend=kaldi")
+        # 80 is fixed by the Parquet contract (ctal.data.FBANK_DIM) and the model's 160-d input
+        _check_range("features.num_mel_bins", self.num_mel_bins, self.num_mel_bins == 80,
+                     "must be 80 (the Parquet fbank column and the model's audio input are 80 log-mel)")
+        _check_range("features.sample_rate", self.sample_rate, 8000 <= self.sample_rate <= 48000,
+                     "8000 to 48000 Hz")
+        window_ms = 1000.0 * 2 / self.sample_rate if self.sample_rate > 0 else 0.0  # at least 2 samples
+        for key in ("frame_length_ms", "frame_shift_ms"):
+            value = getattr(self, key)
+            _check_range(f"features.{key}", value, window_ms <= value <= 1000.0,
+                         f"{window_ms:g} to 1000 ms (two samples to a second)")
+        _check_range("features.dither", self.dither, self.dither >= 0, ">= 0")
 
 
 @dataclass
@@ -88,6 +106,20 @@ class DataConfig:
     max_text_tokens: int = 512
     rows_per_shard: int = 2000
     num_cpus_per_task: float = 1.0
+
+    def __post_init__(self):
+        _check_range("min_duration_s", self.min_duration_s, self.min_duration_s >= 0, ">= 0 seconds")
+        _check_range("max_duration_s", self.max_duration_s, self.max_duration_s > self.min_duration_s,
+                     f"> min_duration_s={self.min_duration_s} seconds")
+        _check_range("silence_peak", self.silence_peak, 0 <= self.silence_peak < 1,
+                     "0 <= silence_peak < 1 (samples are in [-1, 1])")
+        # 256 byte symbols + the 5 specials: a smaller byte-level BPE cannot encode every text
+        _check_range("vocab_size", self.vocab_size, self.vocab_size >= 261, ">= 261 (256 bytes + 5 specials)")
+        _check_range("max_text_tokens", self.max_text_tokens, self.max_text_tokens >= 3,
+                     ">= 3 (the two special tokens and at least one of the text)")
+        _check_range("rows_per_shard", self.rows_per_shard, self.rows_per_shard >= 1, ">= 1")
+        _check_range("num_cpus_per_task", self.num_cpus_per_task, self.num_cpus_per_task > 0,
+                     "> 0 (a fraction such as 0.5 shares a CPU)")
 
 
 @dataclass
