@@ -4,7 +4,8 @@
         [--config configs/preprocess.yaml] [--num-cpus N] [key=value ...]
 
 ``key=value`` overrides DataConfig (e.g. ``max_duration_s=20 tokenizer=/path/to/hf_tokenizer``).
-Bad config keys, a wrong layout and an existing output all fail before Ray starts (exit code 2).
+Bad config keys or values, a wrong layout, an existing output and one another run is writing all
+fail before Ray starts (exit code 2).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from ctal import storage
 from ctal.config import ConfigError, DataConfig, load_config
 from ctal.console import VERBOSE_HELP, set_verbose, stage
 from ctal.corpora import READERS, read_corpus
-from ctal.distributed.preprocess import check_output, run_preprocess
+from ctal.distributed.preprocess import check_inputs, check_output, claim_output, run_preprocess
 
 
 def main(argv=None) -> int:
@@ -39,6 +40,8 @@ def main(argv=None) -> int:
         check_output(args.out, args.overwrite)
         root = str(storage.local_path(args.root, "--root"))  # file:// → its path; s3:// etc. refused
         rows = read_corpus(args.corpus, root)
+        check_inputs(rows, args.corpus, root, data_cfg, args.num_cpus)
+        claim = claim_output(args.out)  # last: refused runs leave no claim behind
     except (ConfigError, FileExistsError, ValueError, OSError) as e:  # CorpusLayoutError is a ValueError
         p.exit(2, f"{p.prog}: error: {e}\n")
 
@@ -48,7 +51,7 @@ def main(argv=None) -> int:
           f"token ids in {args.out} (Parquet, with Ray Data)")
     init_ray()  # joins the cluster named by RAY_ADDRESS, else starts a local one
     run_preprocess(args.corpus, root, args.out, data_cfg, overwrite=args.overwrite,
-                   num_cpus=args.num_cpus, rows=rows)
+                   num_cpus=args.num_cpus, rows=rows, claim=claim)
     return 0
 
 

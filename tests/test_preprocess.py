@@ -191,7 +191,7 @@ def test_rerun_is_refused_and_overwrite_replaces(preprocessed, corpus, tmp_path)
     bert = _bert_tokenizer_dir()
     rep2 = run_preprocess("csv", small, out, _cfg(tokenizer=str(bert)), overwrite=True)
     assert rep2["counts"] == {"in": 3, "written": 2, "quarantined": 1,
-                              "quarantined_by_reason": {"empty_file": 1}}
+                              "quarantined_by_reason": {"empty_file": 1}, "text_truncated": 0}
     table = open_dataset(out).read()
     assert sorted(table["id"].to_pylist()) == ["s1", "s2"]
     bert_tok = load_tokenizer(bert)

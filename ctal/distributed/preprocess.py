@@ -8,6 +8,11 @@ travels back to the driver, which writes ``quarantine.parquet`` and ``report.jso
 Features never pass through the driver, so its memory does not grow with the corpus. Everything is
 written into ``<out>.tmp-<uuid>`` and renamed to ``<out>`` at the end: a killed run leaves no
 directory a reader would take as complete (``report.json`` is the completeness marker as well).
+
+One run at a time per output: a run first takes an exclusive claim on ``<out>`` (``claim_output``)
+and a second run to the same output is refused while the first is alive. Holding the claim, a run
+removes what killed runs left behind (``<out>.tmp-*``, ``<out>.old-*``, an unfinished URI prefix)
+and says so.
 An output URI (``s3://``, ``gs://``, ``file://``) runs the same pipeline; only where the files go differs
 (``_preprocess_to_uri``: object stores have no rename).
 """
@@ -18,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -44,21 +50,109 @@ _OURS = (SHARD_GLOB, QUARANTINE_FILE, REPORT_FILE, TOKENIZER_DIR)
 _SUMMARY_SCHEMA = pa.schema([
     ("idx", pa.int64()), ("id", pa.string()), ("audio_path", pa.string()), ("reason", pa.string()),
     ("detail", pa.string()), ("shard", pa.string()), ("duration_s", pa.float64()),
-    ("n_frames", pa.int64()),
+    ("n_frames", pa.int64()), ("text_truncated", pa.bool_()),
 ])
+CLAIMS_SUFFIX = ".claims"  # <out>.claims/<uuid>.json: who is writing <out>
+
+
+def check_inputs(rows: list[dict], corpus: str, root, data_cfg, num_cpus: Optional[float] = None) -> None:
+    """What the run is asked to do, checked before Ray starts: a manifest with rows and unique ids,
+    and CPUs enough for one actor (ValueError naming the value)."""
+    if num_cpus is not None and not num_cpus >= data_cfg.num_cpus_per_task:
+        raise ValueError(f"num_cpus={num_cpus:g} (--num-cpus) is less than one actor needs "
+                         f"(num_cpus_per_task={data_cfg.num_cpus_per_task:g}); give it at least that")
+    if not rows:
+        raise ValueError(f"{corpus} reader found no utterances under {str(root)!r}")
+    dup = [k for k, c in Counter(r["id"] for r in rows).items() if c > 1]
+    if dup:
+        raise ValueError(f"utterance ids must be unique; {len(dup)} repeat, e.g. {dup[0]!r}")
+
+
+def _say(what: str) -> None:
+    print(f"[preprocess] {what}", flush=True)
+
+
+def _claim_is_stale(claim: dict) -> bool:
+    """Only a claim by a process of this host that is gone can be told to be stale."""
+    if claim.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(claim["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, KeyError):
+        return False
+    return False
+
+
+def claim_output(out: str | Path) -> str:
+    """Take the exclusive claim on the output ``out`` (a path or URI) for this process; returns the
+    claim to pass to ``release_output``. Raises FileExistsError naming the run that holds it.
+
+    A claim is an object ``<out>.claims/<uuid>.json`` (host, pid, time): object stores have no
+    exclusive create, so a run writes its claim and then lists the claims, and proceeds only if
+    its own is the only one. Two runs starting at the same moment may both be refused; never
+    both let through. A claim whose process is gone (same host) is removed, and said so.
+    """
+    claims = storage.normalize(out) + CLAIMS_SUFFIX
+    for name in storage.listdir(claims):
+        where = storage.join(claims, name)
+        try:
+            holder = storage.read_json(where)
+        except (OSError, ValueError):
+            holder = {}
+        if holder and _claim_is_stale(holder):
+            storage.delete(where)
+            _say(f"removed the claim of an earlier run that is gone (pid {holder['pid']}, started "
+                 f"{holder.get('started', '?')}): {where}")
+            continue
+        raise FileExistsError(
+            f"output {str(out)!r} is being written by another run (pid {holder.get('pid', '?')} on "
+            f"{holder.get('host', '?')}, started {holder.get('started', '?')}); wait for it to finish, "
+            f"or, if no such run is alive, delete its claim {where}")
+    mine = storage.join(claims, f"{uuid.uuid4().hex}.json")
+    storage.write_text(mine, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+    if storage.listdir(claims) != [storage.name(mine)]:
+        storage.delete(mine)
+        raise FileExistsError(f"output {str(out)!r}: another run claimed it at the same moment "
+                              f"(see {claims}); run one at a time")
+    return mine
+
+
+def release_output(claim: str) -> None:
+    """Give up a claim from ``claim_output``; the claims folder goes once it is empty."""
+    storage.delete(claim)
+    claims = storage.parent(claim)
+    if not storage.listdir(claims):
+        storage.delete(claims)
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Delete ``<out>.tmp-*`` / ``<out>.old-*`` of killed runs (call with the claim held: no live run
+    owns them). Actors of a killed driver may write into one for a few seconds more: retry."""
+    for left in sorted(out.parent.glob(f"{out.name}.tmp-*")) + sorted(out.parent.glob(f"{out.name}.old-*")):
+        for _ in range(5):
+            shutil.rmtree(left, ignore_errors=True)
+            if not left.exists():
+                break
+            time.sleep(0.5)
+        _say(f"removed {left.name}, left by an earlier run that did not finish" if not left.exists()
+             else f"could not remove {left} (left by an earlier run); delete it by hand")
 
 
 def check_output(out_dir: str | Path, overwrite: bool = False) -> None:
     """Refuse an existing output unless ``overwrite``; never replace a directory (or URI prefix) that
-    is not ours. A half-written URI prefix of ours (no report.json yet) may be replaced."""
+    is not ours. A URI prefix of ours without report.json (a killed run's) is
+    replaced without ``overwrite``."""
     if storage.is_uri(out_dir):
         storage.resolve(out_dir)  # an unknown scheme fails here, naming the URI
         names = storage.listdir(out_dir)
         if not names:
             return
-        if not overwrite:
-            raise FileExistsError(f"output {out_dir!r} already exists; pass overwrite=True (--overwrite) to replace it")
         foreign = [n for n in names if not any(fnmatch.fnmatch(n, p) for p in _OURS)]
+        if not overwrite and (foreign or REPORT_FILE in names):
+            raise FileExistsError(f"output {out_dir!r} already exists; pass overwrite=True (--overwrite) to replace it")
         if foreign:
             raise FileExistsError(f"refusing to overwrite {out_dir!r}: it is not a ctal data set "
                                   f"(it holds {foreign[0]!r})")
@@ -106,11 +200,12 @@ class _ShardWriter:
                 record, bad = featurize_row(row, self.tokenizer, self.cfg)
                 if bad is not None:
                     summary.append({"idx": idx, **bad, "shard": None, "duration_s": None,
-                                    "n_frames": None})
+                                    "n_frames": None, "text_truncated": None})
                     continue
                 summary.append({"idx": idx, "id": record["id"], "audio_path": row["audio_path"],
                                 "reason": None, "detail": None, "shard": name,
-                                "duration_s": record["duration_s"], "n_frames": record["n_frames"]})
+                                "duration_s": record["duration_s"], "n_frames": record["n_frames"],
+                                "text_truncated": record["text_truncated"]})
                 pending.append(record)
                 if len(pending) == self.rows_per_row_group:  # bounded memory: flush a row group
                     writer = writer or pq.ParquetWriter(tmp, PARQUET_SCHEMA, compression="zstd")
@@ -191,32 +286,37 @@ def _bare_encoder_agrees(tok, tok_dir: Path, rows: list[dict], max_tokens: int) 
 def run_preprocess(corpus: str, root: str | Path, out_dir: str | Path, data_cfg, overwrite: bool = False,
                    num_cpus: Optional[float] = None, *, rows: Optional[list[dict]] = None,
                    reader_kwargs: Optional[dict] = None, rows_per_row_group: int = 64,
-                   verbose: bool = True) -> dict:
+                   verbose: bool = True, claim: Optional[str] = None) -> dict:
     """Featurize a corpus into the Parquet data set ``out_dir`` and return its report.
 
     ``rows``: a manifest already read with ``read_corpus`` (else it is read here). ``num_cpus``: CPUs
     the actor pool may use (default: the whole Ray cluster); each actor takes
     ``data_cfg.num_cpus_per_task``. Starts Ray (``ray.init()``, honouring RAY_ADDRESS) if needed.
+    Holds the exclusive claim on ``out_dir`` while it runs: ``claim``, one the caller took with
+    ``claim_output`` (to be refused before starting Ray), else its own; released at the end.
     """
     out = storage.normalize(out_dir) if storage.is_uri(out_dir) else Path(out_dir).resolve()
-    check_output(out, overwrite)
-    data_cfg = resolve_tokenizer(data_cfg)
-    if rows is None:
-        from ctal.corpora import read_corpus
-        rows = read_corpus(corpus, str(root), **(reader_kwargs or {}))
-    n_in = len(rows)
-    if n_in == 0:
-        raise ValueError(f"{corpus} reader found no utterances under {str(root)!r}")
-    dup = [k for k, c in Counter(r["id"] for r in rows).items() if c > 1]
-    if dup:
-        raise ValueError(f"utterance ids must be unique; {len(dup)} repeat, e.g. {dup[0]!r}")
+    claim = claim or claim_output(out)
+    try:
+        check_output(out, overwrite)
+        data_cfg = resolve_tokenizer(data_cfg)
+        if rows is None:
+            from ctal.corpora import read_corpus
+            rows = read_corpus(corpus, str(root), **(reader_kwargs or {}))
+        check_inputs(rows, corpus, root, data_cfg, num_cpus)
+        if storage.is_uri(out):  # shards go straight to the object store
+            report = _preprocess_to_uri(rows, corpus, root, out, data_cfg, num_cpus, rows_per_row_group)
+        else:
+            _remove_leftovers(out)
+            report = _preprocess_local(rows, corpus, root, out, data_cfg, num_cpus, rows_per_row_group)
+    finally:
+        release_output(claim)
+    if verbose:
+        print(format_summary(report), flush=True)
+    return report
 
-    if storage.is_uri(out):  # shards go straight to the object store
-        report = _preprocess_to_uri(rows, corpus, root, out, data_cfg, num_cpus, rows_per_row_group)
-        if verbose:
-            print(format_summary(report), flush=True)
-        return report
 
+def _preprocess_local(rows, corpus, root, out: Path, data_cfg, num_cpus, rows_per_row_group) -> dict:
     tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:12]}"
     tmp.mkdir(parents=True)
     try:
@@ -231,8 +331,6 @@ def run_preprocess(corpus: str, root: str | Path, out_dir: str | Path, data_cfg,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if verbose:
-        print(format_summary(report), flush=True)
     return report
 
 
@@ -243,6 +341,9 @@ def _featurize(rows, data_cfg, tmp: Path | str, num_cpus, rows_per_row_group, ba
 
     init_ray()  # honours RAY_ADDRESS; no-op when Ray is up
     cpus = num_cpus if num_cpus is not None else ray.cluster_resources().get("CPU", 1.0)
+    if cpus < data_cfg.num_cpus_per_task:  # one actor would wait for CPUs that never come
+        raise ValueError(f"the Ray cluster has {cpus:g} CPUs, less than one actor needs "
+                         f"(num_cpus_per_task={data_cfg.num_cpus_per_task:g})")
     n = len(rows)
     n_actors = max(1, int(cpus // data_cfg.num_cpus_per_task + 1e-9))
     # Several shards per actor keep the pool busy to the end; rows_per_shard bounds file size.
@@ -282,6 +383,7 @@ def _finish(summary: pa.Table, rows, corpus, root, out: Path, tmp: Path, data_cf
     reasons = summary["reason"].to_pylist()
     written_mask = [r is None for r in reasons]
     n_written = sum(written_mask)
+    n_truncated = sum(bool(t) for t in summary["text_truncated"].to_pylist())
 
     # Shards referenced by the summary are the data set; anything else (a retried batch's leftovers)
     # goes. Renaming to part-00000.. gives a stable order that follows the manifest.
@@ -306,7 +408,9 @@ def _finish(summary: pa.Table, rows, corpus, root, out: Path, tmp: Path, data_cf
     return write_report(
         tmp, corpus=corpus, shards=shards, tokenizer=tok_report, features=asdict(data_cfg.features),
         counts={"in": n_in, "written": n_written, "quarantined": n_in - n_written,
-                "quarantined_by_reason": dict(sorted(Counter(r for r in reasons if r).items()))},
+                "quarantined_by_reason": dict(sorted(Counter(r for r in reasons if r).items())),
+                # written rows whose token ids stop at max_text_tokens (the text goes on)
+                "text_truncated": n_truncated},
         root=str(Path(root).resolve()), hours=audio_s / 3600.0,
         n_frames=int(sum(n for n in summary["n_frames"].to_pylist() if n is not None)),
         data_config=asdict(data_cfg),
@@ -329,7 +433,9 @@ def _preprocess_to_uri(rows: list[dict], corpus: str, root, out: str, data_cfg, 
     """
     staging = Path(tempfile.mkdtemp(prefix="ctal-preprocess-"))  # tokenizer, quarantine, report
     try:
-        if storage.exists(out):  # checked by check_output: ours, and overwrite was asked for
+        if storage.exists(out):  # checked by check_output: ours, and overwrite asked for or unfinished
+            if not storage.is_file(storage.join(out, REPORT_FILE)):
+                _say(f"removing {out}: the unfinished output of an earlier run (no {REPORT_FILE})")
             storage.delete(storage.join(out, REPORT_FILE))  # first: the old set stops counting as complete
             storage.delete(out)
         t_start = time.perf_counter()
@@ -384,6 +490,9 @@ def format_summary(report: dict) -> str:
     ]
     for reason, k in c["quarantined_by_reason"].items():
         lines.append(f"  quarantined {reason}: {k}")
+    if c.get("text_truncated"):
+        lines.append(f"  {c['text_truncated']} transcripts cut to max_text_tokens="
+                     f"{report['data_config']['max_text_tokens']} tokens")
     lines.append(f"featurized in {t['featurize_wall_s']:.1f} s on {t['actors']} actors: "
                  f"{t['utterances_per_s']:.1f} utt/s, {t['realtime_factor']:.0f}x realtime")
     lines.append(f"tokenizer: {report['tokenizer']['source']} (vocab {report['tokenizer']['vocab_size']}, "
