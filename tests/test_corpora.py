@@ -147,8 +147,9 @@ def test_synthesize_refuses_non_empty_dir_unless_overwriting_a_synthetic_corpus(
     spec.loader.exec_module(cli)
     out = tmp_path / "c"
     assert cli.main(["--layout", "librispeech", "--out", str(out), "--utterances", "3", "--workers", "1"])["n_utterances"] == 3
-    with pytest.raises(FileExistsError):
+    with pytest.raises(SystemExit) as refused:  # an input error: one line, exit 2 (tests/test_hardening_data.py)
         cli.main(["--layout", "librispeech", "--out", str(out), "--utterances", "2"])
+    assert refused.value.code == 2
     cli.main(["--layout", "librispeech", "--out", str(out), "--utterances", "2", "--overwrite", "--workers", "1"])
     assert len(read_librispeech(out)) == 2
 

@@ -342,6 +342,8 @@ def _write_meta(out: Path, plan: list[dict]) -> None:
 
 
 def _prepare(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file, not a directory; choose a directory for the corpus")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} is not empty; choose an empty directory or overwrite")
@@ -361,6 +363,8 @@ def synthesize(layout: str, out_dir, n_utterances: int, seed: int = 0, *, overwr
     (whose contents it deletes first). Returns a summary (counts, audio seconds, wall time)."""
     if n_utterances < 1:
         raise ValueError(f"n_utterances must be positive, got {n_utterances}")
+    if workers is not None and workers < 1:  # 0 must not quietly mean "the default"
+        raise ValueError(f"workers must be at least 1, got {workers}")
     plan = plan_corpus(layout, n_utterances, seed)
     out = Path(out_dir)
     _prepare(out, overwrite)
