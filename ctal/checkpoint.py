@@ -319,11 +319,15 @@ class CheckpointStore:
 
     def choose(self, log: Callable[[str], None] = print) -> Optional[tuple[int, Path]]:
         """(number, local copy) of the newest intact checkpoint, or None. Leftovers of interrupted
-        writes (staging directories, numbered ones without a state file) are deleted first."""
+        writes (staging directories, numbered ones without a state file) and the damaged checkpoints
+        earlier runs set aside (``corrupt-*``, logged) are deleted first."""
         for n in storage.listdir(self.root):
             incomplete = self._name.match(n) and not storage.is_file(storage.join(self.root, n, STATE_FILE))
             if n.startswith("." + self.prefix) or incomplete:
                 storage.delete(storage.join(self.root, n))
+            elif n.startswith(f"corrupt-{self.prefix}"):  # set aside by an earlier run, which said so
+                storage.delete(storage.join(self.root, n))
+                log(f"deleted {n}, a damaged checkpoint an earlier run set aside")
         for number, where in reversed(self.list()):
             local = local_copy(where)
             try:
