@@ -387,9 +387,10 @@ def validate_finetune_config(cfg: FinetuneConfig) -> None:
                        "epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "freeze_layers": NON_NEGATIVE,
                        "max_frames": AT_LEAST_1, "clip_grad_norm": NON_NEGATIVE})
     validate_model_config(cfg.model)
-    layers = min(cfg.model.num_text_layers, cfg.model.num_audio_layers)
-    if not cfg.init and cfg.freeze_layers > layers:
-        raise ConfigError(f"freeze_layers={cfg.freeze_layers}: the model has {layers} layers per stream")
+    m = cfg.model  # with init the checkpoint's layers count: ctal.finetune.freeze checks those
+    if not cfg.init and cfg.freeze_layers > min(m.num_text_layers, m.num_audio_layers):
+        raise ConfigError(f"freeze_layers={cfg.freeze_layers}, but the model has {m.num_text_layers} text and "
+                          f"{m.num_audio_layers} audio layers")
 
 
 def _adopt_text_init(cfg: Any, given: dict, prefix: str = "") -> dict:
