@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint, storage
-from .batching import PretrainBatches, collate, derive_seed, prefetch
+from .batching import PretrainBatches, collate, derive_seed, prefetch, split_matches
 from .checkpoint import CheckpointStore, Part
 from .config import (AT_LEAST_1, BELOW_1, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, PretrainConfig,
                      check_ranges, to_dict, validate_model_config)
@@ -72,7 +72,8 @@ def prepare(cfg: PretrainConfig) -> PretrainPlan:
     ds = open_dataset(cfg.data)
     if not ds.splits:
         raise ValueError(f"{cfg.data} holds no utterances: nothing to pretrain on")
-    if not ds.splits.get(cfg.split):
+    wanted = [p for p in cfg.split.split(",") if p]  # as PretrainBatches selects them
+    if not any(n for name, n in ds.splits.items() if split_matches(name, wanted)):
         raise ConfigError(f"split={cfg.split!r}: the data set {cfg.data} has no rows in it; its splits: "
                           + ", ".join(f"{k} ({v} rows)" for k, v in ds.splits.items()))
     check_resumable(CheckpointStore(storage.join(cfg.storage_path, cfg.run_name, CHECKPOINTS)))
