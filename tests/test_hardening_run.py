@@ -8,7 +8,6 @@ checkpoints named (12).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -292,7 +291,8 @@ def _copy(src: Path, dest: Path) -> Path:
     return dest
 
 
-def test_damaged_checkpoints_in_embed_and_evaluate_name_the_file(finetuned, manifest, tmp_path, capsys):
+def test_damaged_checkpoints_in_embed_and_evaluate_name_the_file(finetuned, manifest, tmp_path, capsys,
+                                                                 monkeypatch):
     torn = _copy(finetuned, tmp_path / "torn")
     model = torn / "model.safetensors"
     model.write_bytes(model.read_bytes()[:300])
@@ -314,12 +314,8 @@ def test_damaged_checkpoints_in_embed_and_evaluate_name_the_file(finetuned, mani
             evaluate_main(["--task", "sentiment", "--checkpoint", str(ckpt)])
         err = capsys.readouterr().err
         assert e.value.code == 2 and named in err and "damaged" in err, err
-    monkey_cwd = os.getcwd()
-    try:  # a relative --checkpoint works, and the intact one scores
-        os.chdir(finetuned.parent)
-        assert evaluate_main(["--task", "sentiment", "--checkpoint", "best"]) == 0
-    finally:
-        os.chdir(monkey_cwd)
+    monkeypatch.chdir(finetuned.parent)  # a relative --checkpoint works, and the intact one scores
+    assert evaluate_main(["--task", "sentiment", "--checkpoint", "best"]) == 0
 
 
 def test_a_rehashed_pickle_falls_back_and_all_damaged_checkpoints_stop_pretraining(forty_ms, tmp_path):
