@@ -34,7 +34,7 @@ import sys
 import tempfile
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -43,6 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import storage
+from .config import DataConfig, FeatureConfig, from_dict
 from .data import TOKENIZER_DIR
 from . import tokenizer as _tokenizer
 from .model_card import model_card
@@ -169,11 +170,18 @@ def _save_training_state(model_dir: Path, optimizer, scheduler) -> None:
 
 
 def read_state(path: str | os.PathLike) -> dict:
-    """The state file of checkpoint ``path`` (a path or URI), unverified; FileNotFoundError if none."""
+    """The state file of checkpoint ``path`` (a path or URI), unverified; FileNotFoundError if none,
+    CheckpointError naming the file if it is not a JSON object."""
     marker = storage.join(path, STATE_FILE)
     if not storage.is_file(marker):
         raise FileNotFoundError(f"{str(path)!r} is not a complete ctal checkpoint (no {STATE_FILE})")
-    return storage.read_json(marker)
+    try:
+        state = storage.read_json(marker)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{marker}: damaged, not JSON ({e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{marker}: damaged, not a JSON object")
+    return state
 
 
 def verify(path: str | Path) -> dict:
@@ -184,14 +192,36 @@ def verify(path: str | Path) -> dict:
         state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
         files = state["files"]
     except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: unreadable {STATE_FILE} ({e})") from e
+        raise CheckpointError(f"{path / STATE_FILE}: damaged, unreadable ({e})") from e
     for name, digest in files.items():
         f = path / name
         if not f.is_file():
-            raise CheckpointError(f"{path}: {name} is missing")
+            raise CheckpointError(f"{f} is missing")
         if _sha256(f) != digest:
-            raise CheckpointError(f"{path}: {name} does not match its recorded sha256 (damaged)")
+            raise CheckpointError(f"{f} does not match its recorded sha256 (damaged)")
+        check_readable(f)  # a damaged file re-hashed into the state file still fails here
     return state
+
+
+def check_readable(f: Path) -> None:
+    """CheckpointError naming ``f`` unless it parses as what its name says (safetensors header, JSON),
+    so a damaged file fails with its name instead of a loader's bare error."""
+    try:
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        elif f.suffix == ".json":
+            json.loads(f.read_text(encoding="utf-8"))
+    except Exception as e:  # safetensors raises its own SafetensorError, JSON a ValueError
+        raise CheckpointError(f"{f}: damaged, not a readable {f.suffix[1:]} file ({e})") from None
+
+
+def check_model_dir(model_dir: str | Path) -> None:
+    """A model directory (``from_pretrained``'s) with readable config.json and model.safetensors, or
+    CheckpointError naming the damaged file; a missing one is left to ``from_pretrained`` to name."""
+    for name in ("config.json", "model.safetensors"):
+        if (Path(model_dir) / name).is_file():
+            check_readable(Path(model_dir) / name)
 
 
 def model_dirs(path: str | Path, state: Optional[dict] = None) -> dict[str, Path]:
@@ -254,15 +284,46 @@ def check_tokenizer(checkpoint: str | Path, expected_hash: str, fix: str = "") -
                          f"it{hint}")
 
 
+def _owning_state(checkpoint: str | Path) -> dict:
+    """The state of a local checkpoint, or of the checkpoint a model directory of it belongs to
+    (a fold's sub-directory); {} for a bare model directory."""
+    checkpoint = Path(checkpoint)
+    for where in (checkpoint, checkpoint.parent):
+        if (where / STATE_FILE).is_file():
+            return read_state(where)
+    return {}
+
+
 def trained_frontend(checkpoint: str | Path) -> str:
     """The front end (ctal.features.FRONTENDS) whose frames a local checkpoint, or the checkpoint a
     model directory of it belongs to, was trained on; "kaldi" where none is recorded (checkpoints
     made before there was a choice)."""
-    checkpoint = Path(checkpoint)
-    for where in (checkpoint, checkpoint.parent):
-        if (where / STATE_FILE).is_file():
-            return read_state(where).get("frontend", "kaldi")
-    return "kaldi"
+    return _owning_state(checkpoint).get("frontend", "kaldi")
+
+
+def data_config_entry(report: dict) -> dict:
+    """What a checkpoint's state records of the data set it was trained on (its ``report.json``):
+    the preprocessing settings (DataConfig, featurizer included) that new audio and text must go
+    through to look like the training data. {} for data written without them (test data)."""
+    entry = dict(report.get("data_config") or {})
+    if report.get("features"):
+        entry["features"] = report["features"]
+    entry.pop("tokenizer", None)  # the tokenizer travels as files, tokenizer/
+    return entry
+
+
+def trained_data_config(checkpoint: str | Path):
+    """The DataConfig (featurizer, duration limits, max_text_tokens) of the data a local checkpoint,
+    or the checkpoint a model directory of it belongs to, was trained on; for one that recorded none,
+    the defaults with its recorded front end. The text normalization is the tokenizer's
+    (``ctal.tokenizer.read_normalization``), not set here."""
+    state = _owning_state(checkpoint)
+    recorded = state.get("data_config") or {}
+    known = {f.name for f in fields(DataConfig)} - {"tokenizer", "text_normalization"}
+    cfg = from_dict(DataConfig, {k: v for k, v in recorded.items() if k in known}, "data_config.")
+    if "features" not in recorded:
+        cfg.features = FeatureConfig(frontend=state.get("frontend", "kaldi"))
+    return cfg
 
 
 def check_frontend(checkpoint: str | Path, expected: str, fix: str = "") -> None:

@@ -311,7 +311,10 @@ def parse_overrides(overrides: list[str]) -> dict:
         key = key.strip()
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: {_yaml_problem(e, offset=len(key) + 1)}") from None
         node = out
         parts = key.split(".")
         for p in parts[:-1]:
@@ -320,6 +323,31 @@ def parse_overrides(overrides: list[str]) -> dict:
                 raise ConfigError(f"override {item!r} conflicts with an earlier one")
         node[parts[-1]] = value
     return out
+
+
+def _yaml_problem(e: yaml.YAMLError, offset: int = 0) -> str:
+    """One line for a YAML error: what is wrong and where (1-based line and column)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    what = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e).splitlines()[0]
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1 + offset}: {what}"
+    position = getattr(e, "position", None)  # a ReaderError: a character YAML does not allow
+    return f"character {position + offset}: {what}" if position is not None else what
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in ``path``; ConfigError naming the file and the position of a syntax error,
+    or saying it is not UTF-8 text (a binary file given as a config)."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                          "a config is YAML text") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML at {_yaml_problem(e)}") from None
 
 
 def load_config(cls: type, files: list[str | Path] = (), overrides: list[str] = (),
@@ -333,8 +361,7 @@ def load_config(cls: type, files: list[str | Path] = (), overrides: list[str] = 
     """
     merged: dict = {}
     for f in files:
-        with open(f, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+        data = read_yaml(f) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{f}: expected a mapping at the top level")
         merged = _merge(merged, data)
@@ -342,6 +369,60 @@ def load_config(cls: type, files: list[str | Path] = (), overrides: list[str] = 
     cfg = from_dict(cls, _merge(merged, given))
     adopted = _adopt_text_init(cfg, given)
     return (cfg, adopted) if return_adopted else cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# value ranges the types cannot express: checked once, before Ray starts (ConfigError naming the key)
+
+AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+POSITIVE = (lambda v: v > 0, "> 0")
+PROBABILITY = (lambda v: 0 <= v <= 1, "in [0, 1]")
+BELOW_1 = (lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def check_ranges(cfg: Any, rules: dict[str, tuple], prefix: str = "") -> None:
+    """Raise ConfigError for the first field of ``cfg`` outside its rule: {key: (test, allowed)}."""
+    for key, (ok, allowed) in rules.items():
+        value = getattr(cfg, key)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{prefix}{key}={value!r} is out of range: must be {allowed}")
+
+
+def validate_model_config(m: ModelConfig, prefix: str = "model.") -> None:
+    """The architecture's ranges, for pretraining and fine-tuning alike: sizes, the heads dividing
+    the hidden size, dropout probabilities, the 160-d frames the data sets hold."""
+    from .data import FBANK_DIM  # (data.py imports this module)
+
+    check_ranges(m, {**dict.fromkeys(("vocab_size", "hidden_size", "num_text_layers", "num_audio_layers",
+                                      "num_attention_heads", "intermediate_size", "max_position_embeddings",
+                                      "type_vocab_size", "max_audio_positions"), AT_LEAST_1),
+                     "hidden_dropout_prob": BELOW_1, "attention_probs_dropout_prob": BELOW_1,
+                     "layer_norm_eps": POSITIVE, "pad_token_id": NON_NEGATIVE,
+                     **dict.fromkeys(("orthogonality_weight", "mlm_weight", "acoustic_weight"), NON_NEGATIVE)},
+                 prefix)
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(f"{prefix}hidden_size={m.hidden_size} is not a multiple of "
+                          f"{prefix}num_attention_heads={m.num_attention_heads}: each head takes an equal share")
+    if m.audio_dim != 2 * FBANK_DIM:
+        raise ConfigError(f"{prefix}audio_dim={m.audio_dim}: the audio stream reads {2 * FBANK_DIM}-d frames "
+                          f"({FBANK_DIM} log-mel + delta, what every data set holds); must be {2 * FBANK_DIM}")
+    from transformers.activations import ACT2FN  # (torch: only once a run is checked)
+
+    if m.hidden_act not in ACT2FN:
+        raise ConfigError(f"{prefix}hidden_act={m.hidden_act!r} is not one of {sorted(ACT2FN)}")
+
+
+def validate_finetune_config(cfg: FinetuneConfig) -> None:
+    """A fine-tuning run's ranges (the data set and the protocol are checked by ctal.finetune.prepare)."""
+    check_ranges(cfg, {"lr": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup_ratio": BELOW_1,
+                       "epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "freeze_layers": NON_NEGATIVE,
+                       "max_frames": AT_LEAST_1, "clip_grad_norm": NON_NEGATIVE})
+    validate_model_config(cfg.model)
+    m = cfg.model  # with init the checkpoint's layers count: ctal.finetune.freeze checks those
+    if not cfg.init and cfg.freeze_layers > min(m.num_text_layers, m.num_audio_layers):
+        raise ConfigError(f"freeze_layers={cfg.freeze_layers}, but the model has {m.num_text_layers} text and "
+                          f"{m.num_audio_layers} audio layers")
 
 
 def _adopt_text_init(cfg: Any, given: dict, prefix: str = "") -> dict:

@@ -4,6 +4,7 @@ Bad rows (missing/corrupt audio, missing transcript, ...) are returned with thei
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -14,8 +15,9 @@ import torch
 from . import checkpoint as ctal_checkpoint
 from . import storage
 from .batching import collate
-from .config import DataConfig, FeatureConfig
+from .config import DataConfig
 from .data import featurize_row
+from .finetune import position_limits
 from .model import FUSION_VARIANTS, CTALForSequenceClassification, masked_mean
 from .tokenizer import TOKENIZER_FILES, load_tokenizer, read_normalization, tokenizer_hash
 
@@ -40,11 +42,19 @@ def embed_rows(model: CTALForSequenceClassification, rows: list[dict], tokenizer
     computed on that variant's own path: no text_vector for audio_only, no audio_vector for text_only,
     and audio without cross-attention where the variant has none (late_concat, audio_only).
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
     data_cfg = data_cfg or DataConfig()
     model = model.to(device).eval()
+    max_tokens = position_limits(model)["max_tokens"]
     good, bad = [], []
     for row in rows:
         record, problem = featurize_row(row, tokenizer, data_cfg)
+        if record is not None and len(record["input_ids"]) > max_tokens:
+            record, problem = None, {"id": record["id"], "audio_path": str(row.get("audio_path")),
+                                     "reason": "text_too_long",
+                                     "detail": f"{len(record['input_ids'])} tokens, the model has positions "
+                                               f"for {max_tokens}"}
         (good if record is not None else bad).append(record if record is not None else problem)
     variant = FUSION_VARIANTS[model.config.fusion]
     columns = ["embedding"] + [name for name, runs in (("text_vector", variant.text),
@@ -74,21 +84,39 @@ def embed_rows(model: CTALForSequenceClassification, rows: list[dict], tokenizer
 
 def load_for_embedding(checkpoint: str | Path, tokenizer: Optional[str | Path] = None):
     """(model, tokenizer, data_cfg) of a fine-tuned checkpoint (a path or URI) with one model, or of
-    one fold's model directory of a checkpoint with several. ``data_cfg`` carries the text
-    normalization saved with the tokenizer, so new text is tokenized the way the model was trained."""
+    one fold's model directory of a checkpoint with several. ``data_cfg`` is the preprocessing the
+    checkpoint's training data went through (featurizer, front end, max_text_tokens, recorded with
+    the checkpoint) and the text normalization saved with the tokenizer, so new audio and text
+    look like what the model was trained on.
+
+    A pretraining checkpoint is refused (ValueError): its fusion head was never trained, so its
+    "embeddings" would be a random projection, different on every load. Damaged files raise
+    CheckpointError naming the file."""
     local = ctal_checkpoint.local_copy(checkpoint)
     if (local / ctal_checkpoint.STATE_FILE).is_file():
-        dirs = ctal_checkpoint.model_dirs(local)
+        state = ctal_checkpoint.verify(local)  # every file against its sha256, and readable
+        if state.get("kind") == "pretraining":
+            raise ValueError(f"{checkpoint} is a pretraining checkpoint: it has no trained fusion head, so it "
+                             f"gives no defined embedding; fine-tune it first (pipelines/tune_finetune.py "
+                             f"--init {checkpoint}) and embed with the fine-tuned checkpoint")
+        dirs = ctal_checkpoint.model_dirs(local, state)
         if len(dirs) > 1:
             raise ValueError(f"{checkpoint} holds {len(dirs)} models ({', '.join(dirs)}); pass one fold's "
                              f"directory, e.g. {storage.join(checkpoint, next(iter(dirs)))}")
         local = next(iter(dirs.values()))
-    model = CTALForSequenceClassification.from_pretrained(local)
+    elif (local.parent / ctal_checkpoint.STATE_FILE).is_file():  # one fold's directory
+        ctal_checkpoint.verify(local.parent)
+    else:  # a bare model directory (save_pretrained): nothing recorded to check it against
+        ctal_checkpoint.check_model_dir(local)
+    model, info = CTALForSequenceClassification.from_pretrained(local, output_loading_info=True)
+    if info["missing_keys"]:  # a bare pretraining model directory: the same refusal
+        raise ValueError(f"{checkpoint} is not a fine-tuned checkpoint (no trained {sorted(info['missing_keys'])[0]} "
+                         "among others): it gives no defined embedding; fine-tune it first")
     tok_dir = find_tokenizer(local, tokenizer)
     if tokenizer and ctal_checkpoint.tokenizer_dir(local) is not None:  # another tokenizer: same ids?
         ctal_checkpoint.check_tokenizer(local, tokenizer_hash(tok_dir),
                                         fix=f"drop --tokenizer to use the checkpoint's own ({tokenizer} differs)")
     # A tokenizer without a recorded normalization predates it: its text was tokenized as read.
-    data_cfg = DataConfig(text_normalization=read_normalization(tok_dir) or "none",
-                          features=FeatureConfig(frontend=ctal_checkpoint.trained_frontend(local)))
+    data_cfg = replace(ctal_checkpoint.trained_data_config(local),
+                       text_normalization=read_normalization(tok_dir) or "none")
     return model, load_tokenizer(tok_dir), data_cfg

@@ -20,7 +20,7 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -31,8 +31,8 @@ from ctal import checkpoint as checkpoints
 from ctal import storage
 from ctal.batching import bucket_batches, collate, derive_seed
 from ctal.checkpoint import Part
-from ctal.config import FinetuneConfig, from_dict, to_dict
-from ctal.data import FBANK_DIM, TOKENIZER_DIR, TokenizerInfo, feature_frontend, open_dataset
+from ctal.config import ConfigError, FinetuneConfig, from_dict, to_dict, validate_finetune_config
+from ctal.data import FBANK_DIM, TOKENIZER_DIR, TokenizerInfo, check_vocabulary, feature_frontend, open_dataset
 from ctal.model import CTALConfig, CTALForSequenceClassification
 from ctal.optim import build_optimizer, build_scheduler
 from ctal.tasks import Fold, Meta, Outputs, Task, get_task
@@ -105,7 +105,7 @@ class TaskData:
         return out
 
 
-def _limits(model) -> dict:
+def position_limits(model) -> dict:
     """Crop lengths the model's learned positions allow."""
     cfg = model.config
     max_tokens = cfg.max_position_embeddings - (cfg.pad_token_id + 1 if cfg.text_position_style == "roberta" else 0)
@@ -142,6 +142,35 @@ def check_init(init: str | Path, data: TaskData) -> Path:
     checkpoints.check_tokenizer(local, data.tokenizer.hash,
                                 fix=f"re-tokenize the data with the checkpoint's tokenizer: {command.format('retok')}")
     return local
+
+
+def prepare(cfg: FinetuneConfig, data: Optional[TaskData] = None) -> tuple[FinetuneConfig, TaskData]:
+    """Check a fine-tuning run once, before Ray starts: value ranges, the data set (opened, unless
+    given) against the task's protocol, and ``init`` (a checkpoint, or a pretraining run directory
+    for its newest one) against the data set. Returns the config with ``data`` and ``init`` absolute
+    (trials do not run in the driver's working directory) or URIs, and the opened data set.
+    Raises ConfigError, FileNotFoundError or ValueError naming what is wrong."""
+    validate_finetune_config(cfg)
+    if not cfg.data:
+        raise ConfigError("data: give the preprocessed data set (a directory or a URI)")
+    for key in ("data", "init"):
+        if getattr(cfg, key):
+            storage.resolve(getattr(cfg, key))  # an unknown scheme fails here, naming the URI
+    cfg = replace(cfg, data=storage.normalize(cfg.data), init=cfg.init and storage.normalize(cfg.init))
+    data = data if data is not None else TaskData.load(cfg.data)
+    if cfg.init and not storage.is_file(storage.join(cfg.init, checkpoints.STATE_FILE)):
+        from ctal.pretrain import latest_checkpoint  # a pretraining run directory: its newest checkpoint
+
+        newest = latest_checkpoint(cfg.init)
+        if newest is None:
+            raise FileNotFoundError(f"init={cfg.init} is neither a ctal checkpoint (no {checkpoints.STATE_FILE}) "
+                                    "nor a pretraining run directory holding one")
+        cfg = replace(cfg, init=str(newest))
+    if cfg.init:
+        check_init(cfg.init, data)
+    check_vocabulary(cfg.model, data.tokenizer)
+    get_task(cfg.task).folds(data.meta, cfg.fold, cfg.seed)  # the protocol fits the data
+    return cfg, data
 
 
 def build_model(cfg: FinetuneConfig, task: Task, classes: Optional[list[str]], data: TaskData):
@@ -217,7 +246,8 @@ def _save(dest: str | Path, runs: list[_FoldRun], cfg: FinetuneConfig, epoch: in
     tok_dir = (storage.localize(storage.join(data.data_dir, TOKENIZER_DIR), kind="tokenizers")
                if storage.is_uri(data.data_dir) else Path(data.data_dir) / TOKENIZER_DIR)
     state = {"task": cfg.task, "folds": [r.fold.name for r in runs], "epoch": epoch, "metrics": metrics,
-             "history": history, "config": to_dict(cfg), "data": data.data_dir, "frontend": data.frontend}
+             "history": history, "config": to_dict(cfg), "data": data.data_dir, "frontend": data.frontend,
+             "data_config": checkpoints.data_config_entry(data.report)}
     checkpoints.write(dest, KIND, {r.fold.name: Part(_unwrap(r.model), r.optimizer, r.scheduler) for r in runs},
                       tokenizer_dir=tok_dir, tokenizer_hash=data.tokenizer.hash, state=state)
 
@@ -247,6 +277,7 @@ def finetune(cfg: FinetuneConfig, *, data: Optional[TaskData] = None, out_dir: O
     rank / world_size / prepare_model: data-parallel training (Ray Train passes its rank and
     `prepare_model`); each rank takes every world_size-th batch and all ranks score dev in full.
     """
+    validate_finetune_config(cfg)
     task = get_task(cfg.task)
     data = data if data is not None else TaskData.load(cfg.data)
     folds = task.folds(data.meta, cfg.fold, cfg.seed)
@@ -348,7 +379,7 @@ def _train_epoch(run: _FoldRun, k: int, data: TaskData, cfg: FinetuneConfig, epo
                  world_size: int, device) -> float:
     model = run.model
     inner = _unwrap(model)
-    limits = _limits(inner)
+    limits = position_limits(inner)
     model.train()
     torch.manual_seed(derive_seed(cfg.seed, k, epoch, rank))  # dropout: no RNG state to checkpoint
     params = [p for p in model.parameters() if p.requires_grad]
@@ -382,7 +413,7 @@ def predict(model, data: TaskData, idx: np.ndarray, max_frames: int = 3000) -> O
     """Logits and fused embeddings for rows `idx` (in that order), batched by length."""
     model.eval()
     device = next(model.parameters()).device
-    limits = _limits(model)
+    limits = position_limits(model)
     order = np.argsort(data.n_frames[idx], kind="stable")
     logits, emb = [None] * len(idx), [None] * len(idx)
     for s in range(0, len(order), EVAL_BATCH_SIZE):
@@ -401,6 +432,7 @@ def evaluate(checkpoint: str | Path, data: Optional[TaskData] = None, role: str 
     folds, metrics per fold)."""
     original, checkpoint = checkpoint, checkpoints.local_copy(checkpoint)
     state = read_state(checkpoint)
+    checkpoints.verify(checkpoint)  # a damaged file: CheckpointError naming it, not a loader's error
     if task is not None and task != state["task"]:
         raise ValueError(f"{checkpoint} was fine-tuned for {state['task']!r}, not {task!r}")
     t = get_task(state["task"])

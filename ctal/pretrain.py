@@ -37,9 +37,10 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint, storage
-from .batching import PretrainBatches, collate, derive_seed, prefetch
+from .batching import PretrainBatches, collate, derive_seed, prefetch, split_matches
 from .checkpoint import CheckpointStore, Part
-from .config import ConfigError, PretrainConfig, to_dict
+from .config import (AT_LEAST_1, BELOW_1, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, PretrainConfig,
+                     check_ranges, to_dict, validate_model_config)
 from .data import TOKENIZER_DIR, TokenizerInfo, check_vocabulary, feature_frontend, open_dataset, read_report
 from .model import CTALConfig, CTALForPretraining
 from .optim import build_optimizer, build_scheduler
@@ -68,7 +69,15 @@ def prepare(cfg: PretrainConfig) -> PretrainPlan:
     # Absolute paths (Ray workers do not share the driver's working directory); URIs as given.
     cfg = dataclasses.replace(cfg, data=storage.normalize(cfg.data), storage_path=storage.normalize(cfg.storage_path),
                               max_frames=min(cfg.max_frames, cfg.model.max_audio_positions))
-    tok = open_dataset(cfg.data).tokenizer
+    ds = open_dataset(cfg.data)
+    if not ds.splits:
+        raise ValueError(f"{cfg.data} holds no utterances: nothing to pretrain on")
+    wanted = [p for p in cfg.split.split(",") if p]  # as PretrainBatches selects them
+    if not any(n for name, n in ds.splits.items() if split_matches(name, wanted)):
+        raise ConfigError(f"split={cfg.split!r}: the data set {cfg.data} has no rows in it; its splits: "
+                          + ", ".join(f"{k} ({v} rows)" for k, v in ds.splits.items()))
+    check_resumable(CheckpointStore(storage.join(cfg.storage_path, cfg.run_name, CHECKPOINTS)))
+    tok = ds.tokenizer
     check_vocabulary(cfg.model, tok)
     worker_batch_size(cfg, cfg.num_workers)
     return PretrainPlan(cfg, tok)
@@ -93,15 +102,20 @@ def validate_pretrain_config(cfg: PretrainConfig) -> None:
     """Value ranges the typed schema cannot express; raises ConfigError naming the key."""
     positive = ("max_steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every",
                 "keep_checkpoints", "num_workers", "bucket_pool_rows", "max_frames")
-    for key in positive:
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"{key}: must be >= 1, got {getattr(cfg, key)}")
-    if cfg.cpus_per_worker <= 0:
-        raise ConfigError(f"cpus_per_worker: must be > 0, got {cfg.cpus_per_worker}")
-    if not 0 <= cfg.warmup_ratio < 1:
-        raise ConfigError(f"warmup_ratio: must be in [0, 1), got {cfg.warmup_ratio}")
-    if cfg.max_frames_per_batch < 0 or cfg.max_failures < -1:
-        raise ConfigError("max_frames_per_batch must be >= 0 and max_failures >= -1 (-1 = unlimited)")
+    check_ranges(cfg, {**dict.fromkeys(positive, AT_LEAST_1), "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
+                       "cpus_per_worker": POSITIVE, "warmup_ratio": BELOW_1, "clip_grad_norm": NON_NEGATIVE,
+                       "max_frames_per_batch": NON_NEGATIVE, "halve_batch_above_frames": NON_NEGATIVE,
+                       "max_failures": (lambda v: v >= -1, ">= -1 (-1 = unlimited)")})
+    m = cfg.masking
+    check_ranges(m, {**dict.fromkeys(("token_mask_prob", "token_replace_prob", "token_random_prob",
+                                      "frame_mask_prob", "frame_zero_prob", "frame_random_prob"), PROBABILITY),
+                     "span_min": AT_LEAST_1}, "masking.")
+    if m.span_max < m.span_min:
+        raise ConfigError(f"masking.span_max={m.span_max} is below masking.span_min={m.span_min}")
+    for a, b in (("token_replace_prob", "token_random_prob"), ("frame_zero_prob", "frame_random_prob")):
+        if getattr(m, a) + getattr(m, b) > 1:
+            raise ConfigError(f"masking.{a} + masking.{b} = {getattr(m, a) + getattr(m, b):g}: must be <= 1")
+    validate_model_config(cfg.model)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,17 +178,42 @@ def _ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return model
 
 
+def check_resumable(store: CheckpointStore) -> None:
+    """CheckpointError if the run's checkpoints were all found damaged (only ``corrupt-*`` left): a
+    rerun must not quietly start over from step 0 where training was lost."""
+    if store.list():
+        return
+    corrupt = [n for n in storage.listdir(store.root) if n.startswith("corrupt-")]
+    if corrupt:
+        raise checkpoint.CheckpointError(
+            f"every checkpoint of this run is damaged (moved aside in {store.root}: {', '.join(corrupt)}); "
+            "stopping instead of starting over from step 0: put an intact checkpoint back, or delete those "
+            "directories (or choose another run_name) to start afresh")
+
+
 def _resume_point(store: CheckpointStore, rank: int, device: torch.device, log) -> Optional[tuple[int, Path]]:
-    """(step, local copy) of the checkpoint to resume from, or None: rank 0 chooses (verifying it),
-    every rank gets the same answer and its own local copy (for a URI, in this node's cache)."""
-    chosen = store.choose(log) if rank == 0 else None
+    """(step, local copy) of the checkpoint to resume from, or None for a fresh run: rank 0 chooses
+    (verifying it), every rank gets the same answer and its own local copy (for a URI, in this
+    node's cache). When every checkpoint is damaged all ranks raise CheckpointError (check_resumable)."""
+    chosen, refused = None, None
+    if rank == 0:
+        chosen = store.choose(log)
+        try:
+            if chosen is None:
+                check_resumable(store)
+        except checkpoint.CheckpointError as e:  # raised on every rank, below
+            refused = e
     if _is_distributed():
-        # NCCL broadcasts only CUDA tensors, gloo only CPU ones.
+        # NCCL broadcasts only CUDA tensors, gloo only CPU ones; -2: rank 0 refuses to resume.
         where = device if dist.get_backend() == "nccl" else "cpu"
-        step = torch.tensor([-1 if chosen is None else chosen[0]], device=where)
+        step = torch.tensor([-2 if refused else -1 if chosen is None else chosen[0]], device=where)
         dist.broadcast(step, src=0)
+        if int(step) == -2 and refused is None:
+            refused = checkpoint.CheckpointError(f"every checkpoint in {store.root} is damaged (rank 0 says more)")
         if rank != 0 and int(step) >= 0:
             chosen = int(step), checkpoint.local_copy(store.path(int(step)))
+    if refused is not None:
+        raise refused
     return chosen
 
 
@@ -244,7 +283,9 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
                            max_frames_per_batch=cfg.max_frames_per_batch, max_frames=cfg.max_frames,
                            pool_rows=cfg.bucket_pool_rows, halve_above_frames=cfg.halve_batch_above_frames,
                            drop_longer=cfg.long_utterances == "drop")
-    frontend = feature_frontend(read_report(cfg.data))  # the frames' load-time rule; checkpoints record it
+    report_json = read_report(cfg.data)
+    frontend = feature_frontend(report_json)  # the frames' load-time rule; checkpoints record it
+    data_config = checkpoint.data_config_entry(report_json)  # and how the data was made
     max_tokens = model_cfg.max_position_embeddings - (model_cfg.pad_token_id + 1
                                                       if model_cfg.text_position_style == "roberta" else 0)
 
@@ -335,6 +376,7 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
                 if rank == 0:
                     epoch, skip = data.position(step * accum)
                     state = {"step": step, "world_size": world_size, "seed": cfg.seed, "frontend": frontend,
+                             "data_config": data_config,
                              "data_position": {"batch_index": step * accum, "epoch": epoch, "skip": skip,
                                                "batches_per_epoch": data.batches_per_epoch},
                              "metrics": last,

@@ -2,10 +2,13 @@
 
     python pipelines/embed.py --checkpoint DIR --manifest FILE.csv --out FILE.parquet [--streams]
 
-The manifest is the generic CSV/TSV one (audio_path, text, optional id/speaker/label/split). Bad rows
-are listed (and written to FILE.bad.csv) but do not stop the run. --streams adds the mean final state
-of each stream the checkpoint's fusion variant runs, on its own path (text_vector unless audio_only;
-audio_vector unless text_only, without cross-attention for late_concat and audio_only).
+The manifest is the generic CSV/TSV one (audio_path, text, optional id/speaker/label/split). Audio and
+text go through the preprocessing the checkpoint's training data did (recorded with it). A pretraining
+checkpoint is refused: only fine-tuning trains the fusion head that gives the embedding. Bad rows
+(e.g. a text longer than the model's positions: text_too_long) are listed (and written to
+FILE.bad.csv) but do not stop the run. --streams adds the mean final state of each stream the
+checkpoint's fusion variant runs, on its own path (text_vector unless audio_only; audio_vector
+unless text_only, without cross-attention for late_concat and audio_only).
 """
 import argparse
 import sys
@@ -15,6 +18,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
+from ctal.checkpoint import CheckpointError
 from ctal.corpora import CorpusLayoutError, read_manifest
 from ctal.embed import embed_rows, load_for_embedding
 
@@ -31,9 +35,14 @@ def main(argv=None) -> int:
                    help="also write the mean final state of each stream the fusion variant runs")
     args = p.parse_args(argv)
     try:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
+        if Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a directory; give the Parquet file to write, e.g. "
+                             f"{Path(args.out) / 'embeddings.parquet'}")
         rows = read_manifest(args.manifest)
         model, tokenizer, data_cfg = load_for_embedding(args.checkpoint, args.tokenizer)
-    except (FileNotFoundError, ValueError, CorpusLayoutError) as e:
+    except (FileNotFoundError, ValueError, CorpusLayoutError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     table, bad = embed_rows(model, rows, tokenizer, data_cfg=data_cfg, batch_size=args.batch_size,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ctal import storage
+from ctal.checkpoint import CheckpointError
 from ctal.finetune import TaskData, evaluate, read_state
 from ctal.tasks import TASKS
 
@@ -35,10 +37,12 @@ def main(argv=None) -> int:
     p.add_argument("--split", choices=("test", "dev"), default="test")
     args = p.parse_args(argv)
     try:
-        state = read_state(args.checkpoint)  # a URI is downloaded (once per version) by evaluate
-        data = TaskData.load(args.data or state["data"])
-        metrics, per_fold = evaluate(args.checkpoint, data, role=args.split, task=args.task)
-    except (FileNotFoundError, ValueError) as e:
+        # absolute, so the messages name the files (and the checkpoint records where its data is)
+        checkpoint = storage.normalize(args.checkpoint)
+        state = read_state(checkpoint)  # a URI is downloaded (once per version) by evaluate
+        data = TaskData.load(storage.normalize(args.data) if args.data else state["data"])
+        metrics, per_fold = evaluate(checkpoint, data, role=args.split, task=args.task)
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     print(f"{args.task} checkpoint {args.checkpoint} (epoch {state['epoch']}), {args.split} rows of {data.data_dir}")
     print(format_table(metrics, per_fold, args.split))

@@ -20,18 +20,15 @@ import argparse
 import json
 import sys
 import typing
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 
 from ctal import storage
-from ctal.checkpoint import STATE_FILE as CHECKPOINT_FILE
-from ctal.checkpoint import record_command
+from ctal.checkpoint import CheckpointError, record_command
 from ctal.config import ConfigError, FinetuneConfig, SweepConfig, load_config
 from ctal.console import VERBOSE_HELP, set_verbose, stage
 from ctal.distributed.tune import SWEEP_FILE, experiment_location, load_sweep, run_sweep
-from ctal.data import check_vocabulary
-from ctal.finetune import TaskData, check_init
-from ctal.pretrain import latest_checkpoint
+from ctal.finetune import prepare
 from ctal.report import describe
 from ctal.search_space import check_sweep, load_search_space
 from ctal.tasks import TASKS, get_task
@@ -103,14 +100,10 @@ def main(argv=None) -> int:
             space, pinned = space.pin([o.split("=", 1)[0] for o in overrides])
             if pinned:
                 print(f"not searched, set on the command line: {', '.join(pinned)}")
-        data = TaskData.load(cfg.data)
-        if cfg.init:
-            if not storage.is_file(storage.join(cfg.init, CHECKPOINT_FILE)) and latest_checkpoint(cfg.init):
-                cfg = replace(cfg, init=str(latest_checkpoint(cfg.init)))  # a pretraining run: its newest
-            check_init(cfg.init, data)  # one vocabulary: refuse a mismatch now, not inside every trial
-        check_vocabulary(cfg.model, data.tokenizer)
+        # ranges, absolute paths, the data set, init against it: now, not inside every trial
+        cfg, data = prepare(cfg)
         check_sweep(cfg, space, sweep, data)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, CheckpointError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
 
     from ctal.distributed.console import init_ray

@@ -26,7 +26,7 @@ from ray.tune import Callback
 from ctal import storage
 from ctal.config import FinetuneConfig, SweepConfig, from_dict, to_dict
 from ctal.console import Progress
-from ctal.finetune import FRESH_MODEL_WARNING, TaskData, finetune
+from ctal.finetune import FRESH_MODEL_WARNING, TaskData, finetune, prepare
 from ctal.report import SweepResult, trial_row, write_results
 from ctal.search_space import SearchSpace, apply_params, check_sweep, parse_search_space
 from ctal.tasks import get_task
@@ -127,9 +127,10 @@ def run_sweep(cfg: FinetuneConfig, space: SearchSpace, sweep: SweepConfig, *, re
 
     from .console import quiet_driver, tune_verbosity
 
-    data = data if data is not None else TaskData.load(cfg.data)
     if not checked:
+        cfg, data = prepare(cfg, data)
         check_sweep(cfg, space, sweep, data)
+    data = data if data is not None else TaskData.load(cfg.data)
     task = get_task(cfg.task)
     experiment, remote = _experiment(sweep, cfg.task)
     where = remote or str(experiment)  # what Tune reads and writes: the URI, else the local dir
@@ -236,13 +237,30 @@ class TrialProgress(Callback):
 
 def _check_resources(sweep: SweepConfig) -> None:
     """Tune waits forever for a trial that asks more than the cluster has: fail now instead."""
-    import ray
+    from .train import cluster_capacity
 
-    have = ray.cluster_resources()
+    check_trial_resources(sweep, cluster_capacity()[0])
+
+
+def check_trial_resources(sweep: SweepConfig, cluster: dict) -> None:
+    """ResourceError unless one trial fits a cluster of ``cluster`` resources (``cluster_capacity()``):
+    its CPUs and GPUs, and with workers_per_trial > 1 a CPU per DDP worker (each is a process with
+    its own model copy; more of them than CPUs only thrash and run out of memory) and a GPU of its
+    own per worker when trials use GPUs (NCCL refuses two ranks on one device)."""
+    from .train import ResourceError
+
+    cpus, gpus, n = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0)), sweep.workers_per_trial
     need = {"CPU": sweep.cpus_per_trial, "GPU": sweep.gpus_per_trial}
-    short = [f"{k}={v:g} (cluster has {have.get(k, 0):g})" for k, v in need.items() if v > have.get(k, 0)]
+    short = [f"{k}={v:g} (cluster has {cluster.get(k, 0):g})" for k, v in need.items() if v > cluster.get(k, 0)]
     if short:
-        raise RuntimeError(f"one trial asks for {', '.join(short)}; lower cpus/gpus_per_trial")
+        raise ResourceError(f"one trial asks for {', '.join(short)}; lower cpus/gpus_per_trial")
+    if n > 1 and n > cpus:
+        raise ResourceError(f"workers_per_trial={n}: each DDP worker needs a CPU, the Ray cluster has {cpus:g} "
+                            f"CPUs; use workers_per_trial <= {int(cpus)}")
+    if n > 1 and 0 < sweep.gpus_per_trial < n:
+        raise ResourceError(f"workers_per_trial={n} with gpus_per_trial={sweep.gpus_per_trial:g}: each DDP worker "
+                            f"needs a GPU of its own; use gpus_per_trial={n} (the cluster has {gpus:g} GPUs), "
+                            "or gpus_per_trial=0")
 
 
 def _trainable(cfg: FinetuneConfig, data: TaskData, sweep: SweepConfig, experiment: Path | str):
