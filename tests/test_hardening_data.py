@@ -44,7 +44,7 @@ def test_an_odd_sample_rate_resamples_fast_with_a_bounded_kernel():
     x = _tones(0.3, 16001)
     rss0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
     fbank = compute_fbank(x, 16001)  # was a 16000 x 16001 kernel: gigabytes and tens of seconds
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 5 and fbank.shape[1] == 80 and np.isfinite(fbank).all()
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 300 * 1024  # KiB: < 300 MB more
     # against scipy's exact polyphase resampling, on the bins that carry the tones
     from scipy.signal import resample_poly
