@@ -22,7 +22,7 @@ from ctal.model import FUSION_VARIANTS
 
 from ctal.config import ConfigError, DataConfig, FinetuneConfig, SweepConfig, load_config
 from ctal.corpora.synthetic import synthesize
-from ctal.distributed.tune import SWEEP_FILE, load_sweep, run_sweep
+from ctal.distributed.tune import SWEEP_FILE, experiment_location, load_sweep, run_sweep
 from ctal.finetune import TaskData, evaluate, finetune, fold_dirs
 from ctal.model import CTALForSequenceClassification
 from ctal.report import trial_row, write_results
@@ -126,7 +126,26 @@ def test_a_sweep_json_of_an_older_version_still_loads(tmp_path):
                     "storage": "runs/tune", "name": "old", "verbose": 1}}))
     cfg, space, sweep = load_sweep(tmp_path)
     assert cfg.task == "emotion" and cfg.epochs == 2 and set(space.params) == {"fusion"}
-    assert sweep == SweepConfig(search="grid", scheduler="fifo", max_concurrent=1, name="old")
+    # where it is now, not the recorded runs/tune/old
+    assert sweep == SweepConfig(search="grid", scheduler="fifo", max_concurrent=1, name=tmp_path.name,
+                                storage=str(tmp_path.parent))
+
+
+@pytest.mark.parametrize("moved_to", ["path", "file_uri"])
+def test_a_moved_sweep_resumes_where_it_is_named_not_where_it_started(tmp_path, moved_to):
+    """Issue 15.2: sweep.json records the storage and name it started with; a copy elsewhere must
+    resume (and write) at the copy."""
+    original = tmp_path / "orig" / "tune" / "emotion"
+    original.mkdir(parents=True)
+    (original / SWEEP_FILE).write_text(json.dumps({
+        "config": {"task": "emotion", "epochs": 2}, "space": {"fusion": "ctal"},
+        "sweep": {"search": "grid", "scheduler": "fifo", "storage": str(original.parent), "name": "emotion"}}))
+    copy = tmp_path / "bucket" / "tune" / "emotion-copy"
+    shutil.copytree(original, copy)
+    where = f"file://{copy}" if moved_to == "file_uri" else str(copy)
+    _, _, sweep = load_sweep(where)
+    assert experiment_location(sweep, "emotion") == where  # resumes at the copy ...
+    assert str(original) not in (sweep.storage, experiment_location(sweep, "emotion"))  # ... not the original
 
 
 def test_results_table_sorts_trials_best_first_and_says_how_each_ended(tmp_path):

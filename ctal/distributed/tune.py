@@ -350,11 +350,15 @@ def _trial_dirname(trial) -> str:
 
 
 def load_sweep(experiment: str | Path) -> tuple[FinetuneConfig, SearchSpace, SweepConfig]:
-    """The config, search space and sweep settings a sweep was started with (for --resume)."""
+    """The config, search space and sweep settings a sweep was started with (for --resume), located
+    at ``experiment``: the storage and name recorded when it started are replaced by where it is now,
+    so a copied or moved sweep (local → s3) resumes there and never writes back to the original."""
     d = storage.read_json(storage.join(experiment, SWEEP_FILE))  # a local dir or a URI
     settings = d["sweep"] if "sweep" in d else d["options"]  # "options": sweeps started before SweepConfig
-    return (from_dict(FinetuneConfig, d["config"]), parse_search_space(d["space"], SWEEP_FILE),
-            from_dict(SweepConfig, settings, "sweep."))
+    where = str(experiment).rstrip("/")
+    sweep = replace(from_dict(SweepConfig, settings, "sweep."), storage=storage.parent(where),
+                    name=posixpath.basename(where))
+    return from_dict(FinetuneConfig, d["config"]), parse_search_space(d["space"], SWEEP_FILE), sweep
 
 
 # --------------------------------------------------------------------------------------------------
