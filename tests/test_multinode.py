@@ -205,7 +205,10 @@ def _node_loss(root: Path, cluster, nodes: dict) -> tuple[dict, list[str]]:
     spare_id = next(n for n in nodes if n not in by_node)
     survivor = by_node[keep_id]
     os.kill(survivor, signal.SIGSTOP)  # freeze training: the run cannot finish before the loss
-    removed_at = max(int(s) for s in read_metrics(run)) if read_metrics(run) else 0
+    # How far the run got: its newest checkpoint, or a later logged step (the logs are uploaded after
+    # the checkpoint, so at this moment they may not be there yet).
+    removed_at = max([s for s, _ in CheckpointStore(f"{run}/{CHECKPOINTS}").list()]
+                     + [int(s) for s in read_metrics(run)])
     cluster.remove_node(nodes[remove_id], allow_graceful=False)
     gone = by_node[remove_id]
     if _start_time(gone) == started[gone]:  # normally gone with its raylet; never kill a reused pid
