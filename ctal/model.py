@@ -514,6 +514,28 @@ class CTALForPretraining(CTALPreTrainedModel):
         return out
 
 
+def pretraining_flops(cfg, tokens: int, frames: int, mlm_tokens: Optional[int] = None,
+                      acoustic_frames: Optional[int] = None) -> float:
+    """Matmul FLOPs of one pretraining sample's forward + backward (3 × forward, as for MFU).
+
+    `tokens`/`frames` are the sample's real positions; the heads cost `mlm_tokens` / `acoustic_frames`
+    positions (all positions by default, fewer when the heads run only where the loss looks).
+    Counts every Linear and both attention matmuls (2 FLOPs per multiply-add); norms, activations,
+    softmax and embedding lookups are left out, as in the usual MFU accounting. Checked against
+    torch's FlopCounterMode in tests/test_model.py.
+    """
+    H, I, V, D = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.audio_dim
+    mlm_tokens = tokens if mlm_tokens is None else mlm_tokens
+    acoustic_frames = frames if acoustic_frames is None else acoustic_frames
+    layer = lambda n: n * (4 * H * H + 2 * H * I)  # QKV + output projection + FFN, per position
+    text = cfg.num_text_layers * (layer(tokens) + 2 * tokens * tokens * H)
+    cross = 2 * H * H * (frames + tokens) + 2 * frames * tokens * H  # Q,O on frames; K,V on tokens
+    audio = cfg.num_audio_layers * (layer(frames) + 2 * frames * frames * H + cross)
+    heads = mlm_tokens * (H * H + H * V) + acoustic_frames * (H * H + H * D)
+    # the input projection has no gradient to pass back to the frames: forward + weight gradient only
+    return 3 * 2 * float(text + audio + heads) + 2 * 2 * float(D * H * frames)
+
+
 # --------------------------------------------------------------------------------------------------
 # fine-tuning: fusion of the two streams + orthogonality loss + task head
 

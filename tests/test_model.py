@@ -413,3 +413,23 @@ def test_parameter_counts_of_paper_sizes():
 
     assert counts == {"tiny": analytic(3, 3), "base": analytic(6, 6), "large": analytic(12, 12)}
     print("parameters:", {k: f"{v / 1e6:.1f}M" for k, v in counts.items()})
+
+
+def test_pretraining_flops_match_torchs_flop_counter():
+    # An independent count: torch's FlopCounterMode over a real forward + backward (math attention,
+    # so the attention matmuls are visible to it), unequal lengths so every term has its own size.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ctal.model import pretraining_flops
+    cfg = CTALConfig(hidden_size=64, num_attention_heads=4, intermediate_size=96, num_text_layers=2,
+                     num_audio_layers=3, vocab_size=300)
+    model = CTALForPretraining(cfg)
+    B, L, T = 2, 11, 37
+    ids = torch.randint(5, 300, (B, L))
+    frames = torch.randn(B, T, cfg.audio_dim)
+    ones = lambda n: torch.ones(B, n, dtype=torch.long)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        out = model(ids, ones(L), frames, ones(T))
+        (out.mlm_logits.sum() + out.reconstructed_frames.sum()).backward()
+    assert counter.get_total_flops() == B * pretraining_flops(cfg, L, T)
