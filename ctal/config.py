@@ -24,6 +24,10 @@ class ConfigError(ValueError):
     """A config key or value that does not fit the schema."""
 
 
+# Experiment trackers (ctal.tracking): none, or where runs also go besides the run directory.
+Tracking = Literal["none", "mlflow", "wandb"]
+
+
 def _check_range(key: str, value: Any, ok: bool, allowed: str) -> None:
     """Range checks run in ``__post_init__``, so every config is checked where it is built (loading
     it, before Ray starts), not inside a worker."""
@@ -171,6 +175,8 @@ class PretrainConfig:
     max_failures: int = 1
     storage_path: str = "runs/pretrain"
     run_name: str = "ctal-pretrain"
+    tracking: Tracking = "none"  # rank 0 logs config, step metrics and checkpoint URIs there (ctal.tracking)
+    tracking_uri: Optional[str] = None  # None: a local store in the run directory; http(s)://: a server
 
 
 @dataclass
@@ -191,6 +197,8 @@ class FinetuneConfig:
     fold: Optional[str] = None  # emotion: the held-out session; None = all five folds
     seed: int = 0
     bf16: bool = True  # autocast on GPU only
+    tracking: Tracking = "none"  # sweeps: one tracker run per trial (ctal.distributed.tracking)
+    tracking_uri: Optional[str] = None  # None: a local store in the sweep's directory; http(s)://: a server
 
 
 @dataclass

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, storage
+from . import checkpoint, storage, tracking
 from .batching import PretrainBatches, collate, derive_seed, prefetch, split_matches
 from .checkpoint import CheckpointStore, Part
 from .config import (AT_LEAST_1, BELOW_1, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, PretrainConfig,
@@ -47,6 +48,7 @@ from .optim import build_optimizer, build_scheduler
 
 CHECKPOINTS = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
+TRACKING_EXPERIMENT = "ctal-pretrain"  # the tracker experiment every pretraining run joins (run = run_name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,6 +79,7 @@ def prepare(cfg: PretrainConfig) -> PretrainPlan:
         raise ConfigError(f"split={cfg.split!r}: the data set {cfg.data} has no rows in it; its splits: "
                           + ", ".join(f"{k} ({v} rows)" for k, v in ds.splits.items()))
     check_resumable(CheckpointStore(storage.join(cfg.storage_path, cfg.run_name, CHECKPOINTS)))
+    tracking.check_tracking(cfg.tracking, cfg.tracking_uri, storage.join(cfg.storage_path, cfg.run_name))
     tok = ds.tokenizer
     check_vocabulary(cfg.model, tok)
     worker_batch_size(cfg, cfg.num_workers)
@@ -301,7 +304,7 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
                 b = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()}
             yield b
 
-    writer, metrics_file = None, None
+    writer, metrics_file, tracker = None, None, None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -316,6 +319,10 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
         dropped = f", {data.n_dropped} over max_frames dropped" if data.n_dropped else ""
         log(f"pretraining {n_params / 1e6:.2f} M parameters on {world_size} worker(s), {device.type}; {batch}; "
             f"{data.batches_per_epoch} batches per epoch per worker{dropped}; steps {step} → {cfg.max_steps}")
+        home = remote or str(run_dir)  # the same run directory continues the same tracker run
+        tracker = tracking.open_run(cfg.tracking, cfg.tracking_uri, home=home, experiment=TRACKING_EXPERIMENT,
+                                    run_name=cfg.run_name, config=to_dict(cfg), resume_key=home,
+                                    tags={"run_dir": home, "seed": cfg.seed, "world_size": world_size}, log=log)
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda"
                 else contextlib.nullcontext())
@@ -367,6 +374,8 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
                             writer.add_scalar(f"train/{k}", v, step)
                     metrics_file.write(json.dumps(last) + "\n")
                     metrics_file.flush()
+                    if tracker is not None:
+                        tracker.log_metrics(last, step)
                 sums.zero_()
                 counts.zero_()
                 t0 = time.perf_counter()
@@ -387,6 +396,8 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
                                           state=state))
                     if remote:
                         _push_logs(run_dir, remote, writer)
+                    if tracker is not None:
+                        tracker.log_checkpoint(step, path)
                     log(f"checkpoint {path}")
                 if report is not None:
                     report({**last, "step": step}, path)
@@ -396,6 +407,8 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
         if writer is not None:
             writer.close()
             metrics_file.close()
+        if tracker is not None:
+            tracker.finish(failed=sys.exc_info()[0] is not None)
     if remote:
         if rank == 0:
             _push_logs(run_dir, remote, writer)
