@@ -202,6 +202,13 @@ class FinetuneConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Tracking for a recipe without a config of its own (pipelines/evaluate.py's key=value)."""
+    tracking: Tracking = "none"
+    tracking_uri: Optional[str] = None
+
+
+@dataclass
 class SweepConfig:
     """A Ray Tune sweep of fine-tuning (configs/sweep.yaml); ranges and the fit with the search space
     are checked by ``ctal.search_space.check_sweep``."""

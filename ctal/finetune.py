@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ctal import checkpoint as checkpoints
-from ctal import storage
+from ctal import storage, tracking
 from ctal.batching import bucket_batches, collate, derive_seed
 from ctal.checkpoint import Part
 from ctal.config import ConfigError, FinetuneConfig, from_dict, to_dict, validate_finetune_config
@@ -156,6 +156,7 @@ def prepare(cfg: FinetuneConfig, data: Optional[TaskData] = None) -> tuple[Finet
     for key in ("data", "init"):
         if getattr(cfg, key):
             storage.resolve(getattr(cfg, key))  # an unknown scheme fails here, naming the URI
+    tracking.check_tracking(cfg.tracking, cfg.tracking_uri)  # a sweep's store place: checked by run_sweep
     cfg = replace(cfg, data=storage.normalize(cfg.data), init=cfg.init and storage.normalize(cfg.init))
     data = data if data is not None else TaskData.load(cfg.data)
     if cfg.init and not storage.is_file(storage.join(cfg.init, checkpoints.STATE_FILE)):

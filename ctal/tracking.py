@@ -70,6 +70,12 @@ def wandb_target(tracking_uri: Optional[str], home: str | Path) -> dict:
     return {"mode": os.environ.get("WANDB_MODE", "offline"), "dir": str(storage.normalize(tracking_uri or home))}
 
 
+def wandb_settings(target: dict) -> dict:
+    """wandb.Settings for a ``wandb_target``: no console capture (the run's own console stays as it
+    is), no W&B banners, the server's address when there is one."""
+    return {"console": "off", "silent": True, **({"base_url": target["base_url"]} if "base_url" in target else {})}
+
+
 def check_tracking(tracking: str, tracking_uri: Optional[str], home: Optional[str | Path] = None) -> None:
     """ConfigError naming ``tracking`` / ``tracking_uri`` unless runs can be tracked there: the
     package installed, the URI a server that answers, a database or a local directory, and, for
@@ -81,7 +87,7 @@ def check_tracking(tracking: str, tracking_uri: Optional[str], home: Optional[st
         return
     if importlib.util.find_spec(PACKAGES[tracking]) is None:
         raise ConfigError(f"tracking={tracking}: the {PACKAGES[tracking]} package is not installed "
-                          "(pip install 'ctal-ray[track]')")
+                          "(pip install -e '.[track]')")
     if tracking_uri and tracking_uri.startswith(SERVER_SCHEMES):
         _check_server(tracking_uri)
     elif tracking_uri and tracking_uri.startswith(DATABASE_SCHEMES):
@@ -212,10 +218,9 @@ class _WandbRun(TrackedRun):
 
         super().__init__("wandb", target.get("base_url") or f"{target['dir']} ({target['mode']})", log)
         Path(target["dir"]).mkdir(parents=True, exist_ok=True)
-        settings = {"console": "off", "silent": True, **({"base_url": target["base_url"]} if "base_url" in target else {})}
         self.run = wandb.init(project=experiment, name=run_name, id=resume_key, resume="allow" if resume_key else None,
                               dir=target["dir"], mode=target["mode"], config=config, tags=wandb_tags(tags),
-                              settings=settings, reinit="create_new")
+                              settings=wandb_settings(target), reinit="create_new")
         self.run.summary.update(tags)  # W&B tags are short labels: the full values (URIs) stay here too
 
     def _log_metrics(self, metrics: dict, step: int) -> None:
@@ -282,15 +287,14 @@ EVALUATE_EXPERIMENT = "ctal-evaluate"
 
 
 def log_evaluation(tracking: str, tracking_uri: Optional[str], checkpoint: str, state: dict, metrics: dict,
-                   per_fold: dict, split: str, log: Callable[[str], None] = print) -> Optional[TrackedRun]:
+                   split: str, log: Callable[[str], None] = print) -> Optional[TrackedRun]:
     """The ``split`` metrics of an evaluated fine-tuning checkpoint (``state``: its checkpoint.json):
-    ``<split>_<metric>`` over folds and ``<fold>.<split>_<metric>`` per fold, at the checkpoint's
-    epoch, tagged with task, fusion, seed and the checkpoint's URI. The embedded store is the one
-    beside the checkpoint: for a sweep's ``best_checkpoint``, the sweep's own."""
+    ``<split>_<metric>`` (the mean over folds, and per fold ``<split>_<metric>_<fold>`` as the task
+    aggregates them) at the checkpoint's epoch, tagged with task, fusion, seed and the checkpoint's
+    URI. The embedded store is the one beside the checkpoint: for a sweep's ``best_checkpoint``, the
+    sweep's own."""
     config = state["config"]
     values = {f"{split}_{k}": v for k, v in metrics.items()}
-    if len(per_fold) > 1:
-        values.update({f"{fold}.{split}_{k}": v for fold, m in per_fold.items() for k, v in m.items()})
     home = storage.parent(storage.normalize(checkpoint))
     tags = {"task": state["task"], "fusion": config["model"]["fusion"], "seed": config["seed"],
             "split": split, "checkpoint": storage.normalize(checkpoint)}

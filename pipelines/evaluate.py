@@ -1,11 +1,12 @@
 """Metrics of a fine-tuned checkpoint on the task protocol's test (or dev) rows, as a table.
 
     python pipelines/evaluate.py --task {emotion,sentiment,speaker} --checkpoint DIR [--data DIR]
-        [--split test|dev]
+        [--split test|dev] [tracking=mlflow|wandb tracking_uri=URI]
 
 --checkpoint: a checkpoint of pipelines/tune_finetune.py (e.g. <experiment>/best_checkpoint).
 --data defaults to the data set the checkpoint was fine-tuned on. Emotion prints each fold's session
-and the mean over folds.
+and the mean over folds. ``tracking=mlflow`` (or wandb) also logs the metrics as a tracker run
+(ctal.tracking.log_evaluation), by default into the store beside the checkpoint.
 """
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import sys
 
 from ctal import storage
 from ctal.checkpoint import CheckpointError
+from ctal.config import TrackingConfig, load_config
 from ctal.finetune import TaskData, evaluate, read_state
 from ctal.tasks import TASKS
+from ctal.tracking import check_tracking, log_evaluation
 
 
 def format_table(metrics: dict, per_fold: dict, split: str) -> str:
@@ -35,10 +38,13 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True, help="a directory or a URI (s3://…/best_checkpoint)")
     p.add_argument("--data", help="Parquet data set (default: the one the checkpoint was trained on)")
     p.add_argument("--split", choices=("test", "dev"), default="test")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="tracking=mlflow|wandb|none, tracking_uri=URI")
     args = p.parse_args(argv)
     try:
         # absolute, so the messages name the files (and the checkpoint records where its data is)
         checkpoint = storage.normalize(args.checkpoint)
+        track = load_config(TrackingConfig, [], args.overrides)
+        check_tracking(track.tracking, track.tracking_uri, storage.parent(checkpoint))
         state = read_state(checkpoint)  # a URI is downloaded (once per version) by evaluate
         data = TaskData.load(storage.normalize(args.data) if args.data else state["data"])
         metrics, per_fold = evaluate(checkpoint, data, role=args.split, task=args.task)
@@ -46,6 +52,9 @@ def main(argv=None) -> int:
         p.exit(2, f"{p.prog}: error: {e}\n")
     print(f"{args.task} checkpoint {args.checkpoint} (epoch {state['epoch']}), {args.split} rows of {data.data_dir}")
     print(format_table(metrics, per_fold, args.split))
+    run = log_evaluation(track.tracking, track.tracking_uri, checkpoint, state, metrics, args.split)
+    if run is not None and not run.broken:
+        print(f"tracked: {run.tracking} run at {run.where}")
     return 0
 
 

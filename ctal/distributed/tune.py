@@ -144,6 +144,11 @@ def run_sweep(cfg: FinetuneConfig, space: SearchSpace, sweep: SweepConfig, *, re
     if not ray.is_initialized():
         raise RuntimeError("run_sweep needs ray.init() first")
     _check_resources(sweep)
+    tracked = []  # the tracker's Tune callbacks, checked before any trial; mlflow/wandb load only if asked
+    if cfg.tracking != "none":
+        from .tracking import sweep_callbacks
+
+        tracked = sweep_callbacks(cfg, remote or experiment, posixpath.basename(where))
     quiet_driver()
 
     metric = f"dev_{task.metric}"
@@ -165,7 +170,7 @@ def run_sweep(cfg: FinetuneConfig, space: SearchSpace, sweep: SweepConfig, *, re
                            tune_config=_tune_config(space, sweep, metric, task.mode, cfg.epochs),
                            run_config=tune.RunConfig(
                                name=experiment.name, storage_path=storage.parent(where),
-                               verbose=tune_verbosity(sweep.verbose), callbacks=[trials],
+                               verbose=tune_verbosity(sweep.verbose), callbacks=[trials, *tracked],
                                checkpoint_config=tune.CheckpointConfig(
                                    num_to_keep=1, checkpoint_score_attribute=metric,
                                    checkpoint_score_order=task.mode)))  # best + latest (kept to resume)

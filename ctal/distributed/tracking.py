@@ -1,0 +1,136 @@
+"""Tracking of fine-tuning sweeps through Ray Tune's own integrations: one tracker run per trial.
+
+``MLflowLoggerCallback`` and ``WandbLoggerCallback`` (ray.air.integrations) already map Tune's trial
+lifecycle onto tracker runs on the driver: a run per trial, each reported epoch's metrics (the dev
+metric among them) at step = training iteration (= epoch), the run ended FINISHED or FAILED with
+the trial. What they lack, added here: the trial's resolved FinetuneConfig as params (not only the
+sampled values), the fusion variant and seed as tags, a store placed by ctal.tracking's rules (and an
+MLflow artifact root not in the working directory), and the house failure policy: a tracker that
+fails mid-sweep prints one warning line and stops tracking, the sweep goes on.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from ray.air.integrations.mlflow import MLflowLoggerCallback
+from ray.air.integrations.wandb import WandbLoggerCallback
+
+from .. import tracking
+from ..config import FinetuneConfig, to_dict
+from ..search_space import apply_params
+
+
+def trial_tags(base: dict, params: dict) -> tuple[FinetuneConfig, dict]:
+    """(the trial's resolved config, its tags: task, fusion variant, seed)."""
+    cfg = apply_params(base, params)
+    return cfg, {"task": cfg.task, "fusion": cfg.model.fusion, "seed": str(cfg.seed)}
+
+
+class _NeverFails:
+    """Wraps a LoggerCallback's hooks: the first exception warns once on the driver and disables it
+    (an exception in a driver callback would otherwise end the whole sweep)."""
+
+    _what = "tracking"
+    _broken = False
+
+    def _guard(self, hook, *args, **kwargs):
+        if self._broken:
+            return
+        try:
+            hook(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any tracker failure is the tracker's, not the sweep's
+            self._broken = True
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            print(f"warning: {self._what} failed ({detail}); the sweep goes on without it", file=sys.stderr,
+                  flush=True)
+
+    def setup(self, *args, **kwargs):
+        self._guard(super().setup, *args, **kwargs)
+
+    def log_trial_start(self, trial):
+        self._guard(super().log_trial_start, trial)
+
+    def log_trial_result(self, iteration, trial, result):
+        self._guard(super().log_trial_result, iteration, trial, result)
+
+    def log_trial_end(self, trial, failed: bool = False):
+        self._guard(super().log_trial_end, trial, failed)
+
+
+class _MLflowTrials(MLflowLoggerCallback):
+    def __init__(self, base: dict, tracking_uri: str, experiment_name: str, tags: dict):
+        super().__init__(tracking_uri, experiment_name=experiment_name, tags=tags)
+        self._base, self._sweep_tags = base, dict(tags)
+
+    def setup(self, *args, **kwargs):
+        from mlflow import MlflowClient
+
+        tracking.ensure_experiment(MlflowClient(self.tracking_uri), self.tracking_uri, self.experiment_name)
+        super().setup(*args, **kwargs)
+
+    def log_trial_start(self, trial):
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
+
+        new = trial not in self._trial_runs
+        cfg, tags = trial_tags(self._base, trial.config)
+        self.tags = {**self._sweep_tags, **tags}  # Ray copies self.tags into the run it creates
+        super().log_trial_start(trial)  # the run, with the sampled parameters as params
+        if new:
+            # The resolved config beside them, dotted keys (a sampled name like "fusion" differs
+            # from its key "model.fusion", so the two sets never collide).
+            params = [Param(k, v) for k, v in tracking.flat_params(to_dict(cfg)).items()]
+            client = MlflowClient(self.tracking_uri)
+            for i in range(0, len(params), 100):  # at most 100 params per batch
+                client.log_batch(self._trial_runs[trial], params=params[i:i + 100])
+
+
+class MLflowTrials(_NeverFails, _MLflowTrials):
+    """Ray Tune's MLflowLoggerCallback: a run per trial in one experiment, tagged and guarded."""
+
+    _what = "mlflow tracking"
+
+
+class _WandbTrials(WandbLoggerCallback):
+    def __init__(self, base: dict, tags: dict, **kwargs):
+        super().__init__(**kwargs)
+        self._base, self._sweep_tags, self._init_kwargs = base, dict(tags), dict(self.kwargs)
+
+    def setup(self, *args, **kwargs):
+        Path(self.kwargs["dir"]).mkdir(parents=True, exist_ok=True)  # the trials' actors write there
+        super().setup(*args, **kwargs)
+
+    def log_trial_start(self, trial):
+        cfg, tags = trial_tags(self._base, trial.config)
+        # self.kwargs go to this trial's wandb.init: its tags, and its resolved config (nested)
+        # with the sampled values at the top, as Ray logs them.
+        self.kwargs = {**self._init_kwargs, "tags": tracking.wandb_tags({**self._sweep_tags, **tags}),
+                       "config": {**to_dict(cfg), **trial.config}}
+        super().log_trial_start(trial)
+
+
+class WandbTrials(_NeverFails, _WandbTrials):
+    """Ray Tune's WandbLoggerCallback (a logging actor per trial), offline by default, tagged and guarded."""
+
+    _what = "wandb tracking"
+
+
+def sweep_callbacks(cfg: FinetuneConfig, experiment: Path | str, name: str) -> list:
+    """The Tune callbacks that track a sweep named ``name`` whose directory is ``experiment`` (where
+    the embedded store goes): none for tracking=none. Raises ConfigError (ctal.tracking.check_tracking)
+    before anything starts when runs cannot go where ``cfg`` says."""
+    tracking.check_tracking(cfg.tracking, cfg.tracking_uri, experiment)
+    base, tags = to_dict(cfg), {"sweep": name}
+    if cfg.tracking == "mlflow":
+        return [MLflowTrials(base, tracking.mlflow_store(cfg.tracking_uri, experiment), name, tags)]
+    if cfg.tracking == "wandb":
+        target = tracking.wandb_target(cfg.tracking_uri, experiment)
+        # Ray's callback checks for an API key unless WANDB_MODE says offline, in this process;
+        # the trial's logging actor gets the mode through wandb.init.
+        if target["mode"] == "offline":
+            os.environ["WANDB_MODE"] = "offline"
+        return [WandbTrials(base, tags, project=name, group=name, dir=target["dir"], mode=target["mode"],
+                            settings=tracking.wandb_settings(target))]
+    return []
