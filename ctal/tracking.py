@@ -117,6 +117,11 @@ def _check_server(url: str) -> None:
 # one tracked run
 
 
+def first_line(error: Exception) -> str:
+    """A tracker's exception as the one line a warning quotes."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
 class TrackedRun:
     """A run in a tracker. Every call is guarded: the first failure prints one warning line through
     ``log`` and turns the rest into no-ops, so tracking never stops the run it tracks."""
@@ -131,8 +136,7 @@ class TrackedRun:
             fn(*args)
         except Exception as e:  # noqa: BLE001 - any tracker failure is the tracker's, not the run's
             self.broken = True
-            detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            self._log(f"warning: {self.tracking} tracking at {self.where} failed ({detail}); "
+            self._log(f"warning: {self.tracking} tracking at {self.where} failed ({first_line(e)}); "
                       "the run goes on without it")
 
     def log_metrics(self, metrics: dict, step: int) -> None:
@@ -265,8 +269,7 @@ def open_run(tracking: str, tracking_uri: Optional[str], *, home: str | Path, ex
                               resume_key, log)
         return _WandbRun(wandb_target(tracking_uri, home), experiment, run_name, config, tags, resume_key, log)
     except Exception as e:  # noqa: BLE001 - as TrackedRun._guard: the run goes on untracked
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        log(f"warning: {tracking} tracking could not start ({detail}); the run goes on without it")
+        log(f"warning: {tracking} tracking could not start ({first_line(e)}); the run goes on without it")
         return None
 
 

@@ -132,11 +132,11 @@ def finetune_cfg(data, *extra) -> FinetuneConfig:
                         f"data={data}", *extra])
 
 
-def tiny_sweep(data, tmp_path, name, tracking):
+def tiny_sweep(data, tmp_path, name, tracking, fusions=("ctal", "text_only")):
     from ctal.distributed.tune import run_sweep
     from ctal.search_space import parse_search_space
 
-    space = parse_search_space({"fusion": {"choice": ["ctal", "text_only"]}})
+    space = parse_search_space({"fusion": {"choice": list(fusions)}})
     return run_sweep(finetune_cfg(data, f"tracking={tracking}"), space,
                      SweepConfig(search="grid", scheduler="fifo", storage=str(tmp_path), name=name, verbose=0))
 
@@ -179,21 +179,18 @@ def test_evaluating_the_best_checkpoint_logs_its_test_metrics_into_the_sweeps_st
 
 
 @pytest.mark.slow
-def test_a_sweep_tracked_with_wandb_writes_one_offline_run_per_trial(data, ray_local, tmp_path):
-    result = tiny_sweep(data, tmp_path, "wb", "wandb")
-    offline = wandb_runs(Path(result.experiment) / "wandb")
-    assert len(offline) == 2
-    tags = []
-    for run_dir in offline:
-        records = wandb_records(run_dir)
-        (run,) = [r["run"] for r in records if r["type"] == "run"]
-        assert run["project"] == "wb"
-        tags.append(sorted(run["tags"]))
-        epochs = [r["history"]["item"]["epoch"] for r in records
-                  if r["type"] == "history" and "dev_mae" in r["history"]["item"]]
-        assert epochs == [1, 2]
-    assert sorted(tags) == [sorted(["fusion:ctal", "seed:5", "sweep:wb", "task:sentiment"]),
-                            sorted(["fusion:text_only", "seed:5", "sweep:wb", "task:sentiment"])]
+def test_a_sweep_tracked_with_wandb_writes_an_offline_run_per_trial(data, ray_local, tmp_path):
+    result = tiny_sweep(data, tmp_path, "wb", "wandb", fusions=("text_only",))  # one trial: the MLflow test counts
+    (offline,) = wandb_runs(Path(result.experiment) / "wandb")
+    records = wandb_records(offline)
+    (run,) = [r["run"] for r in records if r["type"] == "run"]
+    assert run["project"] == "wb"
+    assert sorted(run["tags"]) == ["fusion:text_only", "seed:5", "sweep:wb", "task:sentiment"]
+    assert run["config"]["update"]["model"]["fusion"] == "text_only"
+    dev = {r["history"]["item"]["epoch"]: r["history"]["item"]["dev_mae"] for r in records
+           if r["type"] == "history" and "dev_mae" in r["history"]["item"]}
+    assert sorted(dev) == [1, 2]  # the dev metric of every epoch
+    assert min(dev.values()) == pytest.approx(result.best["dev_mae"])
 
 
 # -- failure policy ----------------------------------------------------------------------------------------
@@ -234,6 +231,34 @@ def test_a_run_on_object_storage_needs_a_tracking_uri():
         load_config(PretrainConfig, [], ["tracking_url=http://x"])
 
 
+def test_a_tracker_failing_mid_run_warns_once_then_stays_quiet(tmp_path):
+    from ctal.tracking import open_run
+
+    lines = []
+    run = open_run("mlflow", None, home=tmp_path, experiment="x", run_name="r", config={"lr": 1.0}, log=lines.append)
+    run.log_metrics({"loss": 2.0}, step=1)
+    run.client.delete_run(run.run_id)  # from now on the store refuses this run's writes
+    run.log_metrics({"loss": 1.0}, step=2)
+    run.log_checkpoint(2, str(tmp_path))
+    run.finish()
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert len(warnings) == 1 and "the run goes on without it" in warnings[0], lines
+    assert [m.value for m in run.client.get_metric_history(run.run_id, "loss")] == [2.0]
+
+
+def test_a_sweep_tracker_that_fails_warns_once_and_never_raises_into_tune(monkeypatch, capsys):
+    from ctal.distributed.tracking import MLflowTrials
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    callback = MLflowTrials({}, f"http://127.0.0.1:{free_port()}", "sweep", {})  # the server went away
+    callback.setup()
+    callback.log_trial_start(trial=None)
+    callback.log_trial_result(1, None, {"dev_mae": 1.0})
+    callback.log_trial_end(None)
+    err = capsys.readouterr().err.splitlines()
+    assert len([line for line in err if line.startswith("warning: mlflow tracking failed")]) == 1, err
+
+
 class FailingServer(http.server.BaseHTTPRequestHandler):
     """Answers the reachability check, then fails every tracking request (a server gone bad)."""
 
@@ -247,7 +272,8 @@ class FailingServer(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_a_tracking_server_failing_mid_run_costs_one_warning_and_the_run_finishes(data, tmp_path, monkeypatch):
+def test_a_tracking_server_failing_after_the_check_costs_one_warning_and_the_run_finishes(data, tmp_path,
+                                                                                         monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FailingServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -42,9 +42,8 @@ class _NeverFails:
             hook(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - any tracker failure is the tracker's, not the sweep's
             self._broken = True
-            detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            print(f"warning: {self._what} failed ({detail}); the sweep goes on without it", file=sys.stderr,
-                  flush=True)
+            print(f"warning: {self._what} failed ({tracking.first_line(e)}); the sweep goes on without it",
+                  file=sys.stderr, flush=True)
 
     def setup(self, *args, **kwargs):
         self._guard(super().setup, *args, **kwargs)
