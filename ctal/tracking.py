@@ -171,7 +171,8 @@ class _MLflowRun(TrackedRun):
         if resume_key:  # a resumed run (same run directory) continues its tracker run
             runs = client.search_runs([exp_id], filter_string=f"tags.ctal_run = '{resume_key}'", max_results=1)
             run = runs[0] if runs else None
-        if run is None:
+        resumed = run is not None
+        if not resumed:
             run = client.create_run(exp_id, run_name=run_name,
                                     tags={**tags, **({"ctal_run": resume_key} if resume_key else {})})
         else:
@@ -186,7 +187,7 @@ class _MLflowRun(TrackedRun):
         new = [Param(k, v) for k, v in params.items() if k not in known]
         for i in range(0, len(new), 100):  # MLflow takes at most 100 params per batch
             client.log_batch(self.run_id, params=new[i:i + 100])
-        if known:  # resumed: this start's tags replace the earlier ones
+        if resumed:  # this start's tags replace the earlier ones
             client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def _log_metrics(self, metrics: dict, step: int) -> None:

@@ -16,17 +16,12 @@ import threading
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient  # the `track` extra, part of `test`
+from tiny_data import write_tiny_dataset
 
 from ctal.config import ConfigError, FinetuneConfig, PretrainConfig, SweepConfig, load_config, to_dict
-from ctal.pretrain import pretrain_loop, prepare, read_metrics
+from ctal.pretrain import prepare, pretrain_loop, read_metrics
 from ctal.tracking import STORE_FILE, check_tracking, flat_params
-
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_data import write_tiny_dataset  # noqa: E402
-
-mlflow = pytest.importorskip("mlflow")
-pytest.importorskip("wandb")
-from mlflow import MlflowClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NARROW = ["model.hidden_size=32", "model.num_attention_heads=4", "model.intermediate_size=64",
