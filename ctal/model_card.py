@@ -10,7 +10,7 @@ import shlex
 KINDS = ("pretraining", "fine-tuned")
 REQUIRED = ("kind", "data", "tokenizer_hash")
 OPTIONAL = ("task", "fusion", "parameters", "step", "epoch", "metrics", "config", "text_normalization",
-            "command")
+            "command", "manifest")
 
 _WHAT = {
     "pretraining": ("CTAL text and audio streams with their pretraining heads (masked language modeling on "
@@ -43,7 +43,8 @@ def model_card(facts: dict) -> str:
     facts: kind ("pretraining" or "fine-tuned"), data (the data set's path or URI), tokenizer_hash;
     optionally task, fusion, parameters (a count), step and/or epoch, metrics ({name: value}),
     config ({key: value}, the config summary), text_normalization, command (a string or an argv
-    list). An unknown or missing fact raises ValueError naming it.
+    list), manifest (the run manifest's file name beside the card). An unknown or missing fact
+    raises ValueError naming it.
     """
     missing = [k for k in REQUIRED if facts.get(k) in (None, "")]
     unknown = [k for k in facts if k not in REQUIRED + OPTIONAL]
@@ -75,10 +76,14 @@ def model_card(facts: dict) -> str:
         lines += ["## Metrics", "", *_table(("metric", "value"), facts["metrics"].items()), ""]
     if facts.get("config"):
         lines += ["## Configuration", "", *_table(("key", "value"), facts["config"].items()), ""]
+    if facts.get("command") or facts.get("manifest"):
+        lines += ["## How it was made", ""]
     if facts.get("command"):
         command = facts["command"]
         command = command if isinstance(command, str) else shlex.join(str(a) for a in command)
-        lines += ["## How it was made", "", "```bash", command, "```", ""]
+        lines += ["```bash", command, "```", ""]
+    if facts.get("manifest"):
+        lines += [f"Code, library versions, machine and time: [{facts['manifest']}]({facts['manifest']}).", ""]
     lines += ["## Loading", "", "```python", "import ctal  # registers CTAL with transformers' Auto classes",
               f"from transformers import {_AUTO_CLASS[kind]}", "",
               f'model = {_AUTO_CLASS[kind]}.from_pretrained("path/to/this/folder")', "```", ""]
