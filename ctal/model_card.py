@@ -70,20 +70,18 @@ def model_card(facts: dict) -> str:
     summary.append(("tokenizer sha256", facts["tokenizer_hash"]))
     if facts.get("text_normalization") is not None:
         summary.append(("text normalization", facts["text_normalization"]))
+    if facts.get("manifest"):  # code, library versions, machine, time
+        summary.append(("run manifest", f"[{facts['manifest']}]({facts['manifest']})"))
     lines += _table(("", ""), summary) + [""]
 
     if facts.get("metrics"):
         lines += ["## Metrics", "", *_table(("metric", "value"), facts["metrics"].items()), ""]
     if facts.get("config"):
         lines += ["## Configuration", "", *_table(("key", "value"), facts["config"].items()), ""]
-    if facts.get("command") or facts.get("manifest"):
-        lines += ["## How it was made", ""]
     if facts.get("command"):
         command = facts["command"]
         command = command if isinstance(command, str) else shlex.join(str(a) for a in command)
-        lines += ["```bash", command, "```", ""]
-    if facts.get("manifest"):
-        lines += [f"Code, library versions, machine and time: [{facts['manifest']}]({facts['manifest']}).", ""]
+        lines += ["## How it was made", "", "```bash", command, "```", ""]
     lines += ["## Loading", "", "```python", "import ctal  # registers CTAL with transformers' Auto classes",
               f"from transformers import {_AUTO_CLASS[kind]}", "",
               f'model = {_AUTO_CLASS[kind]}.from_pretrained("path/to/this/folder")', "```", ""]
