@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 
 from ctal import checkpoint, manifest, storage
-from ctal.config import DataConfig, PretrainConfig, load_config
+from ctal.config import DataConfig, FinetuneConfig, PretrainConfig, load_config
 from tiny_data import write_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,3 +130,40 @@ def test_a_preprocessed_data_set_holds_its_manifest_and_the_report_links_it(tmp_
     assert m["kind"] == "preprocessing" and m["status"] == "finished"
     assert m["started_at"] <= m["ended_at"] and m["config"]["data_config"]["vocab_size"] == 300
     assert json.loads(storage.read_text(storage.join(location, "report.json")))["manifest"] == "manifest.json"
+
+
+def test_evaluate_out_and_embed_record_their_runs_beside_their_outputs(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+    import torch
+
+    from ctal.finetune import finetune
+    from ctal.model import CTALConfig, CTALForSequenceClassification
+    from ctal.tokenizer import train_bpe_tokenizer
+    from pipelines.embed import main as embed_main
+    from pipelines.evaluate import main as evaluate_main
+
+    monkeypatch.setenv(manifest.COMMAND_ENV, "ctal evaluate")
+    data = write_tiny_dataset(tmp_path / "data", n=24, splits=("train", "dev", "test"))
+    cfg = load_config(FinetuneConfig, [REPO / "configs/finetune.yaml"],
+                      [*NARROW, "task=sentiment", f"data={data}", "max_frames=80", "epochs=1", "batch_size=4"])
+    finetune(cfg, out_dir=tmp_path / "ft", log=lambda _: None)
+    out = tmp_path / "eval"
+    assert evaluate_main(["--task", "sentiment", "--checkpoint", str(tmp_path / "ft" / "best"), "--out", str(out)]) == 0
+    m = manifest.read(out)
+    assert m["kind"] == "evaluation" and m["status"] == "finished" and m["command"] == "ctal evaluate"
+    assert m["config"]["split"] == "test"
+    assert set(json.loads((out / "metrics.json").read_text())["metrics"]) >= {"mae", "corr", "acc2"}
+
+    sf.write(tmp_path / "u.wav", (0.3 * np.sin(np.arange(8000) / 5)).astype(np.float32), 16000)
+    (tmp_path / "pairs.csv").write_text("id,audio_path,text\nu,u.wav,the cat sat\n")
+    tok = train_bpe_tokenizer(["the cat sat"] * 5, vocab_size=300, out_dir=tmp_path / "ckpt" / "tokenizer")
+    torch.manual_seed(0)
+    CTALForSequenceClassification(CTALConfig(
+        vocab_size=len(tok), hidden_size=32, num_attention_heads=4, intermediate_size=64, num_text_layers=1,
+        num_audio_layers=1, num_labels=2, max_audio_positions=400)).save_pretrained(tmp_path / "ckpt")
+    emb = tmp_path / "out" / "emb.parquet"
+    assert embed_main(["--checkpoint", str(tmp_path / "ckpt"), "--manifest", str(tmp_path / "pairs.csv"),
+                       "--out", str(emb)]) == 0
+    assert pq.read_table(emb).num_rows == 1
+    m = manifest.read(emb.parent, "emb.manifest.json")  # beside the file it describes, not a folder's
+    assert m["kind"] == "embed" and m["status"] == "finished" and m["config"]["out"] == str(emb)
