@@ -44,7 +44,7 @@ from ctal.tokenizer import (DEFAULT_NORMALIZATION, load_backend, load_tokenizer,
                             save_normalization)
 
 # What a ctal data set holds at its top level: an overwrite may delete a URI prefix of only these.
-_OURS = (SHARD_GLOB, QUARANTINE_FILE, REPORT_FILE, TOKENIZER_DIR)
+_OURS = (SHARD_GLOB, QUARANTINE_FILE, REPORT_FILE, TOKENIZER_DIR, run_manifest.MANIFEST_FILE)
 
 # What each actor sends back per utterance: enough for counts, hours and quarantine, no features.
 _SUMMARY_SCHEMA = pa.schema([
