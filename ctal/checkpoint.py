@@ -8,6 +8,8 @@ A checkpoint is a directory::
     tokenizer/                       the tokenizer the model was trained with
     README.md                        the model card: what it is, data set, tokenizer hash, step or
                                      epoch, metrics, configuration, the command line that made it
+    manifest.json                    the run manifest (ctal.manifest): code, versions, command,
+                                     config, machine, when it was written and the run it belongs to
     checkpoint.json                  the state file, written last: kind, models, tokenizer hash, the
                                      sha256 of every other file, and what the loop records
 
@@ -28,9 +30,7 @@ import hashlib
 import json
 import os
 import re
-import shlex
 import shutil
-import sys
 import tempfile
 import uuid
 import warnings
@@ -42,10 +42,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import storage
+from . import manifest, storage
 from .config import DataConfig, FeatureConfig, from_dict
 from .data import TOKENIZER_DIR
 from . import tokenizer as _tokenizer
+from .manifest import COMMAND_ENV, record_command  # noqa: F401  (the recipes' import)
 from .model_card import model_card
 from .tokenizer import TOKENIZER_FILES
 
@@ -53,7 +54,6 @@ STATE_FILE = "checkpoint.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 FORMAT = 1
 CARD_FILE = "README.md"  # the model card (Hugging Face's convention), covered by the file hashes
-COMMAND_ENV = "CTAL_COMMAND"  # the recipe's command line, for the model card
 
 
 class CheckpointError(RuntimeError):
@@ -107,6 +107,7 @@ def write(dest: str | os.PathLike, kind: str, models: dict[str, Part], *, tokeni
         if copied != tokenizer_hash:
             raise ValueError(f"tokenizer {tokenizer_dir} hashes to {copied[:12]}…, expected "
                              f"{tokenizer_hash[:12]}… (a stale copy?); not writing {dest}")
+        manifest.write(staging, manifest.for_checkpoint(kind, state.get("config")))
         (staging / CARD_FILE).write_text(_card(kind, state, models, tokenizer_hash, staging), encoding="utf-8")
         files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
         full = {"format": FORMAT, "kind": kind, **state, "models": dirs, "tokenizer_hash": tokenizer_hash,
@@ -119,13 +120,6 @@ def write(dest: str | os.PathLike, kind: str, models: dict[str, Part], *, tokeni
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return _as_location(dest)
-
-
-def record_command() -> None:
-    """Remember this process's command line for the model cards of the checkpoints it writes.
-    Recipes call it on the driver; Ray workers on this machine inherit it through the environment
-    (a worker elsewhere writes a card without the command rather than its own worker command)."""
-    os.environ.setdefault(COMMAND_ENV, shlex.join(["python", *sys.argv]))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -151,7 +145,7 @@ def _card(kind: str, state: dict, models: dict[str, Part], tokenizer_hash: str, 
              "metrics": metrics, "config": _flat(cfg),
              "text_normalization": _tokenizer.read_normalization(staging / TOKENIZER_DIR),
              # never a Ray worker's own command line: only what the recipe recorded
-             "command": os.environ.get(COMMAND_ENV)}
+             "command": manifest.command_line(), "manifest": manifest.MANIFEST_FILE}
     return model_card({k: v for k, v in facts.items() if v not in (None, {}, "")})
 
 

@@ -10,7 +10,7 @@ import shlex
 KINDS = ("pretraining", "fine-tuned")
 REQUIRED = ("kind", "data", "tokenizer_hash")
 OPTIONAL = ("task", "fusion", "parameters", "step", "epoch", "metrics", "config", "text_normalization",
-            "command")
+            "command", "manifest")
 
 _WHAT = {
     "pretraining": ("CTAL text and audio streams with their pretraining heads (masked language modeling on "
@@ -43,7 +43,8 @@ def model_card(facts: dict) -> str:
     facts: kind ("pretraining" or "fine-tuned"), data (the data set's path or URI), tokenizer_hash;
     optionally task, fusion, parameters (a count), step and/or epoch, metrics ({name: value}),
     config ({key: value}, the config summary), text_normalization, command (a string or an argv
-    list). An unknown or missing fact raises ValueError naming it.
+    list), manifest (the run manifest's file name beside the card). An unknown or missing fact
+    raises ValueError naming it.
     """
     missing = [k for k in REQUIRED if facts.get(k) in (None, "")]
     unknown = [k for k in facts if k not in REQUIRED + OPTIONAL]
@@ -69,6 +70,8 @@ def model_card(facts: dict) -> str:
     summary.append(("tokenizer sha256", facts["tokenizer_hash"]))
     if facts.get("text_normalization") is not None:
         summary.append(("text normalization", facts["text_normalization"]))
+    if facts.get("manifest"):  # code, library versions, machine, time
+        summary.append(("run manifest", f"[{facts['manifest']}]({facts['manifest']})"))
     lines += _table(("", ""), summary) + [""]
 
     if facts.get("metrics"):

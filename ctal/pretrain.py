@@ -37,7 +37,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, storage, tracking
+from . import checkpoint, manifest, storage, tracking
 from .batching import PretrainBatches, collate, derive_seed, prefetch, split_matches
 from .checkpoint import CheckpointStore, Part
 from .config import (AT_LEAST_1, BELOW_1, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, PretrainConfig,
@@ -452,8 +452,9 @@ def launch_local(cfg: PretrainConfig, run_dir: str | Path, num_workers: Optional
         port = s.getsockname()[1]
     threads = max(1, int(cfg.cpus_per_worker))
     args = (prepare(cfg), str(run_dir), n, port, threads)
-    if n == 1:
-        _local_worker(0, *args)
-    else:
-        mp.spawn(_local_worker, args=args, nprocs=n, join=True)
+    with manifest.recorded_run(run_dir, "pretraining", cfg):  # the spawned workers inherit the run
+        if n == 1:
+            _local_worker(0, *args)
+        else:
+            mp.spawn(_local_worker, args=args, nprocs=n, join=True)
 

@@ -25,8 +25,8 @@ import yaml
 from ctal.checkpoint import record_command
 from ctal.config import DataConfig, FinetuneConfig, PretrainConfig, load_config
 from ctal.console import VERBOSE_HELP, set_verbose, stage as say
-
-ROOT = Path(__file__).resolve().parents[1]
+from ctal.manifest import recorded_run
+from ctal.shipped import shipped
 
 
 def main(argv=None) -> int:
@@ -40,15 +40,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     set_verbose(args.verbose)
     record_command()  # for the model cards of the checkpoints this run writes
-    from ctal.demo import (DEMO_FEATURES, SIZES, demo_report, done, evaluate_variants, restrict_space, stage,
-                           synthesize_corpora)  # torch and friends load after --help
+    from ctal.demo import SIZES  # torch and friends load after --help
 
     size = SIZES["quick" if args.quick else "full"]
     out = Path(args.out).resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    narrow = ROOT / "configs" / "narrow.yaml"
+    with recorded_run(out, "demo", {**vars(args), "size": size}):  # each stage's output has its own too
+        return stages(args, size, out)
+
+
+def stages(args, size: dict, out: Path) -> int:
+    from ctal.demo import DEMO_FEATURES, demo_report, done, evaluate_variants, restrict_space, stage, synthesize_corpora
+
+    narrow = shipped("configs", "narrow.yaml")
     t_start = time.time()
 
     from ctal.corpora import read_corpus
@@ -77,7 +83,7 @@ def main(argv=None) -> int:
         say("data", "log-Mel features and token ids of both corpora to Parquet with Ray Data, one shared BPE")
         jobs = {"pretrain": ("librispeech", pre_corpus, pre_data), "task": ("mosei", corpus, data)}
         manifests = {name: read_corpus(layout, root) for name, (layout, root, _) in jobs.items()}
-        data_cfg = load_config(DataConfig, [ROOT / "configs" / "preprocess.yaml"],
+        data_cfg = load_config(DataConfig, [shipped("configs", "preprocess.yaml")],
                                ["vocab_size=2000", f"tokenizer={out / 'tokenizer'}", *DEMO_FEATURES])
         train_transcript_tokenizer([r for m in manifests.values() for r in m], data_cfg, out / "tokenizer")
         reports = {name: run_preprocess(layout, root, dest, data_cfg, overwrite=True, rows=manifests[name])
@@ -90,7 +96,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         say("pretrain", f"narrow 3+3 CTAL, masked language + acoustic modeling, {size['steps']} steps on "
             f"{args.workers} Ray Train workers")
-        cfg = load_config(PretrainConfig, [ROOT / "configs" / "pretrain.yaml", narrow], [
+        cfg = load_config(PretrainConfig, [shipped("configs", "pretrain.yaml"), narrow], [
             f"data={pre_data}", "split=train-clean-100", f"max_steps={size['steps']}",
             f"num_workers={args.workers}", "lr=1e-3", f"batch_size={8 * args.workers}", "max_frames=1000", "log_every=10",
             f"checkpoint_every={max(10, size['steps'] // 3)}", f"storage_path={out}", "run_name=pretrain",
@@ -103,11 +109,11 @@ def main(argv=None) -> int:
     if not (sweep := stage(out, "sweep")):
         t0 = time.time()
         say("sweep", f"fine-tuning the fusion variants {', '.join(size['variants'])} with Ray Tune")
-        cfg = load_config(FinetuneConfig, [ROOT / "configs" / "finetune.yaml", narrow,
-                                           ROOT / "configs" / "demo.yaml"],
+        cfg = load_config(FinetuneConfig, [shipped("configs", "finetune.yaml"), narrow,
+                                           shipped("configs", "demo.yaml")],
                           ["task=sentiment", f"data={data}", f"init={pre['checkpoint']}",
                            f"epochs={size['epochs']}", f"seed={args.seed}"])
-        space = restrict_space(yaml.safe_load((ROOT / "search_spaces" / "demo.yaml").read_text()), size)
+        space = restrict_space(yaml.safe_load(shipped("search_spaces", "demo.yaml").read_text()), size)
         space = parse_search_space(space, "search_spaces/demo.yaml")
         opts = SweepConfig(search="grid", scheduler="fifo", storage=str(out), name="sweep",
                            max_concurrent=2, cpus_per_trial=1.0, verbose=0)

@@ -8,7 +8,8 @@ checkpoint is refused: only fine-tuning trains the fusion head that gives the em
 (e.g. a text longer than the model's positions: text_too_long) are listed (and written to
 FILE.bad.csv) but do not stop the run. --streams adds the mean final state of each stream the
 checkpoint's fusion variant runs, on its own path (text_vector unless audio_only; audio_vector
-unless text_only, without cross-attention for late_concat and audio_only).
+unless text_only, without cross-attention for late_concat and audio_only). FILE.manifest.json
+records the run (code, versions, command, machine, times).
 """
 import argparse
 import sys
@@ -18,9 +19,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from ctal.checkpoint import CheckpointError
+from ctal.checkpoint import CheckpointError, record_command
 from ctal.corpora import CorpusLayoutError, read_manifest
 from ctal.embed import embed_rows, load_for_embedding
+from ctal.manifest import recorded_run
 
 
 def main(argv=None) -> int:
@@ -34,6 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--streams", action="store_true",
                    help="also write the mean final state of each stream the fusion variant runs")
     args = p.parse_args(argv)
+    record_command()
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
@@ -45,10 +48,11 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, CorpusLayoutError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    table, bad = embed_rows(model, rows, tokenizer, data_cfg=data_cfg, batch_size=args.batch_size,
-                            device=args.device, max_frames=model.config.max_audio_positions, streams=args.streams)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, args.out, compression="zstd")
+    out = Path(args.out).resolve()
+    with recorded_run(out.parent, "embed", vars(args), file=f"{out.stem}.manifest.json"):
+        table, bad = embed_rows(model, rows, tokenizer, data_cfg=data_cfg, batch_size=args.batch_size,
+                                device=args.device, max_frames=model.config.max_audio_positions, streams=args.streams)
+        pq.write_table(table, out, compression="zstd")
     print(f"wrote {table.num_rows} embeddings (dim {model.fusion.dense.out_features}) to {args.out}")
     if bad:
         bad_path = Path(args.out).with_suffix(".bad.csv")

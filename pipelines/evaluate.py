@@ -1,21 +1,26 @@
 """Metrics of a fine-tuned checkpoint on the task protocol's test (or dev) rows, as a table.
 
     python pipelines/evaluate.py --task {emotion,sentiment,speaker} --checkpoint DIR [--data DIR]
-        [--split test|dev] [tracking=mlflow|wandb tracking_uri=URI]
+        [--split test|dev] [--out DIR] [tracking=mlflow|wandb tracking_uri=URI]
 
 --checkpoint: a checkpoint of pipelines/tune_finetune.py (e.g. <experiment>/best_checkpoint).
 --data defaults to the data set the checkpoint was fine-tuned on. Emotion prints each fold's session
-and the mean over folds. ``tracking=mlflow`` (or wandb) also logs the metrics as a tracker run
-(ctal.tracking.log_evaluation), by default into the store beside the checkpoint.
+and the mean over folds. --out (a directory or URI) keeps the metrics as metrics.json beside the
+run's manifest.json (code, versions, command, machine, times). ``tracking=mlflow`` (or wandb) also
+logs the metrics as a tracker run (ctal.tracking.log_evaluation), by default into the store beside
+the checkpoint.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 
 from ctal import storage
-from ctal.checkpoint import CheckpointError
+from ctal.checkpoint import CheckpointError, record_command
 from ctal.config import TrackingConfig, load_config
+from ctal.manifest import recorded_run
 from ctal.finetune import TaskData, evaluate, read_state
 from ctal.tasks import TASKS
 from ctal.tracking import check_tracking, log_evaluation
@@ -38,8 +43,10 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True, help="a directory or a URI (s3://…/best_checkpoint)")
     p.add_argument("--data", help="Parquet data set (default: the one the checkpoint was trained on)")
     p.add_argument("--split", choices=("test", "dev"), default="test")
+    p.add_argument("--out", help="write metrics.json and manifest.json to this directory (or URI)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="tracking=mlflow|wandb|none, tracking_uri=URI")
     args = p.parse_args(argv)
+    record_command()
     try:
         # absolute, so the messages name the files (and the checkpoint records where its data is)
         checkpoint = storage.normalize(args.checkpoint)
@@ -47,7 +54,12 @@ def main(argv=None) -> int:
         check_tracking(track.tracking, track.tracking_uri, storage.parent(checkpoint))
         state = read_state(checkpoint)  # a URI is downloaded (once per version) by evaluate
         data = TaskData.load(storage.normalize(args.data) if args.data else state["data"])
-        metrics, per_fold = evaluate(checkpoint, data, role=args.split, task=args.task)
+        with recorded_run(args.out, "evaluation", vars(args)) if args.out else contextlib.nullcontext():
+            metrics, per_fold = evaluate(checkpoint, data, role=args.split, task=args.task)
+            if args.out:
+                storage.write_text(storage.join(args.out, "metrics.json"), json.dumps(
+                    {"checkpoint": checkpoint, "data": str(data.data_dir), "split": args.split,
+                     "metrics": metrics, "per_fold": per_fold}, indent=2, default=float))
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     print(f"{args.task} checkpoint {args.checkpoint} (epoch {state['epoch']}), {args.split} rows of {data.data_dir}")

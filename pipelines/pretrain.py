@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ctal.checkpoint import record_command
 from ctal.config import ConfigError, PretrainConfig, load_config
 from ctal.console import VERBOSE_HELP, set_verbose, stage
+from ctal.shipped import shipped
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SIZES = ("tiny", "base", "large", "narrow")
 
 
@@ -47,8 +46,8 @@ def main(argv=None) -> int:
              "storage_path": args.storage, "run_name": args.name}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
     try:
-        cfg = load_config(PretrainConfig, [CONFIGS / "pretrain.yaml", CONFIGS / f"{args.size}.yaml",
-                                           *args.config], overrides)
+        cfg = load_config(PretrainConfig, [shipped("configs", "pretrain.yaml"),
+                                           shipped("configs", f"{args.size}.yaml"), *args.config], overrides)
         from ctal.pretrain import prepare  # a typo need not wait for torch
 
         plan = prepare(cfg)  # the only check of the run: config, URIs, data set and tokenizer

@@ -21,7 +21,6 @@ import json
 import sys
 import typing
 from dataclasses import fields
-from pathlib import Path
 
 from ctal import storage
 from ctal.checkpoint import CheckpointError, record_command
@@ -31,9 +30,9 @@ from ctal.distributed.tune import SWEEP_FILE, experiment_location, load_sweep, r
 from ctal.finetune import prepare
 from ctal.report import describe
 from ctal.search_space import check_sweep, load_search_space
+from ctal.shipped import shipped
 from ctal.tasks import TASKS, get_task
 
-ROOT = Path(__file__).resolve().parents[1]
 SWEEP_KEYS = [f.name for f in fields(SweepConfig) if f.name != "verbose"]  # --verbose is the console's
 VERBATIM = ("storage", "name")  # paths and names are not parsed as YAML
 
@@ -49,7 +48,7 @@ def load_sweep_config(args) -> SweepConfig:
     overrides = [f"{k}={json.dumps(v) if k in VERBATIM else v}" for k, v in flags.items()]
     overrides += [o.removeprefix("sweep.") for o in args.overrides if o.startswith("sweep.")]
     try:
-        return load_config(SweepConfig, [ROOT / "configs" / "sweep.yaml", *args.sweep_config], overrides)
+        return load_config(SweepConfig, [shipped("configs", "sweep.yaml"), *args.sweep_config], overrides)
     except ConfigError as e:  # say which config: FinetuneConfig has keys of the same names (seed)
         raise ConfigError(f"sweep settings: {e}") from None
 
@@ -94,9 +93,9 @@ def main(argv=None) -> int:
                 raise ConfigError("--task and --data are required (unless --resume)")
             overrides = [o for o in args.overrides if not o.startswith("sweep.")]
             extra = [f"task={args.task}", f"data={args.data}"] + ([f"init={args.init}"] if args.init else [])
-            cfg = load_config(FinetuneConfig, [ROOT / "configs" / "finetune.yaml", *args.config],
+            cfg = load_config(FinetuneConfig, [shipped("configs", "finetune.yaml"), *args.config],
                               [*overrides, *extra])
-            space = load_search_space(args.space or ROOT / "search_spaces" / f"{args.task}.yaml")
+            space = load_search_space(args.space or shipped("search_spaces", f"{args.task}.yaml"))
             space, pinned = space.pin([o.split("=", 1)[0] for o in overrides])
             if pinned:
                 print(f"not searched, set on the command line: {', '.join(pinned)}")

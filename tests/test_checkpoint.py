@@ -99,7 +99,8 @@ def test_the_store_lists_writes_prunes_chooses_and_reads_a_path_and_a_uri_alike(
     assert step == 3 and checkpoint.verify(local)["step"] == 3
     state = checkpoint.read_state(store.path(3))  # read without a download, path or URI
     assert state["kind"] == "pretraining" and state["models"] == {"main": "."}
-    assert sorted(state["files"]) == sorted(["README.md", "config.json", "model.safetensors", "optimizer.safetensors",
+    assert sorted(state["files"]) == sorted(["README.md", "config.json", "manifest.json", "model.safetensors",
+                                             "optimizer.safetensors",
                                              *[f"tokenizer/{n}" for n in storage.listdir(tiny / "tokenizer")]])
     model = CTALForPretraining.from_pretrained(local)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in parts[3].model.state_dict().items())
@@ -190,7 +191,7 @@ def test_finetuning_checkpoints_hold_no_pickle_and_resume_to_the_same_losses(tin
 
     finetune(cfg, report=keep, log=lambda _: None)
     first = tmp_path / "epoch1"
-    assert sorted(p.name for p in first.iterdir()) == ["README.md", "checkpoint.json", "config.json",
+    assert sorted(p.name for p in first.iterdir()) == ["README.md", "checkpoint.json", "config.json", "manifest.json",
                                                        "model.safetensors", "optimizer.safetensors", "tokenizer"]
     assert checkpoint.verify(first)["epoch"] == 1 and read_state(first)["folds"] == ["main"]
     assert fold_dirs(first) == {"main": first}

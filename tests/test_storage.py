@@ -166,7 +166,7 @@ def test_preprocessing_into_a_file_uri_gives_a_data_set_pretraining_reads(manife
     assert shards and all(s.startswith(out + "/part-") for s in shards)
     assert sum(s["rows"] for s in read_report(out)["shards"]) == 6 == open_dataset(out).read().num_rows
     assert sorted(storage.listdir(out)) == sorted([storage.name(s) for s in shards]
-                                                   + ["quarantine.parquet", "report.json", "tokenizer"])
+                                                   + ["manifest.json", "quarantine.parquet", "report.json", "tokenizer"])
     assert open_dataset(out).tokenizer.vocab_size > 5  # the tokenizer, fetched into the cache, hashes right
     assert PretrainBatches(out, rank=0, world_size=1, seed=0, batch_size=2).batches_per_epoch == 3
 

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ctal import storage
+from ctal import manifest as run_manifest, storage  # not the corpus manifest rows of this module
 from ctal.console import Progress
 from ctal.data import (PARQUET_SCHEMA, QUARANTINE_FILE, QUARANTINE_SCHEMA, REPORT_FILE, SHARD_GLOB, TOKENIZER_DIR,
                        featurize_row, records_to_table, tokenizer_entry, train_transcript_tokenizer, write_report)
@@ -44,7 +44,7 @@ from ctal.tokenizer import (DEFAULT_NORMALIZATION, load_backend, load_tokenizer,
                             save_normalization)
 
 # What a ctal data set holds at its top level: an overwrite may delete a URI prefix of only these.
-_OURS = (SHARD_GLOB, QUARANTINE_FILE, REPORT_FILE, TOKENIZER_DIR)
+_OURS = (SHARD_GLOB, QUARANTINE_FILE, REPORT_FILE, TOKENIZER_DIR, run_manifest.MANIFEST_FILE)
 
 # What each actor sends back per utterance: enough for counts, hours and quarantine, no features.
 _SUMMARY_SCHEMA = pa.schema([
@@ -404,6 +404,9 @@ def _finish(summary: pa.Table, rows, corpus, root, out: Path, tmp: Path, data_cf
                    tmp / QUARANTINE_FILE, compression="zstd")
 
     audio_s = float(sum(d for d, w in zip(summary["duration_s"].to_pylist(), written_mask) if w))
+    # beside the report, which links it: the data set's code, versions, machine and times
+    run_manifest.write(tmp, run_manifest.finished(
+        "preprocessing", {"corpus": corpus, "root": str(root), "out": str(out), "data_config": data_cfg}, t_total))
     # Written last (write_report checks the counts): its presence marks the directory complete.
     return write_report(
         tmp, corpus=corpus, shards=shards, tokenizer=tok_report, features=asdict(data_cfg.features),
@@ -411,7 +414,7 @@ def _finish(summary: pa.Table, rows, corpus, root, out: Path, tmp: Path, data_cf
                 "quarantined_by_reason": dict(sorted(Counter(r for r in reasons if r).items())),
                 # written rows whose token ids stop at max_text_tokens (the text goes on)
                 "text_truncated": n_truncated},
-        root=str(Path(root).resolve()), hours=audio_s / 3600.0,
+        root=str(Path(root).resolve()), hours=audio_s / 3600.0, manifest=run_manifest.MANIFEST_FILE,
         n_frames=int(sum(n for n in summary["n_frames"].to_pylist() if n is not None)),
         data_config=asdict(data_cfg),
         throughput={"featurize_wall_s": t_feat, "tokenizer_s": t_tok, "total_wall_s": t_total,
@@ -448,6 +451,7 @@ def _preprocess_to_uri(rows: list[dict], corpus: str, root, out: str, data_cfg, 
         report = _finish(summary, rows, corpus, root, out, staging, data_cfg, tok_report, n_actors,
                          t_tok, t_feat, time.perf_counter() - t_start, shards=shards)
         storage.upload_file(staging / QUARANTINE_FILE, storage.join(out, QUARANTINE_FILE))
+        storage.upload_file(staging / run_manifest.MANIFEST_FILE, storage.join(out, run_manifest.MANIFEST_FILE))
         storage.upload_file(staging / REPORT_FILE, storage.join(out, REPORT_FILE))  # last: marks it complete
     finally:
         shutil.rmtree(staging, ignore_errors=True)

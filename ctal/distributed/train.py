@@ -30,7 +30,7 @@ import ray.train.torch
 import torch
 import yaml
 
-from .. import storage
+from .. import manifest, storage
 from ..checkpoint import CheckpointStore
 from ..config import PretrainConfig, from_dict, to_dict
 from ..console import Progress
@@ -109,6 +109,7 @@ def plan_resources(cfg: PretrainConfig, cluster: dict) -> Resources:
 def _train_fn(config: dict) -> None:
     """What each Ray Train worker runs."""
     plan = PretrainPlan(from_dict(PretrainConfig, config["cfg"]), config["tokenizer"])  # checked by the driver
+    manifest.adopt(config["run"])  # the checkpoints name the driver's run and command line
     torch.set_num_threads(max(1, int(config["cpus_per_worker"])))  # fractional CPUs → 1 thread
     ctx = ray.train.get_context()
 
@@ -160,13 +161,15 @@ def pretrain(cfg: PretrainConfig | PretrainPlan, *, address: Optional[str] = Non
     run_dir = run_dir if storage.is_uri(run_dir) else Path(run_dir)
     resources = {"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})}
     done = [s for s, _ in CheckpointStore(storage.join(run_dir, CHECKPOINTS)).list()]
-    with Progress(cfg.max_steps, "pretrain", unit="steps", initial=max(done, default=0)) as bar, \
+    with manifest.recorded_run(run_dir, "pretraining", cfg) as run, \
+            Progress(cfg.max_steps, "pretrain", unit="steps", initial=max(done, default=0)) as bar, \
             LogRelay(partial(_show, bar)) as relay:
         trainer = steady_trainer(ray.train.torch.TorchTrainer)(
             _train_fn,
             train_loop_config={"cfg": to_dict(replace(cfg, cpus_per_worker=res.cpus_per_worker)),
                                "tokenizer": plan.tokenizer, "run_dir": str(run_dir),
-                               "cpus_per_worker": res.cpus_per_worker, "log": relay.sender()},
+                               "cpus_per_worker": res.cpus_per_worker, "log": relay.sender(),
+                               "run": manifest.run_info()},
             scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                                    resources_per_worker=resources),
             run_config=ray.train.RunConfig(name=cfg.run_name, storage_path=cfg.storage_path,
@@ -175,6 +178,7 @@ def pretrain(cfg: PretrainConfig | PretrainPlan, *, address: Optional[str] = Non
                                            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         )
         trainer.fit()
+        run["outputs"] = {"checkpoint": str(latest_checkpoint(run_dir))}
     logged = read_metrics(run_dir)
     return PretrainResult(run_dir=run_dir, checkpoint=latest_checkpoint(run_dir),
                           metrics=logged[max(logged)] if logged else {}, resources=res)

@@ -23,7 +23,7 @@ from typing import Optional
 
 from ray.tune import Callback
 
-from ctal import storage
+from ctal import manifest, storage
 from ctal.config import FinetuneConfig, SweepConfig, from_dict, to_dict
 from ctal.console import Progress
 from ctal.finetune import FRESH_MODEL_WARNING, TaskData, finetune, prepare
@@ -39,11 +39,12 @@ BEST_DIR = "best_checkpoint"
 # the trial
 
 
-def _trial(params: dict, *, base: dict, data: TaskData, sweep: dict, train_storage: str) -> None:
+def _trial(params: dict, *, base: dict, data: TaskData, sweep: dict, train_storage: str, run: dict) -> None:
     """One Tune trial: fine-tune with the sampled `params`, reporting every epoch."""
     import torch
     from ray import tune
 
+    manifest.adopt(run)  # the trial's checkpoints name the sweep's manifest and command line
     cfg = apply_params(base, params)
     workers = sweep["workers_per_trial"]
     torch.set_num_threads(max(1, int(sweep["cpus_per_trial"] / workers)))  # Ray gives CPUs, not threads
@@ -76,7 +77,7 @@ def _trial_ddp(cfg: FinetuneConfig, data: TaskData, sweep: dict, train_storage: 
     per_worker = {"CPU": sweep["cpus_per_trial"] / workers, **({"GPU": gpus / workers} if gpus else {})}
     trainer = steady_trainer(TorchTrainer)(
         _ddp_worker,
-        train_loop_config={"cfg": to_dict(cfg), "data": ray.put(data)},
+        train_loop_config={"cfg": to_dict(cfg), "data": ray.put(data), "run": manifest.run_info()},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
                                                resources_per_worker=per_worker),
         # A stable name per trial: a trial resumed by Tuner.restore resumes its Train run too.
@@ -92,6 +93,7 @@ def _ddp_worker(config: dict) -> None:
     from ray.train.torch import prepare_model
 
     ctx = ray.train.get_context()
+    manifest.adopt(config["run"])
     cfg = from_dict(FinetuneConfig, config["cfg"])
     data = ray.get(config["data"]) if isinstance(config["data"], ray.ObjectRef) else config["data"]
 
@@ -174,11 +176,12 @@ def run_sweep(cfg: FinetuneConfig, space: SearchSpace, sweep: SweepConfig, *, re
                                checkpoint_config=tune.CheckpointConfig(
                                    num_to_keep=1, checkpoint_score_attribute=metric,
                                    checkpoint_score_order=task.mode)))  # best + latest (kept to resume)
-    try:
-        grid = tuner.fit()
-    finally:
-        trials.close()
-    result = summarize(grid, experiment, task, space, cfg.epochs, remote=remote)
+    with manifest.recorded_run(where, "sweep", {"config": cfg, "sweep": sweep, "space": space.source}):
+        try:
+            grid = tuner.fit()
+        finally:
+            trials.close()
+        result = summarize(grid, experiment, task, space, cfg.epochs, remote=remote)
     return _published(result, remote) if remote else result
 
 
@@ -272,7 +275,8 @@ def _trainable(cfg: FinetuneConfig, data: TaskData, sweep: SweepConfig, experime
     from ray import tune
 
     fn = tune.with_parameters(_trial, base=to_dict(cfg), data=data, sweep=asdict(sweep),
-                              train_storage=storage.join(experiment, "train_runs"))
+                              train_storage=storage.join(experiment, "train_runs"),
+                              run=manifest.run_link(experiment, "sweep"))
     if sweep.workers_per_trial > 1:
         # The trial only drives a TorchTrainer, whose workers hold the trial's CPUs and GPUs.
         return tune.with_resources(fn, {"CPU": 0.01})
