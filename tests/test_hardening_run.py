@@ -144,7 +144,7 @@ def test_a_sweep_of_more_workers_than_cpus_fails_before_tune_starts(ray_local, f
     from ctal.distributed.tune import run_sweep
     from ctal.search_space import load_search_space
 
-    space = load_search_space(ROOT / "search_spaces" / "sentiment.yaml")
+    space = load_search_space(ROOT / "search_spaces" / "sentiment.yaml").pin(["freeze_layers"])[0]  # 1-layer model
     sweep = SweepConfig(workers_per_trial=12, storage=str(tmp_path / "runs"), name="many")
     with pytest.raises(ResourceError, match="workers_per_trial=12"):
         run_sweep(finetune_config(forty_ms), space, sweep)
