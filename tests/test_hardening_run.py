@@ -345,3 +345,25 @@ def test_a_rehashed_pickle_falls_back_and_all_damaged_checkpoints_stop_pretraini
         pretrain_loop(cfg, run_dir=run, log=lambda _: None)
     with pytest.raises(CheckpointError, match="every checkpoint of this run is damaged"):
         prepare(cfg)  # a rerun is refused before Ray starts, too
+
+
+# -- leftovers: a run that quarantines every utterance ------------------------------------------------
+
+
+@pytest.mark.parametrize("uri", [False, True])
+def test_a_run_that_quarantines_every_utterance_publishes_nothing_and_keeps_the_report(
+        forty_ms, tmp_path, ray_local, capsys, uri):
+    from pipelines.preprocess import main as preprocess_main
+
+    (tmp_path / "m.csv").write_text("id,audio_path,text\na,gone_a.wav,the cat sat\nb,gone_b.wav,a dog ran\n")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        preprocess_main(["--corpus", "csv", "--root", str(tmp_path / "m.csv"),
+                         "--out", f"file://{out}" if uri else str(out), f"tokenizer={forty_ms / 'tokenizer'}"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and "Traceback" not in err and "error:" in err.splitlines()[-1], err
+    assert "all 2 utterances were quarantined (missing_file: 2); nothing was published" in err
+    assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))  # no data set, not even an empty one
+    kept = pq.read_table(tmp_path / "out.quarantine.parquet").to_pydict()
+    assert str(tmp_path / "out.quarantine.parquet") in err
+    assert sorted(kept["id"]) == ["a", "b"] and set(kept["reason"]) == {"missing_file"}
