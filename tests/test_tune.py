@@ -395,6 +395,82 @@ def test_a_sweep_killed_after_its_first_trial_resumes_without_rerunning_it(datas
     assert cfg.epochs == 2 and opts.max_concurrent == 1
 
 
+# -- 15.1: --resume loads only state this user's sweeps signed --------------------------------------
+
+def test_the_sweep_key_is_made_once_readable_only_by_its_user(tmp_path, monkeypatch):
+    from ctal.distributed.signing import UntrustedStateError, sweep_key
+
+    monkeypatch.setenv("CTAL_SWEEP_KEY_FILE", str(tmp_path / "cfg" / "sweep.key"))
+    key = sweep_key()
+    assert (tmp_path / "cfg" / "sweep.key").stat().st_mode & 0o777 == 0o600
+    assert sweep_key() == key and len(key) >= 32
+    (tmp_path / "cfg" / "sweep.key").chmod(0o644)
+    with pytest.raises(UntrustedStateError, match="readable by other users.*chmod 600"):
+        sweep_key()
+    monkeypatch.setenv("CTAL_SWEEP_KEY", "from the environment")
+    assert sweep_key() == b"from the environment"
+
+
+class _Planted:
+    """A pickle that, when loaded, creates the file ``marker`` (stands for any code)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.slow
+def test_resume_refuses_state_it_did_not_sign_before_unpickling_it(dataset, ray_local, tmp_path, capsys,
+                                                                    monkeypatch):
+    """Issue 15.1 on a URI storage (pyarrow's filesystem, as s3:// takes): an honest sweep's state is
+    signed after the driver's last sync; a planted tuner.pkl, an added searcher state, a sweep
+    without a signature and one signed with another key are refused, in one line naming the file,
+    before anything is unpickled."""
+    import pickle
+
+    from ctal.distributed.signing import SIGNATURE_FILE, UntrustedStateError, verify_state
+
+    cfg = narrow_config("sentiment", dataset("sentiment"))
+    root = tmp_path / "bucket"
+    sweep = SweepConfig(search="grid", scheduler="fifo", storage=f"file://{root}", name="signed", verbose=0)
+    run_sweep(cfg, parse_search_space({"fusion": "text_only"}), sweep)
+    experiment = root / "signed"
+    where = f"file://{experiment}"
+    signed = verify_state(where, (SWEEP_FILE,))  # every state file, as the final sync left it
+    assert {"tuner.pkl", SWEEP_FILE} <= set(signed) and any(n.startswith("experiment_state-") for n in signed)
+
+    def resume():
+        capsys.readouterr()  # only what this resume prints
+        with pytest.raises(SystemExit) as e:
+            pipeline("tune_finetune").main(["--resume", "--storage", f"file://{root}", "--name", "signed"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        return err
+
+    monkeypatch.setenv("CTAL_SWEEP_KEY", "somebody else's key")
+    assert f"{SIGNATURE_FILE} was not made with your sweep key (CTAL_SWEEP_KEY)" in resume()
+    monkeypatch.delenv("CTAL_SWEEP_KEY")
+
+    honest = (experiment / "tuner.pkl").read_bytes()
+    marker = tmp_path / "planted-code-ran"
+    (experiment / "tuner.pkl").write_bytes(pickle.dumps(_Planted(marker)))
+    assert "tuner.pkl is not a version this sweep signed" in resume()
+    with pytest.raises(UntrustedStateError, match="tuner.pkl"):
+        run_sweep(cfg, parse_search_space({"fusion": "text_only"}), sweep, resume=True)
+    assert not marker.exists()
+    (experiment / "tuner.pkl").write_bytes(honest)
+
+    (experiment / "searcher-state-2099.pkl").write_bytes(pickle.dumps(_Planted(marker)))
+    assert "searcher-state-2099.pkl is not a version this sweep signed" in resume()
+    (experiment / "searcher-state-2099.pkl").unlink()
+
+    (experiment / SIGNATURE_FILE).unlink()
+    assert f"has no {SIGNATURE_FILE}" in resume()
+    assert not marker.exists()
+
+
 @pytest.mark.slow
 def test_a_trial_with_two_workers_runs_data_parallel(dataset, ray_local, tmp_path):
     cfg = narrow_config("sentiment", dataset("sentiment"))
