@@ -223,7 +223,7 @@ def test_search_space_values_out_of_range_exit_2_naming_the_file_key_and_value_b
         "dropout: model.hidden_dropout_prob=1.5 is out of range: must be in [0, 1)": "dropout: {uniform: [0.1, 1.5]}\n",
         "freeze_layers: freeze_layers=2, but the model has 1 text and 1 audio layers": "freeze_layers: {choice: [0, 2]}\n",
         "fusion: model.fusion: 'concat' is not one of": "fusion: {choice: [ctal, concat]}\n",
-        "invalid YAML at line 1, column": "lr: {choice: [1.0e-3\n",
+        "invalid YAML at line 2, column 1": "lr: {choice: [1.0e-3\n",
         "lr: lr=-1.0 is out of range: must be > 0": "lr: {choice: [-1, 1.0e-3]}\n",
     }
     unpinned = [o for o in NARROW if not o.startswith("lr=")]  # lr=... on the command line takes lr out of the space
