@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
-from ctal.config import ConfigError, FinetuneConfig, SweepConfig, from_dict, to_dict
+from ctal.config import (ConfigError, FinetuneConfig, SweepConfig, from_dict, read_yaml, to_dict,
+                         validate_finetune_config)
 
 # Search-space name → the FinetuneConfig keys it sets (dropout sets both dropout probabilities).
 PARAMETERS = {
@@ -51,6 +50,7 @@ class Param:
 class SearchSpace:
     params: dict[str, Param]
     source: dict = field(default_factory=dict)  # the YAML as read, stored with the sweep
+    origin: str = "search space"  # where it was read: errors name it
 
     def max_of(self, name: str, default: Any) -> Any:
         p = self.params.get(name)
@@ -67,7 +67,7 @@ class SearchSpace:
         key=value fixes them), and the names of those removed."""
         drop = sorted(n for n in self.params if set(PARAMETERS[n]) & set(keys))
         keep = lambda d: {k: v for k, v in d.items() if k not in drop}
-        return SearchSpace(keep(self.params), keep(self.source)), drop
+        return SearchSpace(keep(self.params), keep(self.source), self.origin), drop
 
 
 def parse_search_space(data: Any, source: str = "search space") -> SearchSpace:
@@ -84,7 +84,7 @@ def parse_search_space(data: Any, source: str = "search space") -> SearchSpace:
                 apply_params(FinetuneConfig(), {p.name: value})
             except ConfigError as e:
                 raise ConfigError(f"{source}: {p.name}: {e}") from None
-    return SearchSpace(params, copy.deepcopy(data))
+    return SearchSpace(params, copy.deepcopy(data), source)
 
 
 def _param(name: str, spec: Any, where: str) -> Param:
@@ -136,8 +136,7 @@ def _candidates(p: Param) -> list:
 
 
 def load_search_space(path: str | Path) -> SearchSpace:
-    with open(path, encoding="utf-8") as f:
-        return parse_search_space(yaml.safe_load(f), str(path))
+    return parse_search_space(read_yaml(path), str(path))  # a syntax error: one line, file and position
 
 
 def apply_params(base: FinetuneConfig | dict, params: dict) -> FinetuneConfig:
@@ -151,6 +150,19 @@ def apply_params(base: FinetuneConfig | dict, params: dict) -> FinetuneConfig:
                 node = node[k]
             node[leaf] = value
     return from_dict(FinetuneConfig, d)
+
+
+def check_candidates(cfg: FinetuneConfig, space: SearchSpace) -> None:
+    """Every value the space can give a trial, set on this sweep's `cfg`, within the ranges a run
+    checks (``validate_finetune_config``): ConfigError naming the space, the parameter and the value,
+    before Ray starts rather than inside that trial. Parameters are set one at a time: none of them
+    constrains another."""
+    for p in space.params.values():
+        for value in _candidates(p):
+            try:
+                validate_finetune_config(apply_params(cfg, {p.name: value}))
+            except ConfigError as e:
+                raise ConfigError(f"{space.origin}: {p.name}: {e}") from None
 
 
 def check_sweep(cfg: FinetuneConfig, space: SearchSpace, sweep: SweepConfig, data=None) -> None:
@@ -180,6 +192,7 @@ def check_sweep(cfg: FinetuneConfig, space: SearchSpace, sweep: SweepConfig, dat
                       f"({max_epochs})")
     if errors:
         raise ConfigError("; ".join(errors))
+    check_candidates(cfg, space)
     if data is not None:
         from ctal.tasks import get_task  # (its metrics import scikit-learn: seconds, only needed here)
 

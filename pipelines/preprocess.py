@@ -16,7 +16,8 @@ from ctal import storage
 from ctal.config import ConfigError, DataConfig, load_config
 from ctal.console import VERBOSE_HELP, set_verbose, stage
 from ctal.corpora import READERS, read_corpus
-from ctal.distributed.preprocess import check_inputs, check_output, claim_output, run_preprocess
+from ctal.distributed.preprocess import (NothingToPublishError, check_inputs, check_output, claim_output,
+                                        run_preprocess)
 
 
 def main(argv=None) -> int:
@@ -50,8 +51,11 @@ def main(argv=None) -> int:
     stage("preprocess", f"{len(rows)} {args.corpus} utterances from {root} → log-Mel features and "
           f"token ids in {args.out} (Parquet, with Ray Data)")
     init_ray()  # joins the cluster named by RAY_ADDRESS, else starts a local one
-    run_preprocess(args.corpus, root, args.out, data_cfg, overwrite=args.overwrite,
-                   num_cpus=args.num_cpus, rows=rows, claim=claim)
+    try:
+        run_preprocess(args.corpus, root, args.out, data_cfg, overwrite=args.overwrite,
+                       num_cpus=args.num_cpus, rows=rows, claim=claim)
+    except NothingToPublishError as e:
+        p.exit(1, f"{p.prog}: error: {e}\n")
     return 0
 
 

@@ -26,6 +26,7 @@ from ctal import storage
 from ctal.checkpoint import CheckpointError, record_command
 from ctal.config import ConfigError, FinetuneConfig, SweepConfig, load_config
 from ctal.console import VERBOSE_HELP, set_verbose, stage
+from ctal.distributed.signing import UntrustedStateError, verify_state
 from ctal.distributed.tune import SWEEP_FILE, experiment_location, load_sweep, run_sweep
 from ctal.finetune import prepare
 from ctal.report import describe
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
             experiment = experiment_location(sweep, args.task)
             if not storage.is_file(storage.join(experiment, SWEEP_FILE)):
                 raise FileNotFoundError(f"no sweep to resume at {experiment}")
+            verify_state(experiment, (SWEEP_FILE,))  # Ray's state there is pickled: ours, or refused
             cfg, space, sweep = load_sweep(experiment)
             print(f"resuming {experiment} with the config, search space and sweep settings it started with")
         else:
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
     init_ray()  # joins the cluster named by RAY_ADDRESS, else starts a local one
     try:
         result = run_sweep(cfg, space, sweep, resume=args.resume, data=data, checked=True)
-    except (ConfigError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, RuntimeError, UntrustedStateError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     print(describe(result, get_task(cfg.task)))
     return 0 if result.best_checkpoint else 1

@@ -46,3 +46,14 @@ def test_invalid_cluster_yaml_is_rejected(cluster):
     bad["available_node_types"]["gpu_worker"]["min_wrokers"] = 1
     with pytest.raises(Exception):
         validate_config(prepare_config(bad))
+
+
+def test_cluster_enables_token_auth_with_the_token_kept_outside_the_file(cluster):
+    """Issue 15.17: every node (and every command in the container) runs RAY_AUTH_MODE=token; the
+    token itself comes from the user's ~/.ray/auth_token at `ray up`, never from this file or the repo."""
+    assert "--env RAY_AUTH_MODE=token" in cluster["docker"]["run_options"]
+    mounts = cluster["file_mounts"]
+    assert mounts["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"  # Ray's default token path on the nodes
+    assert not Path(mounts["/home/ray/.ray/auth_token"]).expanduser().resolve().is_relative_to(ROOT)
+    text = (ROOT / "cluster.yaml").read_text()
+    assert "RAY_AUTH_TOKEN" not in text and not re.search(r"\b[0-9a-f]{32,}\b", text)  # no token value

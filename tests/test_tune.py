@@ -211,6 +211,36 @@ def test_bad_sweep_settings_exit_2_naming_the_key_before_ray_starts(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_search_space_values_out_of_range_exit_2_naming_the_file_key_and_value_before_ray(tmp_path):
+    """Issue 15 leftovers: candidate values are range-checked against the sweep's config (a negative
+    weight decay, a dropout of 1.5, more frozen layers than the model has) and a YAML syntax error is one line
+    naming the file and position: all before Ray starts."""
+    from tiny_data import write_tiny_dataset
+
+    data = write_tiny_dataset(tmp_path / "data", n=24, splits=("train", "dev", "test"))
+    spaces = {
+        "weight_decay: weight_decay=-1.0 is out of range: must be >= 0": "weight_decay: {choice: [0.0, -1]}\n",
+        "dropout: model.hidden_dropout_prob=1.5 is out of range: must be in [0, 1)": "dropout: {uniform: [0.1, 1.5]}\n",
+        "freeze_layers: freeze_layers=2, but the model has 1 text and 1 audio layers": "freeze_layers: {choice: [0, 2]}\n",
+        "fusion: model.fusion: 'concat' is not one of": "fusion: {choice: [ctal, concat]}\n",
+        "invalid YAML at line 2, column 1": "lr: {choice: [1.0e-3\n",
+        "lr: lr=-1.0 is out of range: must be > 0": "lr: {choice: [-1, 1.0e-3]}\n",
+    }
+    unpinned = [o for o in NARROW if not o.startswith("lr=")]  # lr=... on the command line takes lr out of the space
+    argv = []
+    for k, (message, text) in enumerate(spaces.items()):
+        (tmp_path / f"space{k}.yaml").write_text(text)
+        argv.append(["--task", "sentiment", "--data", str(data), "--space", str(tmp_path / f"space{k}.yaml"),
+                     "--storage", str(tmp_path / "runs"), *unpinned])
+    run = subprocess.run([sys.executable, "-c", BEFORE_RAY, str(ROOT / "pipelines" / "tune_finetune.py"),
+                          json.dumps(argv)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for k, (message, (code, err, ray_started)) in enumerate(zip(spaces, json.loads(run.stdout.splitlines()[-1]))):
+        assert (code, ray_started) == (2, False), (message, err)
+        assert f"space{k}.yaml: {message}" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("task", sorted(LAYOUTS))
 def test_shipped_search_spaces_cover_every_parameter_and_fusion_variant(task):
     space = load_search_space(ROOT / "search_spaces" / f"{task}.yaml")
@@ -292,8 +322,10 @@ def test_tiny_sweep_per_task_keeps_a_best_checkpoint_that_reevaluates_to_its_dev
 def test_a_crashing_trial_is_reported_and_the_sweep_goes_on(dataset, ray_local, tmp_path):
     cfg = narrow_config("sentiment", dataset("sentiment"))
     space = parse_search_space({"freeze_layers": {"choice": [0, 5]}})
+    # check_sweep refuses freeze_layers=5 before Ray starts: skip it (checked=True) to make the trial
+    # fail the way a check cannot foresee (a node lost, memory run out), inside Tune
     result = run_sweep(cfg, space, SweepConfig(search="grid", scheduler="fifo", storage=str(tmp_path),
-                                               name="crash", verbose=0))
+                                               name="crash", verbose=0), checked=True)
     table = result.table.set_index("freeze_layers")
     assert table.loc[0, "status"] == "done" and table.loc[5, "status"] == "error"
     assert "freeze_layers=5, but the model has 1 text and 1 audio layers" in table.loc[5, "error"]
@@ -361,6 +393,82 @@ def test_a_sweep_killed_after_its_first_trial_resumes_without_rerunning_it(datas
         assert sorted({e for e, _ in epochs_run(t)}) == [1, 2]
     cfg, _, opts = load_sweep(experiment)
     assert cfg.epochs == 2 and opts.max_concurrent == 1
+
+
+# -- 15.1: --resume loads only state this user's sweeps signed --------------------------------------
+
+def test_the_sweep_key_is_made_once_readable_only_by_its_user(tmp_path, monkeypatch):
+    from ctal.distributed.signing import UntrustedStateError, sweep_key
+
+    monkeypatch.setenv("CTAL_SWEEP_KEY_FILE", str(tmp_path / "cfg" / "sweep.key"))
+    key = sweep_key()
+    assert (tmp_path / "cfg" / "sweep.key").stat().st_mode & 0o777 == 0o600
+    assert sweep_key() == key and len(key) >= 32
+    (tmp_path / "cfg" / "sweep.key").chmod(0o644)
+    with pytest.raises(UntrustedStateError, match="readable by other users.*chmod 600"):
+        sweep_key()
+    monkeypatch.setenv("CTAL_SWEEP_KEY", "from the environment")
+    assert sweep_key() == b"from the environment"
+
+
+class _Planted:
+    """A pickle that, when loaded, creates the file ``marker`` (stands for any code)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.slow
+def test_resume_refuses_state_it_did_not_sign_before_unpickling_it(dataset, ray_local, tmp_path, capsys,
+                                                                    monkeypatch):
+    """Issue 15.1 on a URI storage (pyarrow's filesystem, as s3:// takes): an honest sweep's state is
+    signed after the driver's last sync; a planted tuner.pkl, an added searcher state, a sweep
+    without a signature and one signed with another key are refused, in one line naming the file,
+    before anything is unpickled."""
+    import pickle
+
+    from ctal.distributed.signing import SIGNATURE_FILE, UntrustedStateError, verify_state
+
+    cfg = narrow_config("sentiment", dataset("sentiment"))
+    root = tmp_path / "bucket"
+    sweep = SweepConfig(search="grid", scheduler="fifo", storage=f"file://{root}", name="signed", verbose=0)
+    run_sweep(cfg, parse_search_space({"fusion": "text_only"}), sweep)
+    experiment = root / "signed"
+    where = f"file://{experiment}"
+    signed = verify_state(where, (SWEEP_FILE,))  # every state file, as the final sync left it
+    assert {"tuner.pkl", SWEEP_FILE} <= set(signed) and any(n.startswith("experiment_state-") for n in signed)
+
+    def resume():
+        capsys.readouterr()  # only what this resume prints
+        with pytest.raises(SystemExit) as e:
+            pipeline("tune_finetune").main(["--resume", "--storage", f"file://{root}", "--name", "signed"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        return err
+
+    monkeypatch.setenv("CTAL_SWEEP_KEY", "somebody else's key")
+    assert f"{SIGNATURE_FILE} was not made with your sweep key (CTAL_SWEEP_KEY)" in resume()
+    monkeypatch.delenv("CTAL_SWEEP_KEY")
+
+    honest = (experiment / "tuner.pkl").read_bytes()
+    marker = tmp_path / "planted-code-ran"
+    (experiment / "tuner.pkl").write_bytes(pickle.dumps(_Planted(marker)))
+    assert "tuner.pkl is not a version this sweep signed" in resume()
+    with pytest.raises(UntrustedStateError, match="tuner.pkl"):
+        run_sweep(cfg, parse_search_space({"fusion": "text_only"}), sweep, resume=True)
+    assert not marker.exists()
+    (experiment / "tuner.pkl").write_bytes(honest)
+
+    (experiment / "searcher-state-2099.pkl").write_bytes(pickle.dumps(_Planted(marker)))
+    assert "searcher-state-2099.pkl is not a version this sweep signed" in resume()
+    (experiment / "searcher-state-2099.pkl").unlink()
+
+    (experiment / SIGNATURE_FILE).unlink()
+    assert f"has no {SIGNATURE_FILE}" in resume()
+    assert not marker.exists()
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ With ``--verbose`` all of it is back, as Ray prints it by default.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -40,6 +41,8 @@ def quiet_driver() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
     logging.getLogger("ray.tune.utils.util").setLevel(logging.ERROR)  # "... may be a performance bottleneck"
+    # "Token authentication is enabled for this Ray cluster": a local Ray's default since 2.59, kept on
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
@@ -48,11 +51,33 @@ def quiet_driver() -> None:
 
 def init_ray(address: Optional[str] = None, **kwargs) -> None:
     """``ray.init(address, **kwargs)`` with the console set up; no-op when Ray is already up
-    (a caller that started it chose its own console)."""
+    (a caller that started it chose its own console). Without an address (argument or RAY_ADDRESS)
+    it starts a local Ray that listens on the loopback interface only (``loopback_node``)."""
     quiet_driver()
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=verbose(),
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    with (contextlib.nullcontext() if address else loopback_node()):
+        ray.init(address=address or "local", log_to_driver=verbose(),
                  logging_level=logging.INFO if verbose() else logging.WARNING, **kwargs)
+
+
+@contextlib.contextmanager
+def loopback_node():
+    """While a local Ray starts: its node IP is 127.0.0.1, so the GCS, raylet, workers and agents bind
+    the loopback interface, not every interface, and Ray Train's MASTER_ADDR is 127.0.0.1 (torch's
+    rank-0 store server itself still listens on every interface: torch takes no bind address).
+    ``ray.init(_node_ip_address="127.0.0.1")`` cannot do it on Linux (Ray swaps a loopback address
+    for the machine's); Ray's single-machine mode (its default on macOS and Windows) does. Restored
+    afterwards: once started, Ray takes the node IP from the running node."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def tune_verbosity(requested: int) -> int:

@@ -46,6 +46,16 @@ from ctal.tokenizer import (DEFAULT_NORMALIZATION, load_backend, load_tokenizer,
 # What a ctal data set holds at its top level: an overwrite may delete a URI prefix of only these.
 _OURS = (SHARD_GLOB, QUARANTINE_FILE, REPORT_FILE, TOKENIZER_DIR, run_manifest.MANIFEST_FILE)
 
+
+class NothingToPublishError(ValueError):
+    """Every utterance was quarantined: no data set is published (the quarantine report is kept)."""
+
+
+def rejected_quarantine(out) -> str:
+    """Where a run that quarantined every utterance keeps its quarantine report: next to ``out``
+    (``out`` itself stays as it was, so an existing data set is not replaced by an empty one)."""
+    return storage.join(storage.parent(out), f"{storage.name(out)}.{QUARANTINE_FILE}")
+
 # What each actor sends back per utterance: enough for counts, hours and quarantine, no features.
 _SUMMARY_SCHEMA = pa.schema([
     ("idx", pa.int64()), ("id", pa.string()), ("audio_path", pa.string()), ("reason", pa.string()),
@@ -311,6 +321,7 @@ def run_preprocess(corpus: str, root: str | Path, out_dir: str | Path, data_cfg,
             report = _preprocess_local(rows, corpus, root, out, data_cfg, num_cpus, rows_per_row_group)
     finally:
         release_output(claim)
+    storage.delete(rejected_quarantine(out))  # an earlier refused run's report no longer applies
     if verbose:
         print(format_summary(report), flush=True)
     return report
@@ -402,6 +413,12 @@ def _finish(summary: pa.Table, rows, corpus, root, out: Path, tmp: Path, data_cf
     q = summary.filter(pc.invert(pa.array(written_mask)))
     pq.write_table(q.select([f.name for f in QUARANTINE_SCHEMA]).cast(QUARANTINE_SCHEMA),
                    tmp / QUARANTINE_FILE, compression="zstd")
+    if not n_written:  # an empty data set would only fail later, in training: refuse it here
+        kept = rejected_quarantine(out)
+        storage.upload_file(tmp / QUARANTINE_FILE, kept)
+        why = ", ".join(f"{r}: {k}" for r, k in sorted(Counter(reasons).items()))
+        raise NothingToPublishError(f"all {n_in} utterances were quarantined ({why}); nothing was published "
+                                    f"to {out}. Each utterance's reason is in {kept}")
 
     audio_s = float(sum(d for d, w in zip(summary["duration_s"].to_pylist(), written_mask) if w))
     # beside the report, which links it: the data set's code, versions, machine and times
@@ -448,8 +465,12 @@ def _preprocess_to_uri(rows: list[dict], corpus: str, root, out: str, data_cfg, 
         summary, n_actors, t_feat = _featurize(rows, data_cfg, out, num_cpus, rows_per_row_group,
                                                tok_report["bare_encoder"])
         shards = _uri_shards(summary, out)
-        report = _finish(summary, rows, corpus, root, out, staging, data_cfg, tok_report, n_actors,
-                         t_tok, t_feat, time.perf_counter() - t_start, shards=shards)
+        try:
+            report = _finish(summary, rows, corpus, root, out, staging, data_cfg, tok_report, n_actors,
+                             t_tok, t_feat, time.perf_counter() - t_start, shards=shards)
+        except NothingToPublishError:
+            storage.delete(out)  # the tokenizer uploaded for the actors: an output that never was
+            raise
         storage.upload_file(staging / QUARANTINE_FILE, storage.join(out, QUARANTINE_FILE))
         storage.upload_file(staging / run_manifest.MANIFEST_FILE, storage.join(out, run_manifest.MANIFEST_FILE))
         storage.upload_file(staging / REPORT_FILE, storage.join(out, REPORT_FILE))  # last: marks it complete

@@ -31,6 +31,8 @@ from ctal.report import SweepResult, trial_row, write_results
 from ctal.search_space import SearchSpace, apply_params, check_sweep, parse_search_space
 from ctal.tasks import get_task
 
+from .signing import StateSigner, sign_sweep, verify_state
+
 SWEEP_FILE = "sweep.json"
 BEST_DIR = "best_checkpoint"
 
@@ -160,6 +162,8 @@ def run_sweep(cfg: FinetuneConfig, space: SearchSpace, sweep: SweepConfig, *, re
     trainable = _trainable(cfg, data, sweep, where)
     trials = TrialProgress(metric, task.mode, _n_trials(space, sweep))
     if resume:
+        # Before Ray unpickles anything there (tuner.pkl first): only versions this user's sweep signed.
+        sign_sweep(where, (SWEEP_FILE,), verify_state(where, (SWEEP_FILE,)))  # drops versions long gone
         tuner = tune.Tuner.restore(where, trainable, resume_errored=True)
         experiment.mkdir(parents=True, exist_ok=True)  # for a URI sweep: the new staging directory
     else:
@@ -172,10 +176,12 @@ def run_sweep(cfg: FinetuneConfig, space: SearchSpace, sweep: SweepConfig, *, re
                            tune_config=_tune_config(space, sweep, metric, task.mode, cfg.epochs),
                            run_config=tune.RunConfig(
                                name=experiment.name, storage_path=storage.parent(where),
-                               verbose=tune_verbosity(sweep.verbose), callbacks=[trials, *tracked],
+                               verbose=tune_verbosity(sweep.verbose),
+                               callbacks=[trials, *tracked, StateSigner((SWEEP_FILE,))],
                                checkpoint_config=tune.CheckpointConfig(
                                    num_to_keep=1, checkpoint_score_attribute=metric,
                                    checkpoint_score_order=task.mode)))  # best + latest (kept to resume)
+        sign_sweep(where, (SWEEP_FILE,))  # tuner.pkl (Tuner() wrote it) and sweep.json
     with manifest.recorded_run(where, "sweep", {"config": cfg, "sweep": sweep, "space": space.source}):
         try:
             grid = tuner.fit()

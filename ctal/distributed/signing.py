@@ -1,0 +1,243 @@
+"""Signed sweep state: ``--resume`` loads only what this user's sweeps wrote (issue 15.1).
+
+Ray Tune's restore unpickles files from the sweep's storage: ``tuner.pkl``, the newest
+``experiment_state-*.json`` (trials embed cloudpickle blobs), the search algorithm's
+``basic-variant-state-*.json`` / ``search_gen_state-*.json`` / ``searcher-state-*.pkl`` and the callbacks'
+``callback-states-*.pkl`` (all cloudpickle, whatever their suffix). In a shared bucket anyone who can
+write there could plant code that runs on the driver. So every such file (and our ``sweep.json``) is
+covered by an HMAC-SHA256 under a key that lives outside the storage, and ``verify_state`` refuses a
+sweep whose files it does not cover before anything is unpickled.
+
+The signature file ``SIGNATURE_FILE`` at the sweep's top level maps each file name to the SHA-256 of
+the versions this sweep wrote, with one HMAC over that map. It is written when the sweep is created
+(``sign_sweep``) and, by the ``StateSigner`` Tune callback, each time the driver saves its state: Ray
+calls ``get_state`` of every callback while it saves (after the experiment and searcher state, before
+it uploads them), so the new versions are signed, in the storage itself, before the upload that
+carries them starts; ``on_step_end`` and ``on_experiment_end`` sign whatever was written after that
+(e.g. the callbacks' own state). Earlier versions stay accepted until the next resume, because an
+upload in flight may still land one of them.
+
+The key: ``CTAL_SWEEP_KEY`` (its text), else the file ``CTAL_SWEEP_KEY_FILE`` names, else
+``~/.config/ctal/sweep.key``, created (mode 0600) with a random key on first use. Trial directories
+need no signature: Ray reads a trial's ``error.pkl`` only when the signed experiment state names it
+(and a resume clears those names), our checkpoints are safetensors and JSON, and Ray Train's run state
+is JSON parsed by pydantic.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import uuid
+from pathlib import Path
+from typing import Optional
+
+import pyarrow.fs as pafs
+from ray.tune import Callback
+
+from ctal import storage
+
+KEY_ENV = "CTAL_SWEEP_KEY"
+KEY_FILE_ENV = "CTAL_SWEEP_KEY_FILE"
+DEFAULT_KEY_FILE = "~/.config/ctal/sweep.key"
+SIGNATURE_FILE = "ctal-state.hmac"  # neither .json nor .pkl: Ray's sync_down leaves it alone
+
+
+class UntrustedStateError(ValueError):
+    """A sweep's state is not signed with this user's key: resuming it could run foreign code."""
+
+
+def ray_state_patterns() -> tuple[str, ...]:
+    """The file names (fnmatch) at a sweep's top level that Ray Tune's restore unpickles, taken from
+    Ray's own templates so that a Ray upgrade that renames one is followed."""
+    from ray.tune.callback import CallbackList
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.impl.tuner_internal import _TUNER_PKL
+    from ray.tune.search import BasicVariantGenerator, SearchGenerator, Searcher
+
+    templates = (TuneController, Searcher, SearchGenerator, BasicVariantGenerator, CallbackList)
+    return (_TUNER_PKL, *(cls.CKPT_FILE_TMPL.format("*") for cls in templates))
+
+
+# --------------------------------------------------------------------------------------------------
+# the key
+
+
+def _key_file() -> Path:
+    return Path(os.environ.get(KEY_FILE_ENV) or DEFAULT_KEY_FILE).expanduser()
+
+
+def _key_source() -> str:
+    return KEY_ENV if os.environ.get(KEY_ENV) else str(_key_file())
+
+
+def sweep_key() -> bytes:
+    """This user's signing key: CTAL_SWEEP_KEY, else the key file (created 0600 on first use)."""
+    if os.environ.get(KEY_ENV):
+        return os.environ[KEY_ENV].encode("utf-8")
+    path = _key_file()
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+        try:
+            os.link(tmp, path)  # whole or not at all; another process that got there first wins
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:  # as ssh does: a key others can read signs nothing
+        raise UntrustedStateError(f"{path}: the sweep key is readable by other users (mode {mode:o}); "
+                                  f"run chmod 600 {path}")
+    key = path.read_text(encoding="utf-8").strip()
+    if not key:
+        raise UntrustedStateError(f"{path}: the sweep key file is empty; delete it to make a new key")
+    return key.encode("utf-8")
+
+
+# --------------------------------------------------------------------------------------------------
+# the signature file: {name: [sha256, ...]} and one HMAC over it
+
+
+def _mac(key: bytes, files: dict) -> str:
+    return hmac.new(key, json.dumps(files, sort_keys=True).encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def _state_files(fs: pafs.FileSystem, d: str, patterns) -> list[str]:
+    infos = fs.get_file_info(pafs.FileSelector(d, allow_not_found=True, recursive=False))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.File
+                  and any(fnmatch.fnmatch(i.base_name, p) for p in patterns))
+
+
+def _sha256(fs: pafs.FileSystem, path: str) -> str:
+    with fs.open_input_stream(path) as f:
+        return hashlib.sha256(f.readall()).hexdigest()
+
+
+def _write_signature(fs: pafs.FileSystem, d: str, files: dict, key: bytes) -> None:
+    text = json.dumps({"files": files, "hmac": _mac(key, files)}, sort_keys=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        storage.write_text(os.path.join(d, SIGNATURE_FILE), text)  # tmp + rename: never half a file
+        return
+    with fs.open_output_stream(f"{d}/{SIGNATURE_FILE}") as f:  # an object store PUT is whole
+        f.write(text.encode("utf-8"))
+
+
+def _read_signature(fs: pafs.FileSystem, d: str, key: bytes, where: str) -> Optional[dict]:
+    """The signed map, None when there is no signature file; UntrustedStateError when it is not ours."""
+    path = f"{d}/{SIGNATURE_FILE}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        raw = f.readall()
+    try:
+        doc = json.loads(raw)
+        files, mac = doc["files"], doc["hmac"]
+    except (ValueError, KeyError, TypeError):
+        files, mac = None, ""
+    if not isinstance(files, dict) or not hmac.compare_digest(str(mac), _mac(key, files)):
+        raise UntrustedStateError(
+            f"refusing to resume {where}: {SIGNATURE_FILE} was not made with your sweep key "
+            f"({_key_source()}), so Ray's state files there may run foreign code when loaded; resume it "
+            f"with the key that started it ({KEY_ENV}), or start a new sweep (another --name)")
+    return files
+
+
+def verify_state(where: str, ours: tuple[str, ...] = ()) -> dict:
+    """Check, before anything there is unpickled, that every file Ray's restore reads at the sweep
+    ``where`` (a directory or URI; plus the names ``ours``) is a version this user's sweep signed.
+    Returns the signed map reduced to the files as they are now; raises UntrustedStateError naming the
+    first file that is not covered."""
+    key = sweep_key()
+    fs, d = storage.resolve(where)
+    files = _read_signature(fs, d, key, where)
+    if files is None:
+        raise UntrustedStateError(
+            f"refusing to resume {where}: it has no {SIGNATURE_FILE}, so nothing shows that this user's sweep "
+            "wrote the Ray state there (Ray unpickles it: code); start a new sweep (another --name), or if you "
+            "wrote every file there yourself, sign it: ctal.distributed.signing.sign_sweep(DIR)")
+    current = {}
+    for name in _state_files(fs, d, (*ray_state_patterns(), *ours)):
+        digest = _sha256(fs, f"{d}/{name}")
+        if digest not in files.get(name, ()):
+            raise UntrustedStateError(
+                f"refusing to resume {where}: {name} is not a version this sweep signed (changed or added "
+                "since it was written) and Ray would unpickle it; put back a copy you trust, or start a new "
+                "sweep (another --name)")
+        current[name] = [digest]
+    return current
+
+
+def sign_sweep(where: str, ours: tuple[str, ...] = (), files: Optional[dict] = None) -> None:
+    """Write the signature file of the sweep ``where``: the signed map ``files`` (from
+    ``verify_state``), or by default every state file there as it is now (a sweep just created)."""
+    key = sweep_key()
+    fs, d = storage.resolve(where)
+    if files is None:
+        files = {n: [_sha256(fs, f"{d}/{n}")] for n in _state_files(fs, d, (*ray_state_patterns(), *ours))}
+    _write_signature(fs, d, files, key)
+
+
+class StateSigner(Callback):
+    """Tune callback on the driver: signs each version of Ray's state files as the driver writes
+    them (module docstring). Where the sweep lives comes from Ray's trials (their storage), which a
+    restore points at the sweep's new location: nothing about the location or the key is pickled."""
+
+    def __init__(self, ours: tuple[str, ...] = ()):
+        self.ours = tuple(ours)
+        self._trials: Optional[list] = None
+        self._files: Optional[dict] = None  # the signed map, loaded from the storage on first use
+        self._stat: dict[str, tuple[int, int]] = {}  # staging file → (mtime_ns, size) last signed
+        self._where = None
+        self._key: Optional[bytes] = None
+
+    def __getstate__(self):  # Tune pickles its callbacks into tuner.pkl
+        return {"ours": self.ours}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def on_step_begin(self, iteration, trials, **info):
+        self._trials = trials
+
+    def get_state(self):
+        self._sign()  # called while Ray saves its state, before the upload (module docstring)
+        return None  # nothing of ours to restore
+
+    def on_step_end(self, iteration, trials, **info):
+        self._trials = trials
+        self._sign()
+
+    def on_experiment_end(self, trials, **info):
+        self._trials = trials
+        self._sign()
+
+    def _sign(self) -> None:
+        if not self._trials:  # no trial yet: Ray has saved nothing worth resuming
+            return
+        st = self._trials[0].storage
+        fs, d, staging = st.storage_filesystem, st.experiment_fs_path, st.experiment_driver_staging_path
+        key = self._key = self._key or sweep_key()
+        if self._files is None or self._where != (fs.type_name, d):
+            self._where = (fs.type_name, d)
+            self._files = _read_signature(fs, d, key, d) or {}
+        changed = False
+        for name in _state_files(pafs.LocalFileSystem(), staging, (*ray_state_patterns(), *self.ours)):
+            path = os.path.join(staging, name)
+            s = os.stat(path)
+            if self._stat.get(name) == (s.st_mtime_ns, s.st_size):
+                continue
+            with open(path, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            self._stat[name] = (s.st_mtime_ns, s.st_size)
+            if digest not in self._files.setdefault(name, []):
+                self._files[name].append(digest)
+                changed = True
+        if changed:
+            _write_signature(fs, d, self._files, key)
