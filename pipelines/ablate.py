@@ -43,7 +43,7 @@ def demo_inputs(args, out: Path) -> tuple[str, Path, str, list[str], list[str]]:
     corpus, pre_corpus, data, pre_data = (out / n for n in ("corpus", "corpus_pretrain", "data", "data_pretrain"))
     if not stage(out, "corpus"):
         synthesize_corpora(out, size, 0, corpus, pre_corpus)
-    init_ray(include_dashboard=False)
+    init_ray()  # joins the cluster named by RAY_ADDRESS, else starts a local one
     if not stage(out, "data"):
         say("data", "both corpora to Parquet with Ray Data, one shared BPE")
         preprocess_corpora(out, CONFIGS, {"pretrain": ("librispeech", pre_corpus, pre_data),
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
 
     runs_per_cell = len(study.seeds) * (study.tuning.get("num_samples", 1) if study.tuning else 1)
     say("ablate", f"{len(configs)} cells x {runs_per_cell} runs of {task} with Ray Tune (the grid in {out / 'grid'})")
-    init_ray(include_dashboard=False)
+    init_ray()  # joins the cluster named by RAY_ADDRESS, else starts a local one
     runs = run_study(configs, study, space, task_data, out, cpus_per_trial=args.cpus_per_trial,
                      max_concurrent=args.max_concurrent)
     say("evaluate", "each (cell, seed)'s best-on-dev checkpoint on the test split, once")
