@@ -40,6 +40,7 @@ def demo_inputs(args, out: Path) -> tuple[str, Path, str, list[str], list[str]]:
     from ctal.distributed.train import pretrain
 
     size = SIZES["ablate-quick" if args.quick else "ablate"]
+    out.mkdir(parents=True, exist_ok=True)
     corpus, pre_corpus, data, pre_data = (out / n for n in ("corpus", "corpus_pretrain", "data", "data_pretrain"))
     if not stage(out, "corpus"):
         synthesize_corpora(out, size, 0, corpus, pre_corpus)
@@ -83,7 +84,6 @@ def main(argv=None) -> int:
     out = Path(args.out or ("runs/ablate-demo" if args.demo else "runs/ablate")).resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     default = "ablate_demo_quick.yaml" if args.demo and args.quick else "ablate_demo.yaml" if args.demo else "ablate.yaml"
     try:
         study = load_study(args.config or CONFIGS / default)
@@ -103,6 +103,7 @@ def main(argv=None) -> int:
         configs, space = prepare_study(base, study, init, task_data)
     except (ConfigError, FileNotFoundError, ValueError, CheckpointError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
+    out.mkdir(parents=True, exist_ok=True)
     write_subsets(out / "subsets.json", TASKS[task], task_data.meta, study, base)
 
     from ctal.distributed.ablate import run_study

@@ -218,3 +218,16 @@ def test_quick_demo_killed_mid_grid_resumes_without_rerunning_a_finished_run(tmp
     assert (out / "label_efficiency.png").stat().st_size > 0
     subsets = json.loads((out / "subsets.json").read_text())["seed=0"]["main"]
     assert set(subsets["0.5"]) < set(subsets["1.0"])
+
+
+def test_a_bad_request_exits_2_before_ray_starts_and_writes_nothing(tmp_path, capsys):
+    from pipelines.ablate import main
+
+    study = tmp_path / "study.yaml"
+    study.write_text("seeds: [0, 1]\n")
+    for argv, message in ((["--task", "sentiment"], "--task and --data are required"),
+                          (["--demo", "--config", str(study)], "seeds must be >= 3")):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--out", str(tmp_path / "out")])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
