@@ -334,7 +334,7 @@ def write_report(out: Path, study: Study, runs: pd.DataFrame, metric: str, *, ta
     out = Path(out)
     runs.to_csv(out / "results.csv", index=False)
     cells, diffs = summarize_cells(runs, metric), compare(study, runs, metric)
-    how = ("fixed hyperparameters (the budget below; no tuning)" if not study.tuning else
+    how = ("fixed (the fine-tuning config as given, no tuning)" if not study.tuning else
            f"tuned per cell and seed on dev by a nested random sweep of {study.tuning.get('num_samples', 1)} "
            f"sample(s) over {study.tuning['space']}")
     lines = ["# Ablation report", "", *header, "",

@@ -118,6 +118,8 @@ def main(argv=None) -> int:
     runs = score_on_test(runs, task_data, task)
     command = "python pipelines/ablate.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     header = [f"`{command}`", "", *header, f"Data: {base.data}; pretrained level: {init or '(none given)'}.",
+              f"Fine-tuning config: lr {base.lr:g}, batch {base.batch_size}, warmup {base.warmup_ratio:g}, "
+              f"weight decay {base.weight_decay:g}, dropout {base.model.hidden_dropout_prob:g}, epochs {base.epochs}.",
               f"Wall time: {time.time() - t0:.0f} s (this invocation)."]
     path = write_report(out, study, runs, metric, task=task, header=header)
     print(path.read_text().split("## Every run")[0])
