@@ -197,6 +197,10 @@ class FinetuneConfig:
     fold: Optional[str] = None  # emotion: the held-out session; None = all five folds
     seed: int = 0
     bf16: bool = True  # autocast on GPU only
+    # Train on a nested, class-stratified subset of each fold's training rows (ctal.ablation.label_subset),
+    # chosen by label_subset_seed alone so every model seed and cell sees the same rows.
+    label_fraction: float = 1.0
+    label_subset_seed: int = 0
     tracking: Tracking = "none"  # sweeps: one tracker run per trial (ctal.distributed.tracking)
     tracking_uri: Optional[str] = None  # None: a local store in the sweep's directory; http(s)://: a server
 
@@ -432,7 +436,8 @@ def validate_finetune_config(cfg: FinetuneConfig) -> None:
     """A fine-tuning run's ranges (the data set and the protocol are checked by ctal.finetune.prepare)."""
     check_ranges(cfg, {"lr": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup_ratio": BELOW_1,
                        "epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "freeze_layers": NON_NEGATIVE,
-                       "max_frames": AT_LEAST_1, "clip_grad_norm": NON_NEGATIVE})
+                       "max_frames": AT_LEAST_1, "clip_grad_norm": NON_NEGATIVE,
+                       "label_fraction": (lambda v: 0 < v <= 1, "in (0, 1]")})
     validate_model_config(cfg.model)
     m = cfg.model  # with init the checkpoint's layers count: ctal.finetune.freeze checks those
     if not cfg.init and cfg.freeze_layers > min(m.num_text_layers, m.num_audio_layers):

@@ -21,6 +21,10 @@ SIZES = {  # task and pretraining utterances, pretraining steps, fine-tuning epo
                  variants=tuple(FUSION_VARIANTS), restarts=2),
     "quick": dict(utterances=1200, pretrain_utterances=600, steps=100, epochs=20,
                   variants=("ctal", *UNIMODAL), restarts=1),
+    # pipelines/ablate.py --demo: pretraining on more read speech than the task holds, so pretraining
+    # has something to teach; epochs, seeds and fractions are the study's (configs/ablate_demo*.yaml).
+    "ablate": dict(utterances=480, pretrain_utterances=1200, steps=600),
+    "ablate-quick": dict(utterances=100, pretrain_utterances=120, steps=20),
 }
 # Frames every 40 ms (50 ms windows) instead of the paper's 10 ms: a quarter of the audio-stream cost,
 # so a CPU affords the epochs the interaction label needs.
@@ -60,6 +64,41 @@ def synthesize_corpora(out: Path, size: dict, seed: int, corpus: Path, pre_corpu
     return done(out, "corpus", {
         "pretrain": synthesize("librispeech", pre_corpus, size["pretrain_utterances"], seed),
         "task": synthesize("mosei", corpus, size["utterances"], seed)}, t0)
+
+
+def preprocess_corpora(out: Path, configs: Path, jobs: dict, run_preprocess) -> dict:
+    """Stage 2: every corpus of ``jobs`` (name → (layout, root, dest)) to Parquet with one shared BPE
+    tokenizer (the fine-tuned model keeps the pretrained embeddings). ``run_preprocess``: the Ray Data
+    stage (ctal.distributed.preprocess.run_preprocess), passed in so this module stays Ray-free."""
+    from .config import DataConfig, load_config
+    from .corpora import read_corpus
+    from .data import train_transcript_tokenizer
+
+    t0 = time.time()
+    manifests = {name: read_corpus(layout, root) for name, (layout, root, _) in jobs.items()}
+    data_cfg = load_config(DataConfig, [configs / "preprocess.yaml"],
+                           ["vocab_size=2000", f"tokenizer={out / 'tokenizer'}", *DEMO_FEATURES])
+    train_transcript_tokenizer([r for m in manifests.values() for r in m], data_cfg, out / "tokenizer")
+    reports = {name: run_preprocess(layout, root, dest, data_cfg, overwrite=True, rows=manifests[name])
+               for name, (layout, root, dest) in jobs.items()}
+    return done(out, "data", {name: {"written": r.get("written"), "quarantined": r.get("quarantined")}
+                              for name, r in reports.items()}, t0)
+
+
+def pretrain_read_speech(out: Path, configs: Path, size: dict, pre_data: Path, workers: int, seed: int,
+                         pretrain) -> dict:
+    """Stage 3: the narrow 3+3 CTAL pretrained on the read speech; ``pretrain``: the Ray Train stage
+    (ctal.distributed.train.pretrain). Returns {"checkpoint", "run_dir"}."""
+    from .config import PretrainConfig, load_config
+
+    t0 = time.time()
+    cfg = load_config(PretrainConfig, [configs / "pretrain.yaml", configs / "narrow.yaml"], [
+        f"data={pre_data}", "split=train-clean-100", f"max_steps={size['steps']}",
+        f"num_workers={workers}", "lr=1e-3", f"batch_size={8 * workers}", "max_frames=1000", "log_every=10",
+        f"checkpoint_every={max(10, size['steps'] // 3)}", f"storage_path={out}", "run_name=pretrain",
+        f"seed={seed}", "shrink_cpus_per_worker=true"])
+    result = pretrain(cfg)
+    return done(out, "pretrain", {"checkpoint": str(result.checkpoint), "run_dir": str(result.run_dir)}, t0)
 
 
 def restrict_space(space: dict, size: dict) -> dict:

@@ -181,6 +181,7 @@ def build_model(cfg: FinetuneConfig, task: Task, classes: Optional[list[str]], d
     head = dict(num_labels=num_labels, problem_type=task.problem_type,
                 id2label={i: str(c) for i, c in enumerate(classes or ["score"])})
     tok = data.tokenizer
+    torch.manual_seed(cfg.seed)  # fresh weights (and a pretrained model's new head) depend on the seed only
     if cfg.init:
         init = check_init(cfg.init, data)
         m = cfg.model
@@ -195,7 +196,6 @@ def build_model(cfg: FinetuneConfig, task: Task, classes: Optional[list[str]], d
         model_cfg = to_dict(cfg.model)
         # A fresh model takes its vocabulary from the data set's tokenizer.
         model_cfg.update(vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id)
-        torch.manual_seed(cfg.seed)  # fresh weights depend on the seed only
         model = CTALForSequenceClassification(CTALConfig(**model_cfg, **head))
     freeze(model, cfg.freeze_layers)
     return model
@@ -281,7 +281,7 @@ def finetune(cfg: FinetuneConfig, *, data: Optional[TaskData] = None, out_dir: O
     validate_finetune_config(cfg)
     task = get_task(cfg.task)
     data = data if data is not None else TaskData.load(cfg.data)
-    folds = task.folds(data.meta, cfg.fold, cfg.seed)
+    folds = [_label_subset(task, data, f, cfg) for f in task.folds(data.meta, cfg.fold, cfg.seed)]
     if cfg.init is None and rank == 0:
         print(FRESH_MODEL_WARNING, file=sys.stderr, flush=True)
     device = _device()
@@ -346,6 +346,15 @@ def finetune(cfg: FinetuneConfig, *, data: Optional[TaskData] = None, out_dir: O
             else:
                 report(metrics, None)
     return FinetuneResult(history, best, out / "best" if out is not None and best else None)
+
+
+def _label_subset(task: Task, data: TaskData, fold: Fold, cfg: FinetuneConfig) -> Fold:
+    """The fold with its training rows cut to cfg.label_fraction (ctal.ablation.fold_subset)."""
+    if cfg.label_fraction == 1:
+        return fold
+    from ctal.ablation import fold_subset
+
+    return fold_subset(task, data.meta, fold, cfg.label_fraction, cfg.label_subset_seed)
 
 
 def _resume_state(resume: Path, data: TaskData) -> dict:

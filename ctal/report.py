@@ -202,3 +202,45 @@ def write_demo_report(out_dir: Path, *, summary: list[str], test_rows: list[dict
     path.write_text("\n".join(text))
     (out_dir / "test_metrics.json").write_text(json.dumps(test_rows, indent=1))  # the table, for scripts
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# ablation studies (ctal.ablation): cells with mean and 95 % interval over seeds
+
+
+def plot_label_efficiency(cells: pd.DataFrame, metric: str, out: Path) -> Optional[Path]:
+    """Test metric vs label fraction, one line per init level (pretrained, scratch) at the cells'
+    other factors, the 95 % interval over seeds as a band; None when no init level spans 2 fractions."""
+    curves = [(init, g.sort_values("fraction")) for (init, *_), g in
+              cells.groupby(["init", "fusion", "orthogonality_weight"]) if g["fraction"].nunique() > 1]
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for init, g in curves:
+        line, = ax.plot(g["fraction"], g["mean"], marker="o", label=f"{init} ({g['fusion'].iloc[0]})")
+        ax.fill_between(g["fraction"], g["ci_low"], g["ci_high"], color=line.get_color(), alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(cells["fraction"].unique()), [f"{f:g}" for f in sorted(cells["fraction"].unique())])
+    ax.set_xlabel("fraction of the labelled training set")
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title("label efficiency (band: 95 % interval over seeds)")
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def plot_question(cells: pd.DataFrame, factor: str, across: tuple, metric: str, title: str, out: Path) -> Path:
+    """One bar per cell of a question (grouped by its `across` levels), error bars = 95 % interval."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels = [", ".join(f"{a}={r[a]:g}" for a in across) + (" " if across else "") + str(r[factor])
+              for r in cells.to_dict("records")]
+    means = cells["mean"].to_numpy(dtype=float)
+    err = [means - cells["ci_low"].to_numpy(dtype=float), cells["ci_high"].to_numpy(dtype=float) - means]
+    ax.bar(range(len(means)), means, yerr=[[0 if math.isnan(e) else e for e in side] for side in err],
+           capsize=4, color="tab:blue")
+    ax.set_xticks(range(len(means)), labels)
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, out)

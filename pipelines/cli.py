@@ -24,6 +24,7 @@ COMMANDS = {
     "evaluate": "evaluate",
     "embed": "embed",
     "demo": "demo",
+    "ablate": "ablate",
     "convert-release": "convert_release",
 }
 

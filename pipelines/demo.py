@@ -23,10 +23,10 @@ from pathlib import Path
 import yaml
 
 from ctal.checkpoint import record_command
-from ctal.config import DataConfig, FinetuneConfig, PretrainConfig, load_config
+from ctal.config import FinetuneConfig, load_config
 from ctal.console import VERBOSE_HELP, set_verbose, stage as say
 from ctal.manifest import recorded_run
-from ctal.shipped import shipped
+from ctal.shipped import folder, shipped
 
 
 def main(argv=None) -> int:
@@ -52,13 +52,12 @@ def main(argv=None) -> int:
 
 
 def stages(args, size: dict, out: Path) -> int:
-    from ctal.demo import DEMO_FEATURES, demo_report, done, evaluate_variants, restrict_space, stage, synthesize_corpora
+    from ctal.demo import (demo_report, done, evaluate_variants, preprocess_corpora, pretrain_read_speech,
+                           restrict_space, stage, synthesize_corpora)
 
     narrow = shipped("configs", "narrow.yaml")
     t_start = time.time()
 
-    from ctal.corpora import read_corpus
-    from ctal.data import train_transcript_tokenizer
     from ctal.distributed.console import init_ray
     from ctal.distributed.preprocess import run_preprocess
     from ctal.distributed.train import pretrain
@@ -79,30 +78,15 @@ def stages(args, size: dict, out: Path) -> int:
     # 2. Parquet, both corpora with one tokenizer (the fine-tuned model keeps the pretrained embeddings)
     data, pre_data = out / "data", out / "data_pretrain"
     if not stage(out, "data"):
-        t0 = time.time()
         say("data", "log-Mel features and token ids of both corpora to Parquet with Ray Data, one shared BPE")
-        jobs = {"pretrain": ("librispeech", pre_corpus, pre_data), "task": ("mosei", corpus, data)}
-        manifests = {name: read_corpus(layout, root) for name, (layout, root, _) in jobs.items()}
-        data_cfg = load_config(DataConfig, [shipped("configs", "preprocess.yaml")],
-                               ["vocab_size=2000", f"tokenizer={out / 'tokenizer'}", *DEMO_FEATURES])
-        train_transcript_tokenizer([r for m in manifests.values() for r in m], data_cfg, out / "tokenizer")
-        reports = {name: run_preprocess(layout, root, dest, data_cfg, overwrite=True, rows=manifests[name])
-                   for name, (layout, root, dest) in jobs.items()}
-        done(out, "data", {name: {"written": r.get("written"), "quarantined": r.get("quarantined")}
-                           for name, r in reports.items()}, t0)
+        preprocess_corpora(out, folder("configs"), {"pretrain": ("librispeech", pre_corpus, pre_data),
+                                                   "task": ("mosei", corpus, data)}, run_preprocess)
 
     # 3. pretraining
     if not (pre := stage(out, "pretrain")):
-        t0 = time.time()
         say("pretrain", f"narrow 3+3 CTAL, masked language + acoustic modeling, {size['steps']} steps on "
             f"{args.workers} Ray Train workers")
-        cfg = load_config(PretrainConfig, [shipped("configs", "pretrain.yaml"), narrow], [
-            f"data={pre_data}", "split=train-clean-100", f"max_steps={size['steps']}",
-            f"num_workers={args.workers}", "lr=1e-3", f"batch_size={8 * args.workers}", "max_frames=1000", "log_every=10",
-            f"checkpoint_every={max(10, size['steps'] // 3)}", f"storage_path={out}", "run_name=pretrain",
-            f"seed={args.seed}", "shrink_cpus_per_worker=true"])
-        result = pretrain(cfg)
-        pre = done(out, "pretrain", {"checkpoint": str(result.checkpoint), "run_dir": str(result.run_dir)}, t0)
+        pre = pretrain_read_speech(out, folder("configs"), size, pre_data, args.workers, args.seed, pretrain)
 
     # 4. sweep over the fusion variants
     task_data = TaskData.load(data)

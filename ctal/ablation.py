@@ -1,0 +1,368 @@
+"""Controlled ablation studies of CTAL fine-tuning: the grid as data, nested label subsets, and the
+statistics and report (no Ray here; `ctal.distributed.ablate` runs the grid as Ray Tune trials).
+
+A study (YAML, `configs/ablate.yaml`) names its seeds, label fractions, the budget every cell gets,
+how hyperparameters are chosen (fixed, or a nested sweep on dev per cell), a baseline cell and the
+questions. A question varies one factor (its first level is the reference) at the baseline, optionally
+across other factors (e.g. every label fraction); the grid is the union of the questions' cells, not
+the full cross product. A run is cell × seed (× hyperparameter sample when tuned); per (cell, seed) the
+run best on dev is scored once on test. Differences are paired by seed and the `across` levels, with a
+Student-t interval over the pairs, and every number in the report is recomputed from results.csv.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from ctal.config import ConfigError, FinetuneConfig, ModelConfig, to_dict
+from ctal.model import FUSION_VARIANTS
+from ctal.report import markdown_table, plot_label_efficiency, plot_question
+from ctal.tasks import TASKS
+
+INIT_LEVELS = ("pretrained", "scratch")
+FACTORS = ("init", "fusion", "orthogonality_weight", "fraction")
+# Cell factors that the grid owns: a nested sweep may not tune them (nor the budget's epochs).
+GRID_PARAMETERS = ("fusion", "orthogonality_weight", "seed", "epochs")
+# Architecture keys a scratch model copies from the pretrained checkpoint, so the two differ only in
+# their initial weights (the cell's fusion, loss weight and the budget's dropout stay the study's).
+_NOT_ARCHITECTURE = {"fusion", "orthogonality_weight", "hidden_dropout_prob", "attention_probs_dropout_prob",
+                     "mlm_weight", "acoustic_weight", "text_init"}
+CONFIDENCE = 0.95
+
+
+def metric_mode(metric: str) -> str:
+    """"min" for a metric where lower is better (a task's selection metric in min mode), else "max"."""
+    return "min" if any(t.metric == metric and t.mode == "min" for t in TASKS.values()) else "max"
+
+
+# --------------------------------------------------------------------------------------------------
+# the grid
+
+
+@dataclass(frozen=True)
+class Question:
+    name: str
+    ask: str  # the question in words, for the report
+    factor: str
+    levels: tuple  # the first is the reference: differences are reference − level
+    across: tuple = ()  # factors whose every study level gets its own cells (pairs match on them)
+
+
+@dataclass(frozen=True)
+class Study:
+    seeds: tuple
+    fractions: tuple
+    baseline: dict
+    questions: tuple
+    budget: dict = field(default_factory=dict)  # FinetuneConfig keys, the same for every cell
+    tuning: dict = field(default_factory=dict)  # {} fixed, else {"space": path, "num_samples": n}
+    metric: Optional[str] = None  # reported test metric; None: the task's selection metric
+    subset_seed: int = 0
+    source: dict = field(default_factory=dict)
+
+    def levels(self, factor: str) -> tuple:
+        return self.fractions if factor == "fraction" else ()
+
+    def question_cells(self, q: Question) -> list[dict]:
+        """The cells question ``q`` needs: its levels × every level of its ``across`` factors."""
+        spans = [self.levels(a) for a in q.across]
+        return [{**self.baseline, q.factor: level, **dict(zip(q.across, combo))}
+                for level in q.levels for combo in itertools.product(*spans)]
+
+    def cells(self) -> list[dict]:
+        """Every cell some question needs, each once, in question order."""
+        out = {}
+        for q in self.questions:
+            for c in self.question_cells(q):
+                out.setdefault(cell_key(c), c)
+        return list(out.values())
+
+
+def cell_key(cell: dict) -> str:
+    return ",".join(f"{f}={cell[f]}" for f in FACTORS)
+
+
+def parse_study(data, source: str = "study") -> Study:
+    """Validate a study mapping (see configs/ablate.yaml); ConfigError names the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping")
+    known = {"seeds", "fractions", "baseline", "questions", "budget", "tuning", "metric", "subset_seed"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    seeds, fractions = tuple(data.get("seeds") or ()), tuple(float(f) for f in data.get("fractions") or ())
+    if len(seeds) < 3 or len(set(seeds)) != len(seeds) or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"{source}: seeds must be >= 3 distinct integers (an interval needs repeats), got {list(seeds)}")
+    if not fractions or not all(0 < f <= 1 for f in fractions) or len(set(fractions)) != len(fractions):
+        raise ConfigError(f"{source}: fractions must be distinct values in (0, 1], got {list(fractions)}")
+    baseline = dict(data.get("baseline") or {})
+    if set(baseline) != set(FACTORS):
+        raise ConfigError(f"{source}: baseline must set exactly {list(FACTORS)}, got {sorted(baseline)}")
+    for factor, value in baseline.items():
+        _check_level(factor, value, fractions, f"{source}: baseline.{factor}")
+    questions = []
+    for name, q in (data.get("questions") or {}).items():
+        where = f"{source}: questions.{name}"
+        vary = q.get("vary") if isinstance(q, dict) else None
+        if not isinstance(vary, dict) or len(vary) != 1:
+            raise ConfigError(f"{where}.vary: give one factor and its levels, e.g. {{init: [pretrained, scratch]}}")
+        (factor, levels), = vary.items()
+        if factor not in FACTORS or not isinstance(levels, list) or len(levels) < 2:
+            raise ConfigError(f"{where}.vary: a factor of {list(FACTORS)} with >= 2 levels, got {factor}: {levels!r}")
+        for level in levels:
+            _check_level(factor, level, fractions, f"{where}.vary.{factor}")
+        across = tuple(q.get("across") or ())
+        if any(a != "fraction" or a == factor for a in across):
+            raise ConfigError(f"{where}.across: only [fraction] (the study's fractions), got {list(across)}")
+        levels = [float(v) if factor in ("fraction", "orthogonality_weight") else v for v in levels]
+        questions.append(Question(name, str(q.get("ask", name)), factor, tuple(levels), across))
+    if not questions:
+        raise ConfigError(f"{source}: questions: give at least one")
+    tuning = data.get("tuning", "fixed")
+    if tuning == "fixed":
+        tuning = {}
+    elif not (isinstance(tuning, dict) and set(tuning) <= {"space", "num_samples"} and tuning.get("space")
+              and isinstance(tuning.get("num_samples", 1), int) and tuning.get("num_samples", 1) >= 1):
+        raise ConfigError(f"{source}: tuning: 'fixed' or {{space: FILE, num_samples: N >= 1}}, got {tuning!r}")
+    budget = dict(data.get("budget") or {})
+    metric = data.get("metric")
+    study = Study(seeds, fractions, {**baseline, "fraction": float(baseline["fraction"]),
+                                     "orthogonality_weight": float(baseline["orthogonality_weight"])},
+                  tuple(questions), budget, dict(tuning), metric, int(data.get("subset_seed", 0)), dict(data))
+    return study
+
+
+def _check_level(factor: str, value, fractions: tuple, where: str) -> None:
+    ok = {"init": lambda v: v in INIT_LEVELS, "fusion": lambda v: v in FUSION_VARIANTS,
+          "orthogonality_weight": lambda v: isinstance(v, (int, float)) and v >= 0,
+          "fraction": lambda v: isinstance(v, (int, float)) and float(v) in fractions}[factor]
+    if not ok(value):
+        allowed = {"init": list(INIT_LEVELS), "fusion": list(FUSION_VARIANTS), "orthogonality_weight": ">= 0",
+                   "fraction": f"one of the study's fractions {list(fractions)}"}[factor]
+        raise ConfigError(f"{where}={value!r} is not allowed: {allowed}")
+
+
+def load_study(path: str | Path) -> Study:
+    with open(path, encoding="utf-8") as f:
+        return parse_study(yaml.safe_load(f), str(path))
+
+
+def cell_config(base: FinetuneConfig, cell: dict, init: Optional[str], subset_seed: int,
+                arch: Optional[dict] = None) -> FinetuneConfig:
+    """The fine-tuning config of one cell: ``base`` (with the study's budget) and the cell's levels;
+    a scratch cell gets the architecture ``arch`` (the pretrained checkpoint's config.json) when given."""
+    model = replace(base.model, fusion=cell["fusion"], orthogonality_weight=float(cell["orthogonality_weight"]))
+    if cell["init"] == "scratch" and arch:
+        keys = {f for f in to_dict(ModelConfig()) if f not in _NOT_ARCHITECTURE and f in arch}
+        model = replace(model, **{k: arch[k] for k in keys})
+    return replace(base, model=model, init=init if cell["init"] == "pretrained" else None,
+                   label_fraction=float(cell["fraction"]), label_subset_seed=subset_seed)
+
+
+def report_metric(study: Study, task: str) -> str:
+    """The study's reported test metric (default: the task's selection metric), checked against the task."""
+    names = TASKS[task].metric_names
+    metric = study.metric or TASKS[task].metric
+    if metric not in names:
+        raise ConfigError(f"metric={metric!r}: {task} reports {list(names)}")
+    return metric
+
+
+def score_on_test(runs: pd.DataFrame, data, task: str) -> pd.DataFrame:
+    """Test metrics (`test_<name>`) of each selected run's best-on-dev checkpoint, each scored once
+    through ctal.finetune.evaluate (the only reader of test rows); ``data``: the opened TaskData."""
+    from ctal.finetune import evaluate
+
+    runs = runs.copy()
+    for i in runs.index[runs["selected"]]:
+        metrics, _ = evaluate(runs.at[i, "checkpoint"], data, role="test", task=task)
+        for k, v in metrics.items():
+            runs.loc[i, f"test_{k}"] = float(v)
+    return runs
+
+
+# --------------------------------------------------------------------------------------------------
+# label subsets
+
+
+def label_subset(train: np.ndarray, strata: Optional[np.ndarray], fraction: float, seed: int) -> np.ndarray:
+    """The first ceil(fraction · n) rows of each stratum's fixed permutation (seeded by ``seed`` only),
+    in ``train``'s order: the same rows for every model seed, and nested (10 % ⊂ 30 % ⊂ 100 %)
+    because a larger fraction takes a longer prefix of the same permutations. ``strata``: the class of
+    each training row (None: regression, one stratum); every class keeps at least one row."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label_fraction={fraction} must be in (0, 1]")
+    if fraction == 1:
+        return train
+    strata = np.zeros(len(train), dtype=np.int64) if strata is None else np.asarray(strata)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for s in sorted(set(strata.tolist())):  # sorted: the permutation does not depend on row order
+        members = np.flatnonzero(strata == s)
+        keep.append(rng.permutation(members)[:max(1, math.ceil(fraction * len(members)))])
+    return train[np.sort(np.concatenate(keep))]
+
+
+def fold_subset(task, meta, fold, fraction: float, seed: int):
+    """``fold`` (a ctal.tasks.Fold) with its training rows cut to ``fraction`` by ``label_subset``,
+    stratified by class when the task has classes; dev and test rows stay whole."""
+    classes = task.classes(meta, fold)
+    strata = None if classes is None else task.targets(meta, fold.train, classes)
+    return replace(fold, train=label_subset(fold.train, strata, fraction, seed))
+
+
+def write_subsets(path: Path, task, meta, study: Study, cfg: FinetuneConfig) -> dict:
+    """The training ids of every fold at every fraction, per seed (emotion's dev speaker, and so its
+    training rows, depend on the seed; the other tasks' do not), as the runs use them, for the record."""
+    out = {f"seed={s}": {f.name: {str(x): meta.id[fold_subset(task, meta, f, x, study.subset_seed).train].tolist()
+                                  for x in study.fractions}
+                         for f in task.folds(meta, cfg.fold, s)}
+           for s in study.seeds}
+    Path(path).write_text(json.dumps(out, indent=1))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# statistics
+
+
+@dataclass(frozen=True)
+class Interval:
+    n: int
+    mean: float
+    std: float  # sample standard deviation (ddof 1); NaN for n < 2
+    low: float  # the Student-t interval of the mean; NaN for n < 2
+    high: float
+
+
+def t_interval(values, confidence: float = CONFIDENCE) -> Interval:
+    """Mean, sample std and the two-sided Student-t confidence interval of the mean of ``values``."""
+    from scipy.stats import t
+
+    x = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
+    n = len(x)
+    if n == 0:
+        return Interval(0, math.nan, math.nan, math.nan, math.nan)
+    mean = float(x.mean())
+    if n < 2:
+        return Interval(1, mean, math.nan, math.nan, math.nan)
+    std = float(x.std(ddof=1))
+    half = float(t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+    return Interval(n, mean, std, mean - half, mean + half)
+
+
+def paired_difference(a: dict, b: dict, confidence: float = CONFIDENCE) -> Interval:
+    """The interval of the mean of a[k] − b[k] over the keys both have (e.g. (seed, fraction))."""
+    keys = sorted(k for k in a if k in b and not (math.isnan(a[k]) or math.isnan(b[k])))
+    return t_interval([a[k] - b[k] for k in keys], confidence)
+
+
+def reading(diff: Interval, reference: str, other: str, metric: str, mode: str) -> str:
+    """One sentence that says what the interval supports and what it does not."""
+    if diff.n < 2:
+        return f"only {diff.n} pair(s): no interval, no conclusion about {reference} vs {other}."
+    better = (diff.mean > 0) == (mode == "max")
+    size = f"{abs(diff.mean):.3g} {metric}"
+    if diff.std == 0:
+        return (f"all {diff.n} pairs differ by exactly {diff.mean:+.3g}: no spread over seeds, so the interval "
+                "is degenerate; it supports nothing beyond these seeds (often both sides stuck at one prediction).")
+    if diff.low <= 0 <= diff.high:
+        return (f"interval includes 0: no evidence of a difference at n={diff.n} (differences from "
+                f"{diff.low:+.3g} to {diff.high:+.3g} are not ruled out).")
+    return (f"{reference} is {'better' if better else 'worse'} than {other} by {size} (interval excludes 0, "
+            f"n={diff.n}); this holds for this data and budget, not beyond them.")
+
+
+# --------------------------------------------------------------------------------------------------
+# the report
+
+
+def summarize_cells(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per cell, over its selected runs (one per seed): n, mean, std and the 95 % interval."""
+    rows = []
+    sel = runs[runs["selected"]]
+    for key, group in sel.groupby("cell", sort=False):
+        iv = t_interval(group[f"test_{metric}"].astype(float).tolist())
+        first = group.iloc[0]
+        rows.append({"cell": key, **{f: first[f] for f in FACTORS}, "n": iv.n, "mean": iv.mean, "std": iv.std,
+                     "ci_low": iv.low, "ci_high": iv.high})
+    return pd.DataFrame(rows)
+
+
+def compare(study: Study, runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per question, reference − each other level, per level of its `across` factors and pooled."""
+    mode = metric_mode(metric)
+    sel = runs[runs["selected"]]
+    rows = []
+    for q in study.questions:
+        cells = study.question_cells(q)
+        ref, others = q.levels[0], q.levels[1:]
+        spans = [("all", None)] + ([(f"{q.across[0]}={v}", v) for v in study.levels(q.across[0])]
+                                   if q.across else [])
+        for other in others:
+            for label, at in spans:
+                def values(level):
+                    keys = {cell_key(c) for c in cells if c[q.factor] == level
+                            and (at is None or c[q.across[0]] == at)}
+                    part = sel[sel["cell"].isin(keys)]
+                    return {(s, f): float(v) for s, f, v in zip(part["seed"], part["fraction"], part[f"test_{metric}"])}
+                d = paired_difference(values(ref), values(other))
+                rows.append({"question": q.name, "comparison": f"{ref} − {other}", "at": label, "n": d.n,
+                             "diff": d.mean, "ci_low": d.low, "ci_high": d.high,
+                             "reading": reading(d, str(ref), str(other), metric, mode)})
+    return pd.DataFrame(rows)
+
+
+def _pm(row) -> str:
+    return f"{row['mean']:.4f} ± {row['std']:.4f}" if not math.isnan(row["std"]) else f"{row['mean']:.4f}"
+
+
+def _ci(row) -> str:
+    return "" if math.isnan(row["ci_low"]) else f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
+
+
+def write_report(out: Path, study: Study, runs: pd.DataFrame, metric: str, *, task: str, header: list[str]) -> Path:
+    """results.csv (every run), report.md (cells, questions, plots) in ``out``."""
+    out = Path(out)
+    runs.to_csv(out / "results.csv", index=False)
+    cells, diffs = summarize_cells(runs, metric), compare(study, runs, metric)
+    how = ("fixed (the fine-tuning config as given, no tuning)" if not study.tuning else
+           f"tuned per cell and seed on dev by a nested random sweep of {study.tuning.get('num_samples', 1)} "
+           f"sample(s) over {study.tuning['space']}")
+    lines = ["# Ablation report", "", *header, "",
+             f"Task: {task}. Reported metric: test {metric} ({'lower' if metric_mode(metric) == 'min' else 'higher'} "
+             f"is better). Seeds: {list(study.seeds)}; label fractions: {list(study.fractions)} (nested subsets "
+             f"of the training split, seed {study.subset_seed}, the same rows in every cell). Budget for every "
+             f"cell: {study.budget or 'the config as given'}. Hyperparameters: {how}. Selection on dev only; "
+             "each (cell, seed)'s best-on-dev checkpoint scored once on test. Intervals: 95 % Student-t over seeds.",
+             "", "## Cells", ""]
+    table = [{**r, "mean ± std": _pm(r), "95 % CI": _ci(r)} for r in cells.to_dict("records")]
+    lines += [markdown_table(table, [*FACTORS, "n", "mean ± std", "95 % CI"]), ""]
+    plots = []
+    curve = plot_label_efficiency(cells, metric, out / "label_efficiency.png")
+    if curve is not None:
+        plots.append(curve)
+        lines += [f"![label efficiency]({curve.name})", ""]
+    lines += ["## Questions", ""]
+    for q in study.questions:
+        part = diffs[diffs["question"] == q.name]
+        rows = [{**r, "difference": f"{r['diff']:+.4f}" if not math.isnan(r["diff"]) else "",
+                 "95 % CI": _ci(r)} for r in part.to_dict("records")]
+        bars = plot_question(cells[cells["cell"].isin({cell_key(c) for c in study.question_cells(q)})],
+                             q.factor, q.across, metric, q.ask, out / f"question_{q.name}.png")
+        plots.append(bars)
+        lines += [f"### {q.ask}", "", markdown_table(rows, ["comparison", "at", "n", "difference", "95 % CI", "reading"]),
+                  "", f"![{q.name}]({bars.name})", ""]
+    lines += ["## Every run", "", "All runs are in results.csv (one row each, selected or not, failed included).", "",
+              markdown_table(runs.to_dict("records"), [c for c in runs.columns if c != "checkpoint"], ".4g"), ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

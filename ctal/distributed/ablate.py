@@ -1,0 +1,143 @@
+"""An ablation study's grid as Ray Tune trials (the Ray glue of `ctal.ablation`).
+
+One Tune experiment, `<out>/grid`: a grid search over (cell, seed), repeated `num_samples` times with
+fresh hyperparameters when the study tunes them (a nested random sweep per cell and seed), FIFO so
+every cell gets the same budget. Each trial is `ctal.distributed.tune`'s trial on the cell's config,
+so a trial reports its dev metrics with a checkpoint every epoch. Rerunning on the same `<out>`
+restores the experiment: finished trials are not rerun, unfinished ones continue from their last
+epoch checkpoint. At the end, per (cell, seed) the run best on dev is scored once on test
+(`ctal.finetune.evaluate`) and `ctal.ablation.write_report` writes results.csv and report.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from ctal.ablation import GRID_PARAMETERS, Study, cell_config, cell_key
+from ctal.checkpoint import local_copy
+from ctal.config import ConfigError, FinetuneConfig, SweepConfig, to_dict
+from ctal.finetune import TaskData, prepare
+from ctal.report import trial_row
+from ctal.search_space import SearchSpace, check_sweep, load_search_space
+from ctal.tasks import get_task
+
+from .tune import TrialProgress, _check_resources, _checkpoint_of, _first_line, _param_space, _trial
+
+GRID = "grid"
+STUDY_FILE = "study.json"
+
+
+def callbacks(metric: str, mode: str, total: int) -> list:
+    """The one place the study's Tune run takes its callbacks (tracking, e.g. MLflow, goes here)."""
+    return [TrialProgress(metric, mode, total)]
+
+
+def prepare_study(base: FinetuneConfig, study: Study, init: Optional[str], data: TaskData
+                  ) -> tuple[dict[str, FinetuneConfig], Optional[SearchSpace]]:
+    """Every cell's checked config (cell key → config) and the nested sweep's space, before Ray starts."""
+    space = None
+    if study.tuning:
+        space = load_search_space(study.tuning["space"])
+        owned = sorted(set(space.params) & set(GRID_PARAMETERS))
+        if owned:
+            raise ConfigError(f"tuning.space {study.tuning['space']} sets {owned}: the grid and the budget own "
+                              "those (every cell the same budget); remove them from the space")
+    if not init and any(c["init"] == "pretrained" for c in study.cells()):
+        raise ConfigError("the study has 'pretrained' cells: give the pretraining checkpoint (--init)")
+    arch = None
+    if init:  # the run directory's newest checkpoint; scratch cells copy its architecture
+        init = prepare(replace(base, init=init), data)[0].init
+        arch = json.loads((local_copy(init) / "config.json").read_text())
+    configs = {}
+    for cell in study.cells():
+        cfg = cell_config(base, cell, init, study.subset_seed, arch)
+        cfg, _ = prepare(cfg, data)  # ranges, the protocol, init against the data: once per cell
+        configs[cell_key(cell)] = cfg
+    if space is not None:
+        check_sweep(next(iter(configs.values())), space, SweepConfig(search="random"), data)
+    return configs, space
+
+
+def run_study(configs: dict[str, FinetuneConfig], study: Study, space: Optional[SearchSpace], data: TaskData,
+              out: Path, *, cpus_per_trial: float = 1.0, max_concurrent: Optional[int] = None) -> pd.DataFrame:
+    """Run (or continue) the grid in ``<out>/grid``; returns one row per run (needs ray.init first)."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from .console import quiet_driver
+
+    first = next(iter(configs.values()))
+    task = get_task(first.task)
+    metric = f"dev_{task.metric}"
+    sweep = SweepConfig(search="grid", scheduler="fifo", cpus_per_trial=cpus_per_trial,
+                        max_concurrent=max_concurrent, verbose=0)
+    _check_resources(sweep)
+    quiet_driver()
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    record = {"study": study.source, "configs": {k: to_dict(c) for k, c in configs.items()}}
+    experiment = out / GRID
+    trainable = tune.with_resources(
+        tune.with_parameters(_cell_trial, configs={k: to_dict(c) for k, c in configs.items()}, data=data,
+                             sweep=asdict(sweep), train_storage=str(experiment / "train_runs")),
+        {"CPU": cpus_per_trial})
+    samples = study.tuning.get("num_samples", 1) if study.tuning else 1
+    total = len(configs) * len(study.seeds) * samples
+    if tune.Tuner.can_restore(str(experiment)):
+        if json.loads((out / STUDY_FILE).read_text()) != json.loads(json.dumps(record)):
+            raise ConfigError(f"{out} holds a study with another grid or config: use another --out or --fresh")
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / STUDY_FILE).write_text(json.dumps(record, indent=1))
+        params = {"cell": tune.grid_search(list(configs)), "seed": tune.grid_search(list(study.seeds)),
+                  **(_param_space(space, "random") if space is not None else {})}
+        tuner = tune.Tuner(trainable, param_space=params, tune_config=tune.TuneConfig(
+            metric=metric, mode=task.mode, num_samples=samples, trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
+            reuse_actors=True,
+            search_alg=BasicVariantGenerator(random_state=study.subset_seed, max_concurrent=max_concurrent or 0)),
+            run_config=tune.RunConfig(name=GRID, storage_path=str(out), verbose=0,
+                                      callbacks=callbacks(metric, task.mode, total),
+                                      checkpoint_config=tune.CheckpointConfig(
+                                          num_to_keep=1, checkpoint_score_attribute=metric,
+                                          checkpoint_score_order=task.mode)))
+    grid = tuner.fit()
+    return collect(grid, study, configs, task)
+
+
+def _cell_trial(params: dict, *, configs: dict, data: TaskData, sweep: dict, train_storage: str) -> None:
+    """One run: the cell's config with the run's seed (and sampled hyperparameters)."""
+    hp = {k: v for k, v in params.items() if k != "cell"}
+    _trial(hp, base=configs[params["cell"]], data=data, sweep=sweep, train_storage=train_storage)
+
+
+def collect(grid, study: Study, configs: dict, task) -> pd.DataFrame:
+    """One row per run with its best dev epoch and checkpoint; per (cell, seed) the best on dev selected."""
+    metric = f"dev_{task.metric}"
+    cells = {cell_key(c): c for c in study.cells()}
+    rows = []
+    for result in grid:
+        config = dict(result.config)
+        cell = cells[config.pop("cell")]
+        cfg = configs[cell_key(cell)]
+        df = result.metrics_dataframe
+        history = df[df[metric].notna()] if df is not None and metric in df else None
+        error = _first_line(result.error) if result.error is not None else ""
+        trial = Path(result.path).name.removeprefix("trial_")
+        row, best = trial_row(trial, {**config, "fusion": cell["fusion"]}, history, error, cfg.epochs, metric,
+                              task.mode)
+        row.update({"cell": cell_key(cell), **cell, "checkpoint": None})
+        if best is not None:
+            ckpt = _checkpoint_of(result, best, metric, task.mode)
+            row["checkpoint"] = str(ckpt) if ckpt else None
+        rows.append(row)
+    runs = pd.DataFrame(rows)
+    sign = 1 if task.mode == "min" else -1
+    runs["rank"] = (sign * runs[metric]).where(runs["checkpoint"].notna())
+    best = runs.dropna(subset=["rank"]).sort_values(["rank", "trial"]).groupby(["cell", "seed"]).head(1).index
+    runs["selected"] = runs.index.isin(best)
+    return runs.drop(columns="rank").sort_values(["cell", "seed", "trial"]).reset_index(drop=True)

@@ -1,0 +1,233 @@
+"""Ablation studies (issue 18): the statistics against scipy on fixed inputs, nested stratified label
+subsets, the grid as YAML, the report's numbers recomputed from results.csv, and the quick demo end
+to end with its driver killed after the first finished run and resumed without rerunning it."""
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from ctal.ablation import (Interval, cell_key, label_subset, load_study, paired_difference,
+                           parse_study, reading, t_interval, write_report)
+from ctal.config import ConfigError, FinetuneConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+X = [0.61, 0.55, 0.72, 0.48, 0.66]
+Y = [0.52, 0.57, 0.60, 0.41, 0.58]
+
+
+# -- statistics against scipy ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("values", [X, X[:3], [1.0, 3.0]])
+def test_t_interval_matches_scipy(values):
+    iv = t_interval(values)
+    lo, hi = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+    ci = stats.ttest_1samp(values, 0.0).confidence_interval(0.95)
+    assert iv.n == len(values) and iv.mean == pytest.approx(np.mean(values))
+    assert iv.std == pytest.approx(np.std(values, ddof=1))
+    assert (iv.low, iv.high) == pytest.approx((lo, hi))
+    assert (iv.low, iv.high) == pytest.approx((ci.low, ci.high))
+
+
+def test_t_interval_of_three_uses_the_t_quantile_with_two_degrees_of_freedom():
+    iv = t_interval([1.0, 2.0, 3.0])  # mean 2, std 1, half width t(0.975, 2) / sqrt(3)
+    assert iv.high - 2.0 == pytest.approx(4.302652729911275 / math.sqrt(3))
+
+
+def test_paired_difference_matches_scipys_paired_t_test_and_pairs_by_key():
+    a = {(s, 0.1): x for s, x in enumerate(X)}
+    b = {(s, 0.1): y for s, y in reversed(list(enumerate(Y)))}  # order must not matter: keys pair them
+    b[(99, 0.1)] = 5.0  # no partner: left out
+    d = paired_difference(a, b)
+    ci = stats.ttest_rel(X, Y).confidence_interval(0.95)
+    assert d.n == 5 and d.mean == pytest.approx(np.mean(np.subtract(X, Y)))
+    assert (d.low, d.high) == pytest.approx((ci.low, ci.high))
+
+
+def test_one_value_gives_no_interval_and_the_reading_says_so():
+    assert math.isnan(t_interval([0.5]).low) and t_interval([]).n == 0
+    assert "no interval" in reading(paired_difference({1: 0.5}, {1: 0.4}), "a", "b", "acc2", "max")
+
+
+@pytest.mark.parametrize("diff, mode, words", [
+    (Interval(3, 0.02, 0.03, -0.05, 0.09), "max", "interval includes 0: no evidence of a difference at n=3"),
+    (Interval(3, 0.2, 0.02, 0.15, 0.25), "max", "a is better than b by 0.2 acc2"),
+    (Interval(3, 0.2, 0.02, 0.15, 0.25), "min", "a is worse than b"),
+    (Interval(3, 0.0, 0.0, 0.0, 0.0), "max", "no spread over seeds"),
+])
+def test_the_reading_follows_the_numbers(diff, mode, words):
+    assert words in reading(diff, "a", "b", "acc2", mode)
+
+
+# -- label subsets -----------------------------------------------------------------------------------
+
+def test_label_subsets_are_nested_stratified_and_independent_of_row_order():
+    rng = np.random.default_rng(5)
+    train = np.sort(rng.choice(10_000, size=200, replace=False))
+    classes = rng.integers(0, 4, size=200)
+    subsets = {f: label_subset(train, classes, f, seed=0) for f in (0.1, 0.3, 1.0)}
+    assert set(subsets[0.1]) < set(subsets[0.3]) < set(subsets[1.0]) == set(train)
+    for f in (0.1, 0.3):
+        picked = classes[np.isin(train, subsets[f])]
+        for c in range(4):
+            assert (picked == c).sum() == math.ceil(f * (classes == c).sum())  # per class, not overall
+    assert np.array_equal(label_subset(train, classes, 0.3, seed=0), subsets[0.3])  # chosen once: repeatable
+    assert not np.array_equal(label_subset(train, classes, 0.3, seed=1), subsets[0.3])
+    assert len(label_subset(train, None, 0.1, seed=0)) == 20  # regression: one stratum
+
+
+def test_label_fraction_is_range_checked_naming_the_key():
+    from ctal.config import validate_finetune_config
+
+    with pytest.raises(ConfigError, match="label_fraction=0.0 is out of range"):
+        validate_finetune_config(FinetuneConfig(label_fraction=0.0))
+
+
+# -- the grid as data --------------------------------------------------------------------------------
+
+def test_the_grid_is_the_union_of_the_questions_cells_not_the_cross_product():
+    study = load_study(ROOT / "configs" / "ablate.yaml")
+    cells = {cell_key(c) for c in study.cells()}
+    # pretraining: 2 inits x 3 fractions; fusion: 4 more variants; orthogonality: 1 more weight
+    assert len(cells) == 6 + 4 + 1 < 2 * 7 * 2 * 3
+    for f in ("demo", "demo_quick"):
+        assert load_study(ROOT / "configs" / f"ablate_{f}.yaml").cells()
+
+
+GOOD = {"seeds": [0, 1, 2], "fractions": [0.5, 1.0],
+        "baseline": {"init": "pretrained", "fusion": "ctal", "orthogonality_weight": 1.0, "fraction": 1.0},
+        "questions": {"q": {"vary": {"init": ["pretrained", "scratch"]}}}}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seeds": [0, 1]}, "seeds must be >= 3 distinct integers"),
+    ({"fractions": [0.0, 1.0]}, "fractions must be distinct values in (0, 1]"),
+    ({"baseline": {"init": "pretrained"}}, "baseline must set exactly"),
+    ({"questions": {"q": {"vary": {"fusion": ["ctal", "concat"]}}}}, "questions.q.vary.fusion='concat' is not allowed"),
+    ({"questions": {"q": {"vary": {"fraction": [0.5, 0.2]}}}}, "one of the study's fractions"),
+    ({"tuning": {"space": "x.yaml", "num_samples": 0}}, "tuning:"),
+    ({"budget_epochs": 3}, "unknown key(s) ['budget_epochs']"),
+])
+def test_a_bad_study_fails_naming_the_key(change, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_study({**GOOD, **change}, "study.yaml")
+
+
+# -- the report from results.csv ---------------------------------------------------------------------
+
+def recompute_and_compare(out: Path, metric: str):
+    """Every cell's n, mean ± std and interval in report.md, recomputed from results.csv with scipy."""
+    runs = pd.read_csv(out / "results.csv")
+    report = (out / "report.md").read_text()
+    assert len(runs) == len(report.split("## Every run")[1].strip().splitlines()) - 4  # every run listed
+    selected = runs[runs["selected"]]
+    assert not selected.duplicated(["cell", "seed"]).any()
+    for cell, group in selected.groupby("cell"):
+        x = group[f"test_{metric}"].to_numpy()
+        lo, hi = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x)) if x.std() > 0 else (x[0], x[0])
+        levels = dict(kv.split("=") for kv in cell.split(","))
+        row = (f"| {levels['init']} | {levels['fusion']} | {float(levels['orthogonality_weight']):.3f} | "
+               f"{float(levels['fraction']):.3f} | {len(x)} | {x.mean():.4f} ± {x.std(ddof=1):.4f} | "
+               f"[{lo:.4f}, {hi:.4f}] |")
+        assert row in report, (row, report)
+    return runs, report
+
+
+def test_report_numbers_are_recomputable_from_results_csv(tmp_path):
+    study = parse_study({**GOOD, "questions": {
+        "pretraining": {"ask": "Pretraining?", "vary": {"init": ["pretrained", "scratch"]}, "across": ["fraction"]},
+        "fusion": {"ask": "Fusion?", "vary": {"fusion": ["ctal", "late_concat"]}}}})
+    rng = np.random.default_rng(0)
+    rows = [{"trial": f"t{i}", "status": "done", "cell": cell_key(c), **c, "seed": s, "selected": True,
+             "test_acc2": float(rng.uniform(0.4, 0.9))}
+            for i, (c, s) in enumerate((c, s) for c in study.cells() for s in study.seeds)]
+    rows.append({**rows[0], "trial": "unselected", "selected": False, "test_acc2": math.nan})
+    write_report(tmp_path, study, pd.DataFrame(rows), "acc2", task="sentiment", header=[])
+    runs, report = recompute_and_compare(tmp_path, "acc2")
+    sel = runs[runs["selected"]].set_index(["cell", "seed"])["test_acc2"]
+    pre = {s: sel[(cell_key({**study.baseline, "fraction": 0.5}), s)] -
+           sel[(cell_key({**study.baseline, "init": "scratch", "fraction": 0.5}), s)] for s in study.seeds}
+    ci = stats.ttest_1samp(list(pre.values()), 0.0).confidence_interval(0.95)
+    assert f"| pretrained − scratch | fraction=0.5 | 3 | {np.mean(list(pre.values())):+.4f} | [{ci.low:.4f}, {ci.high:.4f}] |" in report
+    assert "| pretrained − scratch | all | 6 |" in report and "| ctal − late_concat | all | 3 |" in report
+    for name in ("label_efficiency.png", "question_pretraining.png", "question_fusion.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+# -- the quick demo end to end, killed after its first finished run and resumed ----------------------
+
+def finished_trials(experiment: Path) -> list[str]:
+    """Trial ids Tune's saved experiment state marks TERMINATED (empty while it is being written)."""
+    try:
+        state = json.loads(max(experiment.glob("experiment_state-*.json")).read_text())
+    except (ValueError, OSError):
+        return []
+    return [t["trial_id"] for t in map(lambda d: json.loads(d[0]), state["trial_data"]) if t["status"] == "TERMINATED"]
+
+
+@pytest.mark.slow
+def test_quick_demo_killed_mid_grid_resumes_without_rerunning_a_finished_run(tmp_path, ray_local, capsys):
+    out = tmp_path / "study"
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    cmd = [sys.executable, str(ROOT / "pipelines" / "ablate.py"), "--demo", "--quick", "--out", str(out)]
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    study = load_study(ROOT / "configs" / "ablate_demo_quick.yaml")
+    total = len(study.cells()) * len(study.seeds)
+    try:
+        deadline = time.time() + 420
+        while time.time() < deadline:
+            done = finished_trials(out / "grid")
+            if 1 <= len(done) < total:
+                break
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            time.sleep(0.1)
+        else:
+            pytest.fail("no run finished in time:\n" + (tmp_path / "driver.log").read_text()[-3000:])
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and what it started, by its group id
+        driver.wait()
+        log.close()
+
+    def epochs_run(trial):
+        lines = (out / "grid" / f"trial_{trial}" / "result.json").read_text().splitlines()
+        return [(r["epoch"], r["epoch_s"]) for r in map(json.loads, lines)]
+
+    before = {t: epochs_run(t) for t in done}
+    from pipelines.ablate import main
+
+    assert main(["--demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for stage in ("corpus", "data", "pretrain"):
+        assert f"[{stage}] reusing" in printed
+    for t, runs in before.items():
+        assert epochs_run(t) == runs  # finished before the kill: not trained again
+    runs, report = recompute_and_compare(out, "acc2")
+    assert len(runs) == total and set(runs["status"]) == {"done"} and runs["selected"].sum() == total
+    assert set(runs["trial"]) >= set(done)
+    assert "| pretrained − scratch | fraction=0.5 | 3 |" in report
+    assert (out / "label_efficiency.png").stat().st_size > 0
+    subsets = json.loads((out / "subsets.json").read_text())["seed=0"]["main"]
+    assert set(subsets["0.5"]) < set(subsets["1.0"])
+
+
+def test_a_bad_request_exits_2_before_ray_starts_and_writes_nothing(tmp_path, capsys):
+    from pipelines.ablate import main
+
+    study = tmp_path / "study.yaml"
+    study.write_text("seeds: [0, 1]\n")
+    for argv, message in ((["--task", "sentiment"], "--task and --data are required"),
+                          (["--demo", "--config", str(study)], "seeds must be >= 3")):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--out", str(tmp_path / "out")])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
