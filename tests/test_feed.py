@@ -117,3 +117,54 @@ def test_a_negative_frame_budget_is_refused_naming_the_key(skewed):
 
     with pytest.raises(ConfigError, match="max_frames_per_batch"):
         validate_finetune_config(_cfg(skewed, "max_frames_per_batch=-1"))
+
+
+# --------------------------------------------------------------------------------------------------
+# item 4: the feed's load-time rules in numpy, checked against torchaudio and a float64 CMVN
+
+
+def _reference_frames(fbank: np.ndarray, frontend: str) -> np.ndarray:
+    """The rules as torch computes them: torchaudio's deltas (or librosa's fitted edges), float64 CMVN."""
+    import torchaudio.functional as AF
+
+    from ctal.features import FRONTENDS, _fitted_deltas
+
+    rule = FRONTENDS[frontend]
+    x = torch.from_numpy(fbank)
+    delta = (AF.compute_deltas(x.T, win_length=rule.delta_width).T if rule.delta_edges == "replicate"
+             else _fitted_deltas(x, rule.delta_width))
+    f = torch.cat([x, delta], 1).double()
+    out = (f - f.mean(0)) / (torch.sqrt(f.var(0, unbiased=False) + rule.var_eps) + rule.std_eps)
+    return out.float().numpy()
+
+
+@pytest.mark.parametrize("frontend", ["kaldi", "release"])
+@pytest.mark.parametrize("T", [1, 3, 9, 1234])
+def test_model_frames_match_torchaudio_deltas_and_a_float64_normalization(frontend, T):
+    from ctal.features import model_frames
+
+    fbank = (np.random.default_rng(T).normal(size=(T, 80)) * 4 - 6).astype(np.float32)
+    fbank[:, 3] = -2.5  # a constant dim stays exactly 0
+    ref = _reference_frames(fbank, frontend)
+    out = model_frames(fbank, frontend)
+    assert out.dtype == np.float32 and out.shape == (T, 160)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5)
+    assert (out[:, 3] == 0).all()
+    as_torch = model_frames(torch.from_numpy(fbank), frontend)
+    assert isinstance(as_torch, torch.Tensor)
+    np.testing.assert_array_equal(as_torch.numpy(), out)
+
+
+def test_collate_reads_read_only_rows_without_copying_or_touching_them():
+    import pyarrow as pa
+
+    from ctal.batching import collate
+
+    fbank = np.random.default_rng(0).normal(size=(50, 80)).astype(np.float32)
+    frozen = pa.array(fbank.ravel()).to_numpy(zero_copy_only=True).reshape(50, 80)  # Arrow memory: read-only
+    assert not frozen.flags.writeable
+    rows = [{"input_ids": np.array([0, 5, 2]), "fbank": frozen}]
+    b = collate(rows, max_frames=40, pad_token_id=1)
+    torch.testing.assert_close(b["frames"][0], torch.from_numpy(_reference_frames(fbank[:40], "kaldi")),
+                               atol=2e-5, rtol=1e-5)
+    np.testing.assert_array_equal(frozen, fbank)
