@@ -1,7 +1,7 @@
 """Corpus → Parquet data set with Ray Data (DESIGN.md, "Parquet data contract").
 
 manifest rows (driver) → BPE training on the transcripts (driver, unless a tokenizer dir is given) →
-the manifest, put into the object store once → ``ray.data.range`` over batch numbers → ``map_batches``
+the manifest, put into the object store once → ``ray.data.from_items`` of batch numbers → ``map_batches``
 on an actor pool (manifest and tokenizer loaded once per actor) where each batch number becomes one
 run of manifest rows and one zstd Parquet shard written by the actor itself → only a small per-row
 summary travels back to the driver, which writes ``quarantine.parquet`` and ``report.json``.
