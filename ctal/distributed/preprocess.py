@@ -177,8 +177,8 @@ class _ShardWriter:
         import ray
         import torch
 
-        # The manifest once per actor: rows through Ray Data cost the driver a JSON dump, Arrow blocks
-        # and a streaming executor per row, and each actor a JSON parse (benchmarks/preprocess_throughput.py)
+        # The manifest once per actor (from the object store): no JSON dump and Arrow block per row in
+        # the driver, no JSON parse per row here
         self.manifest, self.rows_per_batch = ray.get(manifest[0]), rows_per_batch
 
         # Ray gives an actor its CPUs, not a thread count: avoid oversubscribing the node with torch.
