@@ -1,7 +1,7 @@
 """Preprocessing throughput: a plain single-process loop vs the Ray Data pipeline, same corpus, one run.
 
     python benchmarks/preprocess_throughput.py [--sizes 6000 24000] [--repeats 2] [--unique 400]
-        [--num-cpus 2] [--workdir DIR]
+        [--num-cpus 2] [--workdir DIR] [--baseline DIR]
 
 Synthesizes ``--unique`` eSpeak utterances (LibriSpeech layout) once, then builds CSV manifests of each
 size by cycling over them (every row is decoded, featurized, tokenized and written on its own; the
@@ -32,8 +32,27 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _role(pid: int) -> str:
+    """What a process of the pipeline is: the driver, an actor (Ray's process title), a Ray daemon."""
+    if pid == os.getpid():
+        return "driver"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "?"
+    if cmd.startswith("ray::"):
+        return "actors" if "ShardWriter" in cmd or "MapWorker" in cmd else "workers"
+    if "default_worker.py" in cmd:  # a worker before Ray titles it (its arguments name the raylet)
+        return "workers"
+    for name in ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env"):
+        if name in cmd:
+            return name
+    return cmd.split(" ")[0].rsplit("/", 1)[-1] or "?"
+
+
 def _tree_cpu() -> dict:
-    """{pid: CPU seconds} for this process and its descendants (Linux /proc)."""
+    """{pid: (role, CPU seconds)} for this process and its descendants (Linux /proc)."""
     tick = os.sysconf("SC_CLK_TCK")
     stats = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -47,7 +66,7 @@ def _tree_cpu() -> dict:
     while frontier:
         tree |= frontier
         frontier = {p for p, (ppid, _) in stats.items() if ppid in frontier} - tree
-    return {p: stats[p][1] for p in tree}
+    return {p: (_role(p), stats[p][1]) for p in tree}
 
 
 class _CpuSampler(threading.Thread):
@@ -60,13 +79,26 @@ class _CpuSampler(threading.Thread):
 
     def run(self):
         while not self.done.wait(0.5):
-            self.last.update(_tree_cpu())
+            self._update()
+        self.own_cpu = time.thread_time()  # scanning /proc is the benchmark's work, not the driver's
 
-    def stop(self) -> float:
+    def _update(self):
+        # A worker becomes an actor once Ray titles it; that sticks (titles change again at exit).
+        for p, (role, cpu) in _tree_cpu().items():
+            seen = self.last.get(p, ("?", 0.0))[0]
+            self.last[p] = (seen if seen == "actors" or role == "?" else role, cpu)
+
+    def stop(self) -> dict:
+        """CPU seconds used since the start, by role (see ``_role``)."""
         self.done.set()
         self.join()
-        self.last.update(_tree_cpu())
-        return sum(c - self.start_cpu.get(p, 0.0) for p, c in self.last.items())
+        self._update()
+        by_role = {}
+        for p, (role, cpu) in self.last.items():
+            by_role[role] = by_role.get(role, 0.0) + cpu - self.start_cpu.get(p, (role, 0.0))[1]
+        by_role["driver"] -= self.own_cpu
+        by_role["sampler (not counted)"] = self.own_cpu
+        return by_role
 
 
 def _child_loop(manifest: str, out: str, tokenizer: str) -> dict:
@@ -126,17 +158,21 @@ def _child_pipeline(manifest: str, out: str, tokenizer: str, num_cpus: int) -> d
     sampler = _CpuSampler()
     sampler.start()
     report = run_preprocess("csv", manifest, out, DataConfig(tokenizer=tokenizer), rows=rows, verbose=False)
-    cpu = sampler.stop()
+    cpu_by_role = sampler.stop()
     ray.shutdown()
     t = report["throughput"]
     return {"utterances": report["counts"]["in"], "audio_s": report["hours"] * 3600,
-            "wall_s": t["featurize_wall_s"], "cpu_s": cpu, "ray_init_s": t_init,
+            "wall_s": t["featurize_wall_s"],
+            "cpu_s": sum(v for k, v in cpu_by_role.items() if not k.endswith("(not counted)")),
+            "cpu_s_by_role": {k: round(v, 2) for k, v in sorted(cpu_by_role.items(), key=lambda kv: -kv[1])},
+            "ray_init_s": t_init,
             "actors": t["actors"], "shards": len(report["shards"]), "peak_rss_mb": _peak_rss_mb()}
 
 
-def _run_child(*args) -> dict:
+def _run_child(*args, pythonpath: str | None = None) -> dict:
+    env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None  # Ray's workers inherit it
     res = subprocess.run([sys.executable, __file__, "--child", *map(str, args)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"child {args[0]} failed:\n{res.stderr[-4000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -158,6 +194,8 @@ def main() -> None:
     p.add_argument("--num-cpus", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1, help="runs per mode and size; the fastest counts")
     p.add_argument("--workdir", default=None, help="keeps the synthesized corpus (default: a temp dir)")
+    p.add_argument("--baseline", default=None, metavar="DIR",
+                   help="also run the pipeline of the ctal checkout in DIR (PYTHONPATH=DIR), interleaved")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -188,14 +226,15 @@ def main() -> None:
         _write_manifest(rows, n, manifest)
         best = {}
         for _ in range(args.repeats):  # alternate the modes; keep each one's fastest run
-            for mode in ("loop", "pipeline"):
+            for mode in ("loop", "pipeline") + (("baseline",) if args.baseline else ()):
                 out = work / f"{mode}-{n}-{time.time_ns()}"
-                extra = (args.num_cpus,) if mode == "pipeline" else ()
-                r = _run_child(mode, manifest, out, tok_dir, *extra)
+                extra = (args.num_cpus,) if mode != "loop" else ()
+                r = _run_child("loop" if mode == "loop" else "pipeline", manifest, out, tok_dir, *extra,
+                               pythonpath=args.baseline if mode == "baseline" else None)
                 shutil.rmtree(out, ignore_errors=True)
                 if mode not in best or r["wall_s"] < best[mode]["wall_s"]:
                     best[mode] = r
-        results.append((n, best["loop"], best["pipeline"]))
+        results.append((n, best["loop"], best["pipeline"], best.get("baseline")))
     load_after = os.getloadavg()[0]
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
@@ -205,18 +244,28 @@ def main() -> None:
     print(f"{'utterances':>10} {'audio h':>8} | {'loop utt/s':>10} {'x rt':>6} {'RSS MB':>7} | "
           f"{'pipe utt/s':>10} {'x rt':>6} {'driver RSS':>10} {'ray.init s':>10} | {'ratio':>5} | "
           f"{'CPU ms/utt loop':>15} {'pipe':>5}")
-    for n, loop, pipe in results:
+    for n, loop, pipe, _ in results:
         lr, pr = loop["utterances"] / loop["wall_s"], pipe["utterances"] / pipe["wall_s"]
         print(f"{n:>10} {loop['audio_s'] / 3600:>8.2f} | {lr:>10.0f} {loop['audio_s'] / loop['wall_s']:>6.0f} "
               f"{loop['peak_rss_mb']:>7.0f} | {pr:>10.0f} {pipe['audio_s'] / pipe['wall_s']:>6.0f} "
               f"{pipe['peak_rss_mb']:>10.0f} {pipe['ray_init_s']:>10.1f} | {pr / lr:>5.2f} | "
               f"{1e3 * loop['cpu_s'] / n:>15.2f} {1e3 * pipe['cpu_s'] / n:>5.2f}")
+    print(f"\nCPU ms per utterance, by process (projected idle ratio = {args.num_cpus} x loop CPU / pipeline "
+          "CPU, the most the pipeline could reach with every core busy to the end):")
+    for n, loop, pipe, base in results:
+        for name, r in (("pipeline", pipe), (f"baseline {args.baseline}", base)):
+            if r is None:
+                continue
+            roles = ", ".join(f"{k} {1e3 * v / n:.2f}" for k, v in r["cpu_s_by_role"].items() if 1e3 * v / n >= 0.005)
+            print(f"  {n:>6} {name}: {1e3 * r['cpu_s'] / n:.2f} ({roles}); loop {1e3 * loop['cpu_s'] / n:.2f}; "
+                  f"projected {args.num_cpus * loop['cpu_s'] / r['cpu_s']:.2f}x, measured "
+                  f"{loop['wall_s'] / r['wall_s']:.2f}x")
     print("(pipeline time includes actor start-up, not ray.init; RSS is each process's peak, the "
           "pipeline's being the Ray driver's;\n pipeline CPU: the driver and every Ray process during "
           "run_preprocess, actor start-up included)")
     print(f"1-min load average before/after: {load_before:.1f} / {load_after:.1f} on {os.cpu_count()} "
           "cores (other processes on the machine distort both rates)")
-    print(json.dumps([{"utterances": n, "loop": lo, "pipeline": pi} for n, lo, pi in results]))
+    print(json.dumps([{"utterances": n, "loop": lo, "pipeline": pi, "baseline": b} for n, lo, pi, b in results]))
 
 
 if __name__ == "__main__":

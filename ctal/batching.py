@@ -91,8 +91,9 @@ def padding_efficiency(batches: Iterable[Sequence[int]], n_frames: Sequence[int]
 
 
 def _fbank_array(fbank) -> np.ndarray:
-    # a numpy (T, 80) or Parquet's list of 80-lists; Arrow-backed arrays are read-only: copy those
-    x = np.require(np.asarray(fbank, dtype=np.float32), requirements="W")
+    # a numpy (T, 80) or Parquet's list of 80-lists; read-only (Arrow-backed) is fine: model_frames
+    # never writes its input
+    x = np.asarray(fbank, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != FBANK_DIM:
         raise ValueError(f"fbank must be (T, {FBANK_DIM}), got shape {x.shape}")
     return x
@@ -122,8 +123,7 @@ def collate(rows: Sequence[dict], *, max_frames: int, pad_token_id: int, masking
     """
     if not rows:
         raise ValueError("collate got no rows")
-    feats = [model_frames(torch.as_tensor(_fbank_array(r["fbank"])[:max_frames].copy()), frontend)
-             for r in rows]  # copy: rows may be read-only views
+    feats = [torch.from_numpy(model_frames(_fbank_array(r["fbank"])[:max_frames], frontend)) for r in rows]
     ids = [_truncate_ids(np.asarray(r["input_ids"], dtype=np.int64), max_tokens) for r in rows]
     B, T, L = len(rows), max(len(f) for f in feats), max(len(i) for i in ids)
 

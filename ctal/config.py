@@ -191,6 +191,9 @@ class FinetuneConfig:
     warmup_ratio: float = 0.1
     epochs: int = 10
     batch_size: int = 2
+    # > 0: length-bucketed batches of at most this many padded frames (count x longest, after
+    # cropping to max_frames; batch_size unused), the dev/test batches too
+    max_frames_per_batch: int = 0
     freeze_layers: int = 0  # lowest text+audio layers kept frozen
     max_frames: int = 3000
     clip_grad_norm: float = 1.0
@@ -436,7 +439,7 @@ def validate_finetune_config(cfg: FinetuneConfig) -> None:
     """A fine-tuning run's ranges (the data set and the protocol are checked by ctal.finetune.prepare)."""
     check_ranges(cfg, {"lr": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup_ratio": BELOW_1,
                        "epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "freeze_layers": NON_NEGATIVE,
-                       "max_frames": AT_LEAST_1, "clip_grad_norm": NON_NEGATIVE,
+                       "max_frames": AT_LEAST_1, "max_frames_per_batch": NON_NEGATIVE, "clip_grad_norm": NON_NEGATIVE,
                        "label_fraction": (lambda v: 0 < v <= 1, "in (0, 1]")})
     validate_model_config(cfg.model)
     m = cfg.model  # with init the checkpoint's layers count: ctal.finetune.freeze checks those

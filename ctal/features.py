@@ -28,6 +28,7 @@ import functools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Optional
 
 import numpy as np
 import torch
@@ -161,12 +162,21 @@ def _release_mel(sample_rate: int, window: int, hop: int, n_mels: int) -> AT.Mel
                              center=True, pad_mode="reflect", norm="slaney", mel_scale="slaney")
 
 
-def _as_frames(frames) -> tuple[torch.Tensor, bool]:
-    is_numpy = isinstance(frames, np.ndarray)
-    x = torch.from_numpy(frames) if is_numpy else frames
+def _as_frames(frames) -> tuple[np.ndarray, Optional[torch.device]]:
+    """(T, D) float32 numpy frames, and the device to hand torch input back on (None: numpy input).
+    The load-time rules run in numpy: per utterance, torch's per-call overhead and its strided
+    reductions over time cost the feed several times more (benchmarks/feed_throughput.py)."""
+    device = None
+    if isinstance(frames, torch.Tensor):
+        device, frames = frames.device, frames.detach().cpu().numpy()
+    x = np.asarray(frames, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"expected one utterance's frames (T, D), got shape {tuple(x.shape)}")
-    return x.float(), is_numpy
+    return x, device
+
+
+def _returned(x: np.ndarray, device: Optional[torch.device]):
+    return x if device is None else torch.from_numpy(x).to(device)
 
 
 def _fitted_deltas(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -183,29 +193,40 @@ def _fitted_deltas(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([inner[:1].expand(half, -1), inner, inner[-1:].expand(half, -1)])
 
 
+def _replicated_deltas(x: np.ndarray, width: int) -> np.ndarray:
+    """torchaudio's compute_deltas: sum_n n (c[t+n] - c[t-n]) / (2 sum_n n^2), n = 1..width // 2,
+    the first / last frame repeated beyond the edges."""
+    half, T = width // 2, len(x)
+    padded = np.concatenate([np.repeat(x[:1], half, 0), x, np.repeat(x[-1:], half, 0)])
+    delta = np.zeros_like(x)
+    for n in range(1, half + 1):
+        delta += n * (padded[half + n:half + n + T] - padded[half - n:half - n + T])
+    return delta / np.float32(2 * sum(n * n for n in range(1, half + 1)))
+
+
 def add_deltas(fbank, win_length: int = 5, edges: str = "replicate"):
     """(T, D) → (T, 2D): fbank concatenated with its first-order delta over time. ``edges``:
     "replicate" (torchaudio's compute_deltas) or "interp" (librosa's, ``_fitted_deltas``)."""
-    x, is_numpy = _as_frames(fbank)
+    x, device = _as_frames(fbank)
     if edges == "replicate":
-        delta = AF.compute_deltas(x.T, win_length=win_length).T  # deltas run along the last axis
+        delta = _replicated_deltas(x, win_length) if len(x) else x
     elif edges == "interp":
-        delta = _fitted_deltas(x, win_length)
+        delta = _fitted_deltas(torch.from_numpy(x), win_length).numpy()
     else:
         raise ValueError(f"edges={edges!r} is not 'replicate' or 'interp'")
-    out = torch.cat([x, delta], dim=-1)
-    return out.numpy() if is_numpy else out
+    return _returned(np.concatenate([x, delta], axis=1), device)
 
 
 def normalize_utterance(frames, eps: float = 1e-5, std_eps: float = 0.0):
     """Per-utterance mean/variance normalization of each dimension, dividing by
     sqrt(var + eps) + std_eps; constant dims map to 0."""
-    x, is_numpy = _as_frames(frames)
-    x = x.double()  # float32 mean of a constant dim is off by ~1 ulp, which eps would amplify
-    mean = x.mean(dim=0, keepdim=True)
-    var = x.var(dim=0, unbiased=False, keepdim=True)
-    out = ((x - mean) / (torch.sqrt(var + eps) + std_eps)).float()
-    return out.numpy() if is_numpy else out
+    x, device = _as_frames(frames)
+    # float64 sums: a float32 mean of a constant dim is off by ~1 ulp, which eps would amplify
+    mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    centred = x - mean
+    var = np.square(centred).mean(axis=0, dtype=np.float64)
+    centred *= (1.0 / (np.sqrt(var + eps) + std_eps)).astype(np.float32)
+    return _returned(centred, device)
 
 
 def model_frames(fbank80, frontend: str = "kaldi"):

@@ -29,7 +29,7 @@ import torch
 
 from ctal import checkpoint as checkpoints
 from ctal import storage, tracking
-from ctal.batching import bucket_batches, collate, derive_seed
+from ctal.batching import bucket_batches, collate, derive_seed, padding_efficiency
 from ctal.checkpoint import Part
 from ctal.config import ConfigError, FinetuneConfig, from_dict, to_dict, validate_finetune_config
 from ctal.data import FBANK_DIM, TOKENIZER_DIR, TokenizerInfo, check_vocabulary, feature_frontend, open_dataset
@@ -322,9 +322,10 @@ def finetune(cfg: FinetuneConfig, *, data: Optional[TaskData] = None, out_dir: O
         losses = [_train_epoch(run, k, data, cfg, epoch, rank, world_size, device) for k, run in enumerate(runs)]
         per_fold = {}
         for run in runs:
-            outputs = predict(_unwrap(run.model), data, run.fold.dev, cfg.max_frames)
+            outputs = predict(_unwrap(run.model), data, run.fold.dev, cfg.max_frames, cfg.max_frames_per_batch)
             per_fold[run.fold.name] = task.score(outputs, data.meta, run.fold.dev, run.classes, cfg.seed)
         metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)),
+                   "padding_efficiency": train_padding_efficiency(data, folds, cfg, epoch, rank, world_size),
                    **{f"dev_{k}": v for k, v in task.aggregate(per_fold).items()},
                    "epoch_s": time.perf_counter() - t0}
         history.append(metrics)
@@ -376,13 +377,23 @@ def _sort_key(task: Task, metrics: dict) -> float:
 
 
 def _train_batches(data: TaskData, fold: Fold, cfg: FinetuneConfig, epoch: int, rank: int, world_size: int):
+    """This rank's batches of ``epoch`` (positions into ``fold.train``): by count, or by frame budget."""
     batches = bucket_batches(np.minimum(data.n_frames[fold.train], cfg.max_frames), batch_size=cfg.batch_size,
-                             seed=cfg.seed, epoch=epoch)
+                             max_frames_per_batch=cfg.max_frames_per_batch, seed=cfg.seed, epoch=epoch)
     usable = len(batches) // world_size * world_size  # equal step counts keep DDP ranks in lock step
     if usable == 0:
-        raise ValueError(f"fold {fold.name}: {len(fold.train)} training rows make {len(batches)} batches of "
-                         f"{cfg.batch_size}, fewer than the {world_size} workers")
+        per = (f"of up to {cfg.max_frames_per_batch} frames" if cfg.max_frames_per_batch > 0
+               else f"of {cfg.batch_size}")
+        raise ValueError(f"fold {fold.name}: {len(fold.train)} training rows make {len(batches)} batches {per}, "
+                         f"fewer than the {world_size} workers")
     return batches[rank:usable:world_size]
+
+
+def train_padding_efficiency(data: TaskData, folds: list[Fold], cfg: FinetuneConfig, epoch: int, rank: int = 0,
+                             world_size: int = 1) -> float:
+    """Real / padded frames (after cropping) of this rank's training batches in ``epoch``, all folds."""
+    batches = [fold.train[b] for fold in folds for b in _train_batches(data, fold, cfg, epoch, rank, world_size)]
+    return padding_efficiency(batches, np.minimum(data.n_frames, cfg.max_frames))
 
 
 def _train_epoch(run: _FoldRun, k: int, data: TaskData, cfg: FinetuneConfig, epoch: int, rank: int,
@@ -419,15 +430,18 @@ def _autocast(device, cfg: FinetuneConfig):
 
 
 @torch.no_grad()
-def predict(model, data: TaskData, idx: np.ndarray, max_frames: int = 3000) -> Outputs:
-    """Logits and fused embeddings for rows `idx` (in that order), batched by length."""
+def predict(model, data: TaskData, idx: np.ndarray, max_frames: int = 3000,
+            max_frames_per_batch: int = 0) -> Outputs:
+    """Logits and fused embeddings for rows `idx` (in that order), batched by length: EVAL_BATCH_SIZE
+    rows, or up to `max_frames_per_batch` > 0 padded frames, per batch (no shuffling: no seed needed)."""
     model.eval()
     device = next(model.parameters()).device
     limits = position_limits(model)
-    order = np.argsort(data.n_frames[idx], kind="stable")
+    batches = bucket_batches(np.minimum(data.n_frames[idx], max_frames), batch_size=EVAL_BATCH_SIZE,
+                             max_frames_per_batch=max_frames_per_batch, seed=0, epoch=0, shuffle=False)
     logits, emb = [None] * len(idx), [None] * len(idx)
-    for s in range(0, len(order), EVAL_BATCH_SIZE):
-        pos = order[s:s + EVAL_BATCH_SIZE]
+    for pos in batches:
+        pos = np.asarray(pos, dtype=np.int64)
         batch = _batch(data, idx[pos], None, model.config.pad_token_id, limits, max_frames, device)
         out = model(**batch)
         for j, p in enumerate(pos):
@@ -459,6 +473,6 @@ def evaluate(checkpoint: str | Path, data: Optional[TaskData] = None, role: str 
         fold = folds[name]
         model = CTALForSequenceClassification.from_pretrained(d).to(device)
         idx = fold.rows(role)
-        per_fold[name] = t.score(predict(model, data, idx, cfg.max_frames), data.meta, idx,
+        per_fold[name] = t.score(predict(model, data, idx, cfg.max_frames, cfg.max_frames_per_batch), data.meta, idx,
                                  t.classes(data.meta, fold), cfg.seed)
     return t.aggregate(per_fold), per_fold

@@ -1,9 +1,10 @@
 """Corpus → Parquet data set with Ray Data (DESIGN.md, "Parquet data contract").
 
 manifest rows (driver) → BPE training on the transcripts (driver, unless a tokenizer dir is given) →
-``ray.data.from_items`` → ``map_batches`` on an actor pool (tokenizer loaded once per actor) where each
-batch becomes one zstd Parquet shard written by the actor itself → only a small per-row summary
-travels back to the driver, which writes ``quarantine.parquet`` and ``report.json``.
+the manifest, put into the object store once → ``ray.data.from_items`` of batch numbers → ``map_batches``
+on an actor pool (manifest and tokenizer loaded once per actor) where each batch number becomes one
+run of manifest rows and one zstd Parquet shard written by the actor itself → only a small per-row
+summary travels back to the driver, which writes ``quarantine.parquet`` and ``report.json``.
 
 Features never pass through the driver, so its memory does not grow with the corpus. Everything is
 written into ``<out>.tmp-<uuid>`` and renamed to ``<out>`` at the end: a killed run leaves no
@@ -178,11 +179,17 @@ def check_output(out_dir: str | Path, overwrite: bool = False) -> None:
 
 
 class _ShardWriter:
-    """Actor-side featurizer: one call = one batch of manifest rows = (at most) one Parquet shard."""
+    """Actor-side featurizer: one batch number = one run of ``rows_per_batch`` manifest rows = (at
+    most) one Parquet shard."""
 
-    def __init__(self, tokenizer_dir: str, data_cfg, out_dir: str, rows_per_row_group: int,
-                 bare_tokenizer: bool):
+    def __init__(self, manifest: list, rows_per_batch: int, tokenizer_dir: str, data_cfg, out_dir: str,
+                 rows_per_row_group: int, bare_tokenizer: bool):
+        import ray
         import torch
+
+        # The manifest once per actor (from the object store): no JSON dump and Arrow block per row in
+        # the driver, no JSON parse per row here
+        self.manifest, self.rows_per_batch = ray.get(manifest[0]), rows_per_batch
 
         # Ray gives an actor its CPUs, not a thread count: avoid oversubscribing the node with torch.
         torch.set_num_threads(max(1, int(data_cfg.num_cpus_per_task)))
@@ -198,8 +205,11 @@ class _ShardWriter:
         self.rows_per_row_group = rows_per_row_group
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        idxs = batch["idx"].to_pylist()
-        rows = [json.loads(r) for r in batch["row"].to_pylist()]
+        return pa.concat_tables([self._shard(int(k)) for k in batch["id"].to_pylist()])
+
+    def _shard(self, k: int) -> pa.Table:
+        idxs = list(range(k * self.rows_per_batch, min((k + 1) * self.rows_per_batch, len(self.manifest))))
+        rows = self.manifest[idxs[0]:idxs[-1] + 1]
         name = f"part-{min(idxs):08d}.parquet"  # unique: every row lands in exactly one batch
         if self.out_uri:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -361,20 +371,22 @@ def _featurize(rows, data_cfg, tmp: Path | str, num_cpus, rows_per_row_group, ba
     rows_per_batch = max(1, min(data_cfg.rows_per_shard, math.ceil(n / (4 * n_actors))))
     n_batches = math.ceil(n / rows_per_batch)
     n_actors = min(n_actors, n_batches)
-    # JSON keeps the manifest's None/float/str mix out of Ray's per-block schema inference.
-    items = [{"idx": i, "row": json.dumps(r)} for i, r in enumerate(rows)]
     t0 = time.perf_counter()
-    ds = ray.data.from_items(items, override_num_blocks=n_batches).map_batches(
+    # Only batch numbers travel through Ray Data; the manifest (in a list, so Ray passes the reference
+    # and each actor fetches it itself) is in the object store once. from_items, not range: range's
+    # read tasks would wait for a CPU that the actors hold.
+    manifest = [ray.put(rows)]
+    ds = ray.data.from_items([{"id": k} for k in range(n_batches)], override_num_blocks=n_batches).map_batches(
         _ShardWriter,
-        fn_constructor_kwargs={"tokenizer_dir": storage.join(tmp, TOKENIZER_DIR), "data_cfg": data_cfg,
+        fn_constructor_kwargs={"manifest": manifest, "rows_per_batch": rows_per_batch,
+                               "tokenizer_dir": storage.join(tmp, TOKENIZER_DIR), "data_cfg": data_cfg,
                                "out_dir": str(tmp), "rows_per_row_group": rows_per_row_group,
                                "bare_tokenizer": bare_tokenizer},
-        batch_size=rows_per_batch,
+        batch_size=1,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=1),
         num_cpus=data_cfg.num_cpus_per_task,
     )
-    del items
     parts = []
     with Progress(n, "preprocess", unit="utterances") as bar:  # Ray Data's own bars are off (console)
         for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
