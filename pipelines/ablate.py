@@ -101,6 +101,10 @@ def main(argv=None) -> int:
         from ctal.distributed.ablate import prepare_study
 
         configs, space = prepare_study(base, study, init, task_data)
+        if (out / "grid" / "tuner.pkl").exists():  # a study to continue: trusted before Ray starts
+            from ctal.distributed.signing import verify_state
+
+            verify_state(str(out / "grid"))
     except (ConfigError, FileNotFoundError, ValueError, CheckpointError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     out.mkdir(parents=True, exist_ok=True)

@@ -178,7 +178,7 @@ def finished_trials(experiment: Path) -> list[str]:
 def test_quick_demo_killed_mid_grid_resumes_without_rerunning_a_finished_run(tmp_path, ray_local, capsys):
     out = tmp_path / "study"
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    cmd = [sys.executable, str(ROOT / "pipelines" / "ablate.py"), "--demo", "--quick", "--out", str(out)]
+    cmd = [sys.executable, str(ROOT / "pipelines" / "ablate.py"), "--demo", "--quick", "--out", str(out), "tracking=mlflow"]
     log = open(tmp_path / "driver.log", "w")
     driver = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     study = load_study(ROOT / "configs" / "ablate_demo_quick.yaml")
@@ -205,7 +205,7 @@ def test_quick_demo_killed_mid_grid_resumes_without_rerunning_a_finished_run(tmp
     before = {t: epochs_run(t) for t in done}
     from pipelines.ablate import main
 
-    assert main(["--demo", "--quick", "--out", str(out)]) == 0
+    assert main(["--demo", "--quick", "--out", str(out), "tracking=mlflow"]) == 0
     printed = capsys.readouterr().out
     for stage in ("corpus", "data", "pretrain"):
         assert f"[{stage}] reusing" in printed
@@ -218,6 +218,16 @@ def test_quick_demo_killed_mid_grid_resumes_without_rerunning_a_finished_run(tmp
     assert (out / "label_efficiency.png").stat().st_size > 0
     subsets = json.loads((out / "subsets.json").read_text())["seed=0"]["main"]
     assert set(subsets["0.5"]) < set(subsets["1.0"])
+    # tracking=mlflow: every run of results.csv has its MLflow run, tagged with its cell and seed
+    # (a run interrupted by the kill may have a second one from the resumed driver)
+    from mlflow import MlflowClient
+
+    from ctal.tracking import mlflow_store
+    client = MlflowClient(mlflow_store(None, out / "grid"))
+    tracked = client.search_runs([client.get_experiment_by_name("grid").experiment_id])
+    tagged = {(r.data.tags["cell"], r.data.tags["seed"]) for r in tracked}
+    assert tagged == {(c, str(s)) for c, s in zip(runs["cell"], runs["seed"])}
+    assert all(r.data.tags["fusion"] in runs["fusion"].values for r in tracked)
 
 
 def test_a_bad_request_exits_2_before_ray_starts_and_writes_nothing(tmp_path, capsys):

@@ -26,15 +26,23 @@ from ctal.report import trial_row
 from ctal.search_space import SearchSpace, check_sweep, load_search_space
 from ctal.tasks import get_task
 
+from .signing import StateSigner, sign_sweep, verify_state
 from .tune import TrialProgress, _check_resources, _checkpoint_of, _first_line, _param_space, _trial
 
 GRID = "grid"
 STUDY_FILE = "study.json"
 
 
-def callbacks(metric: str, mode: str, total: int) -> list:
-    """The one place the study's Tune run takes its callbacks (tracking, e.g. MLflow, goes here)."""
-    return [TrialProgress(metric, mode, total)]
+def callbacks(metric: str, mode: str, total: int, configs: dict[str, FinetuneConfig], grid: Path) -> list:
+    """The one place the study's Tune run takes its callbacks: progress, and with tracking=mlflow|wandb
+    one tracker run per ablation run (tagged with its cell, fusion and seed; the store in ``grid``)."""
+    first = next(iter(configs.values()))
+    tracked = []
+    if first.tracking != "none":  # mlflow/wandb load only if asked
+        from .tracking import sweep_callbacks
+
+        tracked = sweep_callbacks(first, grid, GRID, cells=configs)
+    return [TrialProgress(metric, mode, total), *tracked]
 
 
 def prepare_study(base: FinetuneConfig, study: Study, init: Optional[str], data: TaskData
@@ -90,6 +98,8 @@ def run_study(configs: dict[str, FinetuneConfig], study: Study, space: Optional[
     if tune.Tuner.can_restore(str(experiment)):
         if json.loads((out / STUDY_FILE).read_text()) != json.loads(json.dumps(record)):
             raise ConfigError(f"{out} holds a study with another grid or config: use another --out or --fresh")
+        # Before Ray unpickles anything there: only state this user's study signed (issue 15.1)
+        sign_sweep(str(experiment), (), verify_state(str(experiment)))
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
     else:
         out.mkdir(parents=True, exist_ok=True)
@@ -101,10 +111,12 @@ def run_study(configs: dict[str, FinetuneConfig], study: Study, space: Optional[
             reuse_actors=True,
             search_alg=BasicVariantGenerator(random_state=study.subset_seed, max_concurrent=max_concurrent or 0)),
             run_config=tune.RunConfig(name=GRID, storage_path=str(out), verbose=0,
-                                      callbacks=callbacks(metric, task.mode, total),
+                                      callbacks=[*callbacks(metric, task.mode, total, configs, experiment),
+                                                 StateSigner()],
                                       checkpoint_config=tune.CheckpointConfig(
                                           num_to_keep=1, checkpoint_score_attribute=metric,
                                           checkpoint_score_order=task.mode)))
+        sign_sweep(str(experiment))  # tuner.pkl, as Tuner() wrote it
     grid = tuner.fit()
     return collect(grid, study, configs, task)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.air.integrations.wandb import WandbLoggerCallback
@@ -22,10 +23,16 @@ from ..config import FinetuneConfig, to_dict
 from ..search_space import apply_params
 
 
-def trial_tags(base: dict, params: dict) -> tuple[FinetuneConfig, dict]:
-    """(the trial's resolved config, its tags: task, fusion variant, seed)."""
+def trial_tags(base: dict, params: dict, cells: Optional[dict] = None) -> tuple[FinetuneConfig, dict]:
+    """(the trial's resolved config, its tags: task, fusion variant, seed). An ablation's trial names
+    its cell (``params["cell"]``): its base is that cell's config in ``cells``, and the cell a tag."""
+    extra = {}
+    if cells is not None and "cell" in params:
+        params = dict(params)
+        extra["cell"] = params.pop("cell")
+        base = cells[extra["cell"]]
     cfg = apply_params(base, params)
-    return cfg, {"task": cfg.task, "fusion": cfg.model.fusion, "seed": str(cfg.seed)}
+    return cfg, {"task": cfg.task, "fusion": cfg.model.fusion, "seed": str(cfg.seed), **extra}
 
 
 class _NeverFails:
@@ -59,9 +66,9 @@ class _NeverFails:
 
 
 class _MLflowTrials(MLflowLoggerCallback):
-    def __init__(self, base: dict, tracking_uri: str, experiment_name: str, tags: dict):
+    def __init__(self, base: dict, tracking_uri: str, experiment_name: str, tags: dict, cells=None):
         super().__init__(tracking_uri, experiment_name=experiment_name, tags=tags)
-        self._base, self._sweep_tags = base, dict(tags)
+        self._base, self._sweep_tags, self._cells = base, dict(tags), cells
 
     def setup(self, *args, **kwargs):
         from mlflow import MlflowClient
@@ -74,7 +81,7 @@ class _MLflowTrials(MLflowLoggerCallback):
         from mlflow.entities import Param
 
         new = trial not in self._trial_runs
-        cfg, tags = trial_tags(self._base, trial.config)
+        cfg, tags = trial_tags(self._base, trial.config, self._cells)
         self.tags = {**self._sweep_tags, **tags}  # Ray copies self.tags into the run it creates
         super().log_trial_start(trial)  # the run, with the sampled parameters as params
         if new:
@@ -93,16 +100,17 @@ class MLflowTrials(_NeverFails, _MLflowTrials):
 
 
 class _WandbTrials(WandbLoggerCallback):
-    def __init__(self, base: dict, tags: dict, **kwargs):
+    def __init__(self, base: dict, tags: dict, cells=None, **kwargs):
         super().__init__(**kwargs)
         self._base, self._sweep_tags, self._init_kwargs = base, dict(tags), dict(self.kwargs)
+        self._cells = cells
 
     def setup(self, *args, **kwargs):
         Path(self.kwargs["dir"]).mkdir(parents=True, exist_ok=True)  # the trials' actors write there
         super().setup(*args, **kwargs)
 
     def log_trial_start(self, trial):
-        cfg, tags = trial_tags(self._base, trial.config)
+        cfg, tags = trial_tags(self._base, trial.config, self._cells)
         # self.kwargs go to this trial's wandb.init: its tags, and its resolved config (nested)
         # with the sampled values at the top, as Ray logs them.
         self.kwargs = {**self._init_kwargs, "tags": tracking.wandb_tags({**self._sweep_tags, **tags}),
@@ -116,20 +124,23 @@ class WandbTrials(_NeverFails, _WandbTrials):
     _what = "wandb tracking"
 
 
-def sweep_callbacks(cfg: FinetuneConfig, experiment: Path | str, name: str) -> list:
+def sweep_callbacks(cfg: FinetuneConfig, experiment: Path | str, name: str,
+                    cells: Optional[dict[str, FinetuneConfig]] = None) -> list:
     """The Tune callbacks that track a sweep named ``name`` whose directory is ``experiment`` (where
-    the embedded store goes): none for tracking=none. Raises ConfigError (ctal.tracking.check_tracking)
-    before anything starts when runs cannot go where ``cfg`` says."""
+    the embedded store goes): none for tracking=none. ``cells``: an ablation grid's configs by cell
+    key (its trials name their cell). Raises ConfigError (ctal.tracking.check_tracking) before
+    anything starts when runs cannot go where ``cfg`` says."""
     tracking.check_tracking(cfg.tracking, cfg.tracking_uri, experiment)
     base, tags = to_dict(cfg), {"sweep": name}
+    cells = {k: to_dict(c) for k, c in cells.items()} if cells else None
     if cfg.tracking == "mlflow":
-        return [MLflowTrials(base, tracking.mlflow_store(cfg.tracking_uri, experiment), name, tags)]
+        return [MLflowTrials(base, tracking.mlflow_store(cfg.tracking_uri, experiment), name, tags, cells)]
     if cfg.tracking == "wandb":
         target = tracking.wandb_target(cfg.tracking_uri, experiment)
         # Ray's callback checks for an API key unless WANDB_MODE says offline, in this process;
         # the trial's logging actor gets the mode through wandb.init.
         if target["mode"] == "offline":
             os.environ["WANDB_MODE"] = "offline"
-        return [WandbTrials(base, tags, project=name, group=name, dir=target["dir"], mode=target["mode"],
+        return [WandbTrials(base, tags, cells, project=name, group=name, dir=target["dir"], mode=target["mode"],
                             settings=tracking.wandb_settings(target))]
     return []
