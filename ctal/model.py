@@ -76,6 +76,9 @@ class CTALConfig(PretrainedConfig):
 # building blocks (names follow Hugging Face BERT so text weights load one to one)
 
 
+CAUSAL = "causal"  # an attn_mask value: SDPA's is_causal form, no (T, T) mask materialized
+
+
 class Attention(nn.Module):
     """Multi-head attention; self-attention when `context` is None, cross-attention otherwise."""
 
@@ -92,8 +95,9 @@ class Attention(nn.Module):
         B, T, H = x.shape
         split = lambda t: t.view(B, t.shape[1], self.num_heads, H // self.num_heads).transpose(1, 2)
         q, k, v = split(self.query(x)), split(self.key(context)), split(self.value(context))
-        # attn_mask: bool (B, 1, T or 1, S), True = may attend
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+        # attn_mask: bool (B, 1, T or 1, S), True = may attend; CAUSAL: SDPA's own causal form
+        causal = isinstance(attn_mask, str)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else attn_mask, is_causal=causal,
                                            dropout_p=self.dropout_p if self.training else 0.0)
         return y.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
 
@@ -150,9 +154,31 @@ class TransformerLayer(nn.Module):
         return self.output(self.intermediate(x), x)
 
 
-def key_padding_mask(mask: torch.Tensor) -> torch.Tensor:
-    """(B, S) 1/True for real positions → bool (B, 1, 1, S) for SDPA."""
-    return mask.bool()[:, None, None, :]
+def key_padding_mask(mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """(B, S) 1/True for real positions → bool (B, 1, 1, S) for SDPA; None when nothing is padded,
+    so SDPA takes its unmasked kernels (eager only: a compiled graph keeps one form for every batch)."""
+    mask = mask.bool()
+    if not torch.compiler.is_compiling() and bool(mask.all()):
+        return None
+    return mask[:, None, None, :]
+
+
+def is_right_padded(mask: torch.Tensor) -> bool:
+    """True when every row's real positions come first (collate's layout): then a causal mask alone
+    keeps every real query off the padding, which only ever follows it."""
+    return not torch.compiler.is_compiling() and bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
+def run_layers(layers: nn.ModuleList, x, *args, checkpointed: bool = False):
+    """x through each layer; `checkpointed` keeps only each layer's input for the backward and
+    recomputes the rest there (activation checkpointing: less memory for ~1/3 more compute; the
+    dropout masks are replayed, so losses and gradients are unchanged)."""
+    for layer in layers:
+        if checkpointed and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
+        else:
+            x = layer(x, *args)
+    return x
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,13 +224,12 @@ class TextStream(nn.Module):
         super().__init__()
         self.embeddings = TextEmbeddings(cfg)
         self.encoder = layer_stack(cfg, cfg.num_text_layers, cross_attention=False)
+        self.gradient_checkpointing = False
 
     def forward(self, input_ids, attention_mask):
         x = self.embeddings(input_ids)  # (B, L, H)
-        mask = key_padding_mask(attention_mask)
-        for layer in self.encoder.layer:
-            x = layer(x, mask)
-        return x
+        return run_layers(self.encoder.layer, x, key_padding_mask(attention_mask),
+                          checkpointed=self.gradient_checkpointing)
 
 
 class AudioEmbeddings(nn.Module):
@@ -234,17 +259,21 @@ class AudioStream(nn.Module):
         self.embeddings = AudioEmbeddings(cfg)
         self.encoder = layer_stack(cfg, cfg.num_audio_layers, cross_attention=True)
         self.causal = cfg.audio_causal
+        self.gradient_checkpointing = False
 
     def forward(self, frames, frame_mask, text=None, text_mask=None):
         x = self.embeddings(frames)  # (B, T, H)
-        self_mask = key_padding_mask(frame_mask)
-        if self.causal:
-            T = frames.shape[1]
-            self_mask = self_mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        if self.causal and is_right_padded(frame_mask):
+            self_mask = CAUSAL  # real frames precede the padding: causality alone keeps them off it
+        else:
+            self_mask = key_padding_mask(frame_mask)
+            if self.causal:
+                T = frames.shape[1]
+                tril = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+                self_mask = tril if self_mask is None else self_mask & tril
         cross_mask = key_padding_mask(text_mask) if text is not None else None
-        for layer in self.encoder.layer:
-            x = layer(x, self_mask, text, cross_mask)  # text=None: no cross-attention (unimodal)
-        return x
+        # text=None: no cross-attention (unimodal)
+        return run_layers(self.encoder.layer, x, self_mask, text, cross_mask, checkpointed=self.gradient_checkpointing)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,6 +314,28 @@ class CTALPreTrainedModel(PreTrainedModel):
 
     def _tie(self):
         pass
+
+    supports_gradient_checkpointing = True
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """Activation checkpointing of every layer of both streams (``run_layers``); HF's name. Only the
+        non-reentrant form exists here: kwargs other than use_reentrant=False are refused."""
+        if {**(gradient_checkpointing_kwargs or {})}.keys() - {"use_reentrant"} or \
+                (gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
+            raise ValueError(f"gradient_checkpointing_kwargs={gradient_checkpointing_kwargs!r}: CTAL checkpoints "
+                             "with use_reentrant=False only")
+        self.text.gradient_checkpointing = self.audio.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.text.gradient_checkpointing = self.audio.gradient_checkpointing = False
+
+    def compile_layers(self, **options) -> None:
+        """``torch.compile`` (with ``options``) every Transformer layer in place (``nn.Module.compile``,
+        so parameter names and checkpoints do not change); embeddings and heads stay eager, the heads
+        running on a number of scored positions that changes with every batch."""
+        for stream in (self.text, self.audio):
+            for layer in stream.encoder.layer:
+                layer.compile(**options)
 
     def count_parameters(self, trainable_only: bool = False) -> int:
         """The one place parameters are counted (tied weights once)."""
@@ -495,20 +546,30 @@ class CTALForPretraining(CTALPreTrainedModel):
         return {"mlm_head.decoder.weight"}
 
     def forward(self, input_ids, attention_mask, frames, frame_mask,
-                mlm_labels=None, acoustic_mask=None, target_frames=None):
-        """input_ids/frames are the *masked* inputs; target_frames the unmasked 160-d frames."""
+                mlm_labels=None, acoustic_mask=None, target_frames=None, return_logits: Optional[bool] = None):
+        """input_ids/frames are the *masked* inputs; target_frames the unmasked 160-d frames.
+
+        With labels the heads run only where the losses look (the masked tokens, the masked real
+        frames: ~15 % of positions, padding never) and mlm_logits / reconstructed_frames stay None;
+        without labels, or with ``return_logits=True``, they hold every position (B, L, V), (B, T, 160).
+        """
         text, audio = self.encode(input_ids, attention_mask, frames, frame_mask)
-        mlm_logits = self.mlm_head(text)  # (B, L, V)
-        reconstructed = self.acoustic_head(audio)  # (B, T, 160)
-        out = CTALPretrainingOutput(mlm_logits=mlm_logits, reconstructed_frames=reconstructed)
-        if mlm_labels is not None and acoustic_mask is not None:
-            zero = mlm_logits.sum() * 0.0  # keeps the graph when a batch has no masked item
-            out.mlm_loss = (F.cross_entropy(mlm_logits.float().flatten(0, 1), mlm_labels.flatten(),
-                                            ignore_index=-100)
-                            if (mlm_labels != -100).any() else zero)
-            sel = acoustic_mask.bool() & frame_mask.bool()  # padding is never scored
-            out.masked_acoustic_loss = (F.l1_loss(reconstructed[sel].float(), target_frames[sel].float())
-                                        if sel.any() else zero)
+        scored = mlm_labels is not None and acoustic_mask is not None
+        out = CTALPretrainingOutput()
+        if return_logits or not scored:
+            out.mlm_logits = self.mlm_head(text)  # (B, L, V)
+            out.reconstructed_frames = self.acoustic_head(audio)  # (B, T, 160)
+        if scored:
+            tokens = mlm_labels != -100
+            frames_scored = acoustic_mask.bool() & frame_mask.bool()  # padding is never scored
+            logits = out.mlm_logits[tokens] if out.mlm_logits is not None else self.mlm_head(text[tokens])
+            predicted = (out.reconstructed_frames[frames_scored] if out.reconstructed_frames is not None
+                         else self.acoustic_head(audio[frames_scored]))  # (N, V), (M, 160)
+            # a batch with nothing masked: zero, still through the heads (DDP expects their gradients)
+            out.mlm_loss = (F.cross_entropy(logits.float(), mlm_labels[tokens]) if len(logits)
+                            else logits.sum() * 0.0)
+            out.masked_acoustic_loss = (F.l1_loss(predicted.float(), target_frames[frames_scored].float())
+                                        if len(predicted) else predicted.sum() * 0.0)
             out.loss = (self.config.mlm_weight * out.mlm_loss
                         + self.config.acoustic_weight * out.masked_acoustic_loss)
         return out
