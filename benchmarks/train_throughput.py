@@ -172,7 +172,7 @@ def measure_size(size: str, *, device, batch_size: int, frames: int, tokens: int
     cpu_batch = fixed_batch(model.config, [frames] * batch_size, [tokens] * batch_size)
     # FLOPs of the real positions, the heads counted where they run (the scored positions)
     flops = sum(pretraining_flops(model_cfg, tokens, frames, mlm_tokens=int((labels != -100).sum()),
-                                  acoustic_frames=int(scored.sum()))
+                                  acoustic_frames=int(scored.sum()), last_layer_frames=int(scored.sum()))
                 for labels, scored in zip(cpu_batch["mlm_labels"], cpu_batch["acoustic_mask"]))
     if compile_model:
         model.compile_layers()
@@ -220,7 +220,7 @@ def gpu_report(args) -> int:
                   else f"no dense bf16 peak listed for {name!r}: pass --peak-tflops")
     print(f"{name}: batch {args.batch_size} x {args.frames} frames x {args.tokens} tokens, bf16 autocast, "
           f"peak {f'{peak / 1e12:g} TFLOP/s' if peak else 'unknown'}; FLOPs from ctal.model.pretraining_flops "
-          "(matmuls, forward + backward, heads on the scored positions)")
+          "(matmuls, forward + backward, heads and last audio layer on the scored positions)")
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     for size in args.sizes.split(","):
         for compiled in modes:

@@ -147,8 +147,11 @@ class TransformerLayer(nn.Module):
         self.intermediate = Intermediate(cfg)
         self.output = AddNorm(cfg, cfg.intermediate_size)
 
-    def forward(self, x, self_mask, context=None, context_mask=None):
-        x = self.attention(x, attn_mask=self_mask)
+    def forward(self, x, self_mask, context=None, context_mask=None, queries=None):
+        """`queries` (B, M) indices: the outputs wanted at those positions only, (B, M, H); every
+        position still serves as a key and value, so each wanted output is the full layer's."""
+        q = x if queries is None else x.gather(1, queries[..., None].expand(-1, -1, x.shape[-1]))
+        x = self.attention(q, None if queries is None else x, attn_mask=self_mask)
         if self.crossattention is not None and context is not None:
             x = self.crossattention(x, context, context_mask)
         return self.output(self.intermediate(x), x)
@@ -261,19 +264,40 @@ class AudioStream(nn.Module):
         self.causal = cfg.audio_causal
         self.gradient_checkpointing = False
 
-    def forward(self, frames, frame_mask, text=None, text_mask=None):
+    def forward(self, frames, frame_mask, text=None, text_mask=None, wanted=None):
+        """Final audio states (B, T, H); with `wanted` (B, T) bool, only those frames' states (N, H) in
+        row-major order (as `states[wanted]`): the last layer then computes nothing else."""
         x = self.embeddings(frames)  # (B, T, H)
-        if self.causal and is_right_padded(frame_mask):
-            self_mask = CAUSAL  # real frames precede the padding: causality alone keeps them off it
-        else:
-            self_mask = key_padding_mask(frame_mask)
-            if self.causal:
-                T = frames.shape[1]
-                tril = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-                self_mask = tril if self_mask is None else self_mask & tril
+        self_mask = self.self_attention_mask(frame_mask)
         cross_mask = key_padding_mask(text_mask) if text is not None else None
         # text=None: no cross-attention (unimodal)
-        return run_layers(self.encoder.layer, x, self_mask, text, cross_mask, checkpointed=self.gradient_checkpointing)
+        if wanted is None:
+            return run_layers(self.encoder.layer, x, self_mask, text, cross_mask,
+                              checkpointed=self.gradient_checkpointing)
+        *lower, last = self.encoder.layer
+        x = run_layers(lower, x, self_mask, text, cross_mask, checkpointed=self.gradient_checkpointing)
+        # the wanted frames of each row first, in order; rows with fewer repeat slot filler (ignored)
+        counts = wanted.sum(1)
+        queries = torch.argsort((~wanted).to(torch.uint8), dim=1, stable=True)[:, :int(counts.max())]  # (B, M)
+        used = torch.arange(queries.shape[1], device=x.device) < counts[:, None]  # (B, M)
+        keys = frame_mask.bool()[:, None, :]  # (B, 1, T)
+        if self.causal:
+            keys = keys & (torch.arange(x.shape[1], device=x.device) <= queries[..., None])
+        last_mask = (keys | ~used[..., None])[:, None]  # (B, 1, M, T); filler slots see every frame: no NaN
+        out = run_layers([last], x, last_mask, text, cross_mask, queries,
+                         checkpointed=self.gradient_checkpointing)  # (B, M, H)
+        return out[used]  # (N, H)
+
+    def self_attention_mask(self, frame_mask):
+        """SDPA's mask for the frames' self-attention: None, CAUSAL or a bool (B, 1, 1 or T, T) mask."""
+        if self.causal and is_right_padded(frame_mask):
+            return CAUSAL  # real frames precede the padding: causality alone keeps them off it
+        self_mask = key_padding_mask(frame_mask)
+        if self.causal:
+            T = frame_mask.shape[1]
+            tril = torch.ones(T, T, dtype=torch.bool, device=frame_mask.device).tril()
+            self_mask = tril if self_mask is None else self_mask & tril
+        return self_mask
 
 
 # --------------------------------------------------------------------------------------------------
@@ -549,22 +573,27 @@ class CTALForPretraining(CTALPreTrainedModel):
                 mlm_labels=None, acoustic_mask=None, target_frames=None, return_logits: Optional[bool] = None):
         """input_ids/frames are the *masked* inputs; target_frames the unmasked 160-d frames.
 
-        With labels the heads run only where the losses look (the masked tokens, the masked real
-        frames: ~15 % of positions, padding never) and mlm_logits / reconstructed_frames stay None;
+        With labels the heads, and the last audio layer, run only where the losses look (the masked
+        tokens, the masked real frames: ~15 % of positions, padding never; the last layer's other frames
+        are only keys and values) and mlm_logits / reconstructed_frames stay None;
         without labels, or with ``return_logits=True``, they hold every position (B, L, V), (B, T, 160).
         """
-        text, audio = self.encode(input_ids, attention_mask, frames, frame_mask)
         scored = mlm_labels is not None and acoustic_mask is not None
+        full = return_logits or not scored
+        frames_scored = acoustic_mask.bool() & frame_mask.bool() if scored else None  # padding never scored
+        # the last audio layer too runs only where the acoustic loss looks (nothing else reads it here)
+        wanted = None if full or not bool(frames_scored.any()) else frames_scored
+        text = self.text(input_ids, attention_mask)
+        audio = self.audio(frames, frame_mask, text, attention_mask, wanted=wanted)  # (B, T, H) or (M, H)
         out = CTALPretrainingOutput()
-        if return_logits or not scored:
+        if full:
             out.mlm_logits = self.mlm_head(text)  # (B, L, V)
             out.reconstructed_frames = self.acoustic_head(audio)  # (B, T, 160)
         if scored:
             tokens = mlm_labels != -100
-            frames_scored = acoustic_mask.bool() & frame_mask.bool()  # padding is never scored
-            logits = out.mlm_logits[tokens] if out.mlm_logits is not None else self.mlm_head(text[tokens])
-            predicted = (out.reconstructed_frames[frames_scored] if out.reconstructed_frames is not None
-                         else self.acoustic_head(audio[frames_scored]))  # (N, V), (M, 160)
+            logits = out.mlm_logits[tokens] if full else self.mlm_head(text[tokens])  # (N, V)
+            predicted = (out.reconstructed_frames[frames_scored] if full
+                         else self.acoustic_head(audio if wanted is not None else audio[frames_scored]))  # (M, 160)
             # a batch with nothing masked: zero, still through the heads (DDP expects their gradients)
             out.mlm_loss = (F.cross_entropy(logits.float(), mlm_labels[tokens]) if len(logits)
                             else logits.sum() * 0.0)
@@ -576,11 +605,13 @@ class CTALForPretraining(CTALPreTrainedModel):
 
 
 def pretraining_flops(cfg, tokens: int, frames: int, mlm_tokens: Optional[int] = None,
-                      acoustic_frames: Optional[int] = None) -> float:
+                      acoustic_frames: Optional[int] = None, last_layer_frames: Optional[int] = None) -> float:
     """Matmul FLOPs of one pretraining sample's forward + backward (3 × forward, as for MFU).
 
     `tokens`/`frames` are the sample's real positions; the heads cost `mlm_tokens` / `acoustic_frames`
-    positions (all positions by default, fewer when the heads run only where the loss looks).
+    positions (all positions by default, fewer when the heads run only where the loss looks), and the
+    last audio layer computes outputs for `last_layer_frames` (default all; the scored frames when
+    CTALForPretraining runs it only there: every frame stays a key and value).
     Counts every Linear and both attention matmuls (2 FLOPs per multiply-add); norms, activations,
     softmax and embedding lookups are left out, as in the usual MFU accounting. Checked against
     torch's FlopCounterMode in tests/test_model.py.
@@ -590,8 +621,12 @@ def pretraining_flops(cfg, tokens: int, frames: int, mlm_tokens: Optional[int] =
     acoustic_frames = frames if acoustic_frames is None else acoustic_frames
     layer = lambda n: n * (4 * H * H + 2 * H * I)  # QKV + output projection + FFN, per position
     text = cfg.num_text_layers * (layer(tokens) + 2 * tokens * tokens * H)
-    cross = 2 * H * H * (frames + tokens) + 2 * frames * tokens * H  # Q,O on frames; K,V on tokens
-    audio = cfg.num_audio_layers * (layer(frames) + 2 * frames * frames * H + cross)
+    m = frames if last_layer_frames is None else last_layer_frames  # the last layer's queries
+
+    def audio_layer(q):  # Q, O, FFN and cross-attention for q query frames; K, V of every frame
+        return (q * (2 * H * H + 2 * H * I) + 2 * H * H * frames + 2 * q * frames * H
+                + 2 * H * H * (q + tokens) + 2 * q * tokens * H)  # cross: Q,O on frames; K,V on tokens
+    audio = (cfg.num_audio_layers - 1) * audio_layer(frames) + audio_layer(m)
     heads = mlm_tokens * (H * H + H * V) + acoustic_frames * (H * H + H * D)
     # the input projection has no gradient to pass back to the frames: forward + weight gradient only
     return 3 * 2 * float(text + audio + heads) + 2 * 2 * float(D * H * frames)

@@ -178,3 +178,27 @@ def test_train_throughput_gpu_mode_runs_on_cpu_and_refuses_without_cuda(capsys):
     assert tt.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and tt.peak_flops("NVIDIA H200") == 989e12
     assert tt.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and tt.peak_flops("NVIDIA A10G") == 125e12
     assert tt.peak_flops("NVIDIA GeForce RTX 4090") is None
+
+
+def test_pretraining_flops_of_the_scored_step_match_torchs_flop_counter():
+    # As tests/test_model.py's check, for the step with labels: heads and last audio layer on the
+    # scored positions only (the same number per row, so no filler slot computes).
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ctal.model import pretraining_flops
+    cfg = CTALConfig(hidden_size=64, num_attention_heads=4, intermediate_size=96, num_text_layers=2,
+                     num_audio_layers=3, vocab_size=300)
+    model = CTALForPretraining(cfg)
+    B, L, T = 2, 11, 37
+    ids, frames = torch.randint(5, 300, (B, L)), torch.randn(B, T, cfg.audio_dim)
+    labels = torch.full((B, L), -100)
+    labels[:, 2:5] = ids[:, 2:5]
+    acoustic = torch.zeros(B, T, dtype=torch.bool)
+    acoustic[0, 3:10], acoustic[1, 20:27] = True, True
+    ones = lambda n: torch.ones(B, n, dtype=torch.long)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(ids, ones(L), frames, ones(T), mlm_labels=labels, acoustic_mask=acoustic,
+              target_frames=frames).loss.backward()
+    assert counter.get_total_flops() == B * pretraining_flops(cfg, L, T, mlm_tokens=3, acoustic_frames=7,
+                                                              last_layer_frames=7)
