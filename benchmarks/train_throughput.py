@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py [--workers 2] [--steps 60] [--size narrow] [--utterances 512]
     python benchmarks/train_throughput.py --gpu [--sizes tiny,base,large] [--batch-size 8] [--compile both]
+    python benchmarks/train_throughput.py --memory --frames 3000 --batch-size 4
 
 Default mode: one synthetic Parquet data set with LibriSpeech-like lengths, the same config through
 ``ctal.pretrain.launch_local`` (N processes, torch.distributed) and through ``ctal.distributed.train``
@@ -9,7 +10,8 @@ Default mode: one synthetic Parquet data set with LibriSpeech-like lengths, the 
 most 1.05x slower), then padding efficiency of random vs length-bucketed batches (target >= 92 %).
 ``--gpu``: samples/s, tokens+frames/s and MFU of the paper sizes in bf16 on one GPU, with and without
 compiled layers, without Ray; refuses (exit 2) without CUDA; ``--gpu --device cpu`` runs the same code on
-the CPU (no MFU: there is no GPU peak to divide by).
+the CPU (no MFU: there is no GPU peak to divide by). ``--memory``: peak memory of a large step with
+and without ``gradient_checkpointing`` (memory_report says how it is measured).
 """
 from __future__ import annotations
 
@@ -157,15 +159,14 @@ def measure_size(size: str, *, device, batch_size: int, frames: int, tokens: int
     """One pretraining step as the loop takes it (heads where the loss looks, fused AdamW, bf16
     autocast, compiled layers on bucketed shapes when asked), timed over ``steps`` after ``warmup``."""
     import torch
-    import yaml
 
     from benchmarks.step_vs_reference import fixed_batch
-    from ctal.config import ModelConfig, PretrainConfig, from_dict
+    from ctal.config import PretrainConfig
     from ctal.model import CTALConfig, CTALForPretraining, pretraining_flops
     from ctal.optim import build_optimizer
     from ctal.pretrain import pad_to_buckets, training_autocast
 
-    model_cfg = from_dict(ModelConfig, yaml.safe_load((REPO / f"configs/{size}.yaml").read_text())["model"])
+    model_cfg = load_model_config(size)
     torch.manual_seed(0)
     model = CTALForPretraining(CTALConfig.from_model_config(model_cfg)).to(device)
     opt = build_optimizer(model, PretrainConfig())
@@ -214,7 +215,7 @@ def gpu_report(args) -> int:
         return 2
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
-    name = torch.cuda.get_device_name(device) if on_gpu else "CPU"
+    name = torch.cuda.get_device_name(device) if on_gpu else cpu_name()
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (peak_flops(name) if on_gpu else None)
     why_no_mfu = ("no GPU: MFU is against a GPU's peak" if not on_gpu
                   else f"no dense bf16 peak listed for {name!r}: pass --peak-tflops")
@@ -236,6 +237,86 @@ def gpu_report(args) -> int:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
     return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# --memory: peak memory of one large step on long audio, with and without gradient_checkpointing
+
+
+def memory_child(layers: int, checkpointed: bool, frames: int, batch_size: int, tokens: int) -> dict:
+    """One fp32 step (forward, backward, clip, AdamW) of the large config's width with ``layers`` text
+    and audio layers, in this process; its peak RSS (getrusage) before and after the step."""
+    import resource
+
+    import torch
+
+    from benchmarks.step_vs_reference import fixed_batch
+    from ctal.config import PretrainConfig
+    from ctal.model import CTALConfig, CTALForPretraining
+    from ctal.optim import build_optimizer
+
+    batch = fixed_batch(CTALConfig(), [frames] * batch_size, [tokens] * batch_size)
+    torch.manual_seed(0)
+    cfg = load_model_config("large", num_text_layers=layers, num_audio_layers=layers)
+    model = CTALForPretraining(CTALConfig.from_model_config(cfg))
+    if checkpointed:
+        model.gradient_checkpointing_enable()
+    opt = build_optimizer(model, PretrainConfig())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    model(**batch).loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return {"before": before, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def load_model_config(size: str, **overrides):
+    import yaml
+
+    from ctal.config import ModelConfig, from_dict
+
+    return from_dict(ModelConfig, {**yaml.safe_load((REPO / f"configs/{size}.yaml").read_text())["model"],
+                                   **overrides})
+
+
+def memory_report(args) -> int:
+    """Peak RSS of a fresh subprocess per setting at 1 and 2 text+audio layers of the large width and
+    1 and 2 utterances of ``--frames``, extrapolated to the large config's layers and ``--batch-size``:
+    memory is bilinear in the two (every layer adds the same parameters and optimizer state, and
+    activations per utterance), and a full 12+12 x 4 step takes many CPU minutes and, without
+    checkpointing, more memory than a small shared box has."""
+    import json
+    import subprocess
+
+    full = load_model_config("large")
+    n, B = full.num_audio_layers, args.batch_size
+    if full.num_text_layers != n:
+        raise SystemExit("the extrapolation assumes as many text as audio layers")
+    print(f"peak memory of one fp32 step (forward, backward, clip, AdamW), large width, {args.frames} frames x "
+          f"{args.tokens} tokens per utterance, {cpu_name()}, load average {os.getloadavg()[0]:.1f}; peak RSS "
+          "(getrusage) of a fresh subprocess per setting:")
+    for checkpointed in (False, True):
+        peak = {}
+        for layers in (1, 2):
+            for utterances in (1, 2):
+                cmd = [sys.executable, __file__, "--memory-child", f"{layers},{int(checkpointed)}",
+                       "--frames", str(args.frames), "--batch-size", str(utterances), "--tokens", str(args.tokens)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+                peak[layers, utterances] = json.loads(out)["peak"]
+                print(f"  {layers}+{layers} layers, batch {utterances}, gradient_checkpointing="
+                      f"{str(checkpointed).lower():5s}: peak {peak[layers, utterances] / 2**30:6.2f} GiB")
+        # peak = a + b (layers - 1) + c (batch - 1) + d (layers - 1)(batch - 1), fitted exactly to the four
+        a, b, c = peak[1, 1], peak[2, 1] - peak[1, 1], peak[1, 2] - peak[1, 1]
+        d = peak[2, 2] - peak[2, 1] - peak[1, 2] + peak[1, 1]
+        total = a + b * (n - 1) + c * (B - 1) + d * (n - 1) * (B - 1)
+        print(f"  => large ({n}+{n}) x batch {B}, gradient_checkpointing={str(checkpointed).lower()}: "
+              f"{total / 2**30:.1f} GiB (extrapolated)")
+    return 0
+
+
+def cpu_name() -> str:
+    from benchmarks.step_vs_reference import cpu_model
+
+    return f"{cpu_model()} ({os.cpu_count()} cores)"
 
 
 def main(argv=None) -> int:
@@ -260,7 +341,17 @@ def main(argv=None) -> int:
     p.add_argument("--compile", choices=("off", "on", "both"), default="both",
                    help="with --gpu: measure eager, compiled layers (compile=true), or both")
     p.add_argument("--peak-tflops", type=float, help="with --gpu: the card's dense bf16 peak, if not listed")
+    p.add_argument("--memory", action="store_true",
+                   help="peak memory of a large step with and without gradient_checkpointing (CPU)")
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)  # "LAYERS,CHECKPOINTED": one measurement
     args = p.parse_args(argv)
+    if args.memory_child:
+        import json
+        layers, checkpointed = map(int, args.memory_child.split(","))
+        print(json.dumps(memory_child(layers, bool(checkpointed), args.frames, args.batch_size, args.tokens)))
+        return 0
+    if args.memory:
+        return memory_report(args)
     if args.gpu:
         return gpu_report(args)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="ctal-bench-")

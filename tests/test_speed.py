@@ -202,3 +202,22 @@ def test_pretraining_flops_of_the_scored_step_match_torchs_flop_counter():
               target_frames=frames).loss.backward()
     assert counter.get_total_flops() == B * pretraining_flops(cfg, L, T, mlm_tokens=3, acoustic_frames=7,
                                                               last_layer_frames=7)
+
+
+def test_the_loop_with_gradient_checkpointing_logs_the_losses_of_the_plain_loop(tmp_path):
+    # The loop's wiring of the option (no Ray): same seed, same batches, same dropout, same losses.
+    from ctal.config import load_config
+    from ctal.pretrain import pretrain_loop, read_metrics
+
+    tt = _benchmark("train_throughput")
+    data = tt.make_dataset(tmp_path / "data", 8)
+    logged = {}
+    for option in ("false", "true"):
+        cfg = load_config(PretrainConfig, [REPO / "configs/pretrain.yaml", REPO / "configs/narrow.yaml"],
+                          [f"data={data}", f"storage_path={tmp_path}", f"run_name=ckpt-{option}", "max_steps=2",
+                           "log_every=1", "checkpoint_every=2", "batch_size=2", "num_workers=1", "max_frames=96",
+                           f"gradient_checkpointing={option}"])
+        pretrain_loop(cfg, run_dir=tmp_path / option, log=lambda _: None)
+        logged[option] = {s: m["loss"] for s, m in read_metrics(tmp_path / option).items()}
+    assert len(logged["false"]) == 2
+    assert logged["true"] == pytest.approx(logged["false"], rel=1e-6)
