@@ -276,7 +276,7 @@ class AudioStream(nn.Module):
                               checkpointed=self.gradient_checkpointing)
         *lower, last = self.encoder.layer
         x = run_layers(lower, x, self_mask, text, cross_mask, checkpointed=self.gradient_checkpointing)
-        # the wanted frames of each row first, in order; rows with fewer repeat slot filler (ignored)
+        # each row's wanted frames first, in order; a row with fewer fills its last slots with others (dropped)
         counts = wanted.sum(1)
         queries = torch.argsort((~wanted).to(torch.uint8), dim=1, stable=True)[:, :int(counts.max())]  # (B, M)
         used = torch.arange(queries.shape[1], device=x.device) < counts[:, None]  # (B, M)
@@ -344,8 +344,8 @@ class CTALPreTrainedModel(PreTrainedModel):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
         """Activation checkpointing of every layer of both streams (``run_layers``); HF's name. Only the
         non-reentrant form exists here: kwargs other than use_reentrant=False are refused."""
-        if {**(gradient_checkpointing_kwargs or {})}.keys() - {"use_reentrant"} or \
-                (gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        if kwargs.pop("use_reentrant", False) or kwargs:
             raise ValueError(f"gradient_checkpointing_kwargs={gradient_checkpointing_kwargs!r}: CTAL checkpoints "
                              "with use_reentrant=False only")
         self.text.gradient_checkpointing = self.audio.gradient_checkpointing = True
