@@ -185,12 +185,14 @@ def compare(size: str, args, device: torch.device) -> dict:
     for step in steps.values():
         step()  # warm-up: allocator, kernels, optimizer state
     times = {k: [] for k in steps}
-    for _ in range(args.repeats):
+    for r in range(args.repeats):
         for kind, step in steps.items():  # interleaved, so drifting load hits both alike
             t = time.perf_counter()
             for _ in range(args.steps):
                 step()
             times[kind].append((time.perf_counter() - t) / args.steps)
+        print(f"  round {r + 1}: reference {times['reference'][-1]:.2f} s/step, ctal {times['ctal'][-1]:.2f} s/step, "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
     B = len(args.frames)
     rate = {k: {"median": B / statistics.median(v), "max": B / min(v)} for k, v in times.items()}
     for kind in steps:
