@@ -244,29 +244,41 @@ def gpu_report(args) -> int:
 
 
 def memory_child(layers: int, checkpointed: bool, frames: int, batch_size: int, tokens: int) -> dict:
-    """One fp32 step (forward, backward, clip, AdamW) of the large config's width with ``layers`` text
-    and audio layers, in this process; its peak RSS (getrusage) before and after the step."""
-    import resource
-
+    """Peak tensor memory of one fp32 training step (forward, backward, clip, AdamW with its moments
+    already allocated, as in every step but the first) of the large config with ``layers`` text and
+    audio layers, traced under FakeTensorMode by torch's MemTracker: every tensor the eager step
+    allocates is counted, nothing is computed. The heads run on every position here (the scored-
+    position path needs real values to select them): slightly more than a training step needs."""
     import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
 
-    from benchmarks.step_vs_reference import fixed_batch
     from ctal.config import PretrainConfig
     from ctal.model import CTALConfig, CTALForPretraining
     from ctal.optim import build_optimizer
 
-    batch = fixed_batch(CTALConfig(), [frames] * batch_size, [tokens] * batch_size)
-    torch.manual_seed(0)
     cfg = load_model_config("large", num_text_layers=layers, num_audio_layers=layers)
-    model = CTALForPretraining(CTALConfig.from_model_config(cfg))
-    if checkpointed:
-        model.gradient_checkpointing_enable()
-    opt = build_optimizer(model, PretrainConfig())
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    model(**batch).loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    return {"before": before, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    with FakeTensorMode():
+        model = CTALForPretraining(CTALConfig.from_model_config(cfg))
+        if checkpointed:
+            model.gradient_checkpointing_enable()
+        opt = build_optimizer(model, PretrainConfig())
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()  # allocates AdamW's moments
+        opt.zero_grad(set_to_none=True)
+        B, T, L = batch_size, frames, tokens
+        ones = lambda n: torch.ones(B, n, dtype=torch.long)
+        ids, frame_input = torch.randint(5, cfg.vocab_size, (B, L)), torch.randn(B, T, cfg.audio_dim)
+        tracker = MemTracker()
+        tracker.track_external(model, opt)
+        with tracker:
+            out = model(ids, ones(L), frame_input, ones(T).bool())
+            (out.mlm_logits.float().mean() + out.reconstructed_frames.mean()).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        peak = tracker.get_tracker_snapshot("peak")
+    return {"peak": sum(v["Total"] for v in peak.values())}
 
 
 def load_model_config(size: str, **overrides):
@@ -279,37 +291,23 @@ def load_model_config(size: str, **overrides):
 
 
 def memory_report(args) -> int:
-    """Peak RSS of a fresh subprocess per setting at 1 and 2 text+audio layers of the large width and
-    1 and 2 utterances of ``--frames``, extrapolated to the large config's layers and ``--batch-size``:
-    memory is bilinear in the two (every layer adds the same parameters and optimizer state, and
-    activations per utterance), and a full 12+12 x 4 step takes many CPU minutes and, without
-    checkpointing, more memory than a small shared box has."""
+    """Peak memory of a large step with and without gradient_checkpointing, each setting traced in a
+    fresh subprocess (memory_child says how: FakeTensorMode + MemTracker, since a real 12+12 x 4 x 3000
+    step takes many CPU minutes and, without checkpointing, more memory than a small shared box has)."""
     import json
     import subprocess
 
-    full = load_model_config("large")
-    n, B = full.num_audio_layers, args.batch_size
-    if full.num_text_layers != n:
-        raise SystemExit("the extrapolation assumes as many text as audio layers")
-    print(f"peak memory of one fp32 step (forward, backward, clip, AdamW), large width, {args.frames} frames x "
-          f"{args.tokens} tokens per utterance, {cpu_name()}, load average {os.getloadavg()[0]:.1f}; peak RSS "
-          "(getrusage) of a fresh subprocess per setting:")
+    n = load_model_config("large").num_audio_layers
+    print(f"peak tensor memory of one fp32 step of large ({n}+{n}), batch {args.batch_size} x {args.frames} "
+          f"frames x {args.tokens} tokens (FakeTensorMode + torch MemTracker, a subprocess per setting):")
+    peaks = {}
     for checkpointed in (False, True):
-        peak = {}
-        for layers in (1, 2):
-            for utterances in (1, 2):
-                cmd = [sys.executable, __file__, "--memory-child", f"{layers},{int(checkpointed)}",
-                       "--frames", str(args.frames), "--batch-size", str(utterances), "--tokens", str(args.tokens)]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
-                peak[layers, utterances] = json.loads(out)["peak"]
-                print(f"  {layers}+{layers} layers, batch {utterances}, gradient_checkpointing="
-                      f"{str(checkpointed).lower():5s}: peak {peak[layers, utterances] / 2**30:6.2f} GiB")
-        # peak = a + b (layers - 1) + c (batch - 1) + d (layers - 1)(batch - 1), fitted exactly to the four
-        a, b, c = peak[1, 1], peak[2, 1] - peak[1, 1], peak[1, 2] - peak[1, 1]
-        d = peak[2, 2] - peak[2, 1] - peak[1, 2] + peak[1, 1]
-        total = a + b * (n - 1) + c * (B - 1) + d * (n - 1) * (B - 1)
-        print(f"  => large ({n}+{n}) x batch {B}, gradient_checkpointing={str(checkpointed).lower()}: "
-              f"{total / 2**30:.1f} GiB (extrapolated)")
+        cmd = [sys.executable, __file__, "--memory-child", f"{n},{int(checkpointed)}", "--frames", str(args.frames),
+               "--batch-size", str(args.batch_size), "--tokens", str(args.tokens)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+        peaks[checkpointed] = json.loads(out)["peak"]
+        print(f"  gradient_checkpointing={str(checkpointed).lower():5s}: {peaks[checkpointed] / 2**30:6.1f} GiB")
+    print(f"  checkpointing needs {peaks[True] / peaks[False]:.2f}x the memory")
     return 0
 
 

@@ -161,7 +161,7 @@ def key_padding_mask(mask: torch.Tensor) -> Optional[torch.Tensor]:
     """(B, S) 1/True for real positions → bool (B, 1, 1, S) for SDPA; None when nothing is padded,
     so SDPA takes its unmasked kernels (eager only: a compiled graph keeps one form for every batch)."""
     mask = mask.bool()
-    if not torch.compiler.is_compiling() and bool(mask.all()):
+    if has_values(mask) and bool(mask.all()):
         return None
     return mask[:, None, None, :]
 
@@ -169,7 +169,15 @@ def key_padding_mask(mask: torch.Tensor) -> Optional[torch.Tensor]:
 def is_right_padded(mask: torch.Tensor) -> bool:
     """True when every row's real positions come first (collate's layout): then a causal mask alone
     keeps every real query off the padding, which only ever follows it."""
-    return not torch.compiler.is_compiling() and bool((mask[:, 1:] <= mask[:, :-1]).all())
+    return has_values(mask) and bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
+def has_values(t: torch.Tensor) -> bool:
+    """Whether t's values may choose a fast path: not while compiling, nor for shape-only tensors
+    (meta, or FakeTensorMode's, as memory planning uses); those take the general masked path."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not torch.compiler.is_compiling() and t.device.type != "meta" and not is_fake(t)
 
 
 def run_layers(layers: nn.ModuleList, x, *args, checkpointed: bool = False):
@@ -582,7 +590,7 @@ class CTALForPretraining(CTALPreTrainedModel):
         full = return_logits or not scored
         frames_scored = acoustic_mask.bool() & frame_mask.bool() if scored else None  # padding never scored
         # the last audio layer too runs only where the acoustic loss looks (nothing else reads it here)
-        wanted = None if full or not bool(frames_scored.any()) else frames_scored
+        wanted = None if full or not has_values(frames_scored) or not bool(frames_scored.any()) else frames_scored
         text = self.text(input_ids, attention_mask)
         audio = self.audio(frames, frame_mask, text, attention_mask, wanted=wanted)  # (B, T, H) or (M, H)
         out = CTALPretrainingOutput()
