@@ -1,13 +1,17 @@
 """Pretraining throughput: plain PyTorch vs Ray Train, padding with vs without bucketing, GPU MFU.
 
     python benchmarks/train_throughput.py [--workers 2] [--steps 60] [--size narrow] [--utterances 512]
-    python benchmarks/train_throughput.py --gpu [--sizes tiny,base,large] [--batch-size 8] [--compile]
+    python benchmarks/train_throughput.py --gpu [--sizes tiny,base,large] [--batch-size 8] [--compile both]
+    python benchmarks/train_throughput.py --memory --frames 3000 --batch-size 4
 
 Default mode: one synthetic Parquet data set with LibriSpeech-like lengths, the same config through
 ``ctal.pretrain.launch_local`` (N processes, torch.distributed) and through ``ctal.distributed.train``
 (Ray Train, N workers), printing steady-state samples/s of each and their ratio (target: Ray at
 most 1.05x slower), then padding efficiency of random vs length-bucketed batches (target >= 92 %).
-``--gpu``: samples/s and MFU of the paper sizes in bf16 on one GPU, without Ray; skips without CUDA.
+``--gpu``: samples/s, tokens+frames/s and MFU of the paper sizes in bf16 on one GPU, with and without
+compiled layers, without Ray; refuses (exit 2) without CUDA; ``--gpu --device cpu`` runs the same code on
+the CPU (no MFU: there is no GPU peak to divide by). ``--memory``: peak memory of a large step with
+and without ``gradient_checkpointing`` (memory_report says how it is measured).
 """
 from __future__ import annotations
 
@@ -26,8 +30,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# Dense bf16 peak (no sparsity) by device name, TFLOP/s.
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L4": 121.0, "A10G": 70.0}
+# Dense bf16 peak (no sparsity) by device name, FLOP/s (H100 means the SXM card; its PCIe one is slower).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12}
 
 
 def librispeech_like_frames(n: int, seed: int = 0) -> np.ndarray:
@@ -142,52 +146,44 @@ def padding_report(args) -> None:
 # --gpu: samples/s and MFU without Ray
 
 
-def forward_flops_per_sample(c, T: int, L: int) -> float:
-    """Matmul FLOPs of one forward pass (2 per multiply-add) for T frames and L tokens."""
-    H, I, V, D = c.hidden_size, c.intermediate_size, c.vocab_size, c.audio_dim
-    text_layer = 8 * L * H * H + 4 * L * L * H + 4 * L * H * I
-    audio_layer = (8 * T * H * H + 4 * T * T * H          # self-attention
-                   + 4 * T * H * H + 4 * L * H * H + 4 * T * L * H  # cross-attention to the text
-                   + 4 * T * H * I)                       # FFN
-    heads = 2 * L * H * H + 2 * L * H * V + 2 * T * H * H + 2 * T * H * D
-    return c.num_text_layers * text_layer + c.num_audio_layers * audio_layer + 2 * T * D * H + heads
-
-
-def peak_tflops(name: str) -> float | None:
-    for key, value in PEAK_BF16_TFLOPS.items():  # "H100 PCIe" is listed before "H100"
+def peak_flops(name: str) -> float | None:
+    """The card's dense bf16 peak in FLOP/s from its device name, None for a card not listed."""
+    for key, value in PEAK_BF16_FLOPS.items():  # "H100 PCIe" is listed before "H100"
         if key in name:
             return value
     return None
 
 
 def measure_size(size: str, *, device, batch_size: int, frames: int, tokens: int, steps: int, warmup: int,
-                 compile_model: bool, bf16: bool) -> dict:
+                 compile_model: bool) -> dict:
+    """One pretraining step as the loop takes it (heads where the loss looks, fused AdamW, bf16
+    autocast, compiled layers on bucketed shapes when asked), timed over ``steps`` after ``warmup``."""
     import torch
 
-    from ctal.config import ModelConfig, from_dict
-    from ctal.model import CTALConfig, CTALForPretraining
-    import yaml
+    from benchmarks.step_vs_reference import fixed_batch
+    from ctal.config import PretrainConfig
+    from ctal.model import CTALConfig, CTALForPretraining, pretraining_flops
+    from ctal.optim import build_optimizer
+    from ctal.pretrain import pad_to_buckets, training_autocast
 
-    model_cfg = from_dict(ModelConfig, yaml.safe_load((REPO / f"configs/{size}.yaml").read_text())["model"])
+    model_cfg = load_model_config(size)
     torch.manual_seed(0)
     model = CTALForPretraining(CTALConfig.from_model_config(model_cfg)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=device.type == "cuda")
-    fwd = torch.compile(model) if compile_model else model
-    g = torch.Generator().manual_seed(0)
-    B, T, L = batch_size, frames, tokens
-    batch = {"input_ids": torch.randint(5, model_cfg.vocab_size, (B, L), generator=g),
-             "attention_mask": torch.ones(B, L, dtype=torch.long),
-             "frames": torch.randn(B, T, model_cfg.audio_dim, generator=g),
-             "frame_mask": torch.ones(B, T, dtype=torch.bool)}
-    batch["mlm_labels"] = torch.where(torch.rand(B, L, generator=g) < 0.15, batch["input_ids"], -100)
-    batch["acoustic_mask"] = torch.rand(B, T, generator=g) < 0.15
-    batch["target_frames"] = batch["frames"].clone()
-    batch = {k: v.to(device) for k, v in batch.items()}
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    opt = build_optimizer(model, PretrainConfig())
+    cpu_batch = fixed_batch(model.config, [frames] * batch_size, [tokens] * batch_size)
+    # FLOPs of the real positions, the heads counted where they run (the scored positions)
+    flops = sum(pretraining_flops(model_cfg, tokens, frames, mlm_tokens=int((labels != -100).sum()),
+                                  acoustic_frames=int(scored.sum()), last_layer_frames=int(scored.sum()))
+                for labels, scored in zip(cpu_batch["mlm_labels"], cpu_batch["acoustic_mask"]))
+    if compile_model:
+        model.compile_layers()
+        cpu_batch = pad_to_buckets(cpu_batch, model.config)
+    batch = {k: v.to(device) for k, v in cpu_batch.items()}
+    autocast = training_autocast(device, True)
 
     def step():
         with autocast:
-            loss = fwd(**batch).loss
+            loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -202,9 +198,9 @@ def measure_size(size: str, *, device, batch_size: int, frames: int, tokens: int
         step()
     sync()
     dt = (time.perf_counter() - t) / steps
-    flops = 3 * forward_flops_per_sample(model_cfg, T, L) * B  # forward + backward (2x)
-    out = {"size": size, "params_M": model.count_parameters() / 1e6, "samples_per_s": B / dt,
-           "step_ms": dt * 1e3, "tflops": flops / dt / 1e12}
+    out = {"size": size, "params_M": model.count_parameters() / 1e6, "samples_per_s": batch_size / dt,
+           "positions_per_s": batch_size * (frames + tokens) / dt, "step_ms": dt * 1e3, "flops_per_s": flops / dt,
+           "flops_per_sample": flops / batch_size}
     if device.type == "cuda":
         out["peak_mem_GiB"] = torch.cuda.max_memory_allocated() / 2**30
     return out
@@ -213,27 +209,112 @@ def measure_size(size: str, *, device, batch_size: int, frames: int, tokens: int
 def gpu_report(args) -> int:
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: skipping the --gpu measurements")
-        return 0
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("--gpu needs a CUDA device and torch sees none here; --gpu --device cpu runs the same code on "
+              "the CPU (no MFU)", file=sys.stderr)
+        return 2
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    peak = args.peak_tflops or (peak_tflops(name) if device.type == "cuda" else None)
-    bf16 = device.type == "cuda"
-    print(f"{name}: batch {args.batch_size} x {args.frames} frames x {args.tokens} tokens, "
-          f"{'bf16 autocast' if bf16 else 'fp32'}{', torch.compile' if args.compile else ''}, "
-          f"peak {peak or '?'} TFLOP/s")
+    on_gpu = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if on_gpu else cpu_name()
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else (peak_flops(name) if on_gpu else None)
+    why_no_mfu = ("no GPU: MFU is against a GPU's peak" if not on_gpu
+                  else f"no dense bf16 peak listed for {name!r}: pass --peak-tflops")
+    print(f"{name}: batch {args.batch_size} x {args.frames} frames x {args.tokens} tokens, bf16 autocast, "
+          f"peak {f'{peak / 1e12:g} TFLOP/s' if peak else 'unknown'}; FLOPs from ctal.model.pretraining_flops "
+          "(matmuls, forward + backward, heads and last audio layer on the scored positions)")
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     for size in args.sizes.split(","):
-        r = measure_size(size, device=device, batch_size=args.batch_size, frames=args.frames, tokens=args.tokens,
-                         steps=args.gpu_steps, warmup=args.gpu_warmup, compile_model=args.compile, bf16=bf16)
-        mfu = f"{r['tflops'] / peak:6.1%}" if peak else "   n/a"
-        mem = f", peak mem {r['peak_mem_GiB']:.1f} GiB" if "peak_mem_GiB" in r else ""
-        print(f"  {size:>6s} ({r['params_M']:6.1f} M): {r['samples_per_s']:8.1f} samples/s, "
-              f"{r['step_ms']:7.1f} ms/step, {r['tflops']:6.1f} TFLOP/s, MFU {mfu}{mem}")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+        for compiled in modes:
+            r = measure_size(size, device=device, batch_size=args.batch_size, frames=args.frames,
+                             tokens=args.tokens, steps=args.gpu_steps, warmup=args.gpu_warmup, compile_model=compiled)
+            mfu = f"MFU {r['flops_per_s'] / peak:.1%}" if peak else f"MFU n/a ({why_no_mfu})"
+            mem = f", peak mem {r['peak_mem_GiB']:.1f} GiB" if "peak_mem_GiB" in r else ""
+            print(f"  {size:>6s} ({r['params_M']:6.1f} M){' compiled' if compiled else '         '}: "
+                  f"{r['samples_per_s']:8.1f} samples/s, {r['positions_per_s']:10.0f} tokens+frames/s, "
+                  f"{r['step_ms']:8.1f} ms/step, {r['flops_per_sample'] / 1e12:.2f} TFLOP/sample, "
+                  f"{r['flops_per_s'] / 1e12:6.1f} TFLOP/s, {mfu}{mem}")
+            if on_gpu:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
     return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# --memory: peak memory of one large step on long audio, with and without gradient_checkpointing
+
+
+def memory_child(layers: int, checkpointed: bool, frames: int, batch_size: int, tokens: int) -> dict:
+    """Peak tensor memory of one fp32 training step (forward, backward, clip, AdamW with its moments
+    already allocated, as in every step but the first) of the large config with ``layers`` text and
+    audio layers, traced under FakeTensorMode by torch's MemTracker: every tensor the eager step
+    allocates is counted, nothing is computed. The heads run on every position here (the scored-
+    position path needs real values to select them): slightly more than a training step needs."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from ctal.config import PretrainConfig
+    from ctal.model import CTALConfig, CTALForPretraining
+    from ctal.optim import build_optimizer
+
+    cfg = load_model_config("large", num_text_layers=layers, num_audio_layers=layers)
+    with FakeTensorMode():
+        model = CTALForPretraining(CTALConfig.from_model_config(cfg))
+        if checkpointed:
+            model.gradient_checkpointing_enable()
+        opt = build_optimizer(model, PretrainConfig())
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()  # allocates AdamW's moments
+        opt.zero_grad(set_to_none=True)
+        B, T, L = batch_size, frames, tokens
+        ones = lambda n: torch.ones(B, n, dtype=torch.long)
+        ids, frame_input = torch.randint(5, cfg.vocab_size, (B, L)), torch.randn(B, T, cfg.audio_dim)
+        tracker = MemTracker()
+        tracker.track_external(model, opt)
+        with tracker:
+            out = model(ids, ones(L), frame_input, ones(T).bool())
+            (out.mlm_logits.float().mean() + out.reconstructed_frames.mean()).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        peak = tracker.get_tracker_snapshot("peak")
+    return {"peak": sum(v["Total"] for v in peak.values())}
+
+
+def load_model_config(size: str, **overrides):
+    import yaml
+
+    from ctal.config import ModelConfig, from_dict
+
+    return from_dict(ModelConfig, {**yaml.safe_load((REPO / f"configs/{size}.yaml").read_text())["model"],
+                                   **overrides})
+
+
+def memory_report(args) -> int:
+    """Peak memory of a large step with and without gradient_checkpointing, each setting traced in a
+    fresh subprocess (memory_child says how: FakeTensorMode + MemTracker, since a real 12+12 x 4 x 3000
+    step takes many CPU minutes and, without checkpointing, more memory than a small shared box has)."""
+    import json
+    import subprocess
+
+    n = load_model_config("large").num_audio_layers
+    print(f"peak tensor memory of one fp32 step of large ({n}+{n}), batch {args.batch_size} x {args.frames} "
+          f"frames x {args.tokens} tokens (FakeTensorMode + torch MemTracker, a subprocess per setting):")
+    peaks = {}
+    for checkpointed in (False, True):
+        cmd = [sys.executable, __file__, "--memory-child", f"{n},{int(checkpointed)}", "--frames", str(args.frames),
+               "--batch-size", str(args.batch_size), "--tokens", str(args.tokens)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+        peaks[checkpointed] = json.loads(out)["peak"]
+        print(f"  gradient_checkpointing={str(checkpointed).lower():5s}: {peaks[checkpointed] / 2**30:6.1f} GiB")
+    print(f"  checkpointing needs {peaks[True] / peaks[False]:.2f}x the memory")
+    return 0
+
+
+def cpu_name() -> str:
+    from benchmarks.step_vs_reference import cpu_model
+
+    return f"{cpu_model()} ({os.cpu_count()} cores)"
 
 
 def main(argv=None) -> int:
@@ -255,9 +336,20 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=48, help="with --gpu: tokens per utterance")
     p.add_argument("--gpu-steps", type=int, default=20)
     p.add_argument("--gpu-warmup", type=int, default=5)
-    p.add_argument("--compile", action="store_true", help="with --gpu: torch.compile the model")
+    p.add_argument("--compile", choices=("off", "on", "both"), default="both",
+                   help="with --gpu: measure eager, compiled layers (compile=true), or both")
     p.add_argument("--peak-tflops", type=float, help="with --gpu: the card's dense bf16 peak, if not listed")
+    p.add_argument("--memory", action="store_true",
+                   help="peak memory of a large step with and without gradient_checkpointing (CPU)")
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)  # "LAYERS,CHECKPOINTED": one measurement
     args = p.parse_args(argv)
+    if args.memory_child:
+        import json
+        layers, checkpointed = map(int, args.memory_child.split(","))
+        print(json.dumps(memory_child(layers, bool(checkpointed), args.frames, args.batch_size, args.tokens)))
+        return 0
+    if args.memory:
+        return memory_report(args)
     if args.gpu:
         return gpu_report(args)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="ctal-bench-")

@@ -165,6 +165,9 @@ class PretrainConfig:
     long_utterances: Literal["crop", "drop"] = "crop"  # over max_frames: cropped, or dropped (the release)
     seed: int = 0
     bf16: bool = True  # autocast on GPU only
+    # torch.compile each Transformer layer; batches are padded to bucketed lengths so shapes repeat
+    compile: bool = False
+    gradient_checkpointing: bool = False  # recompute each layer in the backward: long audio in less memory
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 3

@@ -76,6 +76,9 @@ class CTALConfig(PretrainedConfig):
 # building blocks (names follow Hugging Face BERT so text weights load one to one)
 
 
+CAUSAL = "causal"  # an attn_mask value: SDPA's is_causal form, no (T, T) mask materialized
+
+
 class Attention(nn.Module):
     """Multi-head attention; self-attention when `context` is None, cross-attention otherwise."""
 
@@ -92,8 +95,9 @@ class Attention(nn.Module):
         B, T, H = x.shape
         split = lambda t: t.view(B, t.shape[1], self.num_heads, H // self.num_heads).transpose(1, 2)
         q, k, v = split(self.query(x)), split(self.key(context)), split(self.value(context))
-        # attn_mask: bool (B, 1, T or 1, S), True = may attend
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+        # attn_mask: bool (B, 1, T or 1, S), True = may attend; CAUSAL: SDPA's own causal form
+        causal = isinstance(attn_mask, str)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else attn_mask, is_causal=causal,
                                            dropout_p=self.dropout_p if self.training else 0.0)
         return y.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
 
@@ -143,16 +147,49 @@ class TransformerLayer(nn.Module):
         self.intermediate = Intermediate(cfg)
         self.output = AddNorm(cfg, cfg.intermediate_size)
 
-    def forward(self, x, self_mask, context=None, context_mask=None):
-        x = self.attention(x, attn_mask=self_mask)
+    def forward(self, x, self_mask, context=None, context_mask=None, queries=None):
+        """`queries` (B, M) indices: the outputs wanted at those positions only, (B, M, H); every
+        position still serves as a key and value, so each wanted output is the full layer's."""
+        q = x if queries is None else x.gather(1, queries[..., None].expand(-1, -1, x.shape[-1]))
+        x = self.attention(q, None if queries is None else x, attn_mask=self_mask)
         if self.crossattention is not None and context is not None:
             x = self.crossattention(x, context, context_mask)
         return self.output(self.intermediate(x), x)
 
 
-def key_padding_mask(mask: torch.Tensor) -> torch.Tensor:
-    """(B, S) 1/True for real positions → bool (B, 1, 1, S) for SDPA."""
-    return mask.bool()[:, None, None, :]
+def key_padding_mask(mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """(B, S) 1/True for real positions → bool (B, 1, 1, S) for SDPA; None when nothing is padded,
+    so SDPA takes its unmasked kernels (eager only: a compiled graph keeps one form for every batch)."""
+    mask = mask.bool()
+    if has_values(mask) and bool(mask.all()):
+        return None
+    return mask[:, None, None, :]
+
+
+def is_right_padded(mask: torch.Tensor) -> bool:
+    """True when every row's real positions come first (collate's layout): then a causal mask alone
+    keeps every real query off the padding, which only ever follows it."""
+    return has_values(mask) and bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
+def has_values(t: torch.Tensor) -> bool:
+    """Whether t's values may choose a fast path: not while compiling, nor for shape-only tensors
+    (meta, or FakeTensorMode's, as memory planning uses); those take the general masked path."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not torch.compiler.is_compiling() and t.device.type != "meta" and not is_fake(t)
+
+
+def run_layers(layers: nn.ModuleList, x, *args, checkpointed: bool = False):
+    """x through each layer; `checkpointed` keeps only each layer's input for the backward and
+    recomputes the rest there (activation checkpointing: less memory for ~1/3 more compute; the
+    dropout masks are replayed, so losses and gradients are unchanged)."""
+    for layer in layers:
+        if checkpointed and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
+        else:
+            x = layer(x, *args)
+    return x
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,13 +235,12 @@ class TextStream(nn.Module):
         super().__init__()
         self.embeddings = TextEmbeddings(cfg)
         self.encoder = layer_stack(cfg, cfg.num_text_layers, cross_attention=False)
+        self.gradient_checkpointing = False
 
     def forward(self, input_ids, attention_mask):
         x = self.embeddings(input_ids)  # (B, L, H)
-        mask = key_padding_mask(attention_mask)
-        for layer in self.encoder.layer:
-            x = layer(x, mask)
-        return x
+        return run_layers(self.encoder.layer, x, key_padding_mask(attention_mask),
+                          checkpointed=self.gradient_checkpointing)
 
 
 class AudioEmbeddings(nn.Module):
@@ -234,17 +270,42 @@ class AudioStream(nn.Module):
         self.embeddings = AudioEmbeddings(cfg)
         self.encoder = layer_stack(cfg, cfg.num_audio_layers, cross_attention=True)
         self.causal = cfg.audio_causal
+        self.gradient_checkpointing = False
 
-    def forward(self, frames, frame_mask, text=None, text_mask=None):
+    def forward(self, frames, frame_mask, text=None, text_mask=None, wanted=None):
+        """Final audio states (B, T, H); with `wanted` (B, T) bool, only those frames' states (N, H) in
+        row-major order (as `states[wanted]`): the last layer then computes nothing else."""
         x = self.embeddings(frames)  # (B, T, H)
+        self_mask = self.self_attention_mask(frame_mask)
+        cross_mask = key_padding_mask(text_mask) if text is not None else None
+        # text=None: no cross-attention (unimodal)
+        if wanted is None:
+            return run_layers(self.encoder.layer, x, self_mask, text, cross_mask,
+                              checkpointed=self.gradient_checkpointing)
+        *lower, last = self.encoder.layer
+        x = run_layers(lower, x, self_mask, text, cross_mask, checkpointed=self.gradient_checkpointing)
+        # each row's wanted frames first, in order; a row with fewer fills its last slots with others (dropped)
+        counts = wanted.sum(1)
+        queries = torch.argsort((~wanted).to(torch.uint8), dim=1, stable=True)[:, :int(counts.max())]  # (B, M)
+        used = torch.arange(queries.shape[1], device=x.device) < counts[:, None]  # (B, M)
+        keys = frame_mask.bool()[:, None, :]  # (B, 1, T)
+        if self.causal:
+            keys = keys & (torch.arange(x.shape[1], device=x.device) <= queries[..., None])
+        last_mask = (keys | ~used[..., None])[:, None]  # (B, 1, M, T); filler slots see every frame: no NaN
+        out = run_layers([last], x, last_mask, text, cross_mask, queries,
+                         checkpointed=self.gradient_checkpointing)  # (B, M, H)
+        return out[used]  # (N, H)
+
+    def self_attention_mask(self, frame_mask):
+        """SDPA's mask for the frames' self-attention: None, CAUSAL or a bool (B, 1, 1 or T, T) mask."""
+        if self.causal and is_right_padded(frame_mask):
+            return CAUSAL  # real frames precede the padding: causality alone keeps them off it
         self_mask = key_padding_mask(frame_mask)
         if self.causal:
-            T = frames.shape[1]
-            self_mask = self_mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        cross_mask = key_padding_mask(text_mask) if text is not None else None
-        for layer in self.encoder.layer:
-            x = layer(x, self_mask, text, cross_mask)  # text=None: no cross-attention (unimodal)
-        return x
+            T = frame_mask.shape[1]
+            tril = torch.ones(T, T, dtype=torch.bool, device=frame_mask.device).tril()
+            self_mask = tril if self_mask is None else self_mask & tril
+        return self_mask
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,6 +346,28 @@ class CTALPreTrainedModel(PreTrainedModel):
 
     def _tie(self):
         pass
+
+    supports_gradient_checkpointing = True
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """Activation checkpointing of every layer of both streams (``run_layers``); HF's name. Only the
+        non-reentrant form exists here: kwargs other than use_reentrant=False are refused."""
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        if kwargs.pop("use_reentrant", False) or kwargs:
+            raise ValueError(f"gradient_checkpointing_kwargs={gradient_checkpointing_kwargs!r}: CTAL checkpoints "
+                             "with use_reentrant=False only")
+        self.text.gradient_checkpointing = self.audio.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.text.gradient_checkpointing = self.audio.gradient_checkpointing = False
+
+    def compile_layers(self, **options) -> None:
+        """``torch.compile`` (with ``options``) every Transformer layer in place (``nn.Module.compile``,
+        so parameter names and checkpoints do not change); embeddings and heads stay eager, the heads
+        running on a number of scored positions that changes with every batch."""
+        for stream in (self.text, self.audio):
+            for layer in stream.encoder.layer:
+                layer.compile(**options)
 
     def count_parameters(self, trainable_only: bool = False) -> int:
         """The one place parameters are counted (tied weights once)."""
@@ -495,31 +578,48 @@ class CTALForPretraining(CTALPreTrainedModel):
         return {"mlm_head.decoder.weight"}
 
     def forward(self, input_ids, attention_mask, frames, frame_mask,
-                mlm_labels=None, acoustic_mask=None, target_frames=None):
-        """input_ids/frames are the *masked* inputs; target_frames the unmasked 160-d frames."""
-        text, audio = self.encode(input_ids, attention_mask, frames, frame_mask)
-        mlm_logits = self.mlm_head(text)  # (B, L, V)
-        reconstructed = self.acoustic_head(audio)  # (B, T, 160)
-        out = CTALPretrainingOutput(mlm_logits=mlm_logits, reconstructed_frames=reconstructed)
-        if mlm_labels is not None and acoustic_mask is not None:
-            zero = mlm_logits.sum() * 0.0  # keeps the graph when a batch has no masked item
-            out.mlm_loss = (F.cross_entropy(mlm_logits.float().flatten(0, 1), mlm_labels.flatten(),
-                                            ignore_index=-100)
-                            if (mlm_labels != -100).any() else zero)
-            sel = acoustic_mask.bool() & frame_mask.bool()  # padding is never scored
-            out.masked_acoustic_loss = (F.l1_loss(reconstructed[sel].float(), target_frames[sel].float())
-                                        if sel.any() else zero)
+                mlm_labels=None, acoustic_mask=None, target_frames=None, return_logits: Optional[bool] = None):
+        """input_ids/frames are the *masked* inputs; target_frames the unmasked 160-d frames.
+
+        With labels the heads, and the last audio layer, run only where the losses look (the masked
+        tokens, the masked real frames: ~15 % of positions, padding never; the last layer's other frames
+        are only keys and values) and mlm_logits / reconstructed_frames stay None;
+        without labels, or with ``return_logits=True``, they hold every position (B, L, V), (B, T, 160).
+        """
+        scored = mlm_labels is not None and acoustic_mask is not None
+        full = return_logits or not scored
+        frames_scored = acoustic_mask.bool() & frame_mask.bool() if scored else None  # padding never scored
+        # the last audio layer too runs only where the acoustic loss looks (nothing else reads it here)
+        wanted = None if full or not has_values(frames_scored) or not bool(frames_scored.any()) else frames_scored
+        text = self.text(input_ids, attention_mask)
+        audio = self.audio(frames, frame_mask, text, attention_mask, wanted=wanted)  # (B, T, H) or (M, H)
+        out = CTALPretrainingOutput()
+        if full:
+            out.mlm_logits = self.mlm_head(text)  # (B, L, V)
+            out.reconstructed_frames = self.acoustic_head(audio)  # (B, T, 160)
+        if scored:
+            tokens = mlm_labels != -100
+            logits = out.mlm_logits[tokens] if full else self.mlm_head(text[tokens])  # (N, V)
+            predicted = (out.reconstructed_frames[frames_scored] if full
+                         else self.acoustic_head(audio if wanted is not None else audio[frames_scored]))  # (M, 160)
+            # a batch with nothing masked: zero, still through the heads (DDP expects their gradients)
+            out.mlm_loss = (F.cross_entropy(logits.float(), mlm_labels[tokens]) if len(logits)
+                            else logits.sum() * 0.0)
+            out.masked_acoustic_loss = (F.l1_loss(predicted.float(), target_frames[frames_scored].float())
+                                        if len(predicted) else predicted.sum() * 0.0)
             out.loss = (self.config.mlm_weight * out.mlm_loss
                         + self.config.acoustic_weight * out.masked_acoustic_loss)
         return out
 
 
 def pretraining_flops(cfg, tokens: int, frames: int, mlm_tokens: Optional[int] = None,
-                      acoustic_frames: Optional[int] = None) -> float:
+                      acoustic_frames: Optional[int] = None, last_layer_frames: Optional[int] = None) -> float:
     """Matmul FLOPs of one pretraining sample's forward + backward (3 × forward, as for MFU).
 
     `tokens`/`frames` are the sample's real positions; the heads cost `mlm_tokens` / `acoustic_frames`
-    positions (all positions by default, fewer when the heads run only where the loss looks).
+    positions (all positions by default, fewer when the heads run only where the loss looks), and the
+    last audio layer computes outputs for `last_layer_frames` (default all; the scored frames when
+    CTALForPretraining runs it only there: every frame stays a key and value).
     Counts every Linear and both attention matmuls (2 FLOPs per multiply-add); norms, activations,
     softmax and embedding lookups are left out, as in the usual MFU accounting. Checked against
     torch's FlopCounterMode in tests/test_model.py.
@@ -529,8 +629,12 @@ def pretraining_flops(cfg, tokens: int, frames: int, mlm_tokens: Optional[int] =
     acoustic_frames = frames if acoustic_frames is None else acoustic_frames
     layer = lambda n: n * (4 * H * H + 2 * H * I)  # QKV + output projection + FFN, per position
     text = cfg.num_text_layers * (layer(tokens) + 2 * tokens * tokens * H)
-    cross = 2 * H * H * (frames + tokens) + 2 * frames * tokens * H  # Q,O on frames; K,V on tokens
-    audio = cfg.num_audio_layers * (layer(frames) + 2 * frames * frames * H + cross)
+    m = frames if last_layer_frames is None else last_layer_frames  # the last layer's queries
+
+    def audio_layer(q):  # Q, O, FFN and cross-attention for q query frames; K, V of every frame
+        return (q * (2 * H * H + 2 * H * I) + 2 * H * H * frames + 2 * q * frames * H
+                + 2 * H * H * (q + tokens) + 2 * q * tokens * H)  # cross: Q,O on frames; K,V on tokens
+    audio = (cfg.num_audio_layers - 1) * audio_layer(frames) + audio_layer(m)
     heads = mlm_tokens * (H * H + H * V) + acoustic_frames * (H * H + H * D)
     # the input projection has no gradient to pass back to the frames: forward + weight gradient only
     return 3 * 2 * float(text + audio + heads) + 2 * 2 * float(D * H * frames)

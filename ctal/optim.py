@@ -18,7 +18,16 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+                             fused=fused_adamw_supported(decay + no_decay))
+
+
+def fused_adamw_supported(params) -> bool:
+    """AdamW's fused kernel (one pass over each parameter instead of foreach's several) serves
+    floating parameters all on the CPU or all on one CUDA device; else foreach, the default."""
+    devices = {p.device.type for p in params}
+    return bool(params) and len(devices) == 1 and devices <= {"cpu", "cuda"} and all(
+        p.is_floating_point() for p in params)
 
 
 def linear_warmup_decay(warmup_steps: int, total_steps: int) -> Callable[[int], float]:

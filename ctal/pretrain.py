@@ -181,6 +181,36 @@ def _ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return model
 
 
+def training_autocast(device: torch.device, bf16: bool):
+    """The step's precision: bf16 autocast on ``device`` (matmuls in bf16; the model casts its
+    losses to fp32), or fp32 with no context. The loop asks for bf16 on GPUs only."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+# Compiled layers see padded lengths in steps of these, so a run compiles a few shapes, not one per batch.
+FRAME_BUCKET, TOKEN_BUCKET = 64, 8
+
+
+def pad_to_buckets(batch: dict, model_cfg) -> dict:
+    """``batch`` (collate's keys) padded to the next multiple of FRAME_BUCKET frames and TOKEN_BUCKET
+    tokens (capped at the model's positions); padding is masked and never scored, so the losses stay."""
+    def grow(n, step, cap):
+        return min(-(-n // step) * step, max(n, cap))
+
+    L, T = batch["input_ids"].shape[1], batch["frames"].shape[1]
+    dl = grow(L, TOKEN_BUCKET, model_cfg.max_position_embeddings) - L
+    dt = grow(T, FRAME_BUCKET, model_cfg.max_audio_positions) - T
+    pad = {"input_ids": (dl, model_cfg.pad_token_id), "attention_mask": (dl, 0), "mlm_labels": (dl, -100),
+           "frames": (dt, 0.0), "frame_mask": (dt, False), "acoustic_mask": (dt, False), "target_frames": (dt, 0.0)}
+    out = dict(batch)
+    for key, (n, value) in pad.items():
+        if key in out and n:
+            x = out[key]
+            widths = (0, 0, 0, n) if x.ndim == 3 else (0, n)  # frames: (B, T, 160); masks and ids: (B, T)
+            out[key] = torch.nn.functional.pad(x, widths, value=value)
+    return out
+
+
 def check_resumable(store: CheckpointStore) -> None:
     """CheckpointError if the run's checkpoints were all found damaged (only ``corrupt-*`` left): a
     rerun must not quietly start over from step 0 where training was lost."""
@@ -279,6 +309,10 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
         if step >= cfg.max_steps:
             return {"metrics": state.get("metrics", {}), "checkpoint": str(store.path(step)) if rank == 0 else None,
                     "step": step}
+    if cfg.gradient_checkpointing:
+        raw.gradient_checkpointing_enable()
+    if cfg.compile:
+        raw.compile_layers()
     model = (prepare_model or (lambda m: _ddp(m, device)))(raw)
 
     data = PretrainBatches(cfg.data, rank=rank, world_size=world_size, seed=cfg.seed, split=cfg.split,
@@ -300,6 +334,8 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
                         special_token_ids=list(tok.special_token_ids), generator=g, max_tokens=max_tokens,
                         frontend=frontend)
             b["n_real"], b["n_padded"] = int(b["frame_mask"].sum()), b["frame_mask"].numel()
+            if cfg.compile:  # after counting: the efficiency reported is the feed's, not the buckets'
+                b = pad_to_buckets(b, model_cfg)
             if device.type == "cuda":  # pinned in the prefetch thread, so the copy is asynchronous
                 b = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()}
             yield b
@@ -324,8 +360,7 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
                                     run_name=cfg.run_name, config=to_dict(cfg), resume_key=home,
                                     tags={"run_dir": home, "seed": cfg.seed, "world_size": world_size}, log=log)
 
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda"
-                else contextlib.nullcontext())
+    autocast = training_autocast(device, cfg.bf16 and device.type == "cuda")
     accum = cfg.grad_accum_steps
     it = prefetch(batches(step * accum))
     # Running sums since the last log, kept on the device so there is no sync per step.

@@ -304,7 +304,8 @@ def test_pretraining_loss_parts_and_tied_decoder():
     amask = torch.zeros_like(fmask)
     amask[:, 5:15] = True
     amask[1, 40:50] = True  # padding: must not be scored
-    out = model(ids, tmask, frames, fmask, mlm_labels=labels, acoustic_mask=amask, target_frames=frames)
+    out = model(ids, tmask, frames, fmask, mlm_labels=labels, acoustic_mask=amask, target_frames=frames,
+                return_logits=True)
     sel = amask & fmask
     ref_l1 = (out.reconstructed_frames[sel] - frames[sel]).abs().mean()
     ref_ce = F.cross_entropy(out.mlm_logits[:, 2], ids[:, 2])
