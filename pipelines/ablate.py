@@ -25,6 +25,7 @@ from pathlib import Path
 from ctal.checkpoint import CheckpointError, record_command
 from ctal.config import ConfigError, FinetuneConfig, load_config
 from ctal.console import VERBOSE_HELP, set_verbose, stage as say
+from ctal.manifest import recorded_run
 from ctal.shipped import folder
 from ctal.tasks import TASKS
 
@@ -116,10 +117,11 @@ def main(argv=None) -> int:
     runs_per_cell = len(study.seeds) * (study.tuning.get("num_samples", 1) if study.tuning else 1)
     say("ablate", f"{len(configs)} cells x {runs_per_cell} runs of {task} with Ray Tune (the grid in {out / 'grid'})")
     init_ray()  # joins the cluster named by RAY_ADDRESS, else starts a local one
-    runs = run_study(configs, study, space, task_data, out, cpus_per_trial=args.cpus_per_trial,
-                     max_concurrent=args.max_concurrent)
-    say("evaluate", "each (cell, seed)'s best-on-dev checkpoint on the test split, once")
-    runs = score_on_test(runs, task_data, task)
+    with recorded_run(out, "ablation", {"config": base, "study": vars(args)}):  # out/manifest.json
+        runs = run_study(configs, study, space, task_data, out, cpus_per_trial=args.cpus_per_trial,
+                         max_concurrent=args.max_concurrent)
+        say("evaluate", "each (cell, seed)'s best-on-dev checkpoint on the test split, once")
+        runs = score_on_test(runs, task_data, task)
     command = "python pipelines/ablate.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     header = [f"`{command}`", "", *header, f"Data: {base.data}; pretrained level: {init or '(none given)'}.",
               f"Fine-tuning config: lr {base.lr:g}, batch {base.batch_size}, warmup {base.warmup_ratio:g}, "

@@ -18,6 +18,7 @@ from typing import Optional
 
 import pandas as pd
 
+from ctal import manifest
 from ctal.ablation import GRID_PARAMETERS, Study, cell_config, cell_key
 from ctal.checkpoint import local_copy
 from ctal.config import ConfigError, FinetuneConfig, SweepConfig, to_dict
@@ -91,7 +92,8 @@ def run_study(configs: dict[str, FinetuneConfig], study: Study, space: Optional[
     experiment = out / GRID
     trainable = tune.with_resources(
         tune.with_parameters(_cell_trial, configs={k: to_dict(c) for k, c in configs.items()}, data=data,
-                             sweep=asdict(sweep), train_storage=str(experiment / "train_runs")),
+                             sweep=asdict(sweep), train_storage=str(experiment / "train_runs"),
+                             run=manifest.run_link(out, "ablation")),
         {"CPU": cpus_per_trial})
     samples = study.tuning.get("num_samples", 1) if study.tuning else 1
     total = len(configs) * len(study.seeds) * samples
@@ -121,10 +123,11 @@ def run_study(configs: dict[str, FinetuneConfig], study: Study, space: Optional[
     return collect(grid, study, configs, task)
 
 
-def _cell_trial(params: dict, *, configs: dict, data: TaskData, sweep: dict, train_storage: str) -> None:
+def _cell_trial(params: dict, *, configs: dict, data: TaskData, sweep: dict, train_storage: str,
+                run: dict) -> None:
     """One run: the cell's config with the run's seed (and sampled hyperparameters)."""
     hp = {k: v for k, v in params.items() if k != "cell"}
-    _trial(hp, base=configs[params["cell"]], data=data, sweep=sweep, train_storage=train_storage)
+    _trial(hp, base=configs[params["cell"]], data=data, sweep=sweep, train_storage=train_storage, run=run)
 
 
 def collect(grid, study: Study, configs: dict, task) -> pd.DataFrame:
@@ -148,6 +151,8 @@ def collect(grid, study: Study, configs: dict, task) -> pd.DataFrame:
             row["checkpoint"] = str(ckpt) if ckpt else None
         rows.append(row)
     runs = pd.DataFrame(rows)
+    if metric not in runs:  # no run reported an epoch (every one failed): nothing to select
+        runs[metric] = float("nan")
     sign = 1 if task.mode == "min" else -1
     runs["rank"] = (sign * runs[metric]).where(runs["checkpoint"].notna())
     best = runs.dropna(subset=["rank"]).sort_values(["rank", "trial"]).groupby(["cell", "seed"]).head(1).index
