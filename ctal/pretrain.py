@@ -37,7 +37,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, manifest, storage, tracking
+from . import checkpoint, manifest, rendezvous, storage, tracking
 from .batching import PretrainBatches, collate, derive_seed, prefetch, split_matches
 from .checkpoint import CheckpointStore, Part
 from .config import (AT_LEAST_1, BELOW_1, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, PretrainConfig,
@@ -463,6 +463,8 @@ def _local_worker(rank: int, plan: PretrainPlan, run_dir: str, world_size: int, 
     if use_cuda:
         torch.cuda.set_device(device)
     if world_size > 1:
+        if rank == 0:  # the rendezvous store on the loopback interface only, not every interface
+            rendezvous.serve_store("127.0.0.1", port)
         dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                                 rank=rank, world_size=world_size)
     try:
@@ -470,6 +472,7 @@ def _local_worker(rank: int, plan: PretrainPlan, run_dir: str, world_size: int, 
     finally:
         if world_size > 1:
             dist.destroy_process_group()
+            rendezvous.release_store(port)
 
 
 def launch_local(cfg: PretrainConfig, run_dir: str | Path, num_workers: Optional[int] = None) -> None:

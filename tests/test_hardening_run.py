@@ -379,6 +379,7 @@ import psutil  # (Ray ships it: ray/thirdparty_files)
 import ray.train
 from ray.train.torch import TorchTrainer
 from ctal.distributed.console import init_ray
+from ctal.distributed.torch_backend import BoundStoreTorchConfig
 
 def listening(procs):
     out = set()
@@ -400,6 +401,7 @@ def worker(config):  # a Ray Train worker: gloo's sockets and, on rank 0, torch'
 init_ray(num_cpus=2)  # as the pipelines start a local Ray
 out = pathlib.Path(tempfile.mkdtemp())
 TorchTrainer(worker, train_loop_config={"out": str(out)}, scaling_config=ray.train.ScalingConfig(num_workers=2),
+             torch_config=BoundStoreTorchConfig(),  # as ctal.distributed.train and .tune build their trainers
              run_config=ray.train.RunConfig(storage_path=str(out / "runs"))).fit()
 me = psutil.Process()
 print(json.dumps({"ray": listening([me, *me.children(recursive=True)]), "auth": os.environ.get("RAY_AUTH_MODE"),
@@ -431,14 +433,51 @@ def test_a_local_ray_and_its_train_workers_listen_on_loopback_only(local_listene
     for w in found["workers"]:
         master_addr, master_port = w["master"]
         assert master_addr == "127.0.0.1"  # what torch's store and gloo connect to
-        # all but torch's own store server (see the next test) on the loopback interface
+        # gloo's sockets on the loopback interface (torch's store server: the next test)
         assert [s for s in w["listening"] if s[0] not in LOOPBACK and s[1] != int(master_port)] == []
     # a local Ray's token authentication (Ray's default) stays on; the console does not say so
     assert found["auth"] == "token" and "Token authentication" not in stderr
 
 
-@pytest.mark.xfail(strict=True, reason="torch's TCPStore server binds every interface whatever MASTER_ADDR "
-                                       "says; Ray Train creates it, with no bind address to pass")
 def test_torchs_rank0_store_listens_on_loopback_only(local_listeners):
+    """torch binds its store server to every interface; ctal.rendezvous binds it to the node address."""
     found, _ = local_listeners
-    assert [s for w in found["workers"] for s in w["listening"] if s[0] not in LOOPBACK] == []
+    port = int(found["workers"][0]["master"][1])
+    store = [s for w in found["workers"] for s in w["listening"] if s[1] == port]
+    assert store and all(s[0] in LOOPBACK for s in store)
+
+
+RENDEZVOUS = """
+import json, subprocess, sys
+import ray  # noqa: F401  (puts Ray's psutil on the path)
+import psutil
+import torch, torch.distributed as dist
+from ctal import rendezvous
+
+port = rendezvous.serve_store("127.0.0.1")
+peer = subprocess.Popen([sys.executable, "-c", f'''
+import torch, torch.distributed as dist
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=1, world_size=2)
+t = torch.tensor([2.0]); dist.all_reduce(t); dist.destroy_process_group()
+'''])
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2)
+t = torch.tensor([1.0]); dist.all_reduce(t)
+listening = sorted({(c.laddr.ip, c.laddr.port) for c in psutil.Process().net_connections(kind="inet")
+                    if c.status == psutil.CONN_LISTEN})
+dist.destroy_process_group(); rendezvous.release_store(port)
+print(json.dumps({"port": port, "sum": t.item(), "listening": listening, "peer": peer.wait(timeout=120)}))
+"""
+
+
+def test_the_local_launchers_rendezvous_store_listens_on_loopback_only():
+    """ctal.pretrain.launch_local's rank 0 (no Ray): the store torch's tcp:// rendezvous would bind to
+    every interface shares ctal.rendezvous's loopback server instead, and the group still works."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", RENDEZVOUS], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.splitlines()[-1])
+    assert found["sum"] == 3.0 and found["peer"] == 0
+    assert found["port"] in {port for _, port in found["listening"]}
+    assert [s for s in found["listening"] if s[0] not in LOOPBACK] == []

@@ -65,8 +65,8 @@ def init_ray(address: Optional[str] = None, **kwargs) -> None:
 @contextlib.contextmanager
 def loopback_node():
     """While a local Ray starts: its node IP is 127.0.0.1, so the GCS, raylet, workers and agents bind
-    the loopback interface, not every interface, and Ray Train's MASTER_ADDR is 127.0.0.1 (torch's
-    rank-0 store server itself still listens on every interface: torch takes no bind address).
+    the loopback interface, not every interface, and Ray Train's MASTER_ADDR is 127.0.0.1 (where
+    ``torch_backend`` binds torch's rank-0 store server too).
     ``ray.init(_node_ip_address="127.0.0.1")`` cannot do it on Linux (Ray swaps a loopback address
     for the machine's); Ray's single-machine mode (its default on macOS and Windows) does. Restored
     afterwards: once started, Ray takes the node IP from the running node."""

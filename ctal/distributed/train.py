@@ -37,6 +37,7 @@ from ..console import Progress
 from ..pretrain import CHECKPOINTS, PretrainPlan, latest_checkpoint, pretrain_loop, prepare, read_metrics, step_of
 from .console import LogRelay, init_ray
 from .pg_cleaner import steady_trainer
+from .torch_backend import BoundStoreTorchConfig
 
 
 class ResourceError(RuntimeError):
@@ -170,6 +171,7 @@ def pretrain(cfg: PretrainConfig | PretrainPlan, *, address: Optional[str] = Non
                                "tokenizer": plan.tokenizer, "run_dir": str(run_dir),
                                "cpus_per_worker": res.cpus_per_worker, "log": relay.sender(),
                                "run": manifest.run_info()},
+            torch_config=BoundStoreTorchConfig(),
             scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                                    resources_per_worker=resources),
             run_config=ray.train.RunConfig(name=cfg.run_name, storage_path=cfg.storage_path,
