@@ -208,6 +208,9 @@ class TextEmbeddings(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
         self.pad_token_id = cfg.pad_token_id
         self.roberta_positions = cfg.text_position_style == "roberta"
+        # Tied to a dense MLM decoder (CTALForPretraining), the word rows' gradient can be sparse: the
+        # decoder's dense gradient absorbs it in place, instead of a (V, H) zero-filled copy plus a sum.
+        self.sparse_word_grad = False
 
     def forward(self, input_ids):
         B, L = input_ids.shape
@@ -216,7 +219,8 @@ class TextEmbeddings(nn.Module):
             position_ids = torch.cumsum(real, dim=1) * real + self.pad_token_id
         else:
             position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
-        x = (self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        words = F.embedding(input_ids, self.word_embeddings.weight, self.pad_token_id, sparse=self.sparse_word_grad)
+        x = (words + self.position_embeddings(position_ids)
              + self.token_type_embeddings(torch.zeros_like(input_ids)))
         return self.dropout(self.LayerNorm(x))
 
@@ -573,6 +577,7 @@ class CTALForPretraining(CTALPreTrainedModel):
 
     def _tie(self):
         self.mlm_head.decoder.weight = self.text.embeddings.word_embeddings.weight
+        self.text.embeddings.sparse_word_grad = True  # the decoder always runs, so the sum is dense
 
     def _tied_keys(self):
         return {"mlm_head.decoder.weight"}
