@@ -369,6 +369,7 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
     last = {}
     t0 = time.perf_counter()
     model.train()
+    finished = False  # what the tracker is told: FINISHED only when the loop ran to its end
     try:
         while step < cfg.max_steps:
             torch.manual_seed(derive_seed(cfg.seed, rank, step))  # dropout: a function of the step
@@ -437,13 +438,14 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
                 if report is not None:
                     report({**last, "step": step}, path)
                 t0 += time.perf_counter() - t_save  # checkpointing is not training throughput
+        finished = True
     finally:
         it.close()
         if writer is not None:
             writer.close()
             metrics_file.close()
         if tracker is not None:
-            tracker.finish(failed=sys.exc_info()[0] is not None)
+            tracker.finish(failed=not finished)
     if remote:
         if rank == 0:
             _push_logs(run_dir, remote, writer)
