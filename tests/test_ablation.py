@@ -177,7 +177,9 @@ def finished_trials(experiment: Path) -> list[str]:
 @pytest.mark.slow
 def test_quick_demo_killed_mid_grid_resumes_without_rerunning_a_finished_run(tmp_path, ray_local, capsys):
     out = tmp_path / "study"
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    # Tune saves its experiment state every second, not when its "auto" period says (>= 10 s, by
+    # which time an idle machine has finished the grid): the kill must land mid-grid.
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     cmd = [sys.executable, str(ROOT / "pipelines" / "ablate.py"), "--demo", "--quick", "--out", str(out), "tracking=mlflow"]
     log = open(tmp_path / "driver.log", "w")
     driver = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

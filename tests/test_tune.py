@@ -350,7 +350,9 @@ def test_a_sweep_killed_after_its_first_trial_resumes_without_rerunning_it(datas
     space = tmp_path / "space.yaml"
     space.write_text("fusion: {choice: [ctal, text_only, audio_only]}\n")
     storage, name = tmp_path / "runs", "killed"
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    # Tune saves its experiment state every second, not when its "auto" period says (>= 10 s, by
+    # which time an idle machine has finished the grid): the kill must land mid-grid.
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     cmd = [sys.executable, str(ROOT / "pipelines" / "tune_finetune.py"), "--task", "sentiment", "--data", str(data),
            "--space", str(space), "--search", "grid", "--scheduler", "fifo", "--max-concurrent", "1",
            "--storage", str(storage), "--name", name, *NARROW, "epochs=2"]

@@ -115,8 +115,8 @@ def run_study(configs: dict[str, FinetuneConfig], study: Study, space: Optional[
             run_config=tune.RunConfig(name=GRID, storage_path=str(out), verbose=0,
                                       callbacks=[*callbacks(metric, task.mode, total, configs, experiment),
                                                  StateSigner()],
-                                      checkpoint_config=tune.CheckpointConfig(
-                                          num_to_keep=1, checkpoint_score_attribute=metric,
+                                      checkpoint_config=tune.CheckpointConfig(  # 2 kept: see the sweep's (tune.py)
+                                          num_to_keep=2, checkpoint_score_attribute=metric,
                                           checkpoint_score_order=task.mode)))
         sign_sweep(str(experiment))  # tuner.pkl, as Tuner() wrote it
     grid = tuner.fit()

@@ -181,8 +181,12 @@ def run_sweep(cfg: FinetuneConfig, space: SearchSpace, sweep: SweepConfig, *, re
                                verbose=tune_verbosity(sweep.verbose),
                                callbacks=[trials, *tracked, StateSigner((SWEEP_FILE,))],
                                checkpoint_config=tune.CheckpointConfig(
-                                   num_to_keep=1, checkpoint_score_attribute=metric,
-                                   checkpoint_score_order=task.mode)))  # best + latest (kept to resume)
+                                   # The 2 best + the latest. Tune deletes a checkpoint that drops out
+                                   # as soon as a better one arrives, but saves its experiment state
+                                   # seconds later: with 1 kept, a driver killed in between left a state
+                                   # naming a deleted checkpoint, and that trial could not resume.
+                                   num_to_keep=2, checkpoint_score_attribute=metric,
+                                   checkpoint_score_order=task.mode)))
         sign_sweep(where, (SWEEP_FILE,))  # tuner.pkl (Tuner() wrote it) and sweep.json
     with manifest.recorded_run(where, "sweep", {"config": cfg, "sweep": sweep, "space": space.source}):
         try:
