@@ -228,6 +228,7 @@ class PretrainBatches:
                 self.row_groups.append((f, g, start))
                 start += rows
         raw = np.concatenate(n_frames) if n_frames else np.zeros(0, np.int64)
+        self.raw_frames = raw  # as stored: the size of a row's fbank
         self.n_frames = np.minimum(raw, max_frames)  # what the model sees after cropping
         self.rg_of_row = np.concatenate(rg_of_row) if rg_of_row else np.zeros(0, np.int64)
         self.row_start = np.array([0] + [len(x) for x in n_frames]).cumsum()  # global row of file f
@@ -295,18 +296,18 @@ class PretrainBatches:
         """Of this rank's batches in ``epoch`` (frames after cropping)."""
         return padding_efficiency([self.pools[p][b] for p, b in self.plan(epoch)], self.n_frames)
 
-    def _read_pool(self, pool: int) -> list[dict]:
+    def _read_pool(self, pool: int, columns: Optional[Sequence[str]] = None) -> list[dict]:
         """Rows of one pool (reading each of its row groups once), in pool order."""
-        rows = self.pools[pool]
+        rows, columns = self.pools[pool], list(columns or self.columns)
         out: dict[int, dict] = {}
         for g in np.unique(self.rg_of_row[rows]):
             f, rg, start = self.row_groups[g]
             want = rows[self.rg_of_row[rows] == g]
             local = want - self.row_start[f] - start
-            t = self._parquet(f).read_row_group(int(rg), columns=self.columns)
+            t = self._parquet(f).read_row_group(int(rg), columns=columns)
             t = t.take(pa.array(local))
             cols = {}
-            for name in self.columns:
+            for name in columns:
                 if name == "fbank":
                     cols[name] = _list_column_to_numpy(t.column(name), inner=FBANK_DIM)
                 elif name == "input_ids":
@@ -331,17 +332,74 @@ class PretrainBatches:
     def __iter__(self) -> Iterator[list[dict]]:
         return self.iter_from(0)
 
+    def schedule(self, index: int) -> Iterator[tuple[int, list[tuple[int, list[int]]]]]:
+        """From global batch ``index`` on, forever: (pool, [(global batch index, positions), ...]), one
+        entry per pool in the order the feed reads them (a pool appears once per epoch)."""
+        epoch, skip = self.position(index)
+        while True:
+            first = epoch * self.batches_per_epoch
+            group, last_pool = [], None
+            for k, (pool, positions) in enumerate(self.plan(epoch)):
+                if k < skip:
+                    continue
+                if pool != last_pool and group:
+                    yield last_pool, group
+                    group = []
+                group.append((first + k, positions))
+                last_pool = pool
+            if group:
+                yield last_pool, group
+            epoch, skip = epoch + 1, 0
+
     def iter_from(self, index: int) -> Iterator[list[dict]]:
         """Batches (lists of row dicts) from global batch ``index`` on, forever. Pools before the
         resume position are never read."""
-        epoch, skip = self.position(index)
-        while True:
-            loaded, rows = None, None
-            for pool, positions in self.plan(epoch)[skip:]:
-                if pool != loaded:
-                    rows, loaded = self._read_pool(pool), pool  # the previous pool is released
+        for pool, batches in self.schedule(index):
+            rows = self._read_pool(pool)  # the previous pool is released
+            for _, positions in batches:
                 yield [rows[i] for i in positions]
-            epoch, skip = epoch + 1, 0
+
+    # ---- the parts of a pool that feed processes read side by side (``feed``)
+
+    def frame_offsets(self, pool: int) -> np.ndarray:
+        """Where each row of ``pool`` starts in the pool's flat (frames, 80) array (uncropped frames)."""
+        return np.concatenate([[0], np.cumsum(self.raw_frames[self.pools[pool]])])
+
+    def max_pool_frames(self) -> int:
+        return max(int(self.raw_frames[rows].sum()) for rows in self.pools)
+
+    def read_fbank_part(self, pool: int, part: int, parts: int, out: np.ndarray) -> None:
+        """Write the fbank frames of part ``part`` of ``parts`` of ``pool`` into ``out`` (the pool's
+        flat (frames, 80) array, rows at ``frame_offsets``). Parts are whole row groups of about
+        equal frames, so each row group is read and decoded by one process only."""
+        rows = self.pools[pool]
+        groups, first = np.unique(self.rg_of_row[rows], return_index=True)
+        frames = np.array([self.raw_frames[rows[self.rg_of_row[rows] == g]].sum() for g in groups])
+        cum = np.cumsum(frames) - frames / 2  # each group's midpoint decides its part
+        mine = groups[np.minimum((cum * parts // max(frames.sum(), 1)).astype(np.int64), parts - 1) == part]
+        at = {int(r): i for i, r in enumerate(rows)}
+        offsets = self.frame_offsets(pool)
+        for g in mine:
+            f, rg, start = self.row_groups[g]
+            want = rows[self.rg_of_row[rows] == g]
+            t = self._parquet(f).read_row_group(int(rg), columns=["fbank"]).take(
+                pa.array(want - self.row_start[f] - start))
+            flat, offs = _list_column_to_numpy(t.column("fbank"), inner=FBANK_DIM)
+            for i, row in enumerate(want):
+                n, dst = offs[i + 1] - offs[i], at[int(row)]
+                if n != self.raw_frames[row]:
+                    raise ValueError(f"{self.files[f]}: row {int(row - self.row_start[f])} has {n} fbank "
+                                     f"frames but its n_frames column says {int(self.raw_frames[row])}")
+                out[offsets[dst]:offsets[dst + 1]] = flat[offs[i]:offs[i + 1]]
+
+    def __getstate__(self):  # a pyarrow filesystem is made again where the feed is unpickled
+        return {**self.__dict__, "_fs": None, "_uri": self._fs is not None}
+
+    def __setstate__(self, state):
+        uri = state.pop("_uri")
+        self.__dict__.update(state)
+        if uri:
+            self._fs = storage.resolve(self.files[0])[0]
 
 
 def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
@@ -386,3 +444,101 @@ def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
     finally:
         stop.set()
         thread.join()
+
+
+# --------------------------------------------------------------------------------------------------
+# the feed: batches built in a background thread, or in processes beside the training process
+
+
+class FeedError(RuntimeError):
+    """A feed process failed; the message names what went wrong."""
+
+
+class _ProcessFeed(torch.utils.data.IterableDataset):
+    """What each of ``workers`` DataLoader processes runs: for every pool in feed order, read its
+    share of the pool's row groups into the pool's shared-memory slot, wait at a barrier until every
+    share is there, then build the batches whose index (counted from ``start``) is its own modulo
+    ``workers``. DataLoader asks the processes in turn, so the batches come out in the feed's order.
+
+    Two slots suffice: a process writes pool j + 1's share only after the barrier of pool j, which
+    every process reaches only after building its batches of pool j - 1 (the slot's old pool).
+    Batches never alias a slot (``collate`` builds new tensors).
+    """
+
+    def __init__(self, data: PretrainBatches, make_batch, start: int, workers: int, context):
+        self.data, self.make_batch, self.start, self.workers = data, make_batch, start, workers
+        n = max(data.max_pool_frames(), 1)
+        self.slots = [torch.empty(n, FBANK_DIM, dtype=torch.float32).share_memory_() for _ in range(2)]
+        self.barrier = context.Barrier(workers)
+        self.error = context.Array("c", 4096)  # the first failure's message, for the other processes
+
+    def __iter__(self):
+        w = torch.utils.data.get_worker_info().id
+        try:
+            for j, (pool, batches) in enumerate(self.data.schedule(self.start)):
+                slot = self.slots[j % 2].numpy()
+                self.data.read_fbank_part(pool, w, self.workers, slot)
+                ids = self.data._read_pool(pool, columns=["input_ids"])
+                offsets = self.data.frame_offsets(pool)
+                self.barrier.wait()
+                for index, positions in batches:
+                    if (index - self.start) % self.workers == w:
+                        rows = [{"input_ids": ids[p]["input_ids"], "fbank": slot[offsets[p]:offsets[p + 1]]}
+                                for p in positions]
+                        yield self.make_batch(rows, index)
+        except threading.BrokenBarrierError:
+            raise FeedError(f"feed process {w} stopped: another one failed: "
+                            f"{self.error.value.decode(errors='replace')}") from None
+        except Exception as e:
+            with self.error.get_lock():
+                if not self.error.value:
+                    self.error.value = f"{type(e).__name__}: {e}".encode()[:4095]
+            self.barrier.abort()
+            raise
+
+
+def feed(data: PretrainBatches, make_batch, start: int, *, workers: int = 0, pin_memory: bool = False,
+         prefetch_factor: int = 2) -> Iterator:
+    """``make_batch(rows, index)`` of every batch of ``data`` from global batch ``start`` on, in order.
+
+    ``workers`` = 0: built in one background thread (``prefetch``), one core's worth. ``workers`` > 0:
+    built in that many processes (torch's DataLoader), which also share the reading: each pool's row
+    groups are read once, split among the processes, into shared memory. The batches are the same
+    either way: ``make_batch`` must depend only on its rows and index (seed its masks from the index).
+    ``pin_memory`` pins the batches' tensors for an asynchronous copy to the GPU. Closing the
+    returned generator stops the thread or the processes.
+    """
+    if workers == 0:
+        def built():
+            for index, rows in enumerate(data.iter_from(start), start):
+                b = make_batch(rows, index)
+                yield {k: v.pin_memory() if pin_memory and torch.is_tensor(v) else v for k, v in b.items()}
+        yield from prefetch(built())
+        return
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    dataset = _ProcessFeed(data, make_batch, start, workers, context)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                                         prefetch_factor=prefetch_factor, multiprocessing_context=context,
+                                         # its own generator: DataLoader draws its workers' seeds from
+                                         # it, which must not move the trainer's (dropout) RNG
+                                         generator=torch.Generator().manual_seed(start))
+    it = iter(loader)
+    try:
+        while True:
+            try:
+                batch = next(it)
+            except Exception as e:  # DataLoader's re-raise carries the worker's traceback: say it in one line
+                message = dataset.error.value.decode(errors="replace")
+                dead = [p for p in getattr(it, "_workers", []) if p.exitcode not in (None, 0)]
+                if message:
+                    raise FeedError(f"the feed failed: {message}") from None
+                if dead:  # killed (e.g. by the OOM killer) while a batch was on its way
+                    raise FeedError("feed process(es) " + ", ".join(f"pid {p.pid} (exit code {p.exitcode})"
+                                                                    for p in dead)
+                                    + f" died: {type(e).__name__}: {e}".splitlines()[0]) from None
+                raise
+            yield batch
+    finally:
+        it._shutdown_workers()

@@ -160,6 +160,9 @@ class PretrainConfig:
     halve_batch_above_frames: int = 2000  # a batch whose longest utterance is longer holds half (release); 0: never
     bucket_pool_rows: int = 1024  # rows read and length-bucketed together per worker (memory bound)
     grad_accum_steps: int = 1
+    # Processes per worker that read and build its batches (sharing each pool's reading); 0: one
+    # thread in the worker, one core's worth. Give the worker the cores: cpus_per_worker >= this + 1.
+    feed_workers: int = 0
     clip_grad_norm: float = 1.0
     max_frames: int = 3000  # learned audio positions stop at 3000
     long_utterances: Literal["crop", "drop"] = "crop"  # over max_frames: cropped, or dropped (the release)

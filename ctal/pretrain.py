@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint, manifest, rendezvous, storage, tracking
-from .batching import PretrainBatches, collate, derive_seed, prefetch, split_matches
+from .batching import PretrainBatches, collate, derive_seed, feed, split_matches
 from .checkpoint import CheckpointStore, Part
 from .config import (AT_LEAST_1, BELOW_1, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, PretrainConfig,
                      check_ranges, to_dict, validate_model_config)
@@ -107,6 +107,7 @@ def validate_pretrain_config(cfg: PretrainConfig) -> None:
     check_ranges(cfg, {**dict.fromkeys(positive, AT_LEAST_1), "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
                        "cpus_per_worker": POSITIVE, "warmup_ratio": BELOW_1, "clip_grad_norm": NON_NEGATIVE,
                        "max_frames_per_batch": NON_NEGATIVE, "halve_batch_above_frames": NON_NEGATIVE,
+                       "feed_workers": NON_NEGATIVE,
                        "max_failures": (lambda v: v >= -1, ">= -1 (-1 = unlimited)")})
     m = cfg.masking
     check_ranges(m, {**dict.fromkeys(("token_mask_prob", "token_replace_prob", "token_random_prob",
@@ -255,6 +256,27 @@ def _local_tokenizer(tok: TokenizerInfo, data: str) -> Path:
     return tok.dir if tok.dir.is_dir() else storage.localize(storage.join(data, TOKENIZER_DIR), kind="tokenizers")
 
 
+class MakeBatch:
+    """Rows + global batch index → one training batch, masks seeded from (seed, rank, index): the
+    same batch whichever thread or process of the feed builds it."""
+
+    def __init__(self, cfg: PretrainConfig, tok: TokenizerInfo, rank: int, max_tokens: int, frontend: str,
+                 model_cfg):
+        self.cfg, self.rank, self.max_tokens, self.frontend, self.model_cfg = cfg, rank, max_tokens, frontend, model_cfg
+        self.ids = {"pad_token_id": tok.pad_token_id, "mask_token_id": tok.mask_token_id,
+                    "vocab_size": tok.vocab_size, "special_token_ids": list(tok.special_token_ids)}
+
+    def __call__(self, rows: list[dict], index: int) -> dict:
+        cfg = self.cfg
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, self.rank, index, 1))
+        b = collate(rows, max_frames=cfg.max_frames, masking=cfg.masking, generator=g, max_tokens=self.max_tokens,
+                    frontend=self.frontend, **self.ids)
+        b["n_real"], b["n_padded"] = int(b["frame_mask"].sum()), b["frame_mask"].numel()
+        if cfg.compile:  # after counting: the efficiency reported is the feed's, not the buckets'
+            b = pad_to_buckets(b, self.model_cfg)
+        return b
+
+
 def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, rank: int = 0, world_size: int = 1,
                   device: Optional[torch.device] = None,
                   prepare_model: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None,
@@ -325,20 +347,7 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
     max_tokens = model_cfg.max_position_embeddings - (model_cfg.pad_token_id + 1
                                                       if model_cfg.text_position_style == "roberta" else 0)
 
-    def batches(start: int):
-        for index, rows in enumerate(data.iter_from(start), start):
-            g = torch.Generator().manual_seed(derive_seed(cfg.seed, rank, index, 1))
-            b = collate(rows, max_frames=cfg.max_frames, pad_token_id=tok.pad_token_id,
-                        masking=cfg.masking, mask_token_id=tok.mask_token_id, vocab_size=tok.vocab_size,
-                        special_token_ids=list(tok.special_token_ids), generator=g, max_tokens=max_tokens,
-                        frontend=frontend)
-            b["n_real"], b["n_padded"] = int(b["frame_mask"].sum()), b["frame_mask"].numel()
-            if cfg.compile:  # after counting: the efficiency reported is the feed's, not the buckets'
-                b = pad_to_buckets(b, model_cfg)
-            if device.type == "cuda":  # pinned in the prefetch thread, so the copy is asynchronous
-                b = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()}
-            yield b
-
+    make_batch = MakeBatch(cfg, tok, rank, max_tokens, frontend, model_cfg)
     writer, metrics_file, tracker = None, None, None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -361,7 +370,7 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
 
     autocast = training_autocast(device, cfg.bf16 and device.type == "cuda")
     accum = cfg.grad_accum_steps
-    it = prefetch(batches(step * accum))
+    it = feed(data, make_batch, step * accum, workers=cfg.feed_workers, pin_memory=device.type == "cuda")
     # Running sums since the last log, kept on the device so there is no sync per step.
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, mlm, acoustic, micro-batches
     counts = torch.zeros(3, dtype=torch.float64)  # samples, real frames, padded frames

@@ -1,13 +1,15 @@
 """Length bucketing, collate and the per-worker Parquet feed (no Ray)."""
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ctal.batching import (PretrainBatches, bucket_batches, collate, padding_efficiency, prefetch,
-                           split_matches)
+from ctal.batching import (FeedError, PretrainBatches, bucket_batches, collate, derive_seed, feed,
+                           padding_efficiency, prefetch, split_matches)
 from ctal.config import MaskingConfig
 from ctal.data import TOKENIZER_DIR, open_dataset
 from ctal.data import write_dataset as write_contract_dataset
@@ -267,3 +269,88 @@ def test_utterances_over_max_frames_are_cropped_or_dropped(tmp_path):
     assert dropped.n_rows == 40 - longer and dropped.n_dropped == longer
     with pytest.raises(ValueError, match="40 dropped as longer than max_frames=50"):
         PretrainBatches(path, rank=0, world_size=1, seed=0, batch_size=1, max_frames=50, drop_longer=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# the feed: a thread, or processes sharing the reading
+
+
+def _make_batch(rows, index):
+    g = torch.Generator().manual_seed(derive_seed(7, index))
+    b = collate(rows, max_frames=150, pad_token_id=PAD, masking=MaskingConfig(), mask_token_id=MASK,
+                vocab_size=300, special_token_ids=SPECIAL, generator=g)
+    b["index"] = index
+    return b
+
+
+def _take(it, n):
+    out = [next(it) for _ in range(n)]
+    it.close()
+    return out
+
+
+@pytest.mark.parametrize("data", ["many_groups", "few_groups"])
+def test_feed_processes_build_bit_identical_batches_to_the_thread_in_order(data, request):
+    f = _feed(request.getfixturevalue(data), 0, 1, columns=("input_ids", "fbank"))
+    n = 2 * f.batches_per_epoch + 3  # across epochs
+    for start in (0, f.batches_per_epoch - 2):  # a fresh run and a resume late in an epoch
+        want = _take(feed(f, _make_batch, start), n)
+        assert [b["index"] for b in want] == list(range(start, start + n))
+        for workers in (1, 3):
+            torch.manual_seed(0)
+            rng = torch.get_rng_state()
+            got = _take(feed(f, _make_batch, start, workers=workers), n)
+            assert torch.equal(torch.get_rng_state(), rng), "the feed moved the trainer's RNG"
+            assert [b["index"] for b in got] == [b["index"] for b in want], workers
+            for a, b in zip(got, want):
+                assert a.keys() == b.keys()
+                for k in a:
+                    assert torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])), (workers, k)
+    assert not multiprocessing.active_children(), "closing the feed left processes behind"
+
+
+def test_feed_processes_read_each_row_group_once_and_together_the_whole_pool(many_groups, monkeypatch):
+    f = _feed(many_groups, 0, 1, pool_rows=120, columns=("input_ids", "fbank"))
+    pool = 0
+    whole = np.concatenate([np.asarray(r["fbank"]) for r in f._read_pool(pool)])
+    reads = []
+    orig = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, i, *a, **kw: reads.append(i) or orig(self, i, *a, **kw))
+    out = np.full_like(whole, np.nan)
+    for part in range(3):
+        f.read_fbank_part(pool, part, 3, out)
+    np.testing.assert_array_equal(out, whole)
+    assert len(reads) == len(np.unique(f.rg_of_row[f.pools[pool]]))  # all covered, so each once
+
+
+def test_a_feed_process_that_fails_stops_the_feed_with_one_line_naming_the_row(tmp_path):
+    path = write_dataset(tmp_path / "d", 60, rows_per_group=10, rows_per_shard=60)
+    shard = path / "part-00000.parquet"
+    table = pq.read_table(shard)
+    n_frames = table.column("n_frames").to_numpy().copy()
+    n_frames[13] += 1  # the index says one frame more than the row holds
+    table = table.set_column(table.schema.get_field_index("n_frames"), "n_frames",
+                             pa.array(n_frames, pa.int32()))
+    pq.write_table(table, shard, row_group_size=10)
+    f = _feed(path, 0, 1, columns=("input_ids", "fbank"))
+    with pytest.raises(FeedError, match=r"part-00000.parquet: row 13 has \d+ fbank frames but its n_frames"
+                                        r" column says \d+$"):
+        _take(feed(f, _make_batch, 0, workers=3), f.batches_per_epoch)
+    assert not multiprocessing.active_children()
+
+
+def test_a_killed_feed_process_stops_the_feed_naming_it(many_groups):
+    import os
+    import signal
+
+    f = _feed(many_groups, 0, 1, columns=("input_ids", "fbank"))
+    it = feed(f, _make_batch, 0, workers=2)
+    next(it)
+    victim = multiprocessing.active_children()[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    with pytest.raises((FeedError, RuntimeError), match=f"pid.*{victim.pid}"):
+        for _ in range(10 * f.batches_per_epoch):
+            next(it)
+    it.close()
+    assert not multiprocessing.active_children()

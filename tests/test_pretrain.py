@@ -407,3 +407,34 @@ def test_the_global_batch_must_split_over_workers_before_ray(dataset, tmp_path, 
     with pytest.raises(ConfigError, match=message):
         prepare(make_cfg(dataset, tmp_path, "indivisible", *extra))
     assert prepare(make_cfg(dataset, tmp_path, "budget", *extra, "max_frames_per_batch=400"))  # frames: no count
+
+
+@pytest.mark.slow
+def test_feed_processes_give_the_same_losses_and_a_killed_one_restores_exactly(reference, dataset, tmp_path, ray_local):
+    """feed_workers=2: each Ray Train worker builds its batches in 2 processes; SIGKILL one of them
+    mid-run and the worker fails, restarts from the latest checkpoint and ends on the same losses."""
+    from ctal.distributed.train import pretrain
+
+    _, ref = reference
+    run = tmp_path / "feed-kill"
+    killed = {}
+
+    def killer():
+        killed["at_step"] = wait_for_step(run, EVERY + 5, timeout=300)
+        procs = descendants(os.getpid())
+        for pid, start in procs.items():
+            parent = _process_table().get(pid, (None,))[0]
+            if cmdline(parent).startswith("ray::RayTrainWorker"):  # forked: it has its parent's title
+                kill_if_same(pid, start)  # a feed process (Ray's own workers are the raylet's children)
+                killed["pid"] = pid
+                return
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    result = pretrain(make_cfg(dataset, tmp_path, "feed-kill", "feed_workers=2"))
+    thread.join(timeout=5)
+    assert "pid" in killed, "no feed process was found to kill"
+    [resumed_at] = resumes(run)
+    assert killed["at_step"] - EVERY <= resumed_at <= killed["at_step"]
+    assert result.metrics["step"] == STEPS
+    assert losses(run) == ref
