@@ -2,6 +2,7 @@
 
     python benchmarks/feed_throughput.py [--utterances 256] [--batches 32] [--repeats 3]
         [--model-batch 2] [--model-steps 2] [--tokens 45] [--mfu 0.45] [--workdir DIR]
+        [--feed-workers 0,1,2] [--process-batches 96]
 
 Writes a Parquet data set of the real schema with LibriSpeech-like lengths (``train_throughput``'s),
 then runs, in this process with one torch thread, exactly what a pretraining worker runs per batch:
@@ -10,9 +11,12 @@ masking (delta, per-utterance normalization, MLM and acoustic span masking, padd
 ``ctal.pretrain`` seeds it. Rates are samples per CPU-second (process CPU time, so the machine's
 other load hardly moves them), the median of ``--repeats`` interleaved runs; each stage is timed
 alone to say where a sample's time goes. The tiny model's forward + backward + AdamW step on the
-same batches (one thread) puts the feed beside the model on this CPU; then, from
+same batches (one thread) puts the feed beside the model on this CPU. Then the feed as pretraining
+runs it (``ctal.batching.feed``) with its thread and with ``--feed-workers`` processes, wall-clock
+samples/s side by side and CPU per sample over all processes; then, from
 ``ctal.model.pretraining_flops`` at LibriSpeech-like lengths, the feed cores one GPU needs at
-``--mfu`` of its dense bf16 peak, for tiny / base / large, on an H100 and on a g5.12xlarge.
+``--mfu`` of its dense bf16 peak, for tiny / base / large, on an H100 and on a g5.12xlarge, at the
+CPU cost per sample of the largest feed of processes measured.
 """
 from __future__ import annotations
 
@@ -140,6 +144,41 @@ def measure_model_step(feed: Feed, model_batch: int, steps: int) -> dict:
             "frames": int(batch["frame_mask"].sum()) // model_batch}
 
 
+def measure_processes(feed: Feed, workers: list[int], n_batches: int, repeats: int) -> dict[int, dict]:
+    """``ctal.batching.feed`` as ``pretrain_loop`` runs it, with 0 (a thread) or N feed processes,
+    drained as fast as it goes (a trainer that eats instantly): wall-clock samples/s after the first
+    batch (start-up, the processes' fork and first pool, apart) and CPU-seconds per sample of the
+    trainer process and its feed processes together. Interleaved; medians."""
+    import dataclasses as dc
+    import resource
+
+    from ctal.batching import feed as run_feed
+    from ctal.pretrain import MakeBatch
+
+    tok, m = feed.tok, feed.cfg.model
+    max_tokens = m.max_position_embeddings - (tok.pad_token_id + 1 if m.text_position_style == "roberta" else 0)
+    make = MakeBatch(feed.cfg, tok, 0, max_tokens, feed.frontend,
+                     dc.replace(m, vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id))
+    runs = {w: {"rate": [], "startup": [], "cpu_ms": []} for w in workers}
+    for _ in range(repeats):
+        for w in workers:
+            children = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            it = run_feed(feed.batches, make, 0, workers=w)
+            first = next(it)
+            t1, samples = time.perf_counter(), 0
+            for _ in range(n_batches):
+                samples += len(next(it)["input_ids"])
+            t2 = time.perf_counter()
+            it.close()  # joins the processes, so their CPU time is counted below
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = time.process_time() - cpu0 + (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
+            runs[w]["rate"].append(samples / (t2 - t1))
+            runs[w]["startup"].append(t1 - t0)
+            runs[w]["cpu_ms"].append(1e3 * cpu / (samples + len(first["input_ids"])))
+    return {w: {k: statistics.median(v) for k, v in r.items()} for w, r in runs.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--utterances", type=int, default=256)
@@ -150,6 +189,8 @@ def main() -> None:
     p.add_argument("--model-steps", type=int, default=2, help="0: skip the model step")
     p.add_argument("--tokens", type=int, default=45, help="LibriSpeech-like tokens per utterance (~34 words)")
     p.add_argument("--mfu", type=float, default=0.45)
+    p.add_argument("--feed-workers", default="0,1,2", help="feed processes to compare (0: the thread)")
+    p.add_argument("--process-batches", type=int, default=96, help="batches per run of the feed-process comparison")
     p.add_argument("--workdir", default=None, help="keeps the data set (default: a temp dir)")
     args = p.parse_args()
 
@@ -179,14 +220,27 @@ def main() -> None:
               f"{m['samples_per_cpu_s']:.2f} samples per CPU-second; the feed is "
               f"{f['samples_per_cpu_s'] / m['samples_per_cpu_s']:.0f}x faster on this CPU")
 
+    workers = [int(w) for w in args.feed_workers.split(",") if w]
+    per_core, basis = f["samples_per_cpu_s"], "one thread"
+    if workers:
+        r = measure_processes(feed, workers, args.process_batches, args.repeats)
+        print(f"\nthe feed as pretraining runs it (ctal.batching.feed), drained as fast as it goes, "
+              f"{args.process_batches} batches of {args.batch_size} after the first; {os.cpu_count()} cores here:")
+        for w, x in r.items():
+            name = "thread (feed_workers=0)" if w == 0 else f"feed_workers={w}"
+            print(f"  {name:<24} {x['rate']:7.0f} samples/s  ({x['rate'] / r[workers[0]]['rate']:.2f}x)  "
+                  f"{x['cpu_ms']:.2f} CPU-ms per sample, all processes  start-up {x['startup']:.1f} s")
+        if max(workers) > 0:  # what a feed of processes costs per sample (their hand-over included)
+            per_core, basis = 1e3 / r[max(workers)]["cpu_ms"], f"feed_workers={max(workers)}"
+
     frames = int(np.mean(np.minimum(librispeech_like_frames(20000, seed=1), 3000)))
     tokens = args.tokens
     # Heads only where the loss looks (15 % of tokens and frames): the fewest FLOPs per sample, the most
     # samples a GPU eats, so the most feed cores it needs.
     mask = size_config("tiny").masking
     print(f"\nfeed cores per GPU at {args.mfu:.0%} of dense bf16 peak, LibriSpeech-like {frames} frames + "
-          f"{tokens} tokens per sample, heads on masked positions only; feed {f['samples_per_cpu_s']:.0f} "
-          f"samples/s per core of this CPU:")
+          f"{tokens} tokens per sample, heads on masked positions only; feed {per_core:.0f} "
+          f"samples/s per core of this CPU ({basis}):")
     print(f"  {'size':<6}{'GFLOP/sample':>13}" + "".join(f"{name:>44}" for name in MACHINES))
     for size in SIZES:
         flops = pretraining_flops(size_config(size).model, tokens, frames,
@@ -195,7 +249,7 @@ def main() -> None:
         cells = []
         for gpus, peak, vcpus in MACHINES.values():
             eats = gpus * args.mfu * peak / flops
-            cores = eats / f["samples_per_cpu_s"]
+            cores = eats / per_core
             spare = f", {cores / vcpus:.0%} of {vcpus} vCPUs" if vcpus else ""
             cells.append(f"{eats:7.0f} samples/s -> {cores:5.1f} cores{spare}")
         print(f"  {size:<6}{flops / 1e9:>13.0f}" + "".join(f"{c:>44}" for c in cells))

@@ -8,7 +8,9 @@ reading what it skips and without any saved RNG or iterator state.
 """
 from __future__ import annotations
 
+import collections
 import threading
+import time
 from fnmatch import fnmatch
 from pathlib import Path
 from queue import Full, Queue
@@ -463,14 +465,32 @@ class _ProcessFeed(torch.utils.data.IterableDataset):
     Two slots suffice: a process writes pool j + 1's share only after the barrier of pool j, which
     every process reaches only after building its batches of pool j - 1 (the slot's old pool).
     Batches never alias a slot (``collate`` builds new tensors).
+
+    A batch's large tensors (the frames) travel in a ring of ``ring`` shared buffers per process,
+    reused: handing DataLoader new tensors would copy each into fresh shared memory, whose page
+    faults cost as much CPU as building the batch. A process builds its batch k only when asked,
+    and DataLoader asks for it as it hands over batch k - prefetch_factor, which ``feed`` copies out
+    at once: a ring longer than ``prefetch_factor`` is never overwritten while still being read.
     """
 
-    def __init__(self, data: PretrainBatches, make_batch, start: int, workers: int, context):
-        self.data, self.make_batch, self.start, self.workers = data, make_batch, start, workers
+    RING_MIN_BYTES = 1 << 16  # smaller tensors go DataLoader's own way
+
+    def __init__(self, data: PretrainBatches, make_batch, start: int, workers: int, context, ring: int):
+        self.data, self.make_batch, self.start, self.workers, self.ring = data, make_batch, start, workers, ring
         n = max(data.max_pool_frames(), 1)
         self.slots = [torch.empty(n, FBANK_DIM, dtype=torch.float32).share_memory_() for _ in range(2)]
         self.barrier = context.Barrier(workers)
         self.error = context.Array("c", 4096)  # the first failure's message, for the other processes
+        self._buffers: dict = {}  # (ring position, key) -> shared buffer; made in each process
+
+    def _in_ring(self, batch: dict, k: int) -> dict:
+        for key, t in batch.items():
+            if torch.is_tensor(t) and t.nbytes >= self.RING_MIN_BYTES:
+                buf = self._buffers.get((k % self.ring, key))
+                if buf is None or buf.dtype != t.dtype or buf.numel() < t.numel():  # grows to the largest
+                    buf = self._buffers[k % self.ring, key] = torch.empty(t.numel(), dtype=t.dtype).share_memory_()
+                batch[key] = buf[:t.numel()].view(t.shape).copy_(t)
+        return batch
 
     def __iter__(self):
         w = torch.utils.data.get_worker_info().id
@@ -482,10 +502,11 @@ class _ProcessFeed(torch.utils.data.IterableDataset):
                 offsets = self.data.frame_offsets(pool)
                 self.barrier.wait()
                 for index, positions in batches:
-                    if (index - self.start) % self.workers == w:
+                    k, mine = divmod(index - self.start, self.workers)
+                    if mine == w:
                         rows = [{"input_ids": ids[p]["input_ids"], "fbank": slot[offsets[p]:offsets[p + 1]]}
                                 for p in positions]
-                        yield self.make_batch(rows, index)
+                        yield self._in_ring(self.make_batch(rows, index), k)
         except threading.BrokenBarrierError:
             raise FeedError(f"feed process {w} stopped: another one failed: "
                             f"{self.error.value.decode(errors='replace')}") from None
@@ -518,27 +539,36 @@ def feed(data: PretrainBatches, make_batch, start: int, *, workers: int = 0, pin
     import multiprocessing
 
     context = multiprocessing.get_context("fork")
-    dataset = _ProcessFeed(data, make_batch, start, workers, context)
+    dataset = _ProcessFeed(data, make_batch, start, workers, context, ring=prefetch_factor + 2)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                          prefetch_factor=prefetch_factor, multiprocessing_context=context,
                                          # its own generator: DataLoader draws its workers' seeds from
                                          # it, which must not move the trainer's (dropout) RNG
                                          generator=torch.Generator().manual_seed(start))
     it = iter(loader)
+    mapped = collections.deque(maxlen=dataset.ring * workers)  # keeps the rings mapped here, not remapped per batch
     try:
         while True:
             try:
                 batch = next(it)
             except Exception as e:  # DataLoader's re-raise carries the worker's traceback: say it in one line
                 message = dataset.error.value.decode(errors="replace")
-                dead = [p for p in getattr(it, "_workers", []) if p.exitcode not in (None, 0)]
                 if message:
                     raise FeedError(f"the feed failed: {message}") from None
+                for _ in range(20):  # a process that was killed may take a moment to be seen dead
+                    dead = [p for p in getattr(it, "_workers", []) if p.exitcode not in (None, 0)]
+                    if dead:
+                        break
+                    time.sleep(0.1)
                 if dead:  # killed (e.g. by the OOM killer) while a batch was on its way
                     raise FeedError("feed process(es) " + ", ".join(f"pid {p.pid} (exit code {p.exitcode})"
                                                                     for p in dead)
                                     + f" died: {type(e).__name__}: {e}".splitlines()[0]) from None
                 raise
+            if not pin_memory:  # pinning copied them already
+                mapped.append(batch)
+                batch = {k: v.clone() if torch.is_tensor(v) and v.nbytes >= dataset.RING_MIN_BYTES else v
+                         for k, v in batch.items()}
             yield batch
     finally:
         it._shutdown_workers()

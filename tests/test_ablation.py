@@ -5,10 +5,7 @@ import json
 import math
 import os
 import re
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +16,7 @@ from scipy import stats
 from ctal.ablation import (Interval, cell_key, label_subset, load_study, paired_difference,
                            parse_study, reading, t_interval, write_report)
 from ctal.config import ConfigError, FinetuneConfig
+from sweep_kill import kill_mid_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 X = [0.61, 0.55, 0.72, 0.48, 0.66]
@@ -165,15 +163,6 @@ def test_report_numbers_are_recomputable_from_results_csv(tmp_path):
 
 # -- the quick demo end to end, killed after its first finished run and resumed ----------------------
 
-def finished_trials(experiment: Path) -> list[str]:
-    """Trial ids Tune's saved experiment state marks TERMINATED (empty while it is being written)."""
-    try:
-        state = json.loads(max(experiment.glob("experiment_state-*.json")).read_text())
-    except (ValueError, OSError):
-        return []
-    return [t["trial_id"] for t in map(lambda d: json.loads(d[0]), state["trial_data"]) if t["status"] == "TERMINATED"]
-
-
 @pytest.mark.slow
 def test_quick_demo_killed_mid_grid_resumes_without_rerunning_a_finished_run(tmp_path, ray_local, capsys):
     out = tmp_path / "study"
@@ -181,24 +170,9 @@ def test_quick_demo_killed_mid_grid_resumes_without_rerunning_a_finished_run(tmp
     # which time an idle machine has finished the grid): the kill must land mid-grid.
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     cmd = [sys.executable, str(ROOT / "pipelines" / "ablate.py"), "--demo", "--quick", "--out", str(out), "tracking=mlflow"]
-    log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     study = load_study(ROOT / "configs" / "ablate_demo_quick.yaml")
     total = len(study.cells()) * len(study.seeds)
-    try:
-        deadline = time.time() + 420
-        while time.time() < deadline:
-            done = finished_trials(out / "grid")
-            if 1 <= len(done) < total:
-                break
-            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-            time.sleep(0.1)
-        else:
-            pytest.fail("no run finished in time:\n" + (tmp_path / "driver.log").read_text()[-3000:])
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and what it started, by its group id
-        driver.wait()
-        log.close()
+    done = kill_mid_grid(cmd, env, out / "grid", total, tmp_path / "driver.log", timeout=420)
 
     def epochs_run(trial):
         lines = (out / "grid" / f"trial_{trial}" / "result.json").read_text().splitlines()

@@ -377,9 +377,8 @@ import json, os, pathlib, sys, tempfile
 import ray
 import psutil  # (Ray ships it: ray/thirdparty_files)
 import ray.train
-from ray.train.torch import TorchTrainer
 from ctal.distributed.console import init_ray
-from ctal.distributed.torch_backend import BoundStoreTorchConfig
+from ctal.distributed.torch_backend import torch_trainer
 
 def listening(procs):
     out = set()
@@ -400,9 +399,9 @@ def worker(config):  # a Ray Train worker: gloo's sockets and, on rank 0, torch'
 
 init_ray(num_cpus=2)  # as the pipelines start a local Ray
 out = pathlib.Path(tempfile.mkdtemp())
-TorchTrainer(worker, train_loop_config={"out": str(out)}, scaling_config=ray.train.ScalingConfig(num_workers=2),
-             torch_config=BoundStoreTorchConfig(),  # as ctal.distributed.train and .tune build their trainers
-             run_config=ray.train.RunConfig(storage_path=str(out / "runs"))).fit()
+torch_trainer(worker, train_loop_config={"out": str(out)},  # as ctal.distributed.train and .tune build theirs
+              scaling_config=ray.train.ScalingConfig(num_workers=2),
+              run_config=ray.train.RunConfig(storage_path=str(out / "runs"))).fit()
 me = psutil.Process()
 print(json.dumps({"ray": listening([me, *me.children(recursive=True)]), "auth": os.environ.get("RAY_AUTH_MODE"),
                   "workers": [json.loads(f.read_text()) for f in sorted(out.glob("rank*.json"))]}))

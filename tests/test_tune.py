@@ -9,10 +9,8 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -27,6 +25,7 @@ from ctal.finetune import TaskData, evaluate, finetune, fold_dirs
 from ctal.model import CTALForSequenceClassification
 from ctal.report import trial_row, write_results
 from ctal.search_space import PARAMETERS, check_sweep, load_search_space, parse_search_space
+from sweep_kill import kill_mid_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = {"emotion": "iemocap", "sentiment": "mosei", "speaker": "librispeech"}
@@ -334,16 +333,6 @@ def test_a_crashing_trial_is_reported_and_the_sweep_goes_on(dataset, ray_local, 
     assert "freeze_layers=5" in result.table_md.read_text()
 
 
-def finished_trials(experiment):
-    """Trial ids Tune's saved experiment state marks TERMINATED (empty while it is being written)."""
-    try:
-        state = json.loads(max(experiment.glob("experiment_state-*.json")).read_text())
-    except (ValueError, OSError):  # none yet, or caught mid-write
-        return []
-    trials = [json.loads(t[0]) for t in state["trial_data"]]
-    return [t["trial_id"] for t in trials if t["status"] == "TERMINATED"]
-
-
 @pytest.mark.slow
 def test_a_sweep_killed_after_its_first_trial_resumes_without_rerunning_it(dataset, ray_local, tmp_path, capsys):
     data = dataset("sentiment")
@@ -356,26 +345,9 @@ def test_a_sweep_killed_after_its_first_trial_resumes_without_rerunning_it(datas
     cmd = [sys.executable, str(ROOT / "pipelines" / "tune_finetune.py"), "--task", "sentiment", "--data", str(data),
            "--space", str(space), "--search", "grid", "--scheduler", "fifo", "--max-concurrent", "1",
            "--storage", str(storage), "--name", name, *NARROW, "epochs=2"]
-    log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     experiment = storage / name
-    try:
-        # Kill as soon as Tune's saved experiment state records a finished trial while others remain
-        # (trial files in the experiment directory are synced together with that state).
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            done = finished_trials(experiment)
-            if 1 <= len(done) < 3:
-                break
-            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-            time.sleep(0.1)
-        else:
-            pytest.fail("no trial finished in time:\n" + (tmp_path / "driver.log").read_text()[-3000:])
-    finally:
-        # SIGKILL the driver and anything it started (its own process group, by id).
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-        log.close()
+    done = kill_mid_grid(cmd, env, experiment, 3, tmp_path / "driver.log", timeout=240)
+
     def epochs_run(trial):
         lines = (experiment / f"trial_{trial}" / "result.json").read_text().splitlines()
         return [(r["epoch"], r["epoch_s"]) for r in map(json.loads, lines)]

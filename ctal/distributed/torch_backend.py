@@ -48,3 +48,13 @@ class BoundStoreTorchConfig(TorchConfig):
     @property
     def backend_cls(self):
         return _BoundStoreBackend
+
+
+def torch_trainer(train_loop_per_worker, **kwargs):
+    """Ray Train's ``TorchTrainer`` as every trainer of ours builds it: rank 0's store bound to the
+    node address (``BoundStoreTorchConfig``) and the steady placement-group cleaner (``steady_trainer``)."""
+    from ray.train.torch import TorchTrainer
+
+    from .pg_cleaner import steady_trainer
+
+    return steady_trainer(TorchTrainer)(train_loop_per_worker, torch_config=BoundStoreTorchConfig(), **kwargs)

@@ -36,8 +36,7 @@ from ..config import PretrainConfig, from_dict, to_dict
 from ..console import Progress
 from ..pretrain import CHECKPOINTS, PretrainPlan, latest_checkpoint, pretrain_loop, prepare, read_metrics, step_of
 from .console import LogRelay, init_ray
-from .pg_cleaner import steady_trainer
-from .torch_backend import BoundStoreTorchConfig
+from .torch_backend import torch_trainer
 
 
 class ResourceError(RuntimeError):
@@ -111,7 +110,8 @@ def _train_fn(config: dict) -> None:
     """What each Ray Train worker runs."""
     plan = PretrainPlan(from_dict(PretrainConfig, config["cfg"]), config["tokenizer"])  # checked by the driver
     manifest.adopt(config["run"])  # the checkpoints name the driver's run and command line
-    torch.set_num_threads(max(1, int(config["cpus_per_worker"])))  # fractional CPUs → 1 thread
+    # fractional CPUs → 1 thread; the feed processes (feed_workers) take their share of the worker's CPUs
+    torch.set_num_threads(max(1, int(config["cpus_per_worker"]) - plan.cfg.feed_workers))
     ctx = ray.train.get_context()
 
     def report(metrics: dict, checkpoint_path: Optional[str]) -> None:
@@ -165,13 +165,12 @@ def pretrain(cfg: PretrainConfig | PretrainPlan, *, address: Optional[str] = Non
     with manifest.recorded_run(run_dir, "pretraining", cfg) as run, \
             Progress(cfg.max_steps, "pretrain", unit="steps", initial=max(done, default=0)) as bar, \
             LogRelay(partial(_show, bar)) as relay:
-        trainer = steady_trainer(ray.train.torch.TorchTrainer)(
+        trainer = torch_trainer(
             _train_fn,
             train_loop_config={"cfg": to_dict(replace(cfg, cpus_per_worker=res.cpus_per_worker)),
                                "tokenizer": plan.tokenizer, "run_dir": str(run_dir),
                                "cpus_per_worker": res.cpus_per_worker, "log": relay.sender(),
                                "run": manifest.run_info()},
-            torch_config=BoundStoreTorchConfig(),
             scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                                    resources_per_worker=resources),
             run_config=ray.train.RunConfig(name=cfg.run_name, storage_path=cfg.storage_path,

@@ -70,18 +70,15 @@ def _trial_ddp(cfg: FinetuneConfig, data: TaskData, sweep: dict, train_storage: 
     import ray
     import ray.train
     from ray import tune
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .pg_cleaner import steady_trainer
-    from .torch_backend import BoundStoreTorchConfig
+    from .torch_backend import torch_trainer
 
     workers, gpus = sweep["workers_per_trial"], sweep["gpus_per_trial"]
     per_worker = {"CPU": sweep["cpus_per_trial"] / workers, **({"GPU": gpus / workers} if gpus else {})}
-    trainer = steady_trainer(TorchTrainer)(
+    trainer = torch_trainer(
         _ddp_worker,
         train_loop_config={"cfg": to_dict(cfg), "data": ray.put(data), "run": manifest.run_info()},
-        torch_config=BoundStoreTorchConfig(),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
                                                resources_per_worker=per_worker),
         # A stable name per trial: a trial resumed by Tuner.restore resumes its Train run too.
