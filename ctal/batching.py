@@ -8,7 +8,7 @@ reading what it skips and without any saved RNG or iterator state.
 """
 from __future__ import annotations
 
-import collections
+import math
 import threading
 import time
 from fnmatch import fnmatch
@@ -466,30 +466,62 @@ class _ProcessFeed(torch.utils.data.IterableDataset):
     every process reaches only after building its batches of pool j - 1 (the slot's old pool).
     Batches never alias a slot (``collate`` builds new tensors).
 
-    A batch's large tensors (the frames) travel in a ring of ``ring`` shared buffers per process,
-    reused: handing DataLoader new tensors would copy each into fresh shared memory, whose page
-    faults cost as much CPU as building the batch. A process builds its batch k only when asked,
-    and DataLoader asks for it as it hands over batch k - prefetch_factor, which ``feed`` copies out
-    at once: a ring longer than ``prefetch_factor`` is never overwritten while still being read.
+    A batch travels in a ring of ``ring`` shared buffers per process, allocated once before the
+    processes start: the process packs its tensors into a buffer and hands DataLoader only where
+    they lie (handing it tensors costs a fresh shared-memory segment and a file descriptor passed
+    per tensor per batch, whose page faults cost as much CPU as building the batch). A process
+    builds its batch k only when asked, and DataLoader asks for it as it hands over batch
+    k - prefetch_factor of that process, which ``feed`` copies out at once: a ring longer than
+    ``prefetch_factor`` is never overwritten while being read. A batch larger than its buffer (the
+    size is a bound from the data's lengths) goes DataLoader's own way.
     """
 
-    RING_MIN_BYTES = 1 << 16  # smaller tensors go DataLoader's own way
+    ALIGN = 64
 
     def __init__(self, data: PretrainBatches, make_batch, start: int, workers: int, context, ring: int):
         self.data, self.make_batch, self.start, self.workers, self.ring = data, make_batch, start, workers, ring
         n = max(data.max_pool_frames(), 1)
         self.slots = [torch.empty(n, FBANK_DIM, dtype=torch.float32).share_memory_() for _ in range(2)]
+        size = -(-self.buffer_bytes(data) // self.ALIGN) * self.ALIGN  # every buffer starts aligned
+        self.rings = torch.empty(workers, ring, size, dtype=torch.uint8).share_memory_()
         self.barrier = context.Barrier(workers)
         self.error = context.Array("c", 4096)  # the first failure's message, for the other processes
-        self._buffers: dict = {}  # (ring position, key) -> shared buffer; made in each process
 
-    def _in_ring(self, batch: dict, k: int) -> dict:
+    @staticmethod
+    def buffer_bytes(data: PretrainBatches, max_tokens: int = 520) -> int:
+        """A bound on one batch's bytes: frames + target frames (float32, 2 x 80 features) and two
+        frame masks per padded frame, three int64 token tensors per padded token (compile's
+        bucket padding included)."""
+        longest = int(data.n_frames.max()) + 64
+        if data.max_frames_per_batch > 0:
+            padded = max(data.max_frames_per_batch, longest)
+            utterances = max(1, data.max_frames_per_batch // max(1, int(data.n_frames.min())))
+        else:
+            padded, utterances = data.batch_size * longest, data.batch_size
+        return padded * (2 * 2 * FBANK_DIM * 4 + 2) + utterances * max_tokens * 3 * 8 + 16 * 1024
+
+    def _pack(self, batch: dict, w: int, k: int) -> dict:
+        buf = self.rings[w, k % self.ring]
+        places, end = {}, 0
         for key, t in batch.items():
-            if torch.is_tensor(t) and t.nbytes >= self.RING_MIN_BYTES:
-                buf = self._buffers.get((k % self.ring, key))
-                if buf is None or buf.dtype != t.dtype or buf.numel() < t.numel():  # grows to the largest
-                    buf = self._buffers[k % self.ring, key] = torch.empty(t.numel(), dtype=t.dtype).share_memory_()
-                batch[key] = buf[:t.numel()].view(t.shape).copy_(t)
+            if torch.is_tensor(t):
+                start = -(-end // self.ALIGN) * self.ALIGN
+                places[key], end = (start, t.dtype, tuple(t.shape)), start + t.nbytes
+        if end > buf.numel():
+            return batch
+        for key, (start, dtype, shape) in places.items():
+            buf[start:start + batch[key].nbytes].view(dtype).view(shape).copy_(batch[key])
+        return {"_ring": (w, k % self.ring, places), **{k_: v for k_, v in batch.items() if k_ not in places}}
+
+    def unpack(self, batch: dict, pin_memory: bool) -> dict:
+        """In the trainer: the batch's tensors copied out of the ring (into pinned memory if asked)."""
+        if "_ring" not in batch:
+            return batch
+        w, slot, places = batch.pop("_ring")
+        buf = self.rings[w, slot]
+        for key, (start, dtype, shape) in places.items():
+            view = buf[start:start + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+            batch[key] = torch.empty(shape, dtype=dtype, pin_memory=pin_memory).copy_(view)
         return batch
 
     def __iter__(self):
@@ -506,7 +538,7 @@ class _ProcessFeed(torch.utils.data.IterableDataset):
                     if mine == w:
                         rows = [{"input_ids": ids[p]["input_ids"], "fbank": slot[offsets[p]:offsets[p + 1]]}
                                 for p in positions]
-                        yield self._in_ring(self.make_batch(rows, index), k)
+                        yield self._pack(self.make_batch(rows, index), w, k)
         except threading.BrokenBarrierError:
             raise FeedError(f"feed process {w} stopped: another one failed: "
                             f"{self.error.value.decode(errors='replace')}") from None
@@ -519,7 +551,7 @@ class _ProcessFeed(torch.utils.data.IterableDataset):
 
 
 def feed(data: PretrainBatches, make_batch, start: int, *, workers: int = 0, pin_memory: bool = False,
-         prefetch_factor: int = 2) -> Iterator:
+         prefetch_factor: int = 2, start_method: str = "fork") -> Iterator:
     """``make_batch(rows, index)`` of every batch of ``data`` from global batch ``start`` on, in order.
 
     ``workers`` = 0: built in one background thread (``prefetch``), one core's worth. ``workers`` > 0:
@@ -538,7 +570,7 @@ def feed(data: PretrainBatches, make_batch, start: int, *, workers: int = 0, pin
         return
     import multiprocessing
 
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context(start_method)
     dataset = _ProcessFeed(data, make_batch, start, workers, context, ring=prefetch_factor + 2)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                          prefetch_factor=prefetch_factor, multiprocessing_context=context,
@@ -546,7 +578,6 @@ def feed(data: PretrainBatches, make_batch, start: int, *, workers: int = 0, pin
                                          # it, which must not move the trainer's (dropout) RNG
                                          generator=torch.Generator().manual_seed(start))
     it = iter(loader)
-    mapped = collections.deque(maxlen=dataset.ring * workers)  # keeps the rings mapped here, not remapped per batch
     try:
         while True:
             try:
@@ -565,10 +596,7 @@ def feed(data: PretrainBatches, make_batch, start: int, *, workers: int = 0, pin
                                                                     for p in dead)
                                     + f" died: {type(e).__name__}: {e}".splitlines()[0]) from None
                 raise
-            if not pin_memory:  # pinning copied them already
-                mapped.append(batch)
-                batch = {k: v.clone() if torch.is_tensor(v) and v.nbytes >= dataset.RING_MIN_BYTES else v
-                         for k, v in batch.items()}
+            batch = dataset.unpack(batch, pin_memory)
             yield batch
     finally:
         it._shutdown_workers()

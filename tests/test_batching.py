@@ -354,3 +354,15 @@ def test_a_killed_feed_process_stops_the_feed_naming_it(many_groups):
             next(it)
     it.close()
     assert not multiprocessing.active_children()
+
+
+def test_batches_too_large_for_the_ring_go_dataloaders_way_and_odd_ring_sizes_stay_aligned(few_groups, monkeypatch):
+    from ctal import batching
+
+    f = _feed(few_groups, 0, 1, columns=("input_ids", "fbank"))
+    want = _take(feed(f, _make_batch, 0), f.batches_per_epoch)
+    for size in (4095, 1_000_003):  # too small for any batch; an odd size (each buffer still aligned)
+        monkeypatch.setattr(batching._ProcessFeed, "buffer_bytes", staticmethod(lambda data: size))
+        got = _take(feed(f, _make_batch, 0, workers=2), f.batches_per_epoch)
+        for a, b in zip(got, want):
+            assert all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in b) and a.keys() == b.keys()

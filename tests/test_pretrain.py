@@ -435,6 +435,7 @@ def test_feed_processes_give_the_same_losses_and_a_killed_one_restores_exactly(r
     thread.join(timeout=5)
     assert "pid" in killed, "no feed process was found to kill"
     [resumed_at] = resumes(run)
-    assert killed["at_step"] - EVERY <= resumed_at <= killed["at_step"]
+    # batches the killed process had already handed over are trained on: a checkpoint may follow
+    assert killed["at_step"] - EVERY <= resumed_at < STEPS and resumed_at % EVERY == 0
     assert result.metrics["step"] == STEPS
     assert losses(run) == ref
