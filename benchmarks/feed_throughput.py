@@ -69,6 +69,13 @@ class Feed:
                                        batch_size=batch_size, max_frames=cfg.max_frames,
                                        pool_rows=cfg.bucket_pool_rows,
                                        halve_above_frames=cfg.halve_batch_above_frames)
+        from ctal.pretrain import MakeBatch
+
+        tok, m = self.tok, cfg.model
+        self.max_tokens = m.max_position_embeddings - (tok.pad_token_id + 1 if m.text_position_style == "roberta" else 0)
+        # what ctal.pretrain's feed calls per batch
+        self.make_batch = MakeBatch(cfg, tok, 0, self.max_tokens, self.frontend,
+                                    dataclasses.replace(m, vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id))
 
     def collate(self, rows, index: int, masking: bool = True):
         import torch
@@ -76,12 +83,11 @@ class Feed:
         from ctal.batching import collate, derive_seed
 
         g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, 0, index, 1))
-        tok, m = self.tok, self.cfg.model
-        max_tokens = m.max_position_embeddings - (tok.pad_token_id + 1 if m.text_position_style == "roberta" else 0)
+        tok = self.tok
         return collate(rows, max_frames=self.cfg.max_frames, pad_token_id=tok.pad_token_id,
                        masking=self.cfg.masking if masking else None, mask_token_id=tok.mask_token_id,
                        vocab_size=tok.vocab_size, special_token_ids=list(tok.special_token_ids), generator=g,
-                       max_tokens=max_tokens, frontend=self.frontend)
+                       max_tokens=self.max_tokens, frontend=self.frontend)
 
     def rows(self, n_batches: int) -> list[list[dict]]:
         out = []
@@ -149,22 +155,16 @@ def measure_processes(feed: Feed, workers: list[int], n_batches: int, repeats: i
     drained as fast as it goes (a trainer that eats instantly): wall-clock samples/s after the first
     batch (start-up, the processes' fork and first pool, apart) and CPU-seconds per sample of the
     trainer process and its feed processes together. Interleaved; medians."""
-    import dataclasses as dc
     import resource
 
     from ctal.batching import feed as run_feed
-    from ctal.pretrain import MakeBatch
 
-    tok, m = feed.tok, feed.cfg.model
-    max_tokens = m.max_position_embeddings - (tok.pad_token_id + 1 if m.text_position_style == "roberta" else 0)
-    make = MakeBatch(feed.cfg, tok, 0, max_tokens, feed.frontend,
-                     dc.replace(m, vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id))
     runs = {w: {"rate": [], "startup": [], "cpu_ms": []} for w in workers}
     for _ in range(repeats):
         for w in workers:
             children = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu0, t0 = time.process_time(), time.perf_counter()
-            it = run_feed(feed.batches, make, 0, workers=w)
+            it = run_feed(feed.batches, feed.make_batch, 0, workers=w)
             first = next(it)
             t1, samples = time.perf_counter(), 0
             for _ in range(n_batches):

@@ -298,16 +298,19 @@ class PretrainBatches:
         """Of this rank's batches in ``epoch`` (frames after cropping)."""
         return padding_efficiency([self.pools[p][b] for p, b in self.plan(epoch)], self.n_frames)
 
+    def _read_group(self, g: int, rows: np.ndarray, columns: Sequence[str]) -> tuple[np.ndarray, pa.Table]:
+        """Those of ``rows`` in row group ``g`` (global row numbers, in ``rows``' order) and their table."""
+        f, rg, start = self.row_groups[g]
+        want = rows[self.rg_of_row[rows] == g]
+        t = self._parquet(f).read_row_group(int(rg), columns=list(columns))
+        return want, t.take(pa.array(want - self.row_start[f] - start))
+
     def _read_pool(self, pool: int, columns: Optional[Sequence[str]] = None) -> list[dict]:
         """Rows of one pool (reading each of its row groups once), in pool order."""
         rows, columns = self.pools[pool], list(columns or self.columns)
         out: dict[int, dict] = {}
         for g in np.unique(self.rg_of_row[rows]):
-            f, rg, start = self.row_groups[g]
-            want = rows[self.rg_of_row[rows] == g]
-            local = want - self.row_start[f] - start
-            t = self._parquet(f).read_row_group(int(rg), columns=columns)
-            t = t.take(pa.array(local))
+            want, t = self._read_group(g, rows, columns)
             cols = {}
             for name in columns:
                 if name == "fbank":
@@ -375,33 +378,22 @@ class PretrainBatches:
         flat (frames, 80) array, rows at ``frame_offsets``). Parts are whole row groups of about
         equal frames, so each row group is read and decoded by one process only."""
         rows = self.pools[pool]
-        groups, first = np.unique(self.rg_of_row[rows], return_index=True)
+        groups = np.unique(self.rg_of_row[rows])
         frames = np.array([self.raw_frames[rows[self.rg_of_row[rows] == g]].sum() for g in groups])
         cum = np.cumsum(frames) - frames / 2  # each group's midpoint decides its part
         mine = groups[np.minimum((cum * parts // max(frames.sum(), 1)).astype(np.int64), parts - 1) == part]
         at = {int(r): i for i, r in enumerate(rows)}
         offsets = self.frame_offsets(pool)
         for g in mine:
-            f, rg, start = self.row_groups[g]
-            want = rows[self.rg_of_row[rows] == g]
-            t = self._parquet(f).read_row_group(int(rg), columns=["fbank"]).take(
-                pa.array(want - self.row_start[f] - start))
+            want, t = self._read_group(g, rows, ["fbank"])
             flat, offs = _list_column_to_numpy(t.column("fbank"), inner=FBANK_DIM)
+            f = self.row_groups[g][0]
             for i, row in enumerate(want):
                 n, dst = offs[i + 1] - offs[i], at[int(row)]
                 if n != self.raw_frames[row]:
                     raise ValueError(f"{self.files[f]}: row {int(row - self.row_start[f])} has {n} fbank "
                                      f"frames but its n_frames column says {int(self.raw_frames[row])}")
                 out[offsets[dst]:offsets[dst + 1]] = flat[offs[i]:offs[i + 1]]
-
-    def __getstate__(self):  # a pyarrow filesystem is made again where the feed is unpickled
-        return {**self.__dict__, "_fs": None, "_uri": self._fs is not None}
-
-    def __setstate__(self, state):
-        uri = state.pop("_uri")
-        self.__dict__.update(state)
-        if uri:
-            self._fs = storage.resolve(self.files[0])[0]
 
 
 def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
@@ -551,7 +543,7 @@ class _ProcessFeed(torch.utils.data.IterableDataset):
 
 
 def feed(data: PretrainBatches, make_batch, start: int, *, workers: int = 0, pin_memory: bool = False,
-         prefetch_factor: int = 2, start_method: str = "fork") -> Iterator:
+         prefetch_factor: int = 2) -> Iterator:
     """``make_batch(rows, index)`` of every batch of ``data`` from global batch ``start`` on, in order.
 
     ``workers`` = 0: built in one background thread (``prefetch``), one core's worth. ``workers`` > 0:
@@ -570,7 +562,7 @@ def feed(data: PretrainBatches, make_batch, start: int, *, workers: int = 0, pin
         return
     import multiprocessing
 
-    context = multiprocessing.get_context(start_method)
+    context = multiprocessing.get_context("fork")  # spawn: no faster, seconds of start-up, re-runs __main__
     dataset = _ProcessFeed(data, make_batch, start, workers, context, ring=prefetch_factor + 2)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                          prefetch_factor=prefetch_factor, multiprocessing_context=context,

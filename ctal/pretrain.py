@@ -361,9 +361,9 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
         batch = (f"{cfg.batch_size} utterances per step ({per} per worker micro-step)" if per
                  else f"up to {cfg.max_frames_per_batch} frames per worker micro-step")
         dropped = f", {data.n_dropped} over max_frames dropped" if data.n_dropped else ""
-        dropped += f"; batches built by {cfg.feed_workers} feed processes per worker" if cfg.feed_workers else ""
+        feeders = f"; batches built by {cfg.feed_workers} feed processes per worker" if cfg.feed_workers else ""
         log(f"pretraining {n_params / 1e6:.2f} M parameters on {world_size} worker(s), {device.type}; {batch}; "
-            f"{data.batches_per_epoch} batches per epoch per worker{dropped}; steps {step} → {cfg.max_steps}")
+            f"{data.batches_per_epoch} batches per epoch per worker{dropped}{feeders}; steps {step} → {cfg.max_steps}")
         home = remote or str(run_dir)  # the same run directory continues the same tracker run
         tracker = tracking.open_run(cfg.tracking, cfg.tracking_uri, home=home, experiment=TRACKING_EXPERIMENT,
                                     run_name=cfg.run_name, config=to_dict(cfg), resume_key=home,
