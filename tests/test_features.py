@@ -47,6 +47,22 @@ def test_matches_kaldi_fbank_on_reference_resampled_waveform():
     np.testing.assert_allclose(compute_fbank(x, 22050), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("target, n_mels, dither", [(16000, 80, 0.0), (16000, 40, 0.0), (8000, 80, 0.0),
+                                                   (16000, 80, 1.0)])
+def test_fbank_is_torchaudio_kaldi_fbank_bit_for_bit(target, n_mels, dither):
+    """Our fbank caches the window and mel banks; it must stay torchaudio's Kaldi fbank exactly."""
+    rng = np.random.default_rng(7)
+    for n in (int(target * 0.025), int(target * 0.025) + 1, target + 37, 3 * target + 1234):
+        x = (rng.normal(size=n) * 0.1 + 0.3 * np.sin(np.arange(n) / 9.0)).astype(np.float32)
+        torch.manual_seed(3)
+        ref = kaldi.fbank(torch.from_numpy(x).unsqueeze(0) * 32768.0, num_mel_bins=n_mels, frame_length=25.0,
+                          frame_shift=10.0, dither=dither, sample_frequency=float(target)).numpy()
+        torch.manual_seed(3)
+        got = compute_fbank(x, target, target_sample_rate=target, num_mel_bins=n_mels, dither=dither)
+        assert got.shape == ref.shape and got.dtype == np.float32
+        np.testing.assert_array_equal(got, ref)
+
+
 @pytest.mark.parametrize("n", [0, 399])
 def test_too_short_waveform_raises(n):
     with pytest.raises(ValueError, match="empty|too short"):
