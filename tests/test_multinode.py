@@ -107,6 +107,8 @@ def test_two_workers_on_two_nodes_log_the_losses_of_one_node(cluster_runs):
     assert sorted(one["losses"], key=int) == [str(s) for s in range(1, STEPS + 1)]
     assert two["losses"] == one["losses"]  # step for step, bitwise (CPU, gloo)
     assert two["checkpoint"].startswith("file://") and two["checkpoint"].endswith(f"step-{STEPS:08d}")
+    # the driver's log relay lives on the driver's node: losing a worker node must not take it along
+    assert two["sink_nodes"] == [two["driver_node"]] and two["driver_node"] not in two["nodes"]
 
 
 def test_losing_a_worker_node_mid_run_restores_from_the_latest_checkpoint(cluster_runs):
@@ -167,11 +169,15 @@ def _losses(run_uri: str) -> dict[str, float]:
 def _pretrain(root: Path, name: str, *extra) -> dict:
     from ctal.distributed.train import pretrain
 
-    before = set(_actors("RayTrainWorker"))
+    import ray
+
+    before, sinks = set(_actors("RayTrainWorker")), set(_actors("_LogSink"))
     result = pretrain(_pretrain_cfg(root, name, *extra))
     workers = [a for a in _actors("RayTrainWorker").items() if a[0] not in before]
     return {"losses": _losses(str(result.run_dir)), "checkpoint": str(result.checkpoint),
-            "worker_nodes": [info["Address"]["NodeID"] for _, info in workers]}
+            "worker_nodes": [info["Address"]["NodeID"] for _, info in workers],
+            "driver_node": ray.get_runtime_context().get_node_id(),
+            "sink_nodes": [i["Address"]["NodeID"] for a, i in _actors("_LogSink").items() if a not in sinks]}
 
 
 def _node_loss(root: Path, cluster, nodes: dict) -> tuple[dict, list[str]]:

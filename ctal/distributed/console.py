@@ -23,6 +23,7 @@ import threading
 from typing import Callable, Optional
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..console import verbose
 
@@ -87,7 +88,9 @@ def tune_verbosity(requested: int) -> int:
 
 @ray.remote(num_cpus=0)
 class _LogSink:
-    """Holds lines from workers until the driver collects them (needs no CPU: workers hold them)."""
+    """Holds lines from workers until the driver collects them (needs no CPU: workers hold them).
+    Placed on the driver's node (``LogRelay``): anywhere else, losing that node would end a run
+    that Ray Train could otherwise restore from its latest checkpoint."""
 
     def __init__(self):
         self._lines: list[str] = []
@@ -109,7 +112,8 @@ class LogRelay:
 
     def __init__(self, handle: Callable[[str], None]):
         self._handle = handle
-        self._sink = _LogSink.remote()
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self._sink = _LogSink.options(scheduling_strategy=here).remote()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ctal-log-relay", daemon=True)
 
@@ -131,11 +135,15 @@ class LogRelay:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self._stop.set()
         self._thread.join()
         try:
             self._drain()
+        except Exception:
+            if exc_type is None:
+                raise
+            # the block's own error is the one to see, not a relay that went down with it
         finally:
             ray.kill(self._sink)
 
