@@ -4,7 +4,10 @@ hand-written tiny layouts for the edge cases real downloads have."""
 import csv
 import hashlib
 import importlib.util
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +155,18 @@ def test_synthesize_refuses_non_empty_dir_unless_overwriting_a_synthetic_corpus(
     assert refused.value.code == 2
     cli.main(["--layout", "librispeech", "--out", str(out), "--utterances", "2", "--overwrite", "--workers", "1"])
     assert len(read_librispeech(out)) == 2
+
+
+def test_synthesize_from_a_script_without_a_main_guard_fails_with_the_fix_instead_of_hanging(tmp_path):
+    # spawn re-imports the caller's script in each synthesis process, which then calls synthesize again
+    script = tmp_path / "unguarded.py"
+    script.write_text("from ctal.corpora.synthetic import synthesize\n"
+                      f"synthesize('mosei', {str(tmp_path / 'out')!r}, 4, workers=2)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    got = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path, env=env)
+    assert got.returncode != 0
+    assert 'if __name__ == "__main__":' in got.stderr.splitlines()[-1], got.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------ hand-written layouts

@@ -52,6 +52,8 @@ import re
 import shutil
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -291,9 +293,19 @@ def _render(job: dict) -> int:
 
 def _render_all(jobs: list[dict], workers: int, desc: str) -> list[int]:
     # spawn: a fork of the caller (maybe holding Ray or torch threads) is not a safe place for the engine.
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_engine) as pool:
-        done = pool.imap(_render, jobs, chunksize=max(1, len(jobs) // (16 * workers)))  # in order
+    # An executor, not multiprocessing.Pool: a Pool replaces a worker that dies while starting, forever,
+    # so a script that calls this without a __main__ guard (spawn re-runs it in every worker) would hang.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_engine)
+    try:
+        done = pool.map(_render, jobs, chunksize=max(1, len(jobs) // (16 * workers)))  # in order
         return list(progress(done, len(jobs), desc, unit="utterances"))
+    except BrokenProcessPool:
+        raise RuntimeError(
+            "a speech synthesis process died (see its error above); called from a script, the call "
+            "must sit under `if __name__ == \"__main__\":` (its processes are spawned, and a spawned "
+            "process imports the script again)") from None
+    finally:
+        pool.shutdown(cancel_futures=True)  # on an error, the jobs not started yet are dropped
 
 
 # ---------------------------------------------------------------------------------------------- files
