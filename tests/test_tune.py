@@ -369,6 +369,45 @@ def test_a_sweep_killed_after_its_first_trial_resumes_without_rerunning_it(datas
     assert cfg.epochs == 2 and opts.max_concurrent == 1
 
 
+def test_a_resumed_trial_whose_checkpoint_is_gone_restarts_from_the_newest_left_or_from_scratch(tmp_path, capsys):
+    """A driver killed between Tune deleting a checkpoint and saving the state that stops naming it
+    left a state that names a deleted checkpoint: the trial resumes from what exists, with a warning."""
+    import pyarrow.fs as pafs
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune import Checkpoint
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    from ctal.distributed.tune import RestoresWhatExists, resumable
+
+    class Trainable:  # what Tune's FunctionTrainable.restore receives
+        def restore(self, result):
+            self.restored = result
+
+    class Trial(RestoresWhatExists, Trainable):
+        pass
+
+    fs, trial_dir = pafs.LocalFileSystem(), tmp_path / "trial_1"
+    (trial_dir / "checkpoint_000001").mkdir(parents=True)
+    (trial_dir / "checkpoint_000003").mkdir()
+
+    def restore(name):
+        t = Trial()
+        t.restored = "nothing"
+        t.restore(_TrainingResult(checkpoint=Checkpoint(str(trial_dir / name), filesystem=fs), metrics={}))
+        return t.restored
+
+    assert restore("checkpoint_000003").checkpoint.path == str(trial_dir / "checkpoint_000003")
+    assert "warning" not in capsys.readouterr().err
+    assert restore("checkpoint_000004").checkpoint.path == str(trial_dir / "checkpoint_000003")
+    assert "checkpoint_000004 is gone: resuming the trial from" in capsys.readouterr().err
+    for name in ("checkpoint_000001", "checkpoint_000003"):
+        (trial_dir / name).rmdir()
+    assert restore("checkpoint_000004") == "nothing"
+    assert "restarting the trial from scratch" in capsys.readouterr().err
+    # the sweeps' and the ablations' trainables carry the mixin into Tune's class
+    assert issubclass(wrap_function(resumable(lambda config: None)), RestoresWhatExists)
+
+
 # -- 15.1: --resume loads only state this user's sweeps signed --------------------------------------
 
 def test_the_sweep_key_is_made_once_readable_only_by_its_user(tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ from ctal.search_space import SearchSpace, check_sweep, load_search_space
 from ctal.tasks import get_task
 
 from .signing import StateSigner, sign_sweep, verify_state
-from .tune import TrialProgress, _check_resources, _checkpoint_of, _first_line, _param_space, _trial
+from .tune import TrialProgress, _check_resources, _checkpoint_of, _first_line, _param_space, _trial, resumable
 
 GRID = "grid"
 STUDY_FILE = "study.json"
@@ -91,7 +91,7 @@ def run_study(configs: dict[str, FinetuneConfig], study: Study, space: Optional[
     record = {"study": study.source, "configs": {k: to_dict(c) for k, c in configs.items()}}
     experiment = out / GRID
     trainable = tune.with_resources(
-        tune.with_parameters(_cell_trial, configs={k: to_dict(c) for k, c in configs.items()}, data=data,
+        resumable(_cell_trial, configs={k: to_dict(c) for k, c in configs.items()}, data=data,
                              sweep=asdict(sweep), train_storage=str(experiment / "train_runs"),
                              run=manifest.run_link(out, "ablation")),
         {"CPU": cpus_per_trial})

@@ -114,6 +114,61 @@ def _ddp_worker(config: dict) -> None:
             finetune(cfg, resume_from=d, **kwargs)
 
 
+class RestoresWhatExists:
+    """Mixin for our Tune trainables (``resumable``): a resumed trial whose state names a checkpoint
+    that is gone restarts from its newest checkpoint still on storage, else from scratch, with a
+    warning, instead of failing ("does not exist on storage anymore"). Tune deletes a checkpoint that
+    drops out of ``num_to_keep`` before it saves the experiment state that stops naming it, so a
+    driver killed in between leaves such a state."""
+
+    def restore(self, checkpoint_path):
+        from ray.train._internal.session import _TrainingResult
+
+        if isinstance(checkpoint_path, _TrainingResult):
+            ckpt = checkpoint_path.checkpoint
+            found = existing_checkpoint(ckpt.filesystem, ckpt.path)
+            if found is None:
+                _warn(f"{ckpt.path} is gone and no other checkpoint of this trial is left: "
+                      "restarting the trial from scratch")
+                return None
+            if found != ckpt.path:
+                _warn(f"{ckpt.path} is gone: resuming the trial from {found}, its newest checkpoint left")
+                from ray.tune import Checkpoint
+
+                checkpoint_path = _TrainingResult(checkpoint=Checkpoint(found, filesystem=ckpt.filesystem),
+                                                  metrics={})
+        return super().restore(checkpoint_path)
+
+
+def existing_checkpoint(fs, path: str) -> Optional[str]:
+    """``path`` if it exists on ``fs`` (pyarrow), else the newest ``checkpoint_*`` beside it, else None."""
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        return path
+    parent = posixpath.dirname(path.rstrip("/"))
+    infos = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+    found = sorted(i.path for i in infos if i.type == pafs.FileType.Directory
+                   and posixpath.basename(i.path).startswith("checkpoint_"))
+    return found[-1] if found else None
+
+
+def _warn(message: str) -> None:
+    import logging
+
+    logging.getLogger("ctal.tune").warning(message)
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def resumable(fn, **params):
+    """``tune.with_parameters(fn, **params)`` whose trials restore with ``RestoresWhatExists``."""
+    from ray import tune
+
+    inner = tune.with_parameters(fn, **params)
+    inner.__mixins__ = (RestoresWhatExists,)  # Tune's wrap_function puts mixins before FunctionTrainable
+    return inner
+
+
 # --------------------------------------------------------------------------------------------------
 # running a sweep
 
@@ -283,7 +338,7 @@ def check_trial_resources(sweep: SweepConfig, cluster: dict) -> None:
 def _trainable(cfg: FinetuneConfig, data: TaskData, sweep: SweepConfig, experiment: Path | str):
     from ray import tune
 
-    fn = tune.with_parameters(_trial, base=to_dict(cfg), data=data, sweep=asdict(sweep),
+    fn = resumable(_trial, base=to_dict(cfg), data=data, sweep=asdict(sweep),
                               train_storage=storage.join(experiment, "train_runs"),
                               run=manifest.run_link(experiment, "sweep"))
     if sweep.workers_per_trial > 1:
