@@ -5,6 +5,8 @@ tests on the shared session fixtures below; ``-m slow`` holds what needs its own
 minutes (killed workers and drivers, node loss, the installed wheel, the README walk-through, the
 demos). A test named by its node id runs whatever its tier; ``-m "slow or not slow"`` runs both.
 """
+from pathlib import Path
+
 import pytest
 
 
@@ -16,20 +18,69 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray instance per test session (``ray.init`` costs seconds; DESIGN.md), started as the
-    recipes start it (ctal.distributed.console.init_ray): workers' output stays in their logs, so an
-    actor left dying by one test never prints into a later test's captured stderr."""
+    """One local Ray instance per test session (``ray.init`` costs seconds; DESIGN.md). Workers'
+    output stays in their logs (``log_to_driver=False``, as the recipes run without --verbose): an
+    actor left dying by one test never prints into a later test's captured stderr. Not bound to
+    loopback like the recipes' own local Ray: subprocesses join it at its GCS address."""
     import ray
-
-    from ctal.distributed.console import init_ray
 
     if ray.is_initialized():  # another fixture or test already started one: share it
         yield ray
         return
-    init_ray(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
+
+# -- shared data, built once per session and read-only (a test that changes one copies it first) -------
+
+SYNTHETIC_UTTERANCES = 60  # per layout: enough for a sweep's train/dev/test and held-out speakers
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A 24-utterance train/dev/test Parquet data set written with pyarrow alone (tests/tiny_data.py):
+    random frames, for the mechanics rather than the learning."""
+    from tiny_data import write_tiny_dataset
+
+    return write_tiny_dataset(tmp_path_factory.mktemp("tiny") / "data", n=24, splits=("train", "dev", "test"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_corpus(tmp_path_factory):
+    """layout ("librispeech", "iemocap", "mosei") → a synthetic corpus in that layout (eSpeak NG,
+    ``SYNTHETIC_UTTERANCES``, seed 0), synthesized on first use."""
+    from ctal.corpora.synthetic import synthesize
+
+    root, built = tmp_path_factory.mktemp("corpora"), {}
+
+    def get(layout: str) -> Path:
+        if layout not in built:
+            synthesize(layout, root / layout, SYNTHETIC_UTTERANCES, seed=0)
+            built[layout] = root / layout
+        return built[layout]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(synthetic_corpus, ray_local, tmp_path_factory):
+    """layout → its synthetic corpus preprocessed by the real pipeline (Ray Data; a BPE of 300)."""
+    from ctal.config import DataConfig
+    from ctal.distributed.preprocess import run_preprocess
+
+    root, built = tmp_path_factory.mktemp("data"), {}
+
+    def get(layout: str) -> Path:
+        if layout not in built:
+            run_preprocess(layout, synthetic_corpus(layout), root / layout, DataConfig(vocab_size=300), verbose=False)
+            built[layout] = root / layout
+        return built[layout]
+
+    return get
+
+
+# -- recipes in process ----------------------------------------------------------------------------------
 
 @pytest.fixture
 def no_ray(monkeypatch):
@@ -43,6 +94,24 @@ def no_ray(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", refuse)
     return refuse
+
+
+@pytest.fixture
+def run_recipe(no_ray, capsys):
+    """``run_recipe("tune_finetune", *argv)`` → (exit code, stderr): ``pipelines/<name>.py``'s
+    ``main(argv)`` in this process, Ray start-up failing the test (``no_ray``)."""
+    import importlib
+
+    def run(name: str, *argv) -> tuple[int, str]:
+        recipe = importlib.import_module(f"pipelines.{name}")
+        capsys.readouterr()
+        try:
+            code = recipe.main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+        return code, capsys.readouterr().err
+
+    return run
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -25,10 +25,8 @@ NARROW = ["model.hidden_size=32", "model.num_attention_heads=4", "model.intermed
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tiny_data import write_tiny_dataset
-
-    return write_tiny_dataset(tmp_path_factory.mktemp("ckpt") / "data", n=24, splits=("train", "dev", "test"))
+def tiny(tiny_data):
+    return tiny_data  # conftest.py's, read-only
 
 
 @pytest.fixture(scope="module")
@@ -220,24 +218,19 @@ def test_the_schedule_is_hugging_faces_linear_warmup_and_decay():
 # -- one vocabulary across the journey ----------------------------------------------------------------
 
 
-def test_a_mismatched_init_fails_before_ray_naming_both_hashes_and_the_fix(tiny, other_tokenizer, tmp_path):
+def test_a_mismatched_init_fails_before_ray_naming_both_hashes_and_the_fix(tiny, other_tokenizer, tmp_path,
+                                                                           run_recipe):
     """The recipe refuses before Ray starts (not from inside every trial), and says how to mend it."""
-    import subprocess
-    import sys
     import time
 
     from ctal.pretrain import pretrain_loop
-    from test_tune import BEFORE_RAY
 
     pre = pretrain_loop(_pretrain_cfg(tiny), run_dir=tmp_path / "run", log=lambda _: None)["checkpoint"]
     argv = ["--task", "sentiment", "--data", str(other_tokenizer), "--init", str(pre),
             "--storage", str(tmp_path / "tune")]
     t0 = time.perf_counter()
-    run = subprocess.run([sys.executable, "-c", BEFORE_RAY, str(REPO / "pipelines" / "tune_finetune.py"),
-                          json.dumps([argv])], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    [(code, err, ray_started)] = json.loads(run.stdout.splitlines()[-1])
-    assert (code, ray_started) == (2, False), err
+    code, err = run_recipe("tune_finetune", *argv)
+    assert code == 2, err
     assert f"{_hash(tiny)[:12]}" in err and f"{_hash(other_tokenizer)[:12]}" in err
     assert "python pipelines/preprocess.py" in err and f"tokenizer={pre}" in err
     assert time.perf_counter() - t0 < 120 and not (tmp_path / "tune").exists()

@@ -18,15 +18,12 @@ from ctal.corpora import (EMOTION_CLASSES, READERS, ROW_KEYS, CorpusLayoutError,
                           read_iemocap, read_librispeech, read_manifest, read_mosei)
 from ctal.corpora.synthetic import BLEEP, META_FILE, VOICE_SPLIT, VOICES, plan_corpus, synthesize
 
-N_UTTERANCES = {"librispeech": 40, "iemocap": 40, "mosei": 40}
 
 
 @pytest.fixture(scope="session")
-def corpora(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    for layout, n in N_UTTERANCES.items():
-        synthesize(layout, root / layout, n, seed=7)
-    return {layout: root / layout for layout in N_UTTERANCES}
+def corpora(synthetic_corpus):
+    """The shared synthetic corpora of every layout (conftest.py)."""
+    return {layout: synthetic_corpus(layout) for layout in ("librispeech", "iemocap", "mosei")}
 
 
 def meta(corpus_dir: Path) -> dict[str, dict]:
@@ -132,10 +129,10 @@ def test_speakers_are_distinct_voices_with_fixed_held_out_splits(corpora):
 
 
 def test_generation_is_deterministic_and_independent_of_workers(corpora, tmp_path):
-    a = synthesize("mosei", tmp_path / "a", 12, seed=7, workers=1)
-    synthesize("mosei", tmp_path / "b", 12, seed=7, workers=2)
+    a = synthesize("mosei", tmp_path / "a", 12, seed=0, workers=1)  # the shared corpora's seed
+    synthesize("mosei", tmp_path / "b", 12, seed=0, workers=2)
     assert a["n_utterances"] == 12 and file_hashes(tmp_path / "a") == file_hashes(tmp_path / "b")
-    # utterance i does not depend on the corpus size: the 12 wavs equal the first 12 of the 40-utterance corpus
+    # utterance i does not depend on the corpus size: the 12 wavs equal the first 12 of the shared 60-utterance one
     small = file_hashes(tmp_path / "a", "*.wav")
     assert small.items() <= file_hashes(corpora["mosei"], "*.wav").items()
 

@@ -101,24 +101,20 @@ def test_a_second_run_to_the_same_output_is_refused(tmp_path, as_uri, capsys):
     assert not claims.exists()
 
 
-def test_the_cli_refuses_a_second_run_before_ray(tmp_path):
+def test_the_cli_refuses_a_second_run_before_ray(tmp_path, run_recipe):
     from ctal.distributed.preprocess import claim_output, release_output
 
     sf.write(tmp_path / "a.wav", _tones(0.5, 16000), 16000)
     _manifest(tmp_path, {"a": "a.wav"})
     claim = claim_output(tmp_path / "data")
     try:
-        res = _preprocess_cli("--corpus", "csv", "--root", tmp_path / "manifest.csv", "--out", tmp_path / "data")
+        code, err = run_recipe("preprocess", "--corpus", "csv", "--root", tmp_path / "manifest.csv",
+                               "--out", tmp_path / "data")
     finally:
         release_output(claim)
-    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
-    assert "being written by another run" in res.stderr and "Ray" not in res.stderr + res.stdout
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert "being written by another run" in err and "Ray" not in err
     assert not (tmp_path / "data").exists()
-
-
-def _preprocess_cli(*args):
-    return subprocess.run([sys.executable, str(REPO / "pipelines" / "preprocess.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=60)
 
 
 # ------------------------------------------------------------------ 9: preprocessing values, range-checked
@@ -134,7 +130,7 @@ def test_preprocessing_values_out_of_range_are_refused_naming_the_key(override, 
         load_config(DataConfig, [REPO / "configs" / "preprocess.yaml"], [override])
 
 
-def test_the_cli_refuses_bad_values_duplicate_ids_and_no_cpus_before_ray(tmp_path):
+def test_the_cli_refuses_bad_values_duplicate_ids_and_no_cpus_before_ray(tmp_path, run_recipe, capsys):
     # the same utterance in two LibriSpeech subsets: two rows with one id
     for subset in ("train-clean-100", "dev-clean"):
         chapter = tmp_path / "ls" / subset / "1000" / "10000"
@@ -145,9 +141,10 @@ def test_the_cli_refuses_bad_values_duplicate_ids_and_no_cpus_before_ray(tmp_pat
     for extra, message in ((["max_duration_s=-1"], "max_duration_s=-1.0 is out of range"),
                            ([], "utterance ids must be unique"),
                            (["--num-cpus", "0"], "num_cpus=0 (--num-cpus) is less than one actor needs")):
-        res = _preprocess_cli("--corpus", "librispeech", "--root", tmp_path / "ls", "--out", out, *extra)
-        assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
-        assert len(res.stderr.strip().splitlines()) == 1 and "Ray" not in res.stdout + res.stderr
+        code, err = run_recipe("preprocess", "--corpus", "librispeech", "--root", tmp_path / "ls", "--out", out,
+                               *extra)
+        assert code == 2 and message in err and "Traceback" not in err, err[-2000:]
+        assert len(err.strip().splitlines()) == 1 and "Ray" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ls"]  # no output, no claim left
 
 

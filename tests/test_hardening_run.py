@@ -8,6 +8,7 @@ checkpoints named (12).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,6 @@ from ctal.model import CTALConfig, CTALForPretraining
 from ctal.tokenizer import load_tokenizer
 from pipelines.embed import main as embed_main
 from pipelines.evaluate import main as evaluate_main
-from tiny_data import write_tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 NARROW = ["model.hidden_size=32", "model.num_attention_heads=4", "model.intermediate_size=64",
@@ -41,9 +41,10 @@ def finetune_config(data, *overrides) -> FinetuneConfig:
 
 
 @pytest.fixture(scope="module")
-def forty_ms(tmp_path_factory):
+def forty_ms(tiny_data, tmp_path_factory):
     """A tiny sentiment data set whose report says it was featurized with 40 ms frames (the demo's)."""
-    data = write_tiny_dataset(tmp_path_factory.mktemp("h") / "data40", n=24, splits=("train", "dev", "test"))
+    data = tmp_path_factory.mktemp("h") / "data40"
+    shutil.copytree(tiny_data, data)  # the shared one, copied: its report changes
     report = json.loads((data / "report.json").read_text())
     report["features"] = FORTY_MS
     report["data_config"] = {**DataConfig().__dict__, "features": FORTY_MS, "max_duration_s": 20.0}
@@ -424,6 +425,7 @@ def local_listeners():
     return json.loads(run.stdout.splitlines()[-1]), run.stderr
 
 
+@pytest.mark.slow  # a fresh local Ray and Train workers in a process of their own
 def test_a_local_ray_and_its_train_workers_listen_on_loopback_only(local_listeners):
     found, stderr = local_listeners
     assert {name for _, _, name in found["ray"]} >= {"gcs_server", "raylet"}
@@ -438,6 +440,7 @@ def test_a_local_ray_and_its_train_workers_listen_on_loopback_only(local_listene
     assert found["auth"] == "token" and "Token authentication" not in stderr
 
 
+@pytest.mark.slow  # a fresh local Ray and Train workers in a process of their own
 def test_torchs_rank0_store_listens_on_loopback_only(local_listeners):
     """torch binds its store server to every interface; ctal.rendezvous binds it to the node address."""
     found, _ = local_listeners

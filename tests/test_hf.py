@@ -107,7 +107,7 @@ def test_a_saved_model_no_longer_needs_its_text_init_folder(roberta_dir, tmp_pat
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
 
 
-def test_a_conflicting_override_stops_the_pipelines_before_ray(tmp_path):
+def test_a_conflicting_override_stops_the_pipelines_before_ray(tmp_path, run_recipe):
     hf_dir = minilm_dir()
     bad = [f"model.text_init={hf_dir}", "model.hidden_size=768"]
     script = ("import sys\nfrom pipelines.pretrain import main\n"
@@ -116,9 +116,8 @@ def test_a_conflicting_override_stops_the_pipelines_before_ray(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert "exit 2" in out.stdout and "ray imported: False" in out.stdout, out.stdout + out.stderr
     assert "model.hidden_size=768 but" in out.stderr and "has hidden_size=384" in out.stderr
-    tune = subprocess.run([sys.executable, "pipelines/tune_finetune.py", "--task", "sentiment",
-                           "--data", str(tmp_path), *bad], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert tune.returncode == 2 and "has hidden_size=384" in tune.stderr, tune.stderr
+    code, err = run_recipe("tune_finetune", "--task", "sentiment", "--data", tmp_path, *bad)
+    assert code == 2 and "has hidden_size=384" in err, err
 
 
 # -- from_pretrained: keywords, loading info, dtype -------------------------------------------------

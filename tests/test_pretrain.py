@@ -111,16 +111,9 @@ def wait_for_step(run_dir: Path, step: int, timeout: float, proc=None) -> int:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, ray_local):
-    """A 48-utterance synthetic LibriSpeech-layout corpus, preprocessed with the real pipeline."""
-    from ctal.config import DataConfig
-    from ctal.corpora.synthetic import synthesize
-    from ctal.distributed.preprocess import run_preprocess
-
-    root = tmp_path_factory.mktemp("pretrain")
-    synthesize("librispeech", root / "corpus", 48, seed=0)
-    run_preprocess("librispeech", root / "corpus", root / "data", DataConfig(vocab_size=400), verbose=False)
-    return root / "data"
+def dataset(synthetic_data):
+    """The shared synthetic LibriSpeech-layout corpus, preprocessed with the real pipeline (conftest.py)."""
+    return synthetic_data("librispeech")
 
 
 @pytest.fixture(scope="module")
@@ -217,18 +210,14 @@ def test_over_asking_fails_within_seconds_naming_asked_and_available(dataset, tm
     (["lr=fast"], "lr: expected a number"),
     (["--use-gpu", "maybe"], "invalid choice: 'maybe'"),
 ])
-def test_recipe_config_errors_exit_2_before_ray_starts(dataset, args, message):
-    p = subprocess.run([sys.executable, "pipelines/pretrain.py", "--data", str(dataset), *args],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2, p.stderr
-    assert message in p.stderr
-    assert "Started a local Ray instance" not in p.stdout + p.stderr
+def test_recipe_config_errors_exit_2_before_ray_starts(dataset, args, message, run_recipe):
+    code, err = run_recipe("pretrain", "--data", dataset, *args)
+    assert code == 2 and message in err, err
 
 
-def test_recipe_refuses_a_directory_that_is_not_a_data_set(tmp_path):
-    p = subprocess.run([sys.executable, "pipelines/pretrain.py", "--data", str(tmp_path)],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and "no report.json" in p.stderr
+def test_recipe_refuses_a_directory_that_is_not_a_data_set(tmp_path, run_recipe):
+    code, err = run_recipe("pretrain", "--data", tmp_path)
+    assert code == 2 and "no report.json" in err, err
 
 
 # -- Ray Train -----------------------------------------------------------------------------------------
@@ -368,9 +357,16 @@ def test_the_placement_group_cleaner_ignores_a_missing_state_api_answer_and_acts
         time.sleep(0.1)
     assert state(pg) == "REMOVED"
 
+    import ctal.distributed.pg_cleaner as steady
+
+    checks = []  # the steady cleaner's checks of the controller, counted
+    monkeypatch.setattr(steady, "controller_state", lambda actor_id: checks.append(actor_id) or
+                        controller_state(actor_id))
     pg, cleaner = watch(SteadyPlacementGroupCleaner, controller)
-    time.sleep(2)  # ~20 checks
-    assert state(pg) == "CREATED"
+    deadline = time.time() + 120
+    while len(checks) < 20 and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(checks) >= 20 and state(pg) == "CREATED"  # 20 checks with the State API missing: kept
     ray_local.kill(controller)
     deadline = time.time() + 30
     while state(pg) != "REMOVED" and time.time() < deadline:
@@ -385,8 +381,21 @@ def test_a_run_next_to_a_cpu_hog_finishes_with_the_losses_of_the_quiet_run(refer
     from ctal.distributed.train import pretrain
 
     # Load ≈ 5+ on 2 cores (3 hogs + 2 training workers + Ray's own): what made Ray's cleaner remove
-    # live runs' placement groups. More hogs only stretch the run (5 took ~16 min at load 26).
+    # live runs' placement groups. The hogs run through the start-up of the controller and workers and
+    # the first steps and checkpoint (where the cleaner acted), then stop: the rest only stretched the
+    # run (40 steps under load took 12 minutes).
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
+    run, loaded = tmp_path / "busy", {}
+
+    def stop_hogs_after_a_checkpoint():
+        try:
+            loaded["until_step"] = wait_for_step(run, EVERY + 1, timeout=900)
+        finally:
+            for hog in hogs:
+                hog.kill()
+
+    watcher = threading.Thread(target=stop_hogs_after_a_checkpoint, daemon=True)
+    watcher.start()
     try:
         # max_failures=0: a removed placement group would end the run, not be restarted silently
         result = pretrain(make_cfg(dataset, tmp_path, "busy", "max_failures=0"))
@@ -394,6 +403,8 @@ def test_a_run_next_to_a_cpu_hog_finishes_with_the_losses_of_the_quiet_run(refer
         for hog in hogs:
             hog.kill()
             hog.wait()
+        watcher.join(timeout=5)
+    assert loaded.get("until_step", 0) > EVERY  # the hogs ran past the first checkpoint
     assert losses(result.run_dir) == reference[1]
     assert resumes(result.run_dir) == []
 

@@ -40,21 +40,9 @@ def narrow_config(task, data, *overrides):
 
 
 @pytest.fixture(scope="session")
-def dataset(ray_local, tmp_path_factory):
-    """task → Parquet data set of a 60-utterance synthetic corpus in that task's layout (built once)."""
-    from ctal.distributed.preprocess import run_preprocess
-
-    root, built = tmp_path_factory.mktemp("corpora"), {}
-
-    def get(task):
-        if task not in built:
-            layout = LAYOUTS[task]
-            synthesize(layout, root / layout, 60, seed=0)
-            run_preprocess(layout, root / layout, root / f"{layout}.pq", DataConfig(vocab_size=300), verbose=False)
-            built[task] = root / f"{layout}.pq"
-        return built[task]
-
-    return get
+def dataset(synthetic_data):
+    """task → the shared synthetic corpus of that task's layout, preprocessed (conftest.py)."""
+    return lambda task: synthetic_data(LAYOUTS[task])
 
 
 # -- search spaces ---------------------------------------------------------------------------------
@@ -166,33 +154,8 @@ def test_results_table_sorts_trials_best_first_and_says_how_each_ended(tmp_path)
     assert {p.name for p in plots} == {"best_per_fusion.png", "learning_curves.png"}
 
 
-BEFORE_RAY = """
-import contextlib, importlib.util, io, json, sys
-import ray
-
-started = []
-ray.init = lambda *a, **k: (started.append(1), sys.exit(99))
-spec = importlib.util.spec_from_file_location("tune_finetune", sys.argv[1])
-recipe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(recipe)
-out = []
-for argv in json.loads(sys.argv[2]):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            code = recipe.main(argv)
-        except SystemExit as e:
-            code = e.code
-    out.append([code, err.getvalue(), bool(started) or ray.is_initialized()])
-print(json.dumps(out))
-"""
-
-
-def test_bad_sweep_settings_exit_2_naming_the_key_before_ray_starts(tmp_path):
-    from tiny_data import write_tiny_dataset
-
-    data = write_tiny_dataset(tmp_path / "data", n=24, splits=("train", "dev", "test"))
-    base = ["--task", "sentiment", "--data", str(data), "--storage", str(tmp_path / "runs")]
+def test_bad_sweep_settings_exit_2_naming_the_key_before_ray_starts(tmp_path, run_recipe, tiny_data):
+    base = ["--task", "sentiment", "--data", str(tiny_data), "--storage", str(tmp_path / "runs")]
     cases = {
         "search: 'bogus' is not one of ['optuna', 'random', 'grid']": ["--search", "bogus"],
         "workers_per_trial: expected an integer, got 1.5": ["--workers-per-trial", "1.5"],
@@ -200,23 +163,18 @@ def test_bad_sweep_settings_exit_2_naming_the_key_before_ray_starts(tmp_path):
         "num_samples must be >= 1, got 0": ["--num-samples", "0"],
         "grace_period=3: ASHA needs it <= the most epochs a trial runs (2)": ["sweep.grace_period=3", "epochs=2"],
     }
-    run = subprocess.run([sys.executable, "-c", BEFORE_RAY, str(ROOT / "pipelines" / "tune_finetune.py"),
-                          json.dumps([base + argv for argv in cases.values()])],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    for message, (code, err, ray_started) in zip(cases, json.loads(run.stdout.splitlines()[-1])):
-        assert (code, ray_started) == (2, False), (message, err)
-        assert message in err
+    for message, argv in cases.items():
+        code, err = run_recipe("tune_finetune", *base, *argv)
+        assert code == 2 and message in err, (message, err)
     assert not (tmp_path / "runs").exists()
 
 
-def test_search_space_values_out_of_range_exit_2_naming_the_file_key_and_value_before_ray(tmp_path):
+def test_search_space_values_out_of_range_exit_2_naming_the_file_key_and_value_before_ray(tmp_path, run_recipe,
+                                                                                         tiny_data):
     """Issue 15 leftovers: candidate values are range-checked against the sweep's config (a negative
     weight decay, a dropout of 1.5, more frozen layers than the model has) and a YAML syntax error is one line
     naming the file and position: all before Ray starts."""
-    from tiny_data import write_tiny_dataset
-
-    data = write_tiny_dataset(tmp_path / "data", n=24, splits=("train", "dev", "test"))
+    data = tiny_data
     spaces = {
         "weight_decay: weight_decay=-1.0 is out of range: must be >= 0": "weight_decay: {choice: [0.0, -1]}\n",
         "dropout: model.hidden_dropout_prob=1.5 is out of range: must be in [0, 1)": "dropout: {uniform: [0.1, 1.5]}\n",
@@ -231,11 +189,9 @@ def test_search_space_values_out_of_range_exit_2_naming_the_file_key_and_value_b
         (tmp_path / f"space{k}.yaml").write_text(text)
         argv.append(["--task", "sentiment", "--data", str(data), "--space", str(tmp_path / f"space{k}.yaml"),
                      "--storage", str(tmp_path / "runs"), *unpinned])
-    run = subprocess.run([sys.executable, "-c", BEFORE_RAY, str(ROOT / "pipelines" / "tune_finetune.py"),
-                          json.dumps(argv)], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    for k, (message, (code, err, ray_started)) in enumerate(zip(spaces, json.loads(run.stdout.splitlines()[-1]))):
-        assert (code, ray_started) == (2, False), (message, err)
+    for k, (message, args) in enumerate(zip(spaces, argv)):
+        code, err = run_recipe("tune_finetune", *args)
+        assert code == 2, (message, err)
         assert f"space{k}.yaml: {message}" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "runs").exists()
 
