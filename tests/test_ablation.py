@@ -183,7 +183,9 @@ questions:
 def test_quick_demo_killed_mid_grid_resumes_without_rerunning_a_finished_run(tmp_path, ray_local, capsys):
     out, config = tmp_path / "study", tmp_path / "small_grid.yaml"
     config.write_text(SMALL_GRID)
-    argv = ["--demo", "--quick", "--config", str(config), "--out", str(out), "tracking=mlflow"]
+    # One run at a time: the first finishes while five remain, however fast or loaded the machine.
+    argv = ["--demo", "--quick", "--config", str(config), "--out", str(out), "--max-concurrent", "1",
+            "tracking=mlflow"]
     # Tune saves its experiment state every second, not when its "auto" period says (>= 10 s, by
     # which time an idle machine has finished the grid): the kill must land mid-grid.
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}

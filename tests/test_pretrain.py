@@ -381,30 +381,41 @@ def test_a_run_next_to_a_cpu_hog_finishes_with_the_losses_of_the_quiet_run(refer
     from ctal.distributed.train import pretrain
 
     # Load ≈ 5+ on 2 cores (3 hogs + 2 training workers + Ray's own): what made Ray's cleaner remove
-    # live runs' placement groups. The hogs run through the start-up of the controller and workers and
-    # the first steps and checkpoint (where the cleaner acted), then stop: the rest only stretched the
-    # run (40 steps under load took 12 minutes).
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
-    run, loaded = tmp_path / "busy", {}
+    # live runs' placement groups. The hogs start once the workers train and stop after the next
+    # checkpoint: ten steps and a report under load, a couple of minutes. (Loaded from the start, the
+    # workers' start-up alone took minutes, and the whole run twelve.)
+    run, hogs, loaded = tmp_path / "busy", [], {}
+    done = threading.Event()
 
-    def stop_hogs_after_a_checkpoint():
+    def load_the_middle_of_the_run():
+        deadline = time.time() + 600
+        while not done.is_set() and time.time() < deadline:
+            logged = read_metrics(run) if (run / "metrics.jsonl").is_file() else {}
+            if logged:
+                break
+            time.sleep(0.05)
+        else:
+            return
+        loaded["from_step"] = max(logged)
+        hogs.extend(subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3))
         try:
-            loaded["until_step"] = wait_for_step(run, EVERY + 1, timeout=900)
+            loaded["to_step"] = wait_for_step(run, EVERY + 1, timeout=600)
         finally:
             for hog in hogs:
                 hog.kill()
 
-    watcher = threading.Thread(target=stop_hogs_after_a_checkpoint, daemon=True)
-    watcher.start()
+    loader = threading.Thread(target=load_the_middle_of_the_run, daemon=True)
+    loader.start()
     try:
         # max_failures=0: a removed placement group would end the run, not be restarted silently
         result = pretrain(make_cfg(dataset, tmp_path, "busy", "max_failures=0"))
     finally:
+        done.set()
+        loader.join(timeout=60)
         for hog in hogs:
             hog.kill()
             hog.wait()
-        watcher.join(timeout=5)
-    assert loaded.get("until_step", 0) > EVERY  # the hogs ran past the first checkpoint
+    assert loaded["from_step"] < EVERY < loaded["to_step"], loaded  # a checkpoint and its report under load
     assert losses(result.run_dir) == reference[1]
     assert resumes(result.run_dir) == []
 
