@@ -99,13 +99,10 @@ def main(argv=None) -> int:
         base = load_config(FinetuneConfig, files, [*budget, *args.overrides, f"task={task}", f"data={data}"])
         metric = report_metric(study, task)
         task_data = TaskData.load(base.data)
-        from ctal.distributed.ablate import prepare_study
+        from ctal.distributed.ablate import check_grid, prepare_study
 
         configs, space = prepare_study(base, study, init, task_data)
-        if (out / "grid" / "tuner.pkl").exists():  # a study to continue: trusted before Ray starts
-            from ctal.distributed.signing import verify_state
-
-            verify_state(str(out / "grid"))
+        check_grid(out)  # a study to continue is trusted, and a new one finds no state, before Ray starts
     except (ConfigError, FileNotFoundError, ValueError, CheckpointError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     out.mkdir(parents=True, exist_ok=True)

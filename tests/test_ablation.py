@@ -237,3 +237,23 @@ def test_a_bad_request_exits_2_before_ray_starts_and_writes_nothing(tmp_path, ca
             main([*argv, "--out", str(tmp_path / "out")])
         assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_state_planted_in_a_new_studys_grid_is_refused_before_ray_and_never_signed(tmp_path, tiny_data, run_recipe):
+    """Issue 30.1: a new study signed every state file it found in <out>/grid, so a pickle planted
+    there was unpickled by the next run. Now such a grid stops the study before Ray, naming the file."""
+    from ctal.distributed.signing import SIGNATURE_FILE
+
+    study = tmp_path / "study.yaml"
+    study.write_text("seeds: [0, 1, 2]\nfractions: [1.0]\nmetric: mae\nbudget: {epochs: 1}\ntuning: fixed\n"
+                     "baseline: {init: scratch, fusion: ctal, orthogonality_weight: 0.0, fraction: 1.0}\n"
+                     "questions:\n  fusion:\n    ask: which fusion?\n    vary: {fusion: [ctal, late_concat]}\n")
+    grid = tmp_path / "out" / "grid"
+    grid.mkdir(parents=True)
+    (grid / "callback-states-9999-12-31_00-00-00.pkl").write_bytes(b"not ours")
+    code, err = run_recipe("ablate", "--task", "sentiment", "--data", tiny_data, "--config", study,
+                           "--out", tmp_path / "out")
+    assert code == 2, err
+    assert "holds Ray state that no run of this study wrote (callback-states-9999-12-31_00-00-00.pkl)" in err
+    assert sorted(p.name for p in grid.iterdir()) == ["callback-states-9999-12-31_00-00-00.pkl"]
+    assert not (grid / SIGNATURE_FILE).exists()

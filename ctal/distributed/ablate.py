@@ -27,7 +27,7 @@ from ctal.report import trial_row
 from ctal.search_space import SearchSpace, check_sweep, load_search_space
 from ctal.tasks import get_task
 
-from .signing import StateSigner, sign_sweep, verify_state
+from .signing import StateSigner, sign_sweep, state_entries, verify_state
 from .tune import TrialProgress, _check_resources, _checkpoint_of, _first_line, _param_space, _trial, resumable
 
 GRID = "grid"
@@ -104,6 +104,7 @@ def run_study(configs: dict[str, FinetuneConfig], study: Study, space: Optional[
         sign_sweep(str(experiment), (), verify_state(str(experiment)))
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
     else:
+        check_grid(out)  # the new study signs the state it writes: nothing may be there before it
         out.mkdir(parents=True, exist_ok=True)
         (out / STUDY_FILE).write_text(json.dumps(record, indent=1))
         params = {"cell": tune.grid_search(list(configs)), "seed": tune.grid_search(list(study.seeds)),
@@ -121,6 +122,19 @@ def run_study(configs: dict[str, FinetuneConfig], study: Study, space: Optional[
         sign_sweep(str(experiment))  # tuner.pkl, as Tuner() wrote it
     grid = tuner.fit()
     return collect(grid, study, configs, task)
+
+
+def check_grid(out: Path) -> None:
+    """Before Ray starts and before anything there is unpickled: a study to continue (``tuner.pkl``) must
+    hold only state this user's study signed; a grid that cannot be continued must hold no Ray state at
+    all, since the new study signs the state files it finds beside its own (issue 30.1: a planted
+    ``callback-states-*.pkl`` would be signed, then unpickled by the next run)."""
+    experiment = out / GRID
+    if (experiment / "tuner.pkl").is_file():
+        verify_state(str(experiment))
+    elif found := state_entries(str(experiment)):
+        raise ConfigError(f"{experiment} holds Ray state that no run of this study wrote ({', '.join(found)}): "
+                          "a new study would trust it; remove it, or use another --out")
 
 
 def _cell_trial(params: dict, *, configs: dict, data: TaskData, sweep: dict, train_storage: str,

@@ -115,6 +115,15 @@ def _state_files(fs: pafs.FileSystem, d: str, patterns) -> list[str]:
                   and any(fnmatch.fnmatch(i.base_name, p) for p in patterns))
 
 
+def state_entries(where: str, ours: tuple[str, ...] = ()) -> list[str]:
+    """Every entry at ``where`` named like a file Ray's restore reads, of any kind (a directory or a
+    FIFO named like one counts too): what a new sweep or study must not find, or it would sign it."""
+    fs, d = storage.resolve(where)
+    infos = fs.get_file_info(pafs.FileSelector(d, allow_not_found=True, recursive=False))
+    return sorted(i.base_name for i in infos if any(fnmatch.fnmatch(i.base_name, p)
+                                                    for p in (*ray_state_patterns(), *ours)))
+
+
 def _sha256(fs: pafs.FileSystem, path: str) -> str:
     with fs.open_input_stream(path) as f:
         return hashlib.sha256(f.readall()).hexdigest()
