@@ -18,8 +18,7 @@ import pytest
 
 from ctal.model import FUSION_VARIANTS
 
-from ctal.config import ConfigError, DataConfig, FinetuneConfig, SweepConfig, load_config
-from ctal.corpora.synthetic import synthesize
+from ctal.config import ConfigError, FinetuneConfig, SweepConfig, load_config
 from ctal.distributed.tune import SWEEP_FILE, experiment_location, load_sweep, run_sweep
 from ctal.finetune import TaskData, evaluate, finetune, fold_dirs
 from ctal.model import CTALForSequenceClassification

@@ -92,8 +92,8 @@ def run_study(configs: dict[str, FinetuneConfig], study: Study, space: Optional[
     experiment = out / GRID
     trainable = tune.with_resources(
         resumable(_cell_trial, configs={k: to_dict(c) for k, c in configs.items()}, data=data,
-                             sweep=asdict(sweep), train_storage=str(experiment / "train_runs"),
-                             run=manifest.run_link(out, "ablation")),
+                  sweep=asdict(sweep), train_storage=str(experiment / "train_runs"),
+                  run=manifest.run_link(out, "ablation")),
         {"CPU": cpus_per_trial})
     samples = study.tuning.get("num_samples", 1) if study.tuning else 1
     total = len(configs) * len(study.seeds) * samples

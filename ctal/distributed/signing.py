@@ -109,9 +109,9 @@ def _mac(key: bytes, files: dict) -> str:
     return hmac.new(key, json.dumps(files, sort_keys=True).encode("utf-8"), hashlib.sha256).hexdigest()
 
 
-def _state_files(fs: pafs.FileSystem, d: str, patterns) -> list[str]:
+def _state_files(fs: pafs.FileSystem, d: str, patterns, *, files_only: bool = True) -> list[str]:
     infos = fs.get_file_info(pafs.FileSelector(d, allow_not_found=True, recursive=False))
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.File
+    return sorted(i.base_name for i in infos if (i.type == pafs.FileType.File or not files_only)
                   and any(fnmatch.fnmatch(i.base_name, p) for p in patterns))
 
 
@@ -119,9 +119,7 @@ def state_entries(where: str, ours: tuple[str, ...] = ()) -> list[str]:
     """Every entry at ``where`` named like a file Ray's restore reads, of any kind (a directory or a
     FIFO named like one counts too): what a new sweep or study must not find, or it would sign it."""
     fs, d = storage.resolve(where)
-    infos = fs.get_file_info(pafs.FileSelector(d, allow_not_found=True, recursive=False))
-    return sorted(i.base_name for i in infos if any(fnmatch.fnmatch(i.base_name, p)
-                                                    for p in (*ray_state_patterns(), *ours)))
+    return _state_files(fs, d, (*ray_state_patterns(), *ours), files_only=False)
 
 
 def _sha256(fs: pafs.FileSystem, path: str) -> str:

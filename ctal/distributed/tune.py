@@ -339,8 +339,8 @@ def _trainable(cfg: FinetuneConfig, data: TaskData, sweep: SweepConfig, experime
     from ray import tune
 
     fn = resumable(_trial, base=to_dict(cfg), data=data, sweep=asdict(sweep),
-                              train_storage=storage.join(experiment, "train_runs"),
-                              run=manifest.run_link(experiment, "sweep"))
+                   train_storage=storage.join(experiment, "train_runs"),
+                   run=manifest.run_link(experiment, "sweep"))
     if sweep.workers_per_trial > 1:
         # The trial only drives a TorchTrainer, whose workers hold the trial's CPUs and GPUs.
         return tune.with_resources(fn, {"CPU": 0.01})
