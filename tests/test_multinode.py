@@ -137,10 +137,13 @@ def test_tune_trials_spread_over_both_nodes(cluster_runs):
 
 
 def _actors(cls: str) -> dict[str, dict]:
-    """actor id → GCS actor-table entry of every actor (dead ones too) of class ``cls``."""
+    """actor id → GCS actor-table entry of every actor (dead ones too) of class ``cls``. The table
+    names a class defined in a function by its qualified name when it reaches the GCS pickled
+    (``wrap_function.<locals>.ImplicitFunc`` on a multi-node cluster): compare its last part."""
     import ray
 
-    return {a: info for a, info in ray._private.state.actors().items() if info["ActorClassName"] == cls}
+    return {a: info for a, info in ray._private.state.actors().items()
+            if info["ActorClassName"].rpartition(".")[2] == cls}
 
 
 def _start_time(pid: int):
