@@ -257,3 +257,10 @@ def test_state_planted_in_a_new_studys_grid_is_refused_before_ray_and_never_sign
     assert "holds Ray state that no run of this study wrote (callback-states-9999-12-31_00-00-00.pkl)" in err
     assert sorted(p.name for p in grid.iterdir()) == ["callback-states-9999-12-31_00-00-00.pkl"]
     assert not (grid / SIGNATURE_FILE).exists()
+    # a study to continue whose experiment state is gone (a partial copy) stops too: Ray would start over
+    (grid / "callback-states-9999-12-31_00-00-00.pkl").unlink()
+    (grid / "tuner.pkl").write_bytes(b"as a run wrote it")
+    code, err = run_recipe("ablate", "--task", "sentiment", "--data", tiny_data, "--config", study,
+                           "--out", tmp_path / "out")
+    assert code == 2 and "its experiment_state-*.json is missing" in err, err
+    assert sorted(p.name for p in grid.iterdir()) == ["tuner.pkl"]

@@ -377,6 +377,36 @@ def test_the_sweep_key_is_made_once_readable_only_by_its_user(tmp_path, monkeypa
         sweep_key()
     monkeypatch.setenv("CTAL_SWEEP_KEY", "from the environment")
     assert sweep_key() == b"from the environment"
+    monkeypatch.delenv("CTAL_SWEEP_KEY")
+    # a resume checks with the key that signed: a missing one is said, never silently made
+    monkeypatch.setenv("CTAL_SWEEP_KEY_FILE", str(tmp_path / "elsewhere" / "sweep.key"))
+    with pytest.raises(UntrustedStateError, match="no sweep key at .*elsewhere/sweep.key"):
+        sweep_key(create=False)
+    assert not (tmp_path / "elsewhere").exists()
+    (tmp_path / "dir.key").mkdir()
+    monkeypatch.setenv("CTAL_SWEEP_KEY_FILE", str(tmp_path / "dir.key"))
+    with pytest.raises(UntrustedStateError, match="must be a regular file"):
+        sweep_key()
+
+
+def test_a_new_sweep_signs_only_what_it_wrote(tmp_path, monkeypatch):
+    """Issue 30.1: a state file found beside a new sweep's own is refused, never signed."""
+    import pickle
+
+    from ctal.distributed.signing import UntrustedStateError, sign_sweep, verify_state
+
+    monkeypatch.setenv("CTAL_SWEEP_KEY", "k")
+    (tmp_path / "tuner.pkl").write_bytes(b"ours")
+    (tmp_path / SWEEP_FILE).write_text("{}")
+    (tmp_path / "callback-states-9999-12-31_00-00-00.pkl").write_bytes(pickle.dumps(_Planted(tmp_path / "m")))
+    with pytest.raises(UntrustedStateError, match="callback-states-9999-12-31_00-00-00.pkl appeared"):
+        sign_sweep(str(tmp_path), (SWEEP_FILE,))
+    assert not (tmp_path / "ctal-state.hmac").exists()
+    (tmp_path / "callback-states-9999-12-31_00-00-00.pkl").unlink()
+    sign_sweep(str(tmp_path), (SWEEP_FILE,))
+    (tmp_path / "experiment_state-1.json").write_text("{}")  # Tuner.fit() writes it; StateSigner signs it
+    with pytest.raises(UntrustedStateError, match="experiment_state-1.json is not a version this sweep signed"):
+        verify_state(str(tmp_path), (SWEEP_FILE,))
 
 
 class _Planted:
@@ -433,6 +463,24 @@ def test_resume_refuses_state_it_did_not_sign_before_unpickling_it(dataset, ray_
     (experiment / "searcher-state-2099.pkl").write_bytes(pickle.dumps(_Planted(marker)))
     assert "searcher-state-2099.pkl is not a version this sweep signed" in resume()
     (experiment / "searcher-state-2099.pkl").unlink()
+
+    # Issue 30.2: state that cannot be read stops the resume before Ray; the trials stay as they were
+    trials = {p: p.read_bytes() for p in experiment.rglob("*") if p.is_file() and "trial_" in str(p)}
+    state = next(experiment.glob("experiment_state-*.json"))
+    kept = state.read_bytes()
+    state.unlink()
+    assert "its experiment_state-*.json is missing" in resume()
+    state.mkdir()
+    assert f"{state.name} is a directory, not a state file Ray wrote" in resume()
+    state.rmdir()
+    state.write_bytes(kept)
+    os.mkfifo(experiment / "callback-states-2099.pkl")  # reading it would hang the resume
+    assert "callback-states-2099.pkl is not a regular file" in resume()
+    (experiment / "callback-states-2099.pkl").unlink()
+    (experiment / "callback-states-2098.pkl").mkdir()  # it used to empty results.csv
+    assert "callback-states-2098.pkl is a directory" in resume()
+    (experiment / "callback-states-2098.pkl").rmdir()
+    assert {p: p.read_bytes() for p in trials} == trials
 
     (experiment / SIGNATURE_FILE).unlink()
     assert f"has no {SIGNATURE_FILE}" in resume()

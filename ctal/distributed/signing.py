@@ -50,6 +50,10 @@ class UntrustedStateError(ValueError):
     """A sweep's state is not signed with this user's key: resuming it could run foreign code."""
 
 
+class UnreadableStateError(UntrustedStateError):
+    """A sweep's state is missing or not regular files: a resume would start over in its directory."""
+
+
 def ray_state_patterns() -> tuple[str, ...]:
     """The file names (fnmatch) at a sweep's top level that Ray Tune's restore unpickles, taken from
     Ray's own templates so that a Ray upgrade that renames one is followed."""
@@ -74,12 +78,17 @@ def _key_source() -> str:
     return KEY_ENV if os.environ.get(KEY_ENV) else str(_key_file())
 
 
-def sweep_key() -> bytes:
-    """This user's signing key: CTAL_SWEEP_KEY, else the key file (created 0600 on first use)."""
+def sweep_key(create: bool = True) -> bytes:
+    """This user's signing key: CTAL_SWEEP_KEY, else the key file (created 0600 on first use unless
+    ``create`` is false: a resume checks with the key that signed, never a new one)."""
     if os.environ.get(KEY_ENV):
         return os.environ[KEY_ENV].encode("utf-8")
     path = _key_file()
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
+        if not create:
+            raise UntrustedStateError(
+                f"there is no sweep key at {path} (nor {KEY_ENV}): the sweep was signed with a key this machine "
+                f"does not have; copy that key there (mode 600), or set {KEY_ENV} or {KEY_FILE_ENV}")
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -91,6 +100,9 @@ def sweep_key() -> bytes:
             pass
         finally:
             tmp.unlink()
+    if not path.is_file():
+        raise UntrustedStateError(f"{path}: the sweep key must be a regular file (it is not); "
+                                  f"remove it, or point {KEY_FILE_ENV} at the key file")
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:  # as ssh does: a key others can read signs nothing
         raise UntrustedStateError(f"{path}: the sweep key is readable by other users (mode {mode:o}); "
@@ -156,13 +168,42 @@ def _read_signature(fs: pafs.FileSystem, d: str, key: bytes, where: str) -> Opti
     return files
 
 
+_KINDS = {pafs.FileType.Directory: "a directory", pafs.FileType.NotFound: "gone"}  # else FIFO, socket, device
+
+
+def _check_readable(fs: pafs.FileSystem, d: str, where: str, ours: tuple[str, ...]) -> None:
+    """Ray's restore needs ``tuner.pkl`` and an ``experiment_state-*.json``, as regular files: without
+    the experiment state it logs a warning, starts a new empty sweep in the same directory under the
+    same trial ids and overwrites the old trials (issue 30.2); a FIFO named like a state file hangs
+    whoever reads it, a directory named like one breaks the results. Refuse all of them by name."""
+    infos = fs.get_file_info(pafs.FileSelector(d, allow_not_found=True, recursive=False))
+    patterns = (*ray_state_patterns(), *ours)
+    for i in infos:
+        if i.type != pafs.FileType.File and any(fnmatch.fnmatch(i.base_name, p) for p in patterns):
+            raise UnreadableStateError(
+                f"cannot resume {where}: {i.base_name} is {_KINDS.get(i.type, 'not a regular file')}, not a state "
+                "file Ray wrote; remove it and put back the file, or start a new sweep (another --name)")
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.impl.tuner_internal import _TUNER_PKL
+
+    names = [i.base_name for i in infos if i.type == pafs.FileType.File]
+    needed = [p for p in (_TUNER_PKL, TuneController.CKPT_FILE_TMPL.format("*")) if not fnmatch.filter(names, p)]
+    if needed:
+        raise UnreadableStateError(
+            f"cannot resume {where}: its {' and '.join(needed)} is missing (a partial copy or sync?), and Ray "
+            "would start a new sweep over the old trials; copy the whole sweep back, or start a new one "
+            "(another --name)")
+
+
 def verify_state(where: str, ours: tuple[str, ...] = ()) -> dict:
     """Check, before anything there is unpickled, that every file Ray's restore reads at the sweep
-    ``where`` (a directory or URI; plus the names ``ours``) is a version this user's sweep signed.
+    ``where`` (a directory or URI; plus the names ``ours``) is a version this user's sweep signed, and
+    that the state a restore needs is there as regular files (``_check_readable``).
     Returns the signed map reduced to the files as they are now; raises UntrustedStateError naming the
-    first file that is not covered."""
-    key = sweep_key()
+    first file that is not covered, UnreadableStateError for state that is missing or not a file."""
     fs, d = storage.resolve(where)
+    _check_readable(fs, d, where, ours)
+    key = sweep_key(create=False)
     files = _read_signature(fs, d, key, where)
     if files is None:
         raise UntrustedStateError(
@@ -183,11 +224,21 @@ def verify_state(where: str, ours: tuple[str, ...] = ()) -> dict:
 
 def sign_sweep(where: str, ours: tuple[str, ...] = (), files: Optional[dict] = None) -> None:
     """Write the signature file of the sweep ``where``: the signed map ``files`` (from
-    ``verify_state``), or by default every state file there as it is now (a sweep just created)."""
+    ``verify_state``), or by default, for a sweep just created, ``tuner.pkl`` (as ``Tuner()`` wrote it)
+    and the files ``ours``. Anything else named like Ray state there was not written by this sweep:
+    it is refused, never signed (issue 30.1)."""
+    from ray.tune.impl.tuner_internal import _TUNER_PKL
+
     key = sweep_key()
     fs, d = storage.resolve(where)
     if files is None:
-        files = {n: [_sha256(fs, f"{d}/{n}")] for n in _state_files(fs, d, (*ray_state_patterns(), *ours))}
+        mine = (_TUNER_PKL, *ours)
+        foreign = [n for n in _state_files(fs, d, (*ray_state_patterns(), *ours), files_only=False)
+                   if n not in mine or fs.get_file_info(f"{d}/{n}").type != pafs.FileType.File]
+        if foreign:
+            raise UntrustedStateError(f"{where}: {', '.join(foreign)} appeared beside the new sweep's own state; "
+                                      "it was not written by this sweep and is not signed: remove it")
+        files = {n: [_sha256(fs, f"{d}/{n}")] for n in mine}
     _write_signature(fs, d, files, key)
 
 
