@@ -159,7 +159,7 @@ def recorded_run(location: str | os.PathLike, kind: str, config: Any = None,
     location = storage.normalize(location)
     earlier = read(location, file)
     record = {**collect(kind, config), "started_at": now(), "ended_at": None, "status": "running"}
-    if earlier:
+    if earlier and earlier.get("status") != "created":  # "created": ctal.outputs.own_output's, not a run
         record["previous"] = [*earlier.pop("previous", []), earlier]
     write(location, record, file)
     outer = os.environ.get(RUN_ENV)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from ctal.checkpoint import CheckpointError, record_command
 from ctal.config import ConfigError, FinetuneConfig, load_config
 from ctal.console import VERBOSE_HELP, set_verbose, stage as say
 from ctal.manifest import recorded_run
+from ctal.outputs import check_own, own_output
 from ctal.shipped import folder
 from ctal.tasks import TASKS
 
@@ -41,7 +41,6 @@ def demo_inputs(args, out: Path) -> tuple[str, Path, str, list[str], list[str]]:
     from ctal.distributed.train import pretrain
 
     size = SIZES["ablate-quick" if args.quick else "ablate"]
-    out.mkdir(parents=True, exist_ok=True)
     corpus, pre_corpus, data, pre_data = (out / n for n in ("corpus", "corpus_pretrain", "data", "data_pretrain"))
     if not stage(out, "corpus"):
         synthesize_corpora(out, size, 0, corpus, pre_corpus)
@@ -72,7 +71,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-concurrent", type=int, help="default: as many as the CPUs allow")
     p.add_argument("--demo", action="store_true", help="the study on the synthetic corpora (about 30 min)")
     p.add_argument("--quick", action="store_true", help="with --demo: the reduced grid (about 5 min)")
-    p.add_argument("--fresh", action="store_true", help="remove --out first")
+    p.add_argument("--fresh", action="store_true", help="start over: remove --out first (only a ctal ablation's)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="FinetuneConfig")
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     args = p.parse_args(argv)
@@ -83,15 +82,14 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     out = Path(args.out or ("runs/ablate-demo" if args.demo else "runs/ablate")).resolve()
-    if args.fresh and out.exists():
-        shutil.rmtree(out)
     default = "ablate_demo_quick.yaml" if args.demo and args.quick else "ablate_demo.yaml" if args.demo else "ablate.yaml"
     try:
         study = load_study(args.config or CONFIGS / default)
-        if args.demo:
-            task, data, init, files, header = demo_inputs(args, out)
-        elif not (args.task and args.data):
+        if not (args.demo or (args.task and args.data)):
             raise ConfigError("--task and --data are required (or --demo)")
+        check_own(out, ("ablation",))  # a foreign --out is never written into or removed (--fresh)
+        if args.demo:  # the demo's stages write into --out: it is ours from here
+            task, data, init, files, header = demo_inputs(args, own_output(out, "ablation", fresh=args.fresh))
         else:
             task, data, init, files, header = args.task, args.data, args.init, [CONFIGS / "finetune.yaml"], []
         files += args.finetune_config
@@ -102,10 +100,11 @@ def main(argv=None) -> int:
         from ctal.distributed.ablate import check_grid, prepare_study
 
         configs, space = prepare_study(base, study, init, task_data)
+        if not args.demo:
+            own_output(out, "ablation", fresh=args.fresh)  # every argument checked: now --fresh may remove
         check_grid(out)  # a study to continue is trusted, and a new one finds no state, before Ray starts
-    except (ConfigError, FileNotFoundError, ValueError, CheckpointError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, CheckpointError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
-    out.mkdir(parents=True, exist_ok=True)
     write_subsets(out / "subsets.json", TASKS[task], task_data.meta, study, base)
 
     from ctal.distributed.ablate import run_study

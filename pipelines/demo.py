@@ -15,7 +15,6 @@ Finished stages are reused on a rerun unless --fresh. --quick is the small versi
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,13 +25,14 @@ from ctal.checkpoint import record_command
 from ctal.config import FinetuneConfig, load_config
 from ctal.console import VERBOSE_HELP, set_verbose, stage as say
 from ctal.manifest import recorded_run
+from ctal.outputs import own_output
 from ctal.shipped import folder, shipped
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small version (about 2 minutes)")
-    p.add_argument("--fresh", action="store_true", help="redo every stage")
+    p.add_argument("--fresh", action="store_true", help="redo every stage (removes --out: only a demo's own)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers for pretraining")
     p.add_argument("--seed", type=int, default=0)
@@ -44,9 +44,10 @@ def main(argv=None) -> int:
 
     size = SIZES["quick" if args.quick else "full"]
     out = Path(args.out).resolve()
-    if args.fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        own_output(out, "demo", fresh=args.fresh)  # --fresh removes only a demo's own output
+    except FileExistsError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
     with recorded_run(out, "demo", {**vars(args), "size": size}):  # each stage's output has its own too
         return stages(args, size, out)
 

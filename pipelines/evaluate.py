@@ -21,6 +21,7 @@ from ctal import storage
 from ctal.checkpoint import CheckpointError, record_command
 from ctal.config import TrackingConfig, load_config
 from ctal.manifest import recorded_run
+from ctal.outputs import check_own
 from ctal.finetune import TaskData, evaluate, read_state
 from ctal.tasks import TASKS
 from ctal.tracking import check_tracking, log_evaluation
@@ -54,13 +55,15 @@ def main(argv=None) -> int:
         check_tracking(track.tracking, track.tracking_uri, storage.parent(checkpoint))
         state = read_state(checkpoint)  # a URI is downloaded (once per version) by evaluate
         data = TaskData.load(storage.normalize(args.data) if args.data else state["data"])
+        if args.out:  # never into a checkpoint (its manifest would call it damaged) or anything not ours
+            check_own(args.out, ("evaluation",))
         with recorded_run(args.out, "evaluation", vars(args)) if args.out else contextlib.nullcontext():
             metrics, per_fold = evaluate(checkpoint, data, role=args.split, task=args.task)
             if args.out:
                 storage.write_text(storage.join(args.out, "metrics.json"), json.dumps(
                     {"checkpoint": checkpoint, "data": str(data.data_dir), "split": args.split,
                      "metrics": metrics, "per_fold": per_fold}, indent=2, default=float))
-    except (FileNotFoundError, ValueError, CheckpointError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, CheckpointError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     print(f"{args.task} checkpoint {args.checkpoint} (epoch {state['epoch']}), {args.split} rows of {data.data_dir}")
     print(format_table(metrics, per_fold, args.split))

@@ -16,8 +16,8 @@ from ctal import storage
 from ctal.config import ConfigError, DataConfig, load_config
 from ctal.console import VERBOSE_HELP, set_verbose, stage
 from ctal.corpora import READERS, read_corpus
-from ctal.distributed.preprocess import (NothingToPublishError, check_inputs, check_output, claim_output,
-                                        run_preprocess)
+from ctal.distributed.preprocess import NothingToPublishError, check_inputs, check_output, run_preprocess
+from ctal.outputs import claim_output
 
 
 def main(argv=None) -> int:

@@ -248,8 +248,10 @@ def test_state_planted_in_a_new_studys_grid_is_refused_before_ray_and_never_sign
     study.write_text("seeds: [0, 1, 2]\nfractions: [1.0]\nmetric: mae\nbudget: {epochs: 1}\ntuning: fixed\n"
                      "baseline: {init: scratch, fusion: ctal, orthogonality_weight: 0.0, fraction: 1.0}\n"
                      "questions:\n  fusion:\n    ask: which fusion?\n    vary: {fusion: [ctal, late_concat]}\n")
-    grid = tmp_path / "out" / "grid"
-    grid.mkdir(parents=True)
+    from ctal.outputs import own_output
+
+    grid = own_output(tmp_path / "out", "ablation") / "grid"  # a study's own --out (killed before its grid)
+    grid.mkdir()
     (grid / "callback-states-9999-12-31_00-00-00.pkl").write_bytes(b"not ours")
     code, err = run_recipe("ablate", "--task", "sentiment", "--data", tiny_data, "--config", study,
                            "--out", tmp_path / "out")

@@ -79,7 +79,8 @@ def _manifest(d: Path, files: dict, texts: dict | None = None) -> list[dict]:
 
 @pytest.mark.parametrize("as_uri", [False, True], ids=["path", "file-uri"])
 def test_a_second_run_to_the_same_output_is_refused(tmp_path, as_uri, capsys):
-    from ctal.distributed.preprocess import claim_output, release_output, run_preprocess
+    from ctal.distributed.preprocess import run_preprocess
+    from ctal.outputs import claim_output, release_output
 
     out = f"file://{tmp_path}/data" if as_uri else tmp_path / "data"
     first = claim_output(out)  # a run that is writing `out` right now
@@ -102,7 +103,7 @@ def test_a_second_run_to_the_same_output_is_refused(tmp_path, as_uri, capsys):
 
 
 def test_the_cli_refuses_a_second_run_before_ray(tmp_path, run_recipe):
-    from ctal.distributed.preprocess import claim_output, release_output
+    from ctal.outputs import claim_output, release_output
 
     sf.write(tmp_path / "a.wav", _tones(0.5, 16000), 16000)
     _manifest(tmp_path, {"a": "a.wav"})

@@ -153,6 +153,14 @@ def test_evaluate_out_and_embed_record_their_runs_beside_their_outputs(tmp_path,
     assert m["kind"] == "evaluation" and m["status"] == "finished" and m["command"] == "ctal evaluate"
     assert m["config"]["split"] == "test"
     assert set(json.loads((out / "metrics.json").read_text())["metrics"]) >= {"mae", "corr", "acc2"}
+    assert evaluate_main(["--task", "sentiment", "--checkpoint", str(tmp_path / "ft" / "best"), "--out", str(out)]) == 0
+    # issue 30: --out the checkpoint itself wrote a manifest into it, and every tool called it damaged
+    best = tmp_path / "ft" / "best"
+    before = {p: p.read_bytes() for p in best.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        evaluate_main(["--task", "sentiment", "--checkpoint", str(best), "--out", str(best)])
+    assert e.value.code == 2
+    assert {p: p.read_bytes() for p in best.rglob("*") if p.is_file()} == before
 
     sf.write(tmp_path / "u.wav", (0.3 * np.sin(np.arange(8000) / 5)).astype(np.float32), 16000)
     (tmp_path / "pairs.csv").write_text("id,audio_path,text\nu,u.wav,the cat sat\n")

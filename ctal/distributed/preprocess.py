@@ -10,7 +10,7 @@ Features never pass through the driver, so its memory does not grow with the cor
 written into ``<out>.tmp-<uuid>`` and renamed to ``<out>`` at the end: a killed run leaves no
 directory a reader would take as complete (``report.json`` is the completeness marker as well).
 
-One run at a time per output: a run first takes an exclusive claim on ``<out>`` (``claim_output``)
+One run at a time per output: a run first takes an exclusive claim on ``<out>`` (``ctal.outputs``)
 and a second run to the same output is refused while the first is alive. Holding the claim, a run
 removes what killed runs left behind (``<out>.tmp-*``, ``<out>.old-*``, an unfinished URI prefix)
 and says so.
@@ -20,11 +20,9 @@ An output URI (``s3://``, ``gs://``, ``file://``) runs the same pipeline; only w
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 import os
 import shutil
-import socket
 import tempfile
 import time
 import uuid
@@ -39,6 +37,7 @@ import pyarrow.parquet as pq
 
 from ctal import manifest as run_manifest, storage  # not the corpus manifest rows of this module
 from ctal.console import Progress
+from ctal.outputs import claim_output, release_output
 from ctal.data import (PARQUET_SCHEMA, QUARANTINE_FILE, QUARANTINE_SCHEMA, REPORT_FILE, SHARD_GLOB, TOKENIZER_DIR,
                        featurize_row, records_to_table, tokenizer_entry, train_transcript_tokenizer, write_report)
 from ctal.tokenizer import (DEFAULT_NORMALIZATION, load_backend, load_tokenizer, read_normalization,
@@ -63,7 +62,6 @@ _SUMMARY_SCHEMA = pa.schema([
     ("detail", pa.string()), ("shard", pa.string()), ("duration_s", pa.float64()),
     ("n_frames", pa.int64()), ("text_truncated", pa.bool_()),
 ])
-CLAIMS_SUFFIX = ".claims"  # <out>.claims/<uuid>.json: who is writing <out>
 
 
 def check_inputs(rows: list[dict], corpus: str, root, data_cfg, num_cpus: Optional[float] = None) -> None:
@@ -81,62 +79,6 @@ def check_inputs(rows: list[dict], corpus: str, root, data_cfg, num_cpus: Option
 
 def _say(what: str) -> None:
     print(f"[preprocess] {what}", flush=True)
-
-
-def _claim_is_stale(claim: dict) -> bool:
-    """Only a claim by a process of this host that is gone can be told to be stale."""
-    if claim.get("host") != socket.gethostname():
-        return False
-    try:
-        os.kill(int(claim["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError, KeyError):
-        return False
-    return False
-
-
-def claim_output(out: str | Path) -> str:
-    """Take the exclusive claim on the output ``out`` (a path or URI) for this process; returns the
-    claim to pass to ``release_output``. Raises FileExistsError naming the run that holds it.
-
-    A claim is an object ``<out>.claims/<uuid>.json`` (host, pid, time): object stores have no
-    exclusive create, so a run writes its claim and then lists the claims, and proceeds only if
-    its own is the only one. Two runs starting at the same moment may both be refused; never
-    both let through. A claim whose process is gone (same host) is removed, and said so.
-    """
-    claims = storage.normalize(out) + CLAIMS_SUFFIX
-    for name in storage.listdir(claims):
-        where = storage.join(claims, name)
-        try:
-            holder = storage.read_json(where)
-        except (OSError, ValueError):
-            holder = {}
-        if holder and _claim_is_stale(holder):
-            storage.delete(where)
-            _say(f"removed the claim of an earlier run that is gone (pid {holder['pid']}, started "
-                 f"{holder.get('started', '?')}): {where}")
-            continue
-        raise FileExistsError(
-            f"output {str(out)!r} is being written by another run (pid {holder.get('pid', '?')} on "
-            f"{holder.get('host', '?')}, started {holder.get('started', '?')}); wait for it to finish, "
-            f"or, if no such run is alive, delete its claim {where}")
-    mine = storage.join(claims, f"{uuid.uuid4().hex}.json")
-    storage.write_text(mine, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
-    if storage.listdir(claims) != [storage.name(mine)]:
-        storage.delete(mine)
-        raise FileExistsError(f"output {str(out)!r}: another run claimed it at the same moment "
-                              f"(see {claims}); run one at a time")
-    return mine
-
-
-def release_output(claim: str) -> None:
-    """Give up a claim from ``claim_output``; the claims folder goes once it is empty."""
-    storage.delete(claim)
-    claims = storage.parent(claim)
-    if not storage.listdir(claims):
-        storage.delete(claims)
 
 
 def _remove_leftovers(out: Path) -> None:
@@ -316,7 +258,7 @@ def run_preprocess(corpus: str, root: str | Path, out_dir: str | Path, data_cfg,
     ``claim_output`` (to be refused before starting Ray), else its own; released at the end.
     """
     out = storage.normalize(out_dir) if storage.is_uri(out_dir) else Path(out_dir).resolve()
-    claim = claim or claim_output(out)
+    claim = claim or claim_output(out, _say)
     try:
         check_output(out, overwrite)
         data_cfg = resolve_tokenizer(data_cfg)
