@@ -78,6 +78,7 @@ def prepare(cfg: PretrainConfig) -> PretrainPlan:
         raise ConfigError(f"split={cfg.split!r}: the data set {cfg.data} has no rows in it; its splits: "
                           + ", ".join(f"{k} ({v} rows)" for k, v in ds.splits.items()))
     check_resumable(CheckpointStore(storage.join(cfg.storage_path, cfg.run_name, CHECKPOINTS)))
+    check_same_run(cfg)
     tracking.check_tracking(cfg.tracking, cfg.tracking_uri, storage.join(cfg.storage_path, cfg.run_name))
     tok = ds.tokenizer
     check_vocabulary(cfg.model, tok)
@@ -222,6 +223,25 @@ def check_resumable(store: CheckpointStore) -> None:
             f"every checkpoint of this run is damaged (moved aside in {store.root}: {', '.join(corrupt)}); "
             "stopping instead of starting over from step 0: put an intact checkpoint back, or delete those "
             "directories (or choose another run_name) to start afresh")
+
+
+def check_same_run(cfg: PretrainConfig) -> None:
+    """ConfigError if ``run_name`` names a run started on another data set or model: the same name
+    resumes, and would quietly go on training on other data, or fail after Ray starts on a model of
+    another shape."""
+    try:
+        earlier = manifest.read(storage.join(cfg.storage_path, cfg.run_name)) or {}
+    except (OSError, ValueError):
+        return  # no readable record: the checkpoints' own configs still guard the resume
+    was = earlier.get("config") if earlier.get("kind") == "pretraining" else None
+    if not isinstance(was, dict):
+        return
+    now = {"data": cfg.data, **{f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()}}
+    then = {"data": was.get("data"), **{f"model.{k}": v for k, v in (was.get("model") or {}).items()}}
+    changed = [f"{k}={now[k]!r} (the run has {then[k]!r})" for k in now if k in then and then[k] != now[k]]
+    if changed:
+        raise ConfigError(f"run_name={cfg.run_name!r} names a run started with other settings: {', '.join(changed)}; "
+                          "the same name resumes that run: give the same settings, or another --name")
 
 
 def _resume_point(store: CheckpointStore, rank: int, device: torch.device, log) -> Optional[tuple[int, Path]]:

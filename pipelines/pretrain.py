@@ -60,6 +60,8 @@ def main(argv=None) -> int:
           f"{cfg.num_workers} Ray Train workers, {cfg.max_steps} steps → {cfg.storage_path}/{cfg.run_name}")
     try:
         result = pretrain(plan, address=args.address)
+    except FileExistsError as e:  # another run holds --name: refused before Ray starts
+        p.exit(2, f"{p.prog}: error: {e}\n")
     except ResourceError as e:
         p.exit(1, f"{p.prog}: error: {e}\n")
     print(f"done: step {result.metrics.get('step')}, loss {result.metrics.get('loss', float('nan')):.4f}; "

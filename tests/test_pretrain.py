@@ -220,6 +220,27 @@ def test_recipe_refuses_a_directory_that_is_not_a_data_set(tmp_path, run_recipe)
     assert code == 2 and "no report.json" in err, err
 
 
+def test_a_second_run_on_one_name_and_a_name_run_on_other_settings_are_refused_before_ray(
+        dataset, tiny_data, tmp_path, run_recipe):
+    """Issue 30: two runs on one --name deleted each other's staging folders; a finished run's name on
+    another data set resumed it silently; another model width failed after Ray started."""
+    from ctal import manifest
+    from ctal.outputs import claimed
+
+    argv = ("--data", dataset, "--storage", tmp_path, "--name", "r", "--size", "narrow")
+    with claimed(tmp_path / "r"):  # a run that is writing runs/r right now (this process: alive)
+        code, err = run_recipe("pretrain", *argv)
+    assert code == 2 and "is being written by another run" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run started, the claim gone
+    cfg = make_cfg(dataset, tmp_path, "r")
+    with manifest.recorded_run(tmp_path / "r", "pretraining", cfg):  # as a finished run on `dataset` left it
+        pass
+    code, err = run_recipe("pretrain", *argv[2:], "--data", tiny_data)
+    assert code == 2 and f"data={str(tiny_data)!r} (the run has {str(dataset)!r})" in err, err
+    code, err = run_recipe("pretrain", *argv, "model.hidden_size=32", "model.intermediate_size=64")
+    assert code == 2 and "model.hidden_size=32 (the run has 64)" in err, err
+
+
 # -- Ray Train -----------------------------------------------------------------------------------------
 
 

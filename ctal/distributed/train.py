@@ -30,7 +30,7 @@ import ray.train.torch
 import torch
 import yaml
 
-from .. import manifest, storage
+from .. import manifest, outputs, storage
 from ..checkpoint import CheckpointStore
 from ..config import PretrainConfig, from_dict, to_dict
 from ..console import Progress
@@ -147,6 +147,14 @@ def pretrain(cfg: PretrainConfig | PretrainPlan, *, address: Optional[str] = Non
     ``ctal.pretrain.prepare`` made of one. Starts Ray (``ray.init(address)``) unless already connected."""
     plan = cfg if isinstance(cfg, PretrainPlan) else prepare(cfg)
     cfg = plan.cfg
+    run_dir = storage.join(cfg.storage_path, cfg.run_name)
+    run_dir = run_dir if storage.is_uri(run_dir) else Path(run_dir)
+    with outputs.claimed(run_dir, log):  # one run per run directory: a second is refused before Ray
+        return _pretrain(plan, run_dir, address, log)
+
+
+def _pretrain(plan: PretrainPlan, run_dir: Path | str, address: Optional[str], log) -> PretrainResult:
+    cfg = plan.cfg
     init_ray(address)
     capacity, autoscaling = cluster_capacity()
     res = plan_resources(cfg, capacity)
@@ -158,8 +166,6 @@ def pretrain(cfg: PretrainConfig | PretrainPlan, *, address: Optional[str] = Non
     if local and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
         log(f"note: {' and '.join(local)} {'is a' if len(local) == 1 else 'are'} local path(s) on a multi-node "
             "cluster: every node must see them at the same path (a shared mount), else use s3:// or gs://")
-    run_dir = storage.join(cfg.storage_path, cfg.run_name)
-    run_dir = run_dir if storage.is_uri(run_dir) else Path(run_dir)
     resources = {"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})}
     done = [s for s, _ in CheckpointStore(storage.join(run_dir, CHECKPOINTS)).list()]
     with manifest.recorded_run(run_dir, "pretraining", cfg) as run, \
