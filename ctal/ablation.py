@@ -20,9 +20,8 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from ctal.config import ConfigError, FinetuneConfig, ModelConfig, to_dict
+from ctal.config import ConfigError, FinetuneConfig, ModelConfig, read_yaml, to_dict
 from ctal.model import FUSION_VARIANTS
 from ctal.report import markdown_table, plot_label_efficiency, plot_question
 from ctal.tasks import TASKS
@@ -98,7 +97,11 @@ def parse_study(data, source: str = "study") -> Study:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(known)}")
-    seeds, fractions = tuple(data.get("seeds") or ()), tuple(float(f) for f in data.get("fractions") or ())
+    seeds, fractions = tuple(data.get("seeds") or ()), data.get("fractions") or ()
+    try:
+        fractions = tuple(float(f) for f in fractions)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: fractions must be a list of numbers in (0, 1], got {fractions!r}") from None
     if len(seeds) < 3 or len(set(seeds)) != len(seeds) or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"{source}: seeds must be >= 3 distinct integers (an interval needs repeats), got {list(seeds)}")
     if not fractions or not all(0 < f <= 1 for f in fractions) or len(set(fractions)) != len(fractions):
@@ -109,6 +112,9 @@ def parse_study(data, source: str = "study") -> Study:
     for factor, value in baseline.items():
         _check_level(factor, value, fractions, f"{source}: baseline.{factor}")
     questions = []
+    if not isinstance(data.get("questions") or {}, dict):
+        raise ConfigError(f"{source}: questions: a mapping of name → {{ask: ..., vary: {{factor: [levels]}}}}, "
+                          f"got a {type(data['questions']).__name__}")
     for name, q in (data.get("questions") or {}).items():
         where = f"{source}: questions.{name}"
         vary = q.get("vary") if isinstance(q, dict) else None
@@ -151,8 +157,7 @@ def _check_level(factor: str, value, fractions: tuple, where: str) -> None:
 
 
 def load_study(path: str | Path) -> Study:
-    with open(path, encoding="utf-8") as f:
-        return parse_study(yaml.safe_load(f), str(path))
+    return parse_study(read_yaml(path), str(path))  # syntax errors and binary files: ConfigError naming it
 
 
 def cell_config(base: FinetuneConfig, cell: dict, init: Optional[str], subset_seed: int,

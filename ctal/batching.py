@@ -9,6 +9,7 @@ reading what it skips and without any saved RNG or iterator state.
 from __future__ import annotations
 
 import math
+import shutil
 import threading
 import time
 from fnmatch import fnmatch
@@ -448,6 +449,22 @@ class FeedError(RuntimeError):
     """A feed process failed; the message names what went wrong."""
 
 
+SHM = "/dev/shm"
+
+
+def check_shared_memory(nbytes: int, where: str = SHM) -> None:
+    """FeedError naming ``where`` when it has less than ``nbytes`` free: torch's shared tensors live
+    there, and a full one fails mid-write with a message that never says where (or with SIGBUS)."""
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return  # no such mount (not Linux): torch finds its own way
+    if free < nbytes:
+        raise FeedError(f"the parallel feed needs {nbytes / 2**20:.0f} MiB of shared memory and {where} has "
+                        f"{free / 2**20:.0f} MiB free: give it more (docker run --shm-size=2g; Kubernetes: an "
+                        "emptyDir with medium Memory on /dev/shm), lower feed_workers, or set feed_workers=0")
+
+
 class _ProcessFeed(torch.utils.data.IterableDataset):
     """What each of ``workers`` DataLoader processes runs: for every pool in feed order, read its
     share of the pool's row groups into the pool's shared-memory slot, wait at a barrier until every
@@ -473,8 +490,9 @@ class _ProcessFeed(torch.utils.data.IterableDataset):
     def __init__(self, data: PretrainBatches, make_batch, start: int, workers: int, context, ring: int):
         self.data, self.make_batch, self.start, self.workers, self.ring = data, make_batch, start, workers, ring
         n = max(data.max_pool_frames(), 1)
-        self.slots = [torch.empty(n, FBANK_DIM, dtype=torch.float32).share_memory_() for _ in range(2)]
         size = -(-self.buffer_bytes(data) // self.ALIGN) * self.ALIGN  # every buffer starts aligned
+        check_shared_memory(2 * n * FBANK_DIM * 4 + workers * ring * size)
+        self.slots = [torch.empty(n, FBANK_DIM, dtype=torch.float32).share_memory_() for _ in range(2)]
         self.rings = torch.empty(workers, ring, size, dtype=torch.uint8).share_memory_()
         self.barrier = context.Barrier(workers)
         self.error = context.Array("c", 4096)  # the first failure's message, for the other processes

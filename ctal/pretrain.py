@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint, manifest, rendezvous, storage, tracking
-from .batching import PretrainBatches, collate, derive_seed, feed, split_matches
+from .batching import FeedError, PretrainBatches, collate, derive_seed, feed, split_matches
 from .checkpoint import CheckpointStore, Part
 from .config import (AT_LEAST_1, BELOW_1, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, PretrainConfig,
                      check_ranges, to_dict, validate_model_config)
@@ -382,6 +383,9 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
                  else f"up to {cfg.max_frames_per_batch} frames per worker micro-step")
         dropped = f", {data.n_dropped} over max_frames dropped" if data.n_dropped else ""
         feeders = f"; batches built by {cfg.feed_workers} feed processes per worker" if cfg.feed_workers else ""
+        if cfg.feed_workers > (os.cpu_count() or 1):
+            log(f"warning: feed_workers={cfg.feed_workers} is more than this machine's {os.cpu_count()} cores: the feed "
+                "processes only compete with training for them; use at most cpus_per_worker - 1")
         log(f"pretraining {n_params / 1e6:.2f} M parameters on {world_size} worker(s), {device.type}; {batch}; "
             f"{data.batches_per_epoch} batches per epoch per worker{dropped}{feeders}; steps {step} → {cfg.max_steps}")
         home = remote or str(run_dir)  # the same run directory continues the same tracker run
@@ -468,6 +472,9 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
                     report({**last, "step": step}, path)
                 t0 += time.perf_counter() - t_save  # checkpointing is not training throughput
         finished = True
+    except FeedError as e:  # said on the console (every rank's own): Ray Train's restart says only "failed"
+        log(f"rank {rank}: {e}; stopping this worker (with max_failures the group restarts from the last checkpoint)")
+        raise
     finally:
         it.close()
         if writer is not None:

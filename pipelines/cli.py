@@ -49,7 +49,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    p = parser()
+    if not argv:  # argparse would ask for "COMMAND, arguments", as if both were needed
+        p.print_help(sys.stderr)
+        p.exit(2, "ctal: error: give a COMMAND\n")
+    args = p.parse_args(argv)
     from ctal.manifest import record_command
 
     record_command(["ctal", args.command, *args.arguments])  # manifests and model cards show this line

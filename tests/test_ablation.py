@@ -114,10 +114,22 @@ GOOD = {"seeds": [0, 1, 2], "fractions": [0.5, 1.0],
     ({"questions": {"q": {"vary": {"fraction": [0.5, 0.2]}}}}, "one of the study's fractions"),
     ({"tuning": {"space": "x.yaml", "num_samples": 0}}, "tuning:"),
     ({"budget_epochs": 3}, "unknown key(s) ['budget_epochs']"),
+    ({"fractions": ["abc"]}, "study.yaml: fractions must be a list of numbers in (0, 1], got ['abc']"),
+    ({"questions": [{"vary": {"init": ["pretrained", "scratch"]}}]}, "study.yaml: questions: a mapping"),
 ])
 def test_a_bad_study_fails_naming_the_key(change, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_study({**GOOD, **change}, "study.yaml")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"seeds: [0, 1, 2\nfractions: [1.0]\n", "invalid YAML at line"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00", "not a UTF-8 text file"),
+])
+def test_a_study_file_that_is_not_yaml_fails_in_one_line_naming_it(tmp_path, content, message):
+    (tmp_path / "study.yaml").write_bytes(content)
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'study.yaml'}: {message}"):
+        load_study(tmp_path / "study.yaml")
 
 
 # -- the report from results.csv ---------------------------------------------------------------------

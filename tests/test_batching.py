@@ -340,6 +340,23 @@ def test_a_feed_process_that_fails_stops_the_feed_with_one_line_naming_the_row(t
     assert not multiprocessing.active_children()
 
 
+def test_a_too_small_dev_shm_is_named_with_the_fix_before_anything_is_shared(few_groups, monkeypatch):
+    import collections
+    import shutil
+
+    from ctal import batching
+
+    usage = collections.namedtuple("usage", "total used free")
+    real = shutil.disk_usage
+    monkeypatch.setattr(batching.shutil, "disk_usage",
+                        lambda p: usage(64 << 20, 63 << 20, 1 << 20) if p == "/dev/shm" else real(p))
+    f = _feed(few_groups, 0, 1, columns=("input_ids", "fbank"))
+    with pytest.raises(FeedError, match=r"needs \d+ MiB of shared memory and /dev/shm has 1 MiB free: give it "
+                                        r"more \(docker run --shm-size=2g.*feed_workers=0$"):
+        _take(feed(f, _make_batch, 0, workers=2), 1)
+    assert not multiprocessing.active_children()
+
+
 def test_a_killed_feed_process_stops_the_feed_naming_it(many_groups):
     import os
     import signal

@@ -136,6 +136,9 @@ def test_workers_per_trial_are_checked_against_the_cluster():
     with pytest.raises(ResourceError, match="workers_per_trial=2 with gpus_per_trial=1: each DDP worker "
                                             "needs a GPU of its own"):
         check_trial_resources(SweepConfig(workers_per_trial=2, gpus_per_trial=1), {"CPU": 8.0, "GPU": 4.0})
+    with pytest.raises(ResourceError, match=r"cpus_per_trial=2 for the DDP workers plus 0.01 for the trial that "
+                                            r"drives them is more than the Ray cluster's 2 CPUs; use cpus_per_trial <= 1.99"):
+        check_trial_resources(SweepConfig(workers_per_trial=2, cpus_per_trial=2), {"CPU": 2.0})  # hung silently
     check_trial_resources(SweepConfig(workers_per_trial=2), {"CPU": 2.0})
     check_trial_resources(SweepConfig(workers_per_trial=2, gpus_per_trial=2), {"CPU": 8.0, "GPU": 2.0})
 

@@ -60,3 +60,11 @@ def test_ownership_by_manifest_on_paths_and_uris(tmp_path, victim):
     with manifest.recorded_run(out, "demo"):  # the first run is not preceded by the placeholder
         pass
     assert "previous" not in json.loads((out / manifest.MANIFEST_FILE).read_text())
+
+
+def test_bare_commands_say_what_is_missing(run_recipe):
+    """Weak items of issue 30: bare `ctal` asked for "arguments"; `ctal tune --resume` resumed "ctal-None"."""
+    code, err = run_recipe("cli")
+    assert code == 2 and err.startswith("usage: ctal") and err.rstrip().endswith("ctal: error: give a COMMAND"), err
+    code, err = run_recipe("tune_finetune", "--resume")
+    assert code == 2 and "which sweep? give --name" in err and "None" not in err, err

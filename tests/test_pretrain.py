@@ -453,7 +453,8 @@ def test_the_global_batch_must_split_over_workers_before_ray(dataset, tmp_path, 
 
 
 @pytest.mark.slow
-def test_feed_processes_give_the_same_losses_and_a_killed_one_restores_exactly(reference, dataset, tmp_path, ray_local):
+def test_feed_processes_give_the_same_losses_and_a_killed_one_restores_exactly(reference, dataset, tmp_path, ray_local,
+                                                                              capsys):
     """feed_workers=2: each Ray Train worker builds its batches in 2 processes; SIGKILL one of them
     mid-run and the worker fails, restarts from the latest checkpoint and ends on the same losses."""
     from ctal.distributed.train import pretrain
@@ -482,3 +483,5 @@ def test_feed_processes_give_the_same_losses_and_a_killed_one_restores_exactly(r
     assert killed["at_step"] - EVERY <= resumed_at < STEPS and resumed_at % EVERY == 0
     assert result.metrics["step"] == STEPS
     assert losses(run) == ref
+    said = "".join(capsys.readouterr())  # why the group restarted, on the console (issue 30)
+    assert f"pid {killed['pid']}" in said and "stopping this worker" in said, said[-3000:]

@@ -24,7 +24,7 @@ from typing import Optional
 from ray.tune import Callback
 
 from ctal import manifest, storage
-from ctal.config import FinetuneConfig, SweepConfig, from_dict, to_dict
+from ctal.config import ConfigError, FinetuneConfig, SweepConfig, from_dict, to_dict
 from ctal.console import Progress
 from ctal.finetune import FRESH_MODEL_WARNING, TaskData, finetune, prepare
 from ctal.report import SweepResult, trial_row, write_results
@@ -307,6 +307,9 @@ class TrialProgress(Callback):
             self._bar = None
 
 
+DDP_DRIVER_CPU = 0.01  # the trial actor of a DDP trial: it only drives the TorchTrainer
+
+
 def _check_resources(sweep: SweepConfig) -> None:
     """Tune waits forever for a trial that asks more than the cluster has: fail now instead."""
     from .train import cluster_capacity
@@ -326,6 +329,10 @@ def check_trial_resources(sweep: SweepConfig, cluster: dict) -> None:
     short = [f"{k}={v:g} (cluster has {cluster.get(k, 0):g})" for k, v in need.items() if v > cluster.get(k, 0)]
     if short:
         raise ResourceError(f"one trial asks for {', '.join(short)}; lower cpus/gpus_per_trial")
+    if n > 1 and sweep.cpus_per_trial + DDP_DRIVER_CPU > cpus:  # Ray would wait forever, silently
+        raise ResourceError(f"cpus_per_trial={sweep.cpus_per_trial:g} for the DDP workers plus {DDP_DRIVER_CPU:g} for the "
+                            f"trial that drives them is more than the Ray cluster's {cpus:g} CPUs; use "
+                            f"cpus_per_trial <= {cpus - DDP_DRIVER_CPU:g}")
     if n > 1 and n > cpus:
         raise ResourceError(f"workers_per_trial={n}: each DDP worker needs a CPU, the Ray cluster has {cpus:g} "
                             f"CPUs; use workers_per_trial <= {int(cpus)}")
@@ -343,7 +350,7 @@ def _trainable(cfg: FinetuneConfig, data: TaskData, sweep: SweepConfig, experime
                    run=manifest.run_link(experiment, "sweep"))
     if sweep.workers_per_trial > 1:
         # The trial only drives a TorchTrainer, whose workers hold the trial's CPUs and GPUs.
-        return tune.with_resources(fn, {"CPU": 0.01})
+        return tune.with_resources(fn, {"CPU": DDP_DRIVER_CPU})
     return tune.with_resources(fn, {"CPU": sweep.cpus_per_trial, "GPU": sweep.gpus_per_trial})
 
 
@@ -365,6 +372,8 @@ def _param_space(space: SearchSpace, search: str) -> dict:
 
 def experiment_location(sweep: SweepConfig, task: Optional[str]) -> str:
     """Where the sweep lives: `<storage>/<name>`, a URI or an absolute local path."""
+    if not (sweep.name or task):
+        raise ConfigError("which sweep? give --name (or --task for the default name ctal-<task>)")
     name = sweep.name or f"ctal-{task}"
     if storage.is_uri(sweep.storage):
         return storage.join(sweep.storage, name)
