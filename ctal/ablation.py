@@ -235,6 +235,18 @@ def write_subsets(path: Path, task, meta, study: Study, cfg: FinetuneConfig) -> 
     return out
 
 
+def thin_subsets(subsets: dict, least: int = 8) -> list[str]:
+    """A line per (fold, fraction) of ``write_subsets``' record that leaves fewer than ``least`` training
+    utterances under some seed: such a run trains, but on too little to say anything."""
+    fewest: dict = {}
+    for folds in subsets.values():
+        for fold, fractions in folds.items():
+            for x, ids in fractions.items():
+                fewest[fold, x] = min(len(ids), fewest.get((fold, x), len(ids)))
+    return [f"fold {fold}: fraction {x} leaves {n} training utterance(s)"
+            for (fold, x), n in fewest.items() if n < least]
+
+
 # --------------------------------------------------------------------------------------------------
 # statistics
 

@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     set_verbose(args.verbose)
     record_command()
-    from ctal.ablation import load_study, report_metric, score_on_test, write_report, write_subsets
+    from ctal.ablation import load_study, report_metric, score_on_test, thin_subsets, write_report, write_subsets
     from ctal.finetune import TaskData
 
     t0 = time.time()
@@ -105,7 +105,8 @@ def main(argv=None) -> int:
         check_grid(out)  # a study to continue is trusted, and a new one finds no state, before Ray starts
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, CheckpointError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
-    write_subsets(out / "subsets.json", TASKS[task], task_data.meta, study, base)
+    for line in thin_subsets(write_subsets(out / "subsets.json", TASKS[task], task_data.meta, study, base)):
+        say("warning", f"{line}: too few to learn from; use larger fractions or more data")
 
     from ctal.distributed.ablate import run_study
     from ctal.distributed.console import init_ray

@@ -278,3 +278,12 @@ def test_state_planted_in_a_new_studys_grid_is_refused_before_ray_and_never_sign
                            "--out", tmp_path / "out")
     assert code == 2 and "its experiment_state-*.json is missing" in err, err
     assert sorted(p.name for p in grid.iterdir()) == ["tuner.pkl"]
+
+
+def test_a_fraction_that_leaves_almost_nothing_to_train_on_is_named():
+    from ctal.ablation import thin_subsets
+
+    subsets = {"seed=0": {"all": {"0.05": ["a"], "1.0": list("abcdefghij")}},
+               "seed=1": {"all": {"0.05": ["a", "b"], "1.0": list("abcdefghij")}}}
+    assert thin_subsets(subsets) == ["fold all: fraction 0.05 leaves 1 training utterance(s)"]
+
