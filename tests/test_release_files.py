@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import io
 import json
 import os
-import pickle
 import resource
 import subprocess
 import sys
@@ -252,7 +252,7 @@ def convert(*argv) -> tuple[int, str, str]:
     """pipelines/convert_release.py's main in process → (exit code, stdout, stderr)."""
     from pipelines.convert_release import main
 
-    out, err = __import__("io").StringIO(), __import__("io").StringIO()
+    out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = main([str(a) for a in argv])
@@ -269,7 +269,7 @@ def convert(*argv) -> tuple[int, str, str]:
     ("lamb", "m2p_optimization.WarmupLinearSchedule ×2"),
     ("apex", "apex.fp16_utils.loss_scaler.DynamicLossScaler ×1"),
     (None, None),
-])
+], ids=["adam", "lamb", "apex", "no-optimizer"])
 def test_a_checkpoint_the_release_trained_converts_to_the_same_outputs(bpe, tmp_path, optimizer, records):
     ckpt = tmp_path / "states-1.ckpt"
     model = write_release_training_checkpoint(ckpt, vocab_of(bpe), optimizer, tmp_path / "code")
@@ -312,3 +312,177 @@ def test_audio_causal_comes_from_the_file_unless_given_and_the_card_says_which(b
     assert code == 0 and "| model.audio_causal | True |" in card and "| audio_causal_from | the file's is_decoder |" in card
     code, _, err = convert("--checkpoint", ckpt, "--tokenizer", bpe, "--out", tmp_path / "x", "--audio-causal", "yes")
     assert code == 2 and "--audio-causal" in err and not (tmp_path / "x").exists()
+
+
+# -- malicious files: refused, the payload never runs --------------------------------------------------
+
+
+class Payload:
+    """Unpickling this runs ``call(*args)``: what a planted checkpoint would do."""
+
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+def _planted(marker: Path) -> dict:
+    return {"exec": Payload(exec, f"open({str(marker)!r}, 'w').close()"),
+            "os.system": Payload(os.system, f"touch {marker}"),
+            "subprocess.Popen": Payload(subprocess.Popen, ["touch", str(marker)]),
+            "legacy os.system": Payload(os.system, f"touch {marker}")}
+
+
+@pytest.mark.parametrize("kind, named", [("exec", "builtins.exec"), ("os.system", "posix.system"),
+                                         ("subprocess.Popen", "Popen"),  # protocol 2 spells it commands.Popen
+                                         ("legacy os.system", "posix.system")])
+def test_a_planted_global_is_refused_by_name_and_never_runs(bpe, tmp_path, kind, named):
+    """The payload sits where the release keeps its schedule (an Optimizer param group, the entry that
+    is dropped): it is refused all the same, before anything is unpickled."""
+    marker = tmp_path / "marker"
+    ckpt = release_checkpoint(vocab_of(bpe))
+    ckpt["Optimizer"]["param_groups"][0]["schedule"] = _planted(marker)[kind]
+    path = tmp_path / "states-1.ckpt"
+    torch.save(ckpt, path, _use_new_zipfile_serialization=not kind.startswith("legacy"))
+    code, _, err = convert("--checkpoint", path, "--tokenizer", bpe, "--out", tmp_path / "out")
+    assert code == 2 and f"{named} to load" in err and "refusing" in err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_the_planted_payload_is_real(tmp_path):
+    """The control: an ordinary unpickle of the same kind of file does create the marker."""
+    marker = tmp_path / "marker"
+    torch.save({"Optimizer": _planted(marker)["exec"]}, tmp_path / "x.ckpt")
+    torch.load(tmp_path / "x.ckpt", weights_only=False)
+    assert marker.exists()
+
+
+def test_a_release_class_name_is_only_a_record_whatever_the_pickle_asks_of_it(bpe, tmp_path):
+    """A file that calls the allowed name with arguments (REDUCE) or gives it state gets an inert
+    record holding them: the stand-in runs no code of the release and nothing else."""
+    marker = tmp_path / "marker"
+    with release_code(tmp_path / "code") as m2p:
+        schedule = m2p.WarmupLinearSchedule(warmup=0.07, t_total=100)
+        schedule.__dict__["__class__"] = "an attempt"  # state that would replace the class if set as attributes
+        ckpt = release_checkpoint(vocab_of(bpe))
+        ckpt["Optimizer"]["param_groups"][0]["schedule"] = schedule
+        ckpt["Optimizer"]["param_groups"][0]["called"] = Payload(m2p.WarmupLinearSchedule, f"touch {marker}")
+        torch.save(ckpt, tmp_path / "states-1.ckpt")
+    from ctal.release import ReleaseRecord, load_release_checkpoint
+
+    group = load_release_checkpoint(tmp_path / "states-1.ckpt")["Optimizer"]["param_groups"][0]
+    assert type(group["schedule"]).__mro__[1] is ReleaseRecord
+    assert group["schedule"].state["t_total"] == 100 and group["schedule"].release_class.endswith("WarmupLinearSchedule")
+    assert group["called"].args == (f"touch {marker}",) and not marker.exists()
+    assert "m2p_optimization" not in sys.modules
+
+
+def test_a_module_of_the_release_outside_the_known_classes_is_refused(bpe, tmp_path):
+    """Only the optimizer classes are records: another module of the release (its runner) is refused."""
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "m2p_runner.py").write_text("class Runner:\n    pass\n")
+    sys.path.insert(0, str(tmp_path / "code"))
+    try:
+        ckpt = release_checkpoint(vocab_of(bpe))
+        ckpt["Settings"]["Paras"] = importlib.import_module("m2p_runner").Runner()
+        torch.save(ckpt, tmp_path / "states-1.ckpt")
+    finally:
+        sys.path.remove(str(tmp_path / "code"))
+        sys.modules.pop("m2p_runner", None)
+    code, _, err = convert("--checkpoint", tmp_path / "states-1.ckpt", "--tokenizer", bpe, "--out", tmp_path / "out")
+    assert code == 2 and "needs m2p_runner.Runner to load" in err and "m2p_runner" not in sys.modules
+
+
+# -- bad input: one line, exit 2, nothing allocated, written or removed (issue 30) ----------------------
+
+
+def _saved(tmp_path: Path, ckpt) -> Path:
+    torch.save(ckpt, tmp_path / "release.ckpt")
+    return tmp_path / "release.ckpt"
+
+
+def _one_line_refusal(code: int, err: str) -> bool:
+    return code == 2 and err.count("\n") == 1 and "error: " in err and "Traceback" not in err
+
+
+def test_overwrite_replaces_only_an_earlier_conversion(bpe, tmp_path):
+    path = _saved(tmp_path, release_checkpoint(vocab_of(bpe)))
+    foreign = tmp_path / "results"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    code, _, err = convert("--checkpoint", path, "--tokenizer", bpe, "--out", foreign, "--overwrite")
+    assert _one_line_refusal(code, err) and f"refusing to overwrite {str(foreign)!r}" in err
+    assert [p.name for p in foreign.iterdir()] == ["thesis.tex"] and (foreign / "thesis.tex").read_text() == "years of work"
+    # another ctal checkpoint (a fine-tuning one) is not a conversion either
+    (foreign / "checkpoint.json").write_text(json.dumps({"kind": "finetuning"}))
+    code, _, err = convert("--checkpoint", path, "--tokenizer", bpe, "--out", foreign, "--overwrite")
+    assert code == 2 and (foreign / "thesis.tex").exists()
+    # a file: refused, untouched, and no hidden .old-* copy left beside it
+    plain = tmp_path / "notes.txt"
+    plain.write_text("keep me")
+    code, _, err = convert("--checkpoint", path, "--tokenizer", bpe, "--out", plain, "--overwrite")
+    assert _one_line_refusal(code, err) and str(plain) in err and plain.read_text() == "keep me"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # an earlier conversion is replaced
+    assert convert("--checkpoint", path, "--tokenizer", bpe, "--out", tmp_path / "ctal")[0] == 0
+    code, _, err = convert("--checkpoint", path, "--tokenizer", bpe, "--out", tmp_path / "ctal", "--overwrite")
+    assert code == 0, err
+    assert checkpoint.verify(tmp_path / "ctal")["frontend"] == "release"
+
+
+def test_a_config_that_does_not_fit_the_tensors_is_refused_before_allocating(bpe, tmp_path):
+    """vocab_size 200 000 000 at hidden 32 would be a 25.6 GB embedding (and its MLM bias)."""
+    for section, key, value, named in (("semantic", "vocab_size", 200_000_000, "200000000"),
+                                       ("acoustic", "num_hidden_layers", 1_000_000, "1000000")):
+        ckpt = release_checkpoint(vocab_of(bpe))
+        ckpt["Settings"]["Config"][section][key] = value
+        path = _saved(tmp_path, ckpt)
+        peak, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+        code, _, err = convert("--checkpoint", path, "--tokenizer", bpe, "--out", tmp_path / "out")
+        assert _one_line_refusal(code, err) and named in err, err
+        assert time.perf_counter() - t0 < 10 and not (tmp_path / "out").exists()
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 1 << 20  # KiB: under 1 GiB more
+
+
+@pytest.mark.parametrize("bad", ["empty", "text", "truncated", "a list", "settings a string", "config strings",
+                                 "dropout a string", "a weight a string", "a state dict a list", "int keys"])
+def test_a_text_empty_or_ill_typed_file_is_one_line_and_exit_2(bpe, tmp_path, bad):
+    path = tmp_path / "release.ckpt"
+    ckpt = release_checkpoint(vocab_of(bpe))
+    if bad == "empty":
+        path.write_bytes(b"")
+    elif bad == "text":
+        path.write_text("semantic_model: not a checkpoint\n")
+    elif bad == "truncated":
+        torch.save(ckpt, path)
+        path.write_bytes(path.read_bytes()[:5000])
+    else:
+        if bad == "a list":
+            ckpt = [ckpt]
+        elif bad == "settings a string":
+            ckpt["Settings"] = "m2pretrain_tiny.yaml"
+        elif bad == "config strings":
+            for section in ("semantic", "acoustic"):
+                ckpt["Settings"]["Config"][section]["hidden_size"] = "32"
+        elif bad == "dropout a string":
+            ckpt["Settings"]["Config"]["acoustic"]["hidden_dropout_prob"] = "0.1"
+        elif bad == "a weight a string":
+            ckpt["acoustic_model"]["am_head.dense.weight"] = "weights"
+        elif bad == "a state dict a list":
+            ckpt["semantic_model"] = list(ckpt["semantic_model"].values())
+        else:  # no release checkpoint, keys that do not sort together
+            ckpt = {1: torch.zeros(1), "semantic_model": {}}
+        torch.save(ckpt, path)
+    code, _, err = convert("--checkpoint", path, "--tokenizer", bpe, "--out", tmp_path / "out")
+    assert _one_line_refusal(code, err), err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_inf_weights_are_refused_naming_the_tensor(bpe, tmp_path, value):
+    ckpt = release_checkpoint(vocab_of(bpe))
+    ckpt["acoustic_model"]["acoustic.encoder.layer.0.crossattention.self.key.weight"][3, 5] = value
+    code, _, err = convert("--checkpoint", _saved(tmp_path, ckpt), "--tokenizer", bpe, "--out", tmp_path / "out")
+    assert _one_line_refusal(code, err) and "acoustic_model.acoustic.encoder.layer.0.crossattention.self.key.weight" in err
+    assert "NaN or infinite" in err and not (tmp_path / "out").exists()
