@@ -130,7 +130,7 @@ class AcousticModel(nn.Module):
         emb.dense, emb.LayerNorm = nn.Linear(160, H), nn.LayerNorm(H, eps=1e-12)
         emb.token_type_embeddings, emb.position_embeddings = nn.Embedding(2, H), nn.Embedding(AUDIO_POSITIONS, H)
         emb.register_buffer("position_ids", torch.arange(AUDIO_POSITIONS)[None])
-        self.acoustic.encoder = RobertaEncoder(roberta_config(1, AUDIO_POSITIONS, decoder=True))
+        self.acoustic.encoder = RobertaEncoder(roberta_config(3, AUDIO_POSITIONS, decoder=True))  # no words
         head = self.am_head = nn.Module()
         head.dense, head.layer_norm, head.decoder = nn.Linear(H, H), nn.LayerNorm(H, eps=1e-12), nn.Linear(H, 160)
         head.bias = head.decoder.bias
@@ -486,3 +486,84 @@ def test_nan_or_inf_weights_are_refused_naming_the_tensor(bpe, tmp_path, value):
     code, _, err = convert("--checkpoint", _saved(tmp_path, ckpt), "--tokenizer", bpe, "--out", tmp_path / "out")
     assert _one_line_refusal(code, err) and "acoustic_model.acoustic.encoder.layer.0.crossattention.self.key.weight" in err
     assert "NaN or infinite" in err and not (tmp_path / "out").exists()
+
+
+# -- the journey after conversion ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def release_task_data(bpe, tmp_path_factory, synthetic_corpus, ray_local) -> tuple[Path, Path]:
+    """(a checkpoint the release trained, converted; the synthetic MOSEI corpus preprocessed for it
+    with features.frontend=release and its tokenizer), before any test of this module blocks Ray."""
+    from ctal.config import DataConfig, FeatureConfig
+    from ctal.distributed.preprocess import run_preprocess
+
+    root = tmp_path_factory.mktemp("journey")
+    write_release_training_checkpoint(root / "states-1.ckpt", vocab_of(bpe), "adam", root / "code")
+    converted = root / "ctal-release"
+    assert convert("--checkpoint", root / "states-1.ckpt", "--tokenizer", bpe, "--out", converted)[0] == 0
+    data = root / "mosei-release"
+    run_preprocess("mosei", synthetic_corpus("mosei"), data,
+                   DataConfig(tokenizer=str(converted), features=FeatureConfig(frontend="release")), verbose=False)
+    return converted, data
+
+
+@pytest.mark.slow  # ~30 s alone (Ray, a synthetic corpus, preprocessing); the default tier fine-tunes in test_release
+def test_the_journey_from_a_release_checkpoint(release_task_data, synthetic_corpus, tmp_path, run_recipe):
+    """Converted → task data preprocessed with features.frontend=release and its tokenizer →
+    fine-tuned → evaluated → embedded, the embedder applying the release front end; data made with
+    another front end or tokenizer refused before Ray with the fix."""
+    import pyarrow.parquet as pq
+
+    from ctal.batching import collate
+    from ctal.config import FinetuneConfig, load_config
+    from ctal.corpora import read_corpus
+    from ctal.data import open_dataset
+    from ctal.embed import load_for_embedding
+    from ctal.finetune import finetune
+    from ctal.tokenizer import train_bpe_tokenizer
+    from test_release import REPO, _task_data
+
+    converted, data = release_task_data
+    corpus = synthetic_corpus("mosei")
+    assert open_dataset(data).frontend == "release"
+
+    overrides = ["task=sentiment", f"data={data}", f"init={converted}", "epochs=1", "batch_size=4", "max_frames=400"]
+    cfg = load_config(FinetuneConfig, [REPO / "configs/finetune.yaml"], overrides)
+    finetune(cfg, out_dir=tmp_path / "ft", log=lambda _: None)
+    tuned = tmp_path / "ft" / "last"
+    assert checkpoint.verify(tuned)["frontend"] == "release"
+
+    code, err = run_recipe("evaluate", "--task", "sentiment", "--checkpoint", tuned, "--out", tmp_path / "eval")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    assert {"mae", "corr", "acc2", "f1", "acc7"} <= set(metrics)
+
+    rows = read_corpus("mosei", corpus)[:3]
+    (tmp_path / "m.csv").write_text("id,audio_path,text\n" + "".join(f"{r['id']},{r['audio_path']},{r['text']}\n" for r in rows))
+    code, err = run_recipe("embed", "--checkpoint", tuned, "--manifest", tmp_path / "m.csv", "--out", tmp_path / "e.parquet")
+    assert code == 0, err
+    embedded = pq.read_table(tmp_path / "e.parquet").to_pandas().set_index("id")
+    # the same utterance from the task data (release frames, preprocessed) through the fine-tuned model
+    model, _, data_cfg = load_for_embedding(tuned)
+    assert data_cfg.features.frontend == "release"
+    table = pq.read_table(open_dataset(data).shards[0]).to_pylist()
+    row = next(r for r in table if r["id"] in embedded.index)
+    batch = collate([row], max_frames=3000, pad_token_id=1, frontend="release")
+    with torch.no_grad():
+        text, audio = model.eval().stream_states(batch["input_ids"], batch["attention_mask"], batch["frames"],
+                                                 batch["frame_mask"])
+        fused, _ = model.fusion(text, batch["attention_mask"], audio, batch["frame_mask"])
+    torch.testing.assert_close(torch.as_tensor(embedded.loc[row["id"], "embedding"]), fused[0], rtol=0, atol=1e-4)
+
+    # the refusals, each naming its fix, before Ray
+    kaldi = _task_data(tmp_path / "kaldi", converted / "tokenizer", "kaldi")
+    other = tmp_path / "other"
+    train_bpe_tokenizer(["a cat sat on the mat"] * 5, 300, other / "tok")
+    other_tok = _task_data(other / "data", other / "tok", "release")
+    sweep = ["--task", "sentiment", "--init", converted, "--storage", tmp_path / "tune"]
+    code, err = run_recipe("tune_finetune", "--data", kaldi, *sweep)
+    assert code == 2 and "front end mismatch" in err and "features.frontend=release" in err, err
+    code, err = run_recipe("tune_finetune", "--data", other_tok, *sweep)
+    assert code == 2 and f"tokenizer={converted}" in err, err
+    assert not (tmp_path / "tune").exists()
