@@ -262,34 +262,30 @@ def _source_tensors(ckpt: dict) -> dict[str, torch.Tensor]:
     return source
 
 
-def check_layer_counts(ckpt: dict, model_config: dict) -> None:
-    """The config's layer counts are the layers the state dicts hold (checked before a model of
-    them is built, even on the meta device)."""
-    for field, part, prefix in (("num_text_layers", "semantic_model", "roberta.encoder.layer."),
-                                ("num_audio_layers", "acoustic_model", "acoustic.encoder.layer.")):
-        held = {k[len(prefix):].split(".", 1)[0] for k in ckpt[part] if isinstance(k, str) and k.startswith(prefix)}
-        if model_config[field] != len(held):
-            raise ReleaseFormatError(f"Settings['Config'] gives {part.split('_')[0]} num_hidden_layers="
-                                     f"{model_config[field]}, but {part} holds {len(held)} layers")
-
-
 def build_model(ckpt: dict, config: CTALConfig) -> CTALForPretraining:
-    """The release's weights in a CTALForPretraining of ``config``. Every key and shape is checked
-    against a model on the meta device first, so a config that does not fit the tensors (a
-    vocab_size of 200 000 000) is refused before anything is allocated."""
+    """The release's weights in a CTALForPretraining of ``config``. The layer counts are checked
+    against the layers the state dicts hold, then every key and shape against a model on the meta
+    device, so a config that does not fit the tensors (a vocab_size of 200 000 000) is refused
+    before anything is allocated."""
+    source = _source_tensors(ckpt)
+    for field, prefix in (("num_text_layers", "semantic_model.roberta.encoder.layer."),
+                          ("num_audio_layers", "acoustic_model.acoustic.encoder.layer.")):
+        held = {k[len(prefix):].split(".", 1)[0] for k in source if k.startswith(prefix)}
+        if getattr(config, field) != len(held):
+            raise ReleaseFormatError(f"Settings['Config'] gives {prefix.split('_')[0]} num_hidden_layers="
+                                     f"{getattr(config, field)}, but the file holds {len(held)} such layers")
     with torch.device("meta"):
         skeleton = CTALForPretraining(config)
-    state = map_release_state(ckpt, skeleton)
+    state = map_release_state(source, skeleton)
     model = CTALForPretraining(config)
     model.load_state_dict(state)  # strict: every key and shape was checked above
     return model
 
 
-def map_release_state(ckpt: dict, model: CTALForPretraining) -> dict[str, torch.Tensor]:
-    """``model``'s state dict (its tied decoder included) from the release's two state dicts;
+def map_release_state(source: dict[str, torch.Tensor], model: CTALForPretraining) -> dict[str, torch.Tensor]:
+    """``model``'s state dict (its tied decoder included) from the release's tensors (``_source_tensors``);
     ReleaseFormatError names the first source key without a place, the first parameter left
     unfilled, a shape that does not fit, or an alias that is not its tensor's copy."""
-    source = _source_tensors(ckpt)
     own = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
 
@@ -417,7 +413,6 @@ def convert_release(ckpt: dict | str | Path, tokenizer_dir: str | Path, out_dir:
     kwargs = release_model_config(ckpt["Settings"])
     causal_from = "the file's is_decoder" if audio_causal is None else "given (--audio-causal)"
     kwargs["audio_causal"] = kwargs["audio_causal"] if audio_causal is None else bool(audio_causal)
-    check_layer_counts(ckpt, kwargs)
     config = CTALConfig(**kwargs)
     model = build_model(ckpt, config)
     step = ckpt.get("Global_step")
@@ -436,7 +431,7 @@ def convert_release(ckpt: dict | str | Path, tokenizer_dir: str | Path, out_dir:
         out = checkpoint.write(out_dir, "pretraining", {"main": Part(model)}, tokenizer_dir=tok_dir,
                                tokenizer_hash=tok_hash, state=state)
     for line in skipped:
-        log(f"dropped {line}: the release's training state, not needed to fine-tune")
+        log(f"dropped {line}: not needed to fine-tune")
     log(f"audio self-attention: {'causal' if config.audio_causal else 'bidirectional'} "
         f"(model.audio_causal={str(config.audio_causal).lower()}, {causal_from})")
     return out
