@@ -375,20 +375,20 @@ def prepare_tokenizer(tokenizer_dir: str | Path, dest: Path, *, vocab_size: int,
 
 
 def check_output(out_dir: str | Path, overwrite: bool) -> None:
-    """Refuse an existing ``out_dir`` unless ``overwrite``, and even then unless it is a checkpoint
-    this converter wrote (its checkpoint.json records the ``release`` it came from): a foreign
-    directory or a file is never replaced."""
+    """Refuse an existing ``out_dir`` that is not a checkpoint this converter wrote (its
+    checkpoint.json records the ``release`` it came from): a foreign directory or a file is never
+    replaced. An earlier conversion is replaced only with ``overwrite``."""
     if not storage.exists(out_dir):
         return
-    if not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
     try:
         state = checkpoint.read_state(out_dir)
     except (FileNotFoundError, CheckpointError, OSError):
         state = {}
     if not (state.get("kind") == "pretraining" and "release" in state):
-        raise FileExistsError(f"refusing to overwrite {str(out_dir)!r}: it is not a checkpoint converted from a "
-                              f"release (no {STATE_FILE} recording one); choose another --out")
+        raise FileExistsError(f"refusing to write {str(out_dir)!r}: it exists and is not a checkpoint converted "
+                              f"from a release (no {STATE_FILE} recording one); choose another --out")
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
 
 
 def convert_release(ckpt: dict | str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *,

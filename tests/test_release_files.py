@@ -412,8 +412,10 @@ def test_overwrite_replaces_only_an_earlier_conversion(bpe, tmp_path):
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("years of work")
     code, _, err = convert("--checkpoint", path, "--tokenizer", bpe, "--out", foreign, "--overwrite")
-    assert _one_line_refusal(code, err) and f"refusing to overwrite {str(foreign)!r}" in err
+    assert _one_line_refusal(code, err) and f"refusing to write {str(foreign)!r}" in err
     assert [p.name for p in foreign.iterdir()] == ["thesis.tex"] and (foreign / "thesis.tex").read_text() == "years of work"
+    code, _, err = convert("--checkpoint", path, "--tokenizer", bpe, "--out", foreign)  # said so without it too
+    assert _one_line_refusal(code, err) and "not a checkpoint converted from a release" in err
     # another ctal checkpoint (a fine-tuning one) is not a conversion either
     (foreign / "checkpoint.json").write_text(json.dumps({"kind": "finetuning"}))
     code, _, err = convert("--checkpoint", path, "--tokenizer", bpe, "--out", foreign, "--overwrite")
