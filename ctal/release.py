@@ -313,7 +313,8 @@ def map_release_state(source: dict[str, torch.Tensor], model: CTALForPretraining
             if tensor.ndim != 2 or tensor.shape[1:] != source[AUDIO_PROJECTION_BIAS].shape:
                 raise ReleaseFormatError(f"release key {key} has shape {tuple(tensor.shape)}, which does not fit "
                                          f"{AUDIO_PROJECTION_BIAS}'s {tuple(source[AUDIO_PROJECTION_BIAS].shape)}")
-            put("audio.embeddings.projection.bias", source[AUDIO_PROJECTION_BIAS] + tensor[0], key)
+            # in fp32, as the model adds them: an FP16 (apex) checkpoint's halves would round the sum
+            put("audio.embeddings.projection.bias", source[AUDIO_PROJECTION_BIAS].float() + tensor[0].float(), key)
             continue
         if key == AUDIO_PROJECTION_BIAS:
             continue  # folded with the token-type row above

@@ -210,8 +210,9 @@ def release_settings(vocab: int, optimizer: str, apex: bool) -> dict:
 
 
 def write_release_training_checkpoint(path: Path, vocab: int, optimizer: str | None, root: Path) -> nn.Module:
-    """One step of the stand-in optimizer ("adam": BertAdam, "lamb", "apex": FP16_Optimizer's state
-    around a fused Adam, None: no Optimizer entry), then save_model's torch.save. Returns the model."""
+    """One step of the stand-in optimizer ("adam": BertAdam, "lamb", "apex": half weights and
+    FP16_Optimizer's state around a fused Adam, None: no Optimizer entry), then save_model's
+    torch.save. Returns the model, its weights as saved."""
     model = release_model(vocab)
     with release_code(root) as m2p:
         groups = [{"params": [p for n, p in model.named_parameters() if "bias" not in n], "weight_decay": 0.01},
@@ -222,14 +223,18 @@ def write_release_training_checkpoint(path: Path, vocab: int, optimizer: str | N
             for p in model.parameters():
                 p.grad = torch.randn_like(p) * 0.01
             opt.step()
-        states = {"semantic_model": model.semantic_model.state_dict(),
-                  "acoustic_model": model.acoustic_model.state_dict()}
-        if optimizer == "apex":  # apex.fp16_utils.FP16_Optimizer.state_dict()'s entries
+        if optimizer == "apex":  # FP16 training: half weights, fp32 masters in apex's FP16_Optimizer state
             from apex.fp16_utils.loss_scaler import DynamicLossScaler
 
+            masters = [[p.detach().clone() for p in g["params"]] for g in groups]
+            model.half()
+        states = {"semantic_model": model.semantic_model.state_dict(),
+                  "acoustic_model": model.acoustic_model.state_dict()}
+        if optimizer == "apex":
             states["Optimizer"] = {"loss_scaler": DynamicLossScaler(), "dynamic_loss_scale": True, "overflow": False,
                                    "first_closure_call_this_step": True, "optimizer_state_dict": opt.state_dict(),
-                                   "fp32_from_fp16": [[p.detach().float() for p in g["params"]] for g in groups]}
+                                   "fp32_from_fp16": masters}
+            model.float()  # the reference computes in fp32 on the weights as saved (rounded to half)
         elif opt is not None:
             states["Optimizer"] = opt.state_dict()
         states["Global_step"] = 1
