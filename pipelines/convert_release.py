@@ -7,14 +7,14 @@
 code wrote (download it yourself: nothing is downloaded here); it is read with
 torch.load(weights_only=True): argparse.Namespace and the release's optimizer classes (read as inert
 records, never imported) are allowed, any other global is refused by name. Its Optimizer entry is
-dropped. --audio-causal: whether the weights were trained with causal audio self-attention
-(default: the file's is_decoder; the authors' later *_correct checkpoints are bidirectional with
-the same config). --overwrite replaces only an earlier conversion, never another directory.
---tokenizer: the byte-level BPE it was trained with (vocab.json + merges.txt, from the release's
-repository), or a ctal-ray tokenizer folder. The weights were trained on the release's own audio
-features, so the task data must be preprocessed with features.frontend=release and this
-checkpoint's tokenizer; fine-tuning refuses data that is not. Bad input exits with code 2 and
-writes nothing.
+dropped (docs/release.md). --tokenizer: the byte-level BPE it was trained with (vocab.json +
+merges.txt, from the release's repository), or a ctal-ray tokenizer folder. --audio-causal: whether
+the weights were trained with causal audio self-attention (default: the file's is_decoder; the
+authors' later *_correct checkpoints are bidirectional with the same config). --overwrite replaces
+an earlier conversion, never another directory or a file. The weights were trained on the
+release's own audio features, so the task data must be preprocessed with features.frontend=release
+and this checkpoint's tokenizer; fine-tuning refuses data that is not. Bad input exits with code 2
+and writes nothing.
 """
 from __future__ import annotations
 
