@@ -1,18 +1,24 @@
 """The authors' released checkpoints (CTAL-Base, CTAL-Large) → a ctal-ray pretraining checkpoint.
 
-A release checkpoint is one ``torch.save`` dict: ``semantic_model`` (a Hugging Face
-RobertaForMaskedLM state dict), ``acoustic_model`` (their masked acoustic model), ``Optimizer``,
-``Settings`` = {``Config``: the pretraining YAML, ``Paras``: an ``argparse.Namespace``} and step
-bookkeeping. ``load_release_checkpoint`` reads it with ``weights_only=True``, allowing
-``argparse.Namespace`` and nothing else: a file that needs any other type is refused, naming it.
+A release checkpoint is one ``torch.save`` dict, as the release's ``Runner.save_model`` writes it:
+``semantic_model`` (a Hugging Face RobertaForMaskedLM state dict), ``acoustic_model`` (their masked
+acoustic model), ``Optimizer`` (``optimizer.state_dict()``), ``Global_step`` and ``Settings`` =
+{``Config``: the pretraining YAML, ``Paras``: an ``argparse.Namespace``}. ``load_release_checkpoint``
+reads it with torch's ``weights_only`` unpickler, allowing ``argparse.Namespace`` and, by name only,
+the few classes of the release's own training code its optimizer state holds (``RELEASE_CLASSES``:
+BertAdam's and Lamb's schedule objects, apex's loss scalers). Those become ``ReleaseRecord``s: inert
+stand-ins that keep the pickled state as data; nothing of the release is imported or run. A file that
+needs any other global is refused before any of it is unpickled, naming the global. Only the weights,
+``Settings`` and ``Global_step`` are used; ``Optimizer`` and anything else is dropped (``dropped``).
 
 ``convert_release`` maps the two state dicts onto ``CTALForPretraining`` (../shared/RELEASE.md's key
 table: RoBERTa and encoder names one to one; the audio token-type row every frame adds is folded
 into the frame projection's bias; ``position_ids`` buffers are dropped, positions are computed; the
 MLM decoder is tied to the word embeddings, as ours is), strictly: every source tensor used, every
-parameter filled, every shape right, else refused naming the key, before anything is written. The
-result is an ordinary ``ctal.checkpoint`` pretraining checkpoint, recorded as trained on
-``features.frontend=release`` frames, with the release's byte-level BPE as its tokenizer.
+parameter filled, every shape right and every value finite, else refused naming the key, before the
+model is allocated and before anything is written (shapes are checked against a model on the meta
+device). The result is an ordinary ``ctal.checkpoint`` pretraining checkpoint, recorded as trained
+on ``features.frontend=release`` frames, with the release's byte-level BPE as its tokenizer.
 """
 from __future__ import annotations
 
@@ -21,19 +27,28 @@ import pickle
 import re
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from . import checkpoint, storage
-from .checkpoint import Part
+from .checkpoint import STATE_FILE, CheckpointError, Part
 from .model import CTALConfig, CTALForPretraining
 from .tokenizer import (TOKENIZER_FILES, load_tokenizer, read_normalization, save_normalization,
                         tokenizer_hash, tokenizer_info)
 
 ALLOWED_GLOBALS = (argparse.Namespace,)  # Settings["Paras"]; tensors and containers need none
+# The release's own classes its Optimizer entry pickles (code/m2p_optimization.py's schedules, which
+# BertAdam and Lamb keep in every param group; the loss scalers of apex's FP16_Optimizer state):
+# read by name as inert ReleaseRecords, never imported.
+RELEASE_CLASSES = (*(f"m2p_optimization.{n}" for n in (
+    "ConstantLR", "WarmupConstantSchedule", "WarmupLinearSchedule", "WarmupCosineSchedule",
+    "WarmupCosineWithHardRestartsSchedule", "WarmupCosineWithWarmupRestartsSchedule")),
+    "apex.fp16_utils.loss_scaler.LossScaler", "apex.fp16_utils.loss_scaler.DynamicLossScaler")
 REQUIRED_ENTRIES = ("semantic_model", "acoustic_model", "Settings")
+USED_ENTRIES = (*REQUIRED_ENTRIES, "Global_step")  # everything else (Optimizer) is dropped
 FRONTEND = "release"  # the released weights were trained on the release's librosa features
 
 # What RobertaConfig assumes where the release's YAML is silent (it builds its configs from them).
@@ -82,44 +97,106 @@ def _name(t: type) -> str:
     return f"{t.__module__}.{t.__qualname__}"
 
 
+class ReleaseRecord:
+    """An object of the release's training code (a schedule, a loss scaler), read as data: the class's
+    name (``release_class``) and what the pickle gave it (``state``, ``args``). The unpickler may only
+    create one and hand it its state; no code of the release is imported and no method of it runs."""
+    release_class = ""
+
+    def __init__(self, *args):  # a REDUCE of the class with arguments: kept, not interpreted
+        self.args = args
+
+    def __setstate__(self, state):  # BUILD: kept whole, so it can set no other attribute
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<record of {self.release_class}>"
+
+
+# One stand-in class per name, registered under that name for torch's weights_only unpickler.
+RECORDS = {name: type(name.rsplit(".", 1)[1], (ReleaseRecord,), {"release_class": name, "__module__": __name__})
+           for name in RELEASE_CLASSES}
+
+
 def load_release_checkpoint(path: str | Path) -> dict:
-    """The dict the authors' ``torch.save`` wrote, on the CPU, loaded with ``weights_only=True`` and
-    only ``argparse.Namespace`` allowed (never a plain unpickle). ReleaseFormatError names any other
-    type the file needs, or the entries it lacks."""
+    """The dict the authors' ``torch.save`` wrote, on the CPU, loaded with ``weights_only=True``:
+    ``argparse.Namespace`` and the ``RELEASE_CLASSES`` (as ``ReleaseRecord``s) allowed, nothing else.
+    Tensors of a zip-format file are memory-mapped, so the dropped optimizer state is never read.
+    ReleaseFormatError names any other global the file needs, says why a file is unreadable, or
+    names the entries it lacks."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"release checkpoint {path} does not exist (download CTAL-Base from the "
                                 "authors' README yourself; nothing is downloaded here)")
-    allowed = {_name(t) for t in ALLOWED_GLOBALS}
+    allowed = {_name(t) for t in ALLOWED_GLOBALS} | set(RECORDS)
+    refusal = (f"a release checkpoint needs only {', '.join(_name(t) for t in ALLOWED_GLOBALS)} and the "
+               "release's optimizer classes (m2p_optimization.*, apex's loss scalers): refusing it")
     try:  # reads the pickle's opcodes without running them (zip-format files, torch >= 1.6)
         needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except (RuntimeError, ValueError):
         needed = set()  # an older format: torch.load below refuses what is not allowed
     if needed - allowed:
-        raise ReleaseFormatError(f"{path} needs {', '.join(sorted(needed - allowed))} to load; a release "
-                                 f"checkpoint needs only {', '.join(sorted(allowed))}: refusing it")
+        raise ReleaseFormatError(f"{path} needs {', '.join(sorted(needed - allowed))} to load; {refusal}")
     try:
-        with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([*ALLOWED_GLOBALS, *((t, n) for n, t in RECORDS.items())]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         if found is None:
             # (torch's own message suggests weights_only=False: not repeated here)
             raise ReleaseFormatError(f"{path} is not a torch.save checkpoint readable with "
                                      "weights_only=True") from None
-        raise ReleaseFormatError(f"{path} needs {found.group(1)} to load; a release checkpoint needs only "
-                                 f"{', '.join(sorted(allowed))}: refusing it") from None
-    except RuntimeError as e:
-        raise ReleaseFormatError(f"{path} is not a torch.save checkpoint ({e})") from None
+        raise ReleaseFormatError(f"{path} needs {found.group(1)} to load; {refusal}") from None
+    except Exception as e:  # empty, text, truncated: the restricted unpickler ran nothing, say why
+        raise ReleaseFormatError(f"{path} is not a torch.save checkpoint ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
     missing = [k for k in REQUIRED_ENTRIES if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ReleaseFormatError(f"{path} is not a CTAL release checkpoint: no {', '.join(missing)} "
-                                 f"(has {sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__})")
+                                 f"(has {sorted(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__})")
     return ckpt
+
+
+def _records(obj, depth: int = 0) -> list[str]:
+    """The release classes of the ReleaseRecords inside ``obj`` (dicts, lists and tuples walked)."""
+    if isinstance(obj, ReleaseRecord):
+        return [obj.release_class]
+    if depth > 8:
+        return []
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return [name for item in items for name in _records(item, depth + 1)]
+
+
+def dropped(ckpt: dict) -> list[str]:
+    """One line for each entry of the release checkpoint the conversion does not use (``Optimizer``:
+    the release's training state, which fine-tuning never resumes), naming the records it held."""
+    out = []
+    for key in ckpt:
+        if key in USED_ENTRIES:
+            continue
+        names = _records(ckpt[key])
+        held = "; ".join(f"{n} ×{names.count(n)}" for n in sorted(set(names)))
+        out.append(f"{key}" + (f" (held, as inert records: {held})" if held else ""))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
 # the model config from the release's Settings
+
+
+_KIND = {int: "a positive integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _right_type(default, value, zero: bool = False) -> bool:
+    """``value`` is of the kind RobertaConfig's ``default`` is (YAML gives ints where floats are
+    meant); sizes are positive (an id may be 0)."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= (0 if zero else 1)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    return isinstance(value, type(default))
 
 
 def release_model_config(settings: dict) -> dict:
@@ -129,6 +206,11 @@ def release_model_config(settings: dict) -> dict:
     if not isinstance(config, dict) or not all(isinstance(config.get(s), dict) for s in ("semantic", "acoustic")):
         raise ReleaseFormatError("Settings['Config'] holds no 'semantic' and 'acoustic' sections")
     text, audio = ({**ROBERTA_DEFAULTS, **config[s]} for s in ("semantic", "acoustic"))
+    for section, values in (("semantic", text), ("acoustic", audio)):
+        for key, value in values.items():
+            if key in ROBERTA_DEFAULTS and not _right_type(ROBERTA_DEFAULTS[key], value, zero=key == "pad_token_id"):
+                raise ReleaseFormatError(f"Settings['Config']['{section}']['{key}'] is {value!r}, not "
+                                         f"{_KIND[type(ROBERTA_DEFAULTS[key])]}")
     for key in SHARED_FIELDS:
         if text[key] != audio[key]:
             raise ReleaseFormatError(f"the release's streams differ in {key} ({text[key]!r} vs {audio[key]!r}); "
@@ -136,6 +218,8 @@ def release_model_config(settings: dict) -> dict:
     for key in ("audio_size", "downsample_rate"):
         if key not in audio:
             raise ReleaseFormatError(f"Settings['Config']['acoustic'] has no {key}")
+        if not _right_type(1, audio[key]):
+            raise ReleaseFormatError(f"Settings['Config']['acoustic']['{key}'] is {audio[key]!r}, not {_KIND[int]}")
     problems = [f"{s} position_embedding_type={c['position_embedding_type']!r} (needs 'absolute')"
                 for s, c in (("semantic", text), ("acoustic", audio)) if c["position_embedding_type"] != "absolute"]
     if audio["downsample_rate"] != 1:
@@ -160,11 +244,48 @@ def release_model_config(settings: dict) -> dict:
 # the weights
 
 
-def map_release_state(ckpt: dict, model: CTALForPretraining) -> dict[str, torch.Tensor]:
-    """``model``'s state dict (its tied decoder included) from the release's two state dicts;
+def _source_tensors(ckpt: dict) -> dict[str, torch.Tensor]:
+    """The two state dicts under "<model>.<name>" keys, each value a finite tensor, else refused by name."""
+    source = {}
+    for part in ("semantic_model", "acoustic_model"):
+        if not isinstance(ckpt[part], dict):
+            raise ReleaseFormatError(f"{part} is a {type(ckpt[part]).__name__}, not a state dict")
+        for k, tensor in ckpt[part].items():
+            key = f"{part}.{k}"
+            if not isinstance(tensor, torch.Tensor):
+                raise ReleaseFormatError(f"release key {key} is a {type(tensor).__name__}, not a tensor")
+            # a diverged run's weights would convert into a model that only outputs NaN
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ReleaseFormatError(f"release key {key} holds NaN or infinite values: refusing to convert "
+                                         "damaged weights")
+            source[key] = tensor
+    return source
+
+
+def build_model(ckpt: dict, config: CTALConfig) -> CTALForPretraining:
+    """The release's weights in a CTALForPretraining of ``config``. The layer counts are checked
+    against the layers the state dicts hold, then every key and shape against a model on the meta
+    device, so a config that does not fit the tensors (a vocab_size of 200 000 000) is refused
+    before anything is allocated."""
+    source = _source_tensors(ckpt)
+    for field, prefix in (("num_text_layers", "semantic_model.roberta.encoder.layer."),
+                          ("num_audio_layers", "acoustic_model.acoustic.encoder.layer.")):
+        held = {k[len(prefix):].split(".", 1)[0] for k in source if k.startswith(prefix)}
+        if getattr(config, field) != len(held):
+            raise ReleaseFormatError(f"Settings['Config'] gives {prefix.split('_')[0]} num_hidden_layers="
+                                     f"{getattr(config, field)}, but the file holds {len(held)} such layers")
+    with torch.device("meta"):
+        skeleton = CTALForPretraining(config)
+    state = map_release_state(source, skeleton)
+    model = CTALForPretraining(config)
+    model.load_state_dict(state)  # strict: every key and shape was checked above
+    return model
+
+
+def map_release_state(source: dict[str, torch.Tensor], model: CTALForPretraining) -> dict[str, torch.Tensor]:
+    """``model``'s state dict (its tied decoder included) from the release's tensors (``_source_tensors``);
     ReleaseFormatError names the first source key without a place, the first parameter left
     unfilled, a shape that does not fit, or an alias that is not its tensor's copy."""
-    source = {f"{part}.{k}": v for part in ("semantic_model", "acoustic_model") for k, v in ckpt[part].items()}
     own = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
 
@@ -189,7 +310,11 @@ def map_release_state(ckpt: dict, model: CTALForPretraining) -> dict[str, torch.
         if key == AUDIO_TOKEN_TYPE:  # every frame adds row 0: fold it into the projection's bias
             if AUDIO_PROJECTION_BIAS not in source:
                 raise ReleaseFormatError(f"release checkpoint has {key} but no {AUDIO_PROJECTION_BIAS}")
-            put("audio.embeddings.projection.bias", source[AUDIO_PROJECTION_BIAS] + tensor[0], key)
+            if tensor.ndim != 2 or tensor.shape[1:] != source[AUDIO_PROJECTION_BIAS].shape:
+                raise ReleaseFormatError(f"release key {key} has shape {tuple(tensor.shape)}, which does not fit "
+                                         f"{AUDIO_PROJECTION_BIAS}'s {tuple(source[AUDIO_PROJECTION_BIAS].shape)}")
+            # in fp32, as the model adds them: an FP16 (apex) checkpoint's halves would round the sum
+            put("audio.embeddings.projection.bias", source[AUDIO_PROJECTION_BIAS].float() + tensor[0].float(), key)
             continue
         if key == AUDIO_PROJECTION_BIAS:
             continue  # folded with the token-type row above
@@ -250,33 +375,64 @@ def prepare_tokenizer(tokenizer_dir: str | Path, dest: Path, *, vocab_size: int,
 # the whole conversion
 
 
+def check_output(out_dir: str | Path, overwrite: bool) -> None:
+    """Refuse an existing ``out_dir`` that is not a checkpoint this converter wrote (its
+    checkpoint.json records the ``release`` it came from): a foreign directory or a file is never
+    replaced. An earlier conversion is replaced only with ``overwrite``."""
+    if not storage.exists(out_dir):
+        return
+    try:
+        state = checkpoint.read_state(out_dir)
+    except (FileNotFoundError, CheckpointError, OSError):
+        state = {}
+    if not (state.get("kind") == "pretraining" and "release" in state):
+        raise FileExistsError(f"refusing to write {str(out_dir)!r}: it exists and is not a checkpoint converted "
+                              f"from a release (no {STATE_FILE} recording one); choose another --out")
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+
+
 def convert_release(ckpt: dict | str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *,
-                    overwrite: bool = False, source: Optional[str] = None) -> Path | str:
+                    overwrite: bool = False, source: Optional[str] = None, audio_causal: Optional[bool] = None,
+                    log: Callable[[str], None] = print) -> Path | str:
     """Write the release checkpoint ``ckpt`` (a path, or the dict ``load_release_checkpoint`` gave)
     to ``out_dir`` (a path or URI) as a ctal-ray pretraining checkpoint that fine-tuning takes as
     ``init``: model, ``tokenizer/`` (from ``tokenizer_dir``, see ``prepare_tokenizer``), model card
-    and checkpoint.json, which records ``frontend: release``. Everything is checked before anything
-    is written; an existing ``out_dir`` is refused unless ``overwrite``. ``source`` names the
-    original in the state (default: the file's name). Returns ``out_dir``."""
+    and checkpoint.json, which records ``frontend: release``. ``audio_causal`` (default: the file's
+    ``is_decoder``) says whether the weights were trained with causal audio self-attention; the
+    card says which was used and why. Everything is checked before anything is written or removed;
+    an existing ``out_dir`` is replaced only with ``overwrite`` and only if it is an earlier
+    conversion (``check_output``). ``source`` names the original in the state (default: the file's
+    name). ``log`` gets what was dropped and the attention used. Returns ``out_dir``."""
+    check_output(out_dir, overwrite)  # fails fast; checked again before anything is replaced
     release = {}
     if not isinstance(ckpt, dict):
         path = Path(ckpt)
         release = {"file": path.name, "sha256": checkpoint._sha256(path)}  # provenance
         source = source or path.name
         ckpt = load_release_checkpoint(path)
-    if storage.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
-    config = CTALConfig(**release_model_config(ckpt["Settings"]))
-    model = CTALForPretraining(config)
-    model.load_state_dict(map_release_state(ckpt, model))  # strict: every key was checked above
+    kwargs = release_model_config(ckpt["Settings"])
+    causal_from = "the file's is_decoder" if audio_causal is None else "given (--audio-causal)"
+    kwargs["audio_causal"] = kwargs["audio_causal"] if audio_causal is None else bool(audio_causal)
+    config = CTALConfig(**kwargs)
+    model = build_model(ckpt, config)
     step = ckpt.get("Global_step")
-    state = {"frontend": FRONTEND, "step": step if isinstance(step, int) else None,
+    step = step if isinstance(step, int) and not isinstance(step, bool) else None
+    skipped = dropped(ckpt)
+    state = {"frontend": FRONTEND, "step": step,
              "data": f"the authors' pretraining (LibriSpeech 960 h), converted from {source or 'a release checkpoint'}",
-             "release": {**release, "global_step": step},
-             "config": {"features": {"frontend": FRONTEND}, "converted_from": source or "release checkpoint"}}
+             "release": {**release, "global_step": step, "dropped": skipped},
+             "config": {"features": {"frontend": FRONTEND}, "converted_from": source or "release checkpoint",
+                        "model": {"audio_causal": config.audio_causal}, "audio_causal_from": causal_from}}
     with tempfile.TemporaryDirectory(prefix="ctal-release-tokenizer-") as tmp:
         tok_dir = Path(tmp) / "tokenizer"
         tok_hash = prepare_tokenizer(tokenizer_dir, tok_dir, vocab_size=config.vocab_size,
                                      pad_token_id=config.pad_token_id)
-        return checkpoint.write(out_dir, "pretraining", {"main": Part(model)}, tokenizer_dir=tok_dir,
-                                tokenizer_hash=tok_hash, state=state)
+        check_output(out_dir, overwrite)  # inputs all valid: only now may an earlier conversion go
+        out = checkpoint.write(out_dir, "pretraining", {"main": Part(model)}, tokenizer_dir=tok_dir,
+                               tokenizer_hash=tok_hash, state=state)
+    for line in skipped:
+        log(f"dropped {line}: not needed to fine-tune")
+    log(f"audio self-attention: {'causal' if config.audio_causal else 'bidirectional'} "
+        f"(model.audio_causal={str(config.audio_causal).lower()}, {causal_from})")
+    return out

@@ -35,14 +35,12 @@ class NotAllowed:
 # -- a checkpoint in the release's format ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def bpe_dir(tmp_path_factory) -> Path:
+def write_bpe(out: Path) -> Path:
     """A byte-level BPE folder as the release ships one: vocab.json + merges.txt only."""
     from tokenizers import ByteLevelBPETokenizer
 
     from tiny_data import WORDS
 
-    out = tmp_path_factory.mktemp("bpe")
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(WORDS, size=6)) for _ in range(200)]
     bpe = ByteLevelBPETokenizer()
@@ -50,6 +48,11 @@ def bpe_dir(tmp_path_factory) -> Path:
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
     bpe.save_model(str(out))
     return out
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory) -> Path:
+    return write_bpe(tmp_path_factory.mktemp("bpe"))
 
 
 def _vocab_size(bpe_dir: Path) -> int:
