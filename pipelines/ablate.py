@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ctal.checkpoint import CheckpointError, record_command
 from ctal.config import ConfigError, FinetuneConfig, load_config
-from ctal.console import VERBOSE_HELP, set_verbose, stage as say
+from ctal.console import VERBOSE_HELP, error_line, set_verbose, stage as say
 from ctal.manifest import recorded_run
 from ctal.shipped import folder
 from ctal.tasks import TASKS
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
         configs, space = prepare_study(base, study, init, task_data)
         check_grid(out)  # a study to continue is trusted, and a new one finds no state, before Ray starts
     except (ConfigError, FileNotFoundError, ValueError, CheckpointError) as e:
-        p.exit(2, f"{p.prog}: error: {e}\n")
+        p.exit(2, error_line(p.prog, e))
     out.mkdir(parents=True, exist_ok=True)
     write_subsets(out / "subsets.json", TASKS[task], task_data.meta, study, base)
 

@@ -17,7 +17,7 @@ import sys
 
 from ctal.checkpoint import record_command
 from ctal.config import ConfigError, PretrainConfig, load_config
-from ctal.console import VERBOSE_HELP, set_verbose, stage
+from ctal.console import VERBOSE_HELP, error_line, set_verbose, stage
 from ctal.shipped import shipped
 
 SIZES = ("tiny", "base", "large", "narrow")
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
 
         plan = prepare(cfg)  # the only check of the run: config, URIs, data set and tokenizer
     except (ConfigError, ValueError, OSError) as e:
-        p.exit(2, f"{p.prog}: error: {e}\n")
+        p.exit(2, error_line(p.prog, e))
 
     from ctal.distributed.train import ResourceError, pretrain
 
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     try:
         result = pretrain(plan, address=args.address)
     except ResourceError as e:
-        p.exit(1, f"{p.prog}: error: {e}\n")
+        p.exit(1, error_line(p.prog, e))
     print(f"done: step {result.metrics.get('step')}, loss {result.metrics.get('loss', float('nan')):.4f}; "
           f"checkpoint {result.checkpoint} (CTALForPretraining.from_pretrained loads it)")
     return 0
