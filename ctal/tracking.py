@@ -74,6 +74,20 @@ def mlflow_store(tracking_uri: Optional[str], home: str | Path) -> str:
     return f"sqlite:///{Path(storage.normalize(tracking_uri or home)) / STORE_FILE}"
 
 
+_GIVEN: dict[str, str] = {}  # redacted URI → the URI as given: in this process's memory only
+
+
+def keep_secret(uri: str) -> str:
+    """``uri`` redacted, for an object that is pickled to disk (a sweep's callbacks in tuner.pkl);
+    ``given`` returns the URI itself in this process (a resumed sweep: its driver's given again)."""
+    _GIVEN[redact(uri)] = uri
+    return redact(uri)
+
+
+def given(uri: str) -> str:
+    return _GIVEN.get(uri, uri)
+
+
 def mlflow_http(url: str) -> str:
     """``url`` without its ``user:password@``, which goes where MLflow reads it, this process's
     MLFLOW_TRACKING_USERNAME / _PASSWORD (a redacted password leaves those as they are); and

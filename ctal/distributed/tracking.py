@@ -57,7 +57,16 @@ class _NeverFails:
                   file=sys.stderr, flush=True)
 
     def setup(self, *args, **kwargs):
+        if getattr(self, "tracking_uri", None):  # unpickled from tuner.pkl: redacted (__getstate__)
+            self.tracking_uri = tracking.given(self.tracking_uri)
         self._guard(super().setup, *args, **kwargs)
+
+    def __getstate__(self):
+        # Tune pickles its callbacks into tuner.pkl: no credential may go there with them
+        state = {**self.__dict__, "_base": redact(self._base), "_cells": redact(self._cells)}
+        if state.get("tracking_uri"):
+            state["tracking_uri"] = tracking.keep_secret(state["tracking_uri"])
+        return state
 
     def log_trial_start(self, trial):
         self._guard(super().log_trial_start, trial)
