@@ -130,4 +130,5 @@ def error_line(prog: str, error: BaseException) -> str:
     return redact(f"{prog}: error: {error}\n")
 
 
+SHARE_HELP = "checkpoints without absolute paths or the host name, to hand on (= share=true; docs/tracking.md)"
 VERBOSE_HELP = "also show Ray's own logs (worker output, progress bars, Tune's tables)"

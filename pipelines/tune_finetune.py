@@ -3,7 +3,7 @@
     python pipelines/tune_finetune.py --task {emotion,sentiment,speaker} --data DIR [--init DIR]
         [--config FILE ...] [--space FILE] [--search random|grid|optuna] [--scheduler asha|fifo]
         [--num-samples N] [--gpus-per-trial F] [--cpus-per-trial F] [--workers-per-trial N]
-        [--max-concurrent N] [--storage DIR] [--name NAME] [--sweep-config FILE ...] [--resume]
+        [--max-concurrent N] [--storage DIR] [--name NAME] [--sweep-config FILE ...] [--resume] [--share]
         [key=value ...] [sweep.key=value ...]
 
 Config: configs/finetune.yaml, then each --config (e.g. configs/narrow.yaml), then key=value overrides
@@ -26,7 +26,7 @@ from dataclasses import fields, replace
 from ctal import storage
 from ctal.checkpoint import CheckpointError, record_command
 from ctal.config import ConfigError, FinetuneConfig, SweepConfig, load_config
-from ctal.console import VERBOSE_HELP, error_line, set_verbose, stage
+from ctal.console import SHARE_HELP, VERBOSE_HELP, error_line, set_verbose, stage
 from ctal.distributed.signing import UntrustedStateError, verify_state
 from ctal.distributed.tune import SWEEP_FILE, experiment_location, load_sweep, run_sweep
 from ctal.finetune import prepare
@@ -76,6 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--name", help="experiment name (default: ctal-<task>)")
     p.add_argument("--sweep-config", action="append", default=[], help="SweepConfig YAML (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the sweep at <storage>/<name>")
+    p.add_argument("--share", action="store_true", help=SHARE_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="FinetuneConfig; sweep.key=value: SweepConfig")
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP + "; Tune at sweep.verbose")
     args = p.parse_args(argv)
@@ -98,6 +99,7 @@ def main(argv=None) -> int:
                 raise ConfigError("--task and --data are required (unless --resume)")
             overrides = [o for o in args.overrides if not o.startswith("sweep.")]
             extra = [f"task={args.task}", f"data={args.data}"] + ([f"init={args.init}"] if args.init else [])
+            extra += ["share=true"] if args.share else []
             cfg = load_config(FinetuneConfig, [shipped("configs", "finetune.yaml"), *args.config],
                               [*overrides, *extra])
             space = load_search_space(args.space or shipped("search_spaces", f"{args.task}.yaml"))
