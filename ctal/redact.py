@@ -54,7 +54,8 @@ def split_userinfo(uri: str) -> tuple[str, Optional[str], Optional[str]]:
 
 
 # an absolute path after a start, blank, quote, = or a SQLite URI's sqlite:/// (not a URI's //host/path)
-_ABSOLUTE = re.compile(r"(?P<head>(?:^|[\s'\"=,(])(?:sqlite:///)?)(?P<path>/(?:[^\s'\"/,)]+/)*(?P<name>[^\s'\"/,)]+)/?)")
+_ABSOLUTE = re.compile(r"(?P<head>(?:^|[\s'\"=,(])(?:sqlite:///)?)"
+                       r"(?P<path>/(?:[^\s'\"/,)]+/)*(?P<name>[^\s'\"/,)]+)/?)")
 
 
 def unlocal(value: Any) -> Any:

@@ -128,6 +128,9 @@ def test_no_file_the_pretraining_and_sweep_recipes_write_holds_their_credentials
                                str(ROOT / "configs/narrow.yaml"), "--storage", str(tmp_path / "sweeps"),
                                "--name", "s", "--search", "grid", "--scheduler", "fifo",
                                "--space", str(tmp_path / "space.yaml"), "epochs=1", "max_frames=80", *tracked])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    # a resume unpickles the tracker callbacks (redacted in tuner.pkl) and is given the URI again
+    code = tune_finetune.main(["--resume", "--storage", str(tmp_path / "sweeps"), "--name", "s", f"tracking_uri={uri}"])
     console = capsys.readouterr()
     assert code == 0, console.err[-2000:]
     assert files_holding(tmp_path, SECRET) == [] and SECRET not in console.out + console.err
