@@ -3,19 +3,27 @@
 As the attack: a run given credentials (a token in the MLflow store's URI, a database password on
 its command line, a tracking server's ``user:password@``) and every file it wrote, MLflow's store
 included, grepped for them with the console it printed. Authenticated servers pass the pre-check and
-get the credentials the way MLflow sends them; a sweep's tracker against a server that died after the
+get the credentials the way MLflow sends them (a fake one in the default tier; a real ``mlflow
+server`` behind a basic-auth proxy, slow: its own process, ~10 s to start); a sweep's tracker against a server that died after the
 pre-check costs seconds; a resumed sweep never opens a second MLflow run for a trial; stores that
 cannot be written are refused before the run; ``share=true`` checkpoints name no host or local path.
 """
 from __future__ import annotations
 
 import base64
+import http.client
 import http.server
 import json
+import os
 import platform
 import shlex
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -189,6 +197,80 @@ def test_an_authenticated_server_passes_the_check_and_mlflow_gets_the_credential
     assert run is None and len(lines) == 1 and SECRET not in lines[0]  # the API answers 503: one warning
     api = [auth for path, auth in AuthServer.seen if path.startswith("/api/")]
     assert api and set(api) == {"Basic " + base64.b64encode(f"alice:{SECRET}".encode()).decode()}
+
+
+class AuthProxy(http.server.BaseHTTPRequestHandler):
+    """Basic auth in front of a real MLflow server (``upstream``), as a reverse proxy puts it: 401
+    without alice's credentials, else the request forwarded without them."""
+
+    upstream, refused = "", []
+
+    def _forward(self):
+        if self.headers.get("Authorization") != "Basic " + base64.b64encode(f"alice:{SECRET}".encode()).decode():
+            type(self).refused.append(self.path)
+            self.send_response(401)
+            self.end_headers()
+            return
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("authorization", "host")}
+        conn = http.client.HTTPConnection(self.upstream, timeout=30)
+        conn.request(self.command, self.path, body=body or None, headers=headers)
+        answer = conn.getresponse()
+        data = answer.read()
+        self.send_response(answer.status)
+        for k, v in answer.getheaders():
+            if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PATCH = do_DELETE = _forward
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.slow
+def test_a_pretraining_run_tracks_into_a_real_mlflow_server_behind_basic_auth(tiny_data, tmp_path, monkeypatch,
+                                                                              capsys):
+    from ctal.pretrain import pretrain_loop, prepare
+
+    clean_env(monkeypatch, *CREDENTIAL_ENV)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    AuthProxy.upstream, AuthProxy.refused = f"127.0.0.1:{port}", []
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AuthProxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # the server is up once it answers
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.2)
+        url = f"http://alice:{SECRET}@127.0.0.1:{proxy.server_address[1]}"
+        cfg = pretrain_cfg(tiny_data, tmp_path, "tracking=mlflow", f"tracking_uri={url}")
+        with manifest.recorded_run(tmp_path / "run", "pretraining", cfg):
+            pretrain_loop(prepare(cfg), run_dir=tmp_path / "run", log=print)
+        client = MlflowClient(f"http://127.0.0.1:{port}")  # the server itself, behind the proxy
+        (run,) = client.search_runs([client.get_experiment_by_name("ctal-pretrain").experiment_id])
+        losses = client.get_metric_history(run.info.run_id, "loss")
+    finally:
+        proxy.shutdown()
+        os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started, by its group
+        server.wait(timeout=60)
+    console = capsys.readouterr()
+    assert run.info.status == "FINISHED" and [m.step for m in losses][-1] == 2
+    assert run.data.params["tracking_uri"] == url.replace(SECRET, "***") and AuthProxy.refused == []
+    assert "warning" not in console.out + console.err
+    assert files_holding(tmp_path, SECRET) == [] and SECRET not in console.out + console.err
 
 
 # -- bounded trackers in sweeps ------------------------------------------------------------------------
