@@ -24,10 +24,10 @@ from typing import Optional
 from ray.tune import Callback
 
 from ctal import manifest, storage
-from ctal.redact import redact
 from ctal.config import FinetuneConfig, SweepConfig, from_dict, to_dict
 from ctal.console import Progress
 from ctal.finetune import FRESH_MODEL_WARNING, TaskData, finetune, prepare
+from ctal.redact import redact
 from ctal.report import SweepResult, trial_row, write_results
 from ctal.search_space import SearchSpace, apply_params, check_sweep, parse_search_space
 from ctal.tasks import get_task
