@@ -48,6 +48,7 @@ from .data import TOKENIZER_DIR
 from . import tokenizer as _tokenizer
 from .manifest import COMMAND_ENV, record_command  # noqa: F401  (the recipes' import)
 from .model_card import model_card
+from .redact import redact, unlocal
 from .tokenizer import TOKENIZER_FILES
 
 STATE_FILE = "checkpoint.json"
@@ -89,7 +90,12 @@ def write(dest: str | os.PathLike, kind: str, models: dict[str, Part], *, tokeni
     """Write a checkpoint of ``kind`` ("pretraining" or "finetuning") to ``dest`` (a path or URI),
     replacing one there. ``tokenizer_dir`` is copied into it and must hash to ``tokenizer_hash``
     (ValueError otherwise: a checkpoint never carries a tokenizer other than the one it records).
-    ``state`` (JSON) is what the loop records; returns ``dest``."""
+    ``state`` (JSON) is what the loop records; returns ``dest``. Credentials in it are redacted
+    (ctal.redact); a recorded config with ``share=true`` writes the checkpoint for sharing: no host
+    name, no absolute paths, in checkpoint.json, manifest.json and the model card."""
+    share = bool((state.get("config") or {}).get("share"))
+    state = redact(json.loads(json.dumps(state, default=float)))
+    state = unlocal(state) if share else state
     local = not storage.is_uri(dest)
     if local:
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
@@ -107,8 +113,9 @@ def write(dest: str | os.PathLike, kind: str, models: dict[str, Part], *, tokeni
         if copied != tokenizer_hash:
             raise ValueError(f"tokenizer {tokenizer_dir} hashes to {copied[:12]}…, expected "
                              f"{tokenizer_hash[:12]}… (a stale copy?); not writing {dest}")
-        manifest.write(staging, manifest.for_checkpoint(kind, state.get("config")))
-        (staging / CARD_FILE).write_text(_card(kind, state, models, tokenizer_hash, staging), encoding="utf-8")
+        manifest.write(staging, manifest.for_checkpoint(kind, state.get("config"), share=share))
+        card = redact(_card(kind, state, models, tokenizer_hash, staging))  # the command line is in it
+        (staging / CARD_FILE).write_text(unlocal(card) if share else card, encoding="utf-8")
         files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
         full = {"format": FORMAT, "kind": kind, **state, "models": dirs, "tokenizer_hash": tokenizer_hash,
                 "files": {f: _sha256(staging / f) for f in files}}

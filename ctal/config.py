@@ -183,6 +183,7 @@ class PretrainConfig:
     run_name: str = "ctal-pretrain"
     tracking: Tracking = "none"  # rank 0 logs config, step metrics and checkpoint URIs there (ctal.tracking)
     tracking_uri: Optional[str] = None  # None: a local store in the run directory; http(s)://: a server
+    share: bool = False  # checkpoints without absolute paths or the host name, to hand on (docs/tracking.md)
 
 
 @dataclass
@@ -212,6 +213,7 @@ class FinetuneConfig:
     label_subset_seed: int = 0
     tracking: Tracking = "none"  # sweeps: one tracker run per trial (ctal.distributed.tracking)
     tracking_uri: Optional[str] = None  # None: a local store in the sweep's directory; http(s)://: a server
+    share: bool = False  # checkpoints without absolute paths or the host name, to hand on (docs/tracking.md)
 
 
 @dataclass

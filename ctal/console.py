@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Iterable, Iterator, Optional, TypeVar
 
+from .redact import redact
+
 VERBOSE_ENV = "CTAL_VERBOSE"
 PLAIN_EVERY_S = 30.0
 
@@ -31,7 +33,7 @@ def verbose() -> bool:
 
 def stage(name: str, what: str) -> None:
     """The one line that says what a stage does: ``[pretrain] 2 workers, 40 steps of ...``."""
-    print(f"[{name}] {what}", flush=True)
+    print(redact(f"[{name}] {what}"), flush=True)  # it names URIs: never their credentials
 
 
 def _clock(seconds: float) -> str:
@@ -75,6 +77,7 @@ class Progress:
             self._plain()
 
     def write(self, line: str) -> None:
+        line = redact(line)
         if self._bar is not None:
             self._bar.write(line, file=sys.stdout)
         else:
@@ -121,4 +124,11 @@ def progress(items: Iterable[T], total: Optional[int], desc: str, unit: str = "i
             bar.update()
 
 
+def error_line(prog: str, error: BaseException) -> str:
+    """A recipe's one error line (``p.exit(2, error_line(p.prog, e))``), credentials redacted: an
+    error may quote a URI as it was given."""
+    return redact(f"{prog}: error: {error}\n")
+
+
+SHARE_HELP = "checkpoints without absolute paths or the host name, to hand on (= share=true; docs/tracking.md)"
 VERBOSE_HELP = "also show Ray's own logs (worker output, progress bars, Tune's tables)"

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from . import storage
+from .redact import redact, unlocal
 
 MANIFEST_FILE = "manifest.json"
 COMMAND_ENV = "CTAL_COMMAND"  # the recipe's command line, for manifests and model cards
@@ -139,6 +140,9 @@ def collect(kind: str, config: Any = None) -> dict:
 
 
 def write(location: str | os.PathLike, record: dict, file: str = MANIFEST_FILE) -> None:
+    """``record`` as ``location``/``file``, credentials redacted (a tracking_uri's password, a
+    signed URL's token: in the config, the command line, an error)."""
+    record = redact(json.loads(json.dumps(record, default=str)))
     storage.write_text(storage.join(location, file), json.dumps(record, indent=1, default=str) + "\n")
 
 
@@ -207,7 +211,12 @@ def adopt(info: Optional[dict]) -> None:
             os.environ.setdefault(COMMAND_ENV, info["command"])
 
 
-def for_checkpoint(kind: str, config: Any = None) -> dict:
+def for_checkpoint(kind: str, config: Any = None, share: bool = False) -> dict:
     """The manifest a checkpoint carries: this (writing) process's code, versions and machine, the
-    config the loop recorded, the time of writing, and the run it belongs to when known."""
-    return {**collect(kind, config), "written_at": now(), "run": run_info()}
+    config the loop recorded, the time of writing, and the run it belongs to when known. ``share``:
+    without the host name and with absolute paths cut to their last component (ctal.redact.unlocal)."""
+    record = {**collect(kind, config), "written_at": now(), "run": run_info()}
+    if share:
+        record["machine"].pop("host")
+        record = unlocal(record)
+    return record

@@ -9,6 +9,11 @@ directory keeps them there. Everything here runs without Ray: pretraining's rank
 evaluation and ablations (``log_results``) use it; sweeps use Ray Tune's own integrations
 (ctal.distributed.tracking), set up from the same resolution (``mlflow_store``, ``wandb_target``).
 
+Credentials: a server's ``user:password@`` never reaches MLflow in the URI; ``mlflow_store`` moves
+it into MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD of the process that logs (the pre-check
+sends it as basic auth). A database URI keeps its password (SQLAlchemy needs it there). Everything
+written or printed from here (params, tags, warnings, errors) goes through ``ctal.redact``.
+
 Failure policy: what can be checked before a run starts is (``check_tracking``: the tracker is
 installed, the URI is usable, a server answers), so a typo or a dead server fails in seconds, not
 after days with nothing tracked. A tracker that fails once the run is under way prints one warning
@@ -16,6 +21,7 @@ line and is dropped; the run itself (checkpoints, metrics.jsonl) never depends o
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import importlib.util
 import os
@@ -28,6 +34,7 @@ from typing import Callable, Optional
 
 from . import storage
 from .config import ConfigError
+from .redact import MARK, redact, split_userinfo
 
 STORE_FILE = "mlflow.db"  # the embedded MLflow store in a run directory
 ARTIFACTS_DIR = "mlartifacts"  # beside it: MLflow records an artifact root per experiment (we log none)
@@ -35,6 +42,10 @@ SERVER_SCHEMES = ("http://", "https://")
 DATABASE_SCHEMES = ("sqlite:", "postgresql", "mysql", "mssql", "databricks")
 PACKAGES = {"mlflow": "mlflow", "wandb": "wandb"}
 SERVER_TIMEOUT_S = 5.0  # the reachability check before a run
+# A server that dies mid-run must cost seconds before the one warning, not MLflow's default of seven
+# retries with back-off (minutes per call; a sweep's driver blocked 246 s): pretraining and sweeps alike.
+MLFLOW_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
@@ -44,7 +55,7 @@ def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict):
             out.update(flat_params(value, f"{prefix}{key}."))
         else:
-            out[f"{prefix}{key}"] = str(value)
+            out[f"{prefix}{key}"] = redact(str(value))  # a tracking_uri's password is no param
     return out
 
 
@@ -53,11 +64,40 @@ def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
 
 
 def mlflow_store(tracking_uri: Optional[str], home: str | Path) -> str:
-    """The MLflow tracking URI: ``tracking_uri`` as given for a server or a database, a directory's
-    ``mlflow.db``, or (None) the run directory ``home``'s."""
-    if tracking_uri and tracking_uri.startswith(SERVER_SCHEMES + DATABASE_SCHEMES):
+    """The MLflow tracking URI: a server's without its credentials (set up for this process:
+    ``mlflow_http``), a database's as given, a directory's ``mlflow.db``, or (None) the run
+    directory ``home``'s."""
+    if tracking_uri and tracking_uri.startswith(SERVER_SCHEMES):
+        return mlflow_http(tracking_uri)
+    if tracking_uri and tracking_uri.startswith(DATABASE_SCHEMES):
         return tracking_uri
     return f"sqlite:///{Path(storage.normalize(tracking_uri or home)) / STORE_FILE}"
+
+
+_GIVEN: dict[str, str] = {}  # redacted URI → the URI as given: in this process's memory only
+
+
+def keep_secret(uri: str) -> str:
+    """``uri`` redacted, for an object that is pickled to disk (a sweep's callbacks in tuner.pkl);
+    ``given`` returns the URI itself in this process (a resumed sweep: its driver's given again)."""
+    _GIVEN[redact(uri)] = uri
+    return redact(uri)
+
+
+def given(uri: str) -> str:
+    return _GIVEN.get(uri, uri)
+
+
+def mlflow_http(url: str) -> str:
+    """``url`` without its ``user:password@``, which goes where MLflow reads it, this process's
+    MLFLOW_TRACKING_USERNAME / _PASSWORD (a redacted password leaves those as they are); and
+    MLflow's HTTP retries bounded (``MLFLOW_HTTP_LIMITS``) unless the environment sets them."""
+    bare, user, password = split_userinfo(url)
+    if user and password != MARK:
+        os.environ.update(zip(CREDENTIAL_ENV, (user, password or "")))
+    for key, value in MLFLOW_HTTP_LIMITS.items():
+        os.environ.setdefault(key, value)
+    return bare
 
 
 def wandb_target(tracking_uri: Optional[str], home: str | Path) -> dict:
@@ -66,7 +106,8 @@ def wandb_target(tracking_uri: Optional[str], home: str | Path) -> dict:
     if tracking_uri and tracking_uri.startswith(SERVER_SCHEMES):
         # W&B still stages its files locally: in the run directory, or a temporary one for a URI run
         local = tempfile.gettempdir() if storage.is_uri(home) else storage.normalize(home)
-        return {"mode": "online", "dir": str(local), "base_url": tracking_uri}
+        # W&B authenticates with an API key (WANDB_API_KEY), never with a password in the URL
+        return {"mode": "online", "dir": str(local), "base_url": split_userinfo(tracking_uri)[0]}
     return {"mode": os.environ.get("WANDB_MODE", "offline"), "dir": str(storage.normalize(tracking_uri or home))}
 
 
@@ -77,9 +118,17 @@ def wandb_settings(target: dict) -> dict:
 
 
 def check_tracking(tracking: str, tracking_uri: Optional[str], home: Optional[str | Path] = None) -> None:
-    """ConfigError naming ``tracking`` / ``tracking_uri`` unless runs can be tracked there: the
-    package installed, the URI a server that answers, a database or a local directory, and, for
-    the embedded default, a local run directory ``home`` (None: not known yet, checked later)."""
+    """ConfigError naming ``tracking`` / ``tracking_uri`` (redacted) unless runs can be tracked
+    there: the package installed, the URI a server that answers (and takes its credentials), a
+    database (a SQLite file in a writable directory) or a writable local directory, and, for the
+    embedded default, a local run directory ``home`` (None: not known yet, checked later)."""
+    try:
+        _check_tracking(tracking, tracking_uri, home)
+    except ConfigError as e:
+        raise ConfigError(redact(str(e))) from None
+
+
+def _check_tracking(tracking: str, tracking_uri: Optional[str], home: Optional[str | Path]) -> None:
     if tracking == "none":
         if tracking_uri:
             raise ConfigError(f"tracking_uri={tracking_uri!r} is set but tracking=none: "
@@ -91,21 +140,55 @@ def check_tracking(tracking: str, tracking_uri: Optional[str], home: Optional[st
     if tracking_uri and tracking_uri.startswith(SERVER_SCHEMES):
         _check_server(tracking_uri)
     elif tracking_uri and tracking_uri.startswith(DATABASE_SCHEMES):
+        if split_userinfo(tracking_uri)[2] == MARK:
+            raise ConfigError(f"tracking_uri={tracking_uri}: the password was redacted where it was recorded; "
+                              "give tracking_uri= again with it")
         if tracking == "wandb":
             raise ConfigError(f"tracking_uri={tracking_uri!r}: W&B takes a server (http(s)://) or a directory")
+        if tracking_uri.startswith("sqlite:///"):  # else SQLAlchemy fails after the run started
+            _check_writable(Path(tracking_uri.removeprefix("sqlite:///")).parent, f"tracking_uri={tracking_uri}",
+                            create=False)
     elif tracking_uri and (storage.is_uri(tracking_uri) or "://" in tracking_uri):
         raise ConfigError(f"tracking_uri={tracking_uri!r}: give a server (http(s)://), a database "
                           "(sqlite:///file.db, MLflow only) or a local directory")
     elif tracking_uri is None and home is not None and storage.is_uri(home):
         raise ConfigError(f"tracking={tracking}: the run lives at {home}, where a local tracker store cannot; "
                           "give tracking_uri= (a tracking server, or a local directory)")
+    elif tracking_uri or home is not None:  # a local store: a read-only one fails now, not in 100 s of retries
+        where = tracking_uri or home
+        _check_writable(Path(storage.normalize(where)), f"tracking_uri={where}" if tracking_uri else
+                        f"tracking={tracking} (its store goes in {where})", create=True)
+
+
+def _check_writable(directory: Path, what: str, create: bool) -> None:
+    """ConfigError naming ``what`` unless files can be written in ``directory`` (``create``: or
+    in its nearest existing ancestor, where it will be created). Tried, not judged by the mode
+    bits: a read-only mount refuses root too."""
+    probe = directory
+    while create and not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{what}: {probe} is not a directory" if probe.exists() else
+                          f"{what}: the directory {directory} does not exist")
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        raise ConfigError(f"{what}: {probe} is not writable ({e.strerror})") from None
 
 
 def _check_server(url: str) -> None:
-    """Any HTTP answer counts (an MLflow or W&B server, a proxy's 401): only no answer is an error."""
+    """Any HTTP answer counts (an MLflow or W&B server, a proxy's 401): only no answer is an error,
+    or a 401 to the credentials the URI gives (sent as basic auth, as MLflow sends them)."""
+    bare, user, password = split_userinfo(url)
+    request = urllib.request.Request(bare)
+    if user and password != MARK:
+        token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        urllib.request.urlopen(url, timeout=SERVER_TIMEOUT_S).close()
-    except urllib.error.HTTPError:
+        urllib.request.urlopen(request, timeout=SERVER_TIMEOUT_S).close()
+    except urllib.error.HTTPError as e:
+        if e.code == 401 and "Authorization" in request.headers:
+            raise ConfigError(f"tracking_uri={url}: the server refused these credentials (HTTP 401)") from None
         return
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
@@ -119,7 +202,7 @@ def _check_server(url: str) -> None:
 
 def first_line(error: Exception) -> str:
     """A tracker's exception as the one line a warning quotes."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return redact((str(error).strip().splitlines() or [type(error).__name__])[0][:200])
 
 
 class TrackedRun:
@@ -127,7 +210,7 @@ class TrackedRun:
     ``log`` and turns the rest into no-ops, so tracking never stops the run it tracks."""
 
     def __init__(self, tracking: str, where: str, log: Callable[[str], None]):
-        self.tracking, self.where, self._log, self.broken = tracking, where, log, False
+        self.tracking, self.where, self._log, self.broken = tracking, redact(where), log, False
 
     def _guard(self, fn, *args) -> None:
         if self.broken:
@@ -147,7 +230,7 @@ class TrackedRun:
 
     def log_checkpoint(self, step: int, uri: str) -> None:
         """A reference to the checkpoint at ``uri`` (a path or URI; nothing is copied)."""
-        self._guard(self._log_checkpoint, step, str(uri))
+        self._guard(self._log_checkpoint, step, redact(str(uri)))
 
     def finish(self, failed: bool = False) -> None:
         self._guard(self._finish, failed)
@@ -160,11 +243,6 @@ class _MLflowRun(TrackedRun):
         from mlflow.entities import Param, RunTag
 
         super().__init__("mlflow", uri, log)
-        if uri.startswith(SERVER_SCHEMES):
-            # A server that dies mid-run must cost seconds before the one warning, not MLflow's
-            # default of seven retries with back-off (minutes per call).
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.client = client = MlflowClient(uri)
         exp_id = ensure_experiment(client, uri, experiment)
         run = None
@@ -261,7 +339,7 @@ def open_run(tracking: str, tracking_uri: Optional[str], *, home: str | Path, ex
     """
     if tracking == "none":
         return None
-    tags = {k: str(v) for k, v in (tags or {}).items()}
+    tags, config = {k: redact(str(v)) for k, v in (tags or {}).items()}, redact(config)
     # a stable id from the key (a path or URI): a safe MLflow filter value and a valid W&B run id
     resume_key = hashlib.sha1(resume_key.encode()).hexdigest()[:16] if resume_key else None
     try:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ctal.checkpoint import CheckpointError, record_command
 from ctal.config import ConfigError, FinetuneConfig, load_config
-from ctal.console import VERBOSE_HELP, set_verbose, stage as say
+from ctal.console import VERBOSE_HELP, error_line, set_verbose, stage as say
 from ctal.manifest import recorded_run
 from ctal.outputs import check_own, own_output
 from ctal.shipped import folder
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
             own_output(out, "ablation", fresh=args.fresh)  # every argument checked: now --fresh may remove
         check_grid(out)  # a study to continue is trusted, and a new one finds no state, before Ray starts
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, CheckpointError) as e:
-        p.exit(2, f"{p.prog}: error: {e}\n")
+        p.exit(2, error_line(p.prog, e))
     for line in thin_subsets(write_subsets(out / "subsets.json", TASKS[task], task_data.meta, study, base)):
         say("warning", f"{line}: too few to learn from; use larger fractions or more data")
 

@@ -22,6 +22,7 @@ import argparse
 import sys
 
 from ctal.checkpoint import record_command
+from ctal.console import error_line
 from ctal.release import ReleaseFormatError, convert_release
 
 
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
         out = convert_release(args.checkpoint, args.tokenizer, args.out, overwrite=args.overwrite,
                               audio_causal=causal)
     except (ReleaseFormatError, ValueError, OSError) as e:  # FileNotFoundError, FileExistsError
-        p.exit(2, f"{p.prog}: error: {e}\n")
+        p.exit(2, error_line(p.prog, e))
     print(f"wrote {out}: a pretraining checkpoint on features.frontend=release frames.\n"
           "Preprocess the task data for it, then fine-tune:\n"
           f"  python pipelines/preprocess.py --corpus CORPUS --root ROOT --out DATA tokenizer={out} "

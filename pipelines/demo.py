@@ -23,7 +23,7 @@ import yaml
 
 from ctal.checkpoint import record_command
 from ctal.config import FinetuneConfig, load_config
-from ctal.console import VERBOSE_HELP, set_verbose, stage as say
+from ctal.console import VERBOSE_HELP, error_line, set_verbose, stage as say
 from ctal.manifest import recorded_run
 from ctal.outputs import own_output
 from ctal.shipped import folder, shipped
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     try:
         own_output(out, "demo", fresh=args.fresh)  # --fresh removes only a demo's own output
     except FileExistsError as e:
-        p.exit(2, f"{p.prog}: error: {e}\n")
+        p.exit(2, error_line(p.prog, e))
     with recorded_run(out, "demo", {**vars(args), "size": size}):  # each stage's output has its own too
         return stages(args, size, out)
 

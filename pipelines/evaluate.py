@@ -20,6 +20,7 @@ import sys
 from ctal import storage
 from ctal.checkpoint import CheckpointError, record_command
 from ctal.config import TrackingConfig, load_config
+from ctal.console import error_line
 from ctal.manifest import recorded_run
 from ctal.outputs import check_own
 from ctal.finetune import TaskData, evaluate, read_state
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
                     {"checkpoint": checkpoint, "data": str(data.data_dir), "split": args.split,
                      "metrics": metrics, "per_fold": per_fold}, indent=2, default=float))
     except (FileNotFoundError, FileExistsError, ValueError, CheckpointError) as e:
-        p.exit(2, f"{p.prog}: error: {e}\n")
+        p.exit(2, error_line(p.prog, e))
     print(f"{args.task} checkpoint {args.checkpoint} (epoch {state['epoch']}), {args.split} rows of {data.data_dir}")
     print(format_table(metrics, per_fold, args.split))
     run = log_evaluation(track.tracking, track.tracking_uri, checkpoint, state, metrics, args.split)

@@ -14,7 +14,7 @@ import sys
 
 from ctal import storage
 from ctal.config import ConfigError, DataConfig, load_config
-from ctal.console import VERBOSE_HELP, set_verbose, stage
+from ctal.console import VERBOSE_HELP, error_line, set_verbose, stage
 from ctal.corpora import READERS, read_corpus
 from ctal.distributed.preprocess import NothingToPublishError, check_inputs, check_output, run_preprocess
 from ctal.outputs import claim_output
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         check_inputs(rows, args.corpus, root, data_cfg, args.num_cpus)
         claim = claim_output(args.out)  # last: refused runs leave no claim behind
     except (ConfigError, FileExistsError, ValueError, OSError) as e:  # CorpusLayoutError is a ValueError
-        p.exit(2, f"{p.prog}: error: {e}\n")
+        p.exit(2, error_line(p.prog, e))
 
     from ctal.distributed.console import init_ray
 
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         run_preprocess(args.corpus, root, args.out, data_cfg, overwrite=args.overwrite,
                        num_cpus=args.num_cpus, rows=rows, claim=claim)
     except NothingToPublishError as e:
-        p.exit(1, f"{p.prog}: error: {e}\n")
+        p.exit(1, error_line(p.prog, e))
     return 0
 
 

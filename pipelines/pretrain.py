@@ -1,7 +1,7 @@
 """Pretrain CTAL (MLM + masked acoustic modeling) on a preprocessed Parquet data set with Ray Train.
 
     python pipelines/pretrain.py --data DIR --num-workers 8 [--config YAML ...] [--size tiny|base|large|narrow]
-        [--use-gpu auto|true|false] [--storage DIR] [--name RUN] [--address ADDR] [key=value ...]
+        [--use-gpu auto|true|false] [--storage DIR] [--name RUN] [--address ADDR] [--share] [key=value ...]
 
 Configs merge in order: configs/pretrain.yaml, configs/<size>.yaml, each --config, the flags above,
 then ``key=value`` overrides of PretrainConfig (``lr=1e-4 model.hidden_size=256``). Rerunning with
@@ -17,7 +17,7 @@ import sys
 
 from ctal.checkpoint import record_command
 from ctal.config import ConfigError, PretrainConfig, load_config
-from ctal.console import VERBOSE_HELP, set_verbose, stage
+from ctal.console import SHARE_HELP, VERBOSE_HELP, error_line, set_verbose, stage
 from ctal.shipped import shipped
 
 SIZES = ("tiny", "base", "large", "narrow")
@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--name", help="run_name: the same name resumes")
     p.add_argument("--address", help="Ray address ('local' = a fresh local cluster; default: RAY_ADDRESS "
                                      "or a running cluster, else a new local one)")
+    p.add_argument("--share", action="store_true", help=SHARE_HELP)
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     record_command()  # for the model cards of the checkpoints this run writes
 
     flags = {"data": args.data, "num_workers": args.num_workers, "use_gpu": args.use_gpu,
-             "storage_path": args.storage, "run_name": args.name}
+             "storage_path": args.storage, "run_name": args.name, "share": args.share or None}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
     try:
         cfg = load_config(PretrainConfig, [shipped("configs", "pretrain.yaml"),
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
 
         plan = prepare(cfg)  # the only check of the run: config, URIs, data set and tokenizer
     except (ConfigError, ValueError, OSError) as e:
-        p.exit(2, f"{p.prog}: error: {e}\n")
+        p.exit(2, error_line(p.prog, e))
 
     from ctal.distributed.train import ResourceError, pretrain
 
@@ -61,9 +62,9 @@ def main(argv=None) -> int:
     try:
         result = pretrain(plan, address=args.address)
     except FileExistsError as e:  # another run holds --name: refused before Ray starts
-        p.exit(2, f"{p.prog}: error: {e}\n")
+        p.exit(2, error_line(p.prog, e))
     except ResourceError as e:
-        p.exit(1, f"{p.prog}: error: {e}\n")
+        p.exit(1, error_line(p.prog, e))
     print(f"done: step {result.metrics.get('step')}, loss {result.metrics.get('loss', float('nan')):.4f}; "
           f"checkpoint {result.checkpoint} (CTALForPretraining.from_pretrained loads it)")
     return 0

@@ -9,7 +9,7 @@ is a file or a non-empty directory) are one line on stderr and exit code 2.
 import argparse
 import json
 
-from ctal.console import VERBOSE_HELP, set_verbose, stage
+from ctal.console import VERBOSE_HELP, error_line, set_verbose, stage
 from ctal.corpora.synthetic import LAYOUTS, synthesize
 
 
@@ -34,7 +34,7 @@ def main(argv=None) -> dict:
         summary = synthesize(args.layout, args.out, args.utterances, args.seed, overwrite=args.overwrite,
                              workers=args.workers)
     except (ValueError, FileExistsError, NotADirectoryError, PermissionError) as e:
-        p.exit(2, f"{p.prog}: error: {e}\n")
+        p.exit(2, error_line(p.prog, e))
     print(json.dumps(summary, indent=2))
     return summary
 

@@ -3,7 +3,7 @@
     python pipelines/tune_finetune.py --task {emotion,sentiment,speaker} --data DIR [--init DIR]
         [--config FILE ...] [--space FILE] [--search random|grid|optuna] [--scheduler asha|fifo]
         [--num-samples N] [--gpus-per-trial F] [--cpus-per-trial F] [--workers-per-trial N]
-        [--max-concurrent N] [--storage DIR] [--name NAME] [--sweep-config FILE ...] [--resume]
+        [--max-concurrent N] [--storage DIR] [--name NAME] [--sweep-config FILE ...] [--resume] [--share]
         [key=value ...] [sweep.key=value ...]
 
 Config: configs/finetune.yaml, then each --config (e.g. configs/narrow.yaml), then key=value overrides
@@ -11,7 +11,8 @@ of FinetuneConfig; overriding a searched key (e.g. epochs=3) takes it out of the
 space defaults to search_spaces/<task>.yaml. Sweep settings (SweepConfig): configs/sweep.yaml, then
 each --sweep-config, then the flags above, then sweep.key=value (e.g. sweep.grace_period=2,
 sweep.reduction_factor=2, sweep.seed=1, sweep.verbose=0). --resume continues the sweep at
-<storage>/<name> with the config, space and sweep settings it was started with. Bad settings fail
+<storage>/<name> with the config, space and sweep settings it was started with (and a
+tracking_uri=URI given again: the sweep recorded its password redacted). Bad settings fail
 before Ray starts (exit code 2).
 """
 from __future__ import annotations
@@ -20,12 +21,12 @@ import argparse
 import json
 import sys
 import typing
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from ctal import storage
 from ctal.checkpoint import CheckpointError, record_command
 from ctal.config import ConfigError, FinetuneConfig, SweepConfig, load_config
-from ctal.console import VERBOSE_HELP, set_verbose, stage
+from ctal.console import SHARE_HELP, VERBOSE_HELP, error_line, set_verbose, stage
 from ctal.distributed.signing import UntrustedStateError, verify_state
 from ctal.distributed.tune import SWEEP_FILE, experiment_location, load_sweep, run_sweep
 from ctal.finetune import prepare
@@ -75,6 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--name", help="experiment name (default: ctal-<task>)")
     p.add_argument("--sweep-config", action="append", default=[], help="SweepConfig YAML (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the sweep at <storage>/<name>")
+    p.add_argument("--share", action="store_true", help=SHARE_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="FinetuneConfig; sweep.key=value: SweepConfig")
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP + "; Tune at sweep.verbose")
     args = p.parse_args(argv)
@@ -89,12 +91,15 @@ def main(argv=None) -> int:
                 raise FileNotFoundError(f"no sweep to resume at {experiment}")
             verify_state(experiment, (SWEEP_FILE,))  # Ray's state there is pickled: ours, or refused
             cfg, space, sweep = load_sweep(experiment)
+            for o in args.overrides:  # sweep.json holds it redacted: the password comes again
+                cfg = replace(cfg, tracking_uri=o.split("=", 1)[1]) if o.startswith("tracking_uri=") else cfg
             print(f"resuming {experiment} with the config, search space and sweep settings it started with")
         else:
             if not args.task or not args.data:
                 raise ConfigError("--task and --data are required (unless --resume)")
             overrides = [o for o in args.overrides if not o.startswith("sweep.")]
             extra = [f"task={args.task}", f"data={args.data}"] + ([f"init={args.init}"] if args.init else [])
+            extra += ["share=true"] if args.share else []
             cfg = load_config(FinetuneConfig, [shipped("configs", "finetune.yaml"), *args.config],
                               [*overrides, *extra])
             space = load_search_space(args.space or shipped("search_spaces", f"{args.task}.yaml"))
@@ -105,7 +110,7 @@ def main(argv=None) -> int:
         cfg, data = prepare(cfg)
         check_sweep(cfg, space, sweep, data)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, CheckpointError) as e:
-        p.exit(2, f"{p.prog}: error: {e}\n")
+        p.exit(2, error_line(p.prog, e))
 
     from ctal.distributed.console import init_ray
 
@@ -115,7 +120,7 @@ def main(argv=None) -> int:
     try:
         result = run_sweep(cfg, space, sweep, resume=args.resume, data=data, checked=True)
     except (ConfigError, FileNotFoundError, FileExistsError, RuntimeError, UntrustedStateError) as e:
-        p.exit(2, f"{p.prog}: error: {e}\n")
+        p.exit(2, error_line(p.prog, e))
     print(describe(result, get_task(cfg.task)))
     return 0 if result.best_checkpoint else 1
 

@@ -23,6 +23,7 @@ from ctal.ablation import GRID_PARAMETERS, Study, cell_config, cell_key
 from ctal.checkpoint import local_copy
 from ctal.config import ConfigError, FinetuneConfig, SweepConfig, to_dict
 from ctal.finetune import TaskData, prepare
+from ctal.redact import redact
 from ctal.report import trial_row
 from ctal.search_space import SearchSpace, check_sweep, load_search_space
 from ctal.tasks import get_task
@@ -88,7 +89,8 @@ def run_study(configs: dict[str, FinetuneConfig], study: Study, space: Optional[
     _check_resources(sweep)
     quiet_driver()
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    record = {"study": study.source, "configs": {k: to_dict(c) for k, c in configs.items()}}
+    # as written to disk: a tracking_uri's password redacted (ctal.redact)
+    record = redact({"study": study.source, "configs": {k: to_dict(c) for k, c in configs.items()}})
     experiment = out / GRID
     trainable = tune.with_resources(
         resumable(_cell_trial, configs={k: to_dict(c) for k, c in configs.items()}, data=data,

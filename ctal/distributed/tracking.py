@@ -5,8 +5,11 @@ lifecycle onto tracker runs on the driver: a run per trial, each reported epoch'
 metric among them) at step = training iteration (= epoch), the run ended FINISHED or FAILED with
 the trial. What they lack, added here: the trial's resolved FinetuneConfig as params (not only the
 sampled values), the fusion variant and seed as tags, a store placed by ctal.tracking's rules (and an
-MLflow artifact root not in the working directory), and the house failure policy: a tracker that
-fails mid-sweep prints one warning line and stops tracking, the sweep goes on.
+MLflow artifact root not in the working directory; a server's credentials and bounded retries set up
+on the driver, where the callback logs), credentials redacted in params and tags, one MLflow run per
+trial across a resumed sweep (tagged ``ctal_trial``; a resumed driver continues it, never opens a
+second), and the house failure policy: a tracker that fails mid-sweep prints one warning line and
+stops tracking, the sweep goes on.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from ray.air.integrations.wandb import WandbLoggerCallback
 
 from .. import tracking
 from ..config import FinetuneConfig, to_dict
+from ..redact import redact
 from ..search_space import apply_params
 
 
@@ -32,7 +36,7 @@ def trial_tags(base: dict, params: dict, cells: Optional[dict] = None) -> tuple[
         extra["cell"] = params.pop("cell")
         base = cells[extra["cell"]]
     cfg = apply_params(base, params)
-    return cfg, {"task": cfg.task, "fusion": cfg.model.fusion, "seed": str(cfg.seed), **extra}
+    return cfg, redact({"task": cfg.task, "fusion": cfg.model.fusion, "seed": str(cfg.seed), **extra})
 
 
 class _NeverFails:
@@ -53,7 +57,16 @@ class _NeverFails:
                   file=sys.stderr, flush=True)
 
     def setup(self, *args, **kwargs):
+        if getattr(self, "tracking_uri", None):  # unpickled from tuner.pkl: redacted (__getstate__)
+            self.tracking_uri = tracking.given(self.tracking_uri)
         self._guard(super().setup, *args, **kwargs)
+
+    def __getstate__(self):
+        # Tune pickles its callbacks into tuner.pkl: no credential may go there with them
+        state = {**self.__dict__, "_base": redact(self._base), "_cells": redact(self._cells)}
+        if state.get("tracking_uri"):
+            state["tracking_uri"] = tracking.keep_secret(state["tracking_uri"])
+        return state
 
     def log_trial_start(self, trial):
         self._guard(super().log_trial_start, trial)
@@ -80,15 +93,22 @@ class _MLflowTrials(MLflowLoggerCallback):
         from mlflow import MlflowClient
         from mlflow.entities import Param
 
+        client = MlflowClient(self.tracking_uri)
+        if trial not in self._trial_runs:  # a resumed sweep: the trial's run from before, if any
+            runs = client.search_runs([self.mlflow_util.experiment_id], max_results=1,
+                                      filter_string=f"tags.ctal_trial = '{trial.trial_id}'")
+            if runs:
+                self._trial_runs[trial] = runs[0].info.run_id
+                client.update_run(runs[0].info.run_id, status="RUNNING")
         new = trial not in self._trial_runs
         cfg, tags = trial_tags(self._base, trial.config, self._cells)
-        self.tags = {**self._sweep_tags, **tags}  # Ray copies self.tags into the run it creates
+        # Ray copies self.tags into the run it creates
+        self.tags = {**self._sweep_tags, **tags, "ctal_trial": trial.trial_id}
         super().log_trial_start(trial)  # the run, with the sampled parameters as params
         if new:
             # The resolved config beside them, dotted keys (a sampled name like "fusion" differs
             # from its key "model.fusion", so the two sets never collide).
             params = [Param(k, v) for k, v in tracking.flat_params(to_dict(cfg)).items()]
-            client = MlflowClient(self.tracking_uri)
             for i in range(0, len(params), 100):  # at most 100 params per batch
                 client.log_batch(self._trial_runs[trial], params=params[i:i + 100])
 
@@ -114,7 +134,7 @@ class _WandbTrials(WandbLoggerCallback):
         # self.kwargs go to this trial's wandb.init: its tags, and its resolved config (nested)
         # with the sampled values at the top, as Ray logs them.
         self.kwargs = {**self._init_kwargs, "tags": tracking.wandb_tags({**self._sweep_tags, **tags}),
-                       "config": {**to_dict(cfg), **trial.config}}
+                       "config": redact({**to_dict(cfg), **trial.config})}
         super().log_trial_start(trial)
 
 

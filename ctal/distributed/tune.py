@@ -27,6 +27,7 @@ from ctal import manifest, storage
 from ctal.config import ConfigError, FinetuneConfig, SweepConfig, from_dict, to_dict
 from ctal.console import Progress
 from ctal.finetune import FRESH_MODEL_WARNING, TaskData, finetune, prepare
+from ctal.redact import redact
 from ctal.report import SweepResult, trial_row, write_results
 from ctal.search_space import SearchSpace, apply_params, check_sweep, parse_search_space
 from ctal.tasks import get_task
@@ -223,7 +224,8 @@ def run_sweep(cfg: FinetuneConfig, space: SearchSpace, sweep: SweepConfig, *, re
     else:
         experiment.mkdir(parents=True)
         (experiment / SWEEP_FILE).write_text(json.dumps(
-            {"config": to_dict(cfg), "space": space.source, "sweep": asdict(sweep)}, indent=2))
+            # a tracking_uri's password redacted: a --resume is given it again (tracking_uri=...)
+            {"config": redact(to_dict(cfg)), "space": space.source, "sweep": asdict(sweep)}, indent=2))
         if remote:
             storage.upload_file(experiment / SWEEP_FILE, storage.join(remote, SWEEP_FILE))
         tuner = tune.Tuner(trainable, param_space=_param_space(space, sweep.search),
