@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 
 from ctal.config import ConfigError, FinetuneConfig, ModelConfig, read_yaml, to_dict
-from ctal.model import FUSION_VARIANTS
+from ctal.variants import FUSION_VARIANTS
 from ctal.report import markdown_table, plot_label_efficiency, plot_question
-from ctal.tasks import TASKS
+from ctal.tasks import TASKS, fold_subset
 
 INIT_LEVELS = ("pretrained", "scratch")
 FACTORS = ("init", "fusion", "orthogonality_weight", "fraction")
@@ -192,36 +192,6 @@ def score_on_test(runs: pd.DataFrame, data, task: str) -> pd.DataFrame:
         for k, v in metrics.items():
             runs.loc[i, f"test_{k}"] = float(v)
     return runs
-
-
-# --------------------------------------------------------------------------------------------------
-# label subsets
-
-
-def label_subset(train: np.ndarray, strata: Optional[np.ndarray], fraction: float, seed: int) -> np.ndarray:
-    """The first ceil(fraction · n) rows of each stratum's fixed permutation (seeded by ``seed`` only),
-    in ``train``'s order: the same rows for every model seed, and nested (10 % ⊂ 30 % ⊂ 100 %)
-    because a larger fraction takes a longer prefix of the same permutations. ``strata``: the class of
-    each training row (None: regression, one stratum); every class keeps at least one row."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"label_fraction={fraction} must be in (0, 1]")
-    if fraction == 1:
-        return train
-    strata = np.zeros(len(train), dtype=np.int64) if strata is None else np.asarray(strata)
-    rng = np.random.default_rng(seed)
-    keep = []
-    for s in sorted(set(strata.tolist())):  # sorted: the permutation does not depend on row order
-        members = np.flatnonzero(strata == s)
-        keep.append(rng.permutation(members)[:max(1, math.ceil(fraction * len(members)))])
-    return train[np.sort(np.concatenate(keep))]
-
-
-def fold_subset(task, meta, fold, fraction: float, seed: int):
-    """``fold`` (a ctal.tasks.Fold) with its training rows cut to ``fraction`` by ``label_subset``,
-    stratified by class when the task has classes; dev and test rows stay whole."""
-    classes = task.classes(meta, fold)
-    strata = None if classes is None else task.targets(meta, fold.train, classes)
-    return replace(fold, train=label_subset(fold.train, strata, fraction, seed))
 
 
 def write_subsets(path: Path, task, meta, study: Study, cfg: FinetuneConfig) -> dict:

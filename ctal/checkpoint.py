@@ -342,6 +342,15 @@ def check_frontend(checkpoint: str | Path, expected: str, fix: str = "") -> None
 # a store of numbered checkpoints (a pretraining run's step-NNNNNNNN)
 
 
+CHECKPOINTS = "checkpoints"  # a run directory's checkpoints: <run_dir>/checkpoints/step-NNNNNNNN
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path | str]:
+    """The newest checkpoint of a run directory (or None); it loads with ``from_pretrained``, for a
+    URI after ``local_copy``."""
+    return CheckpointStore(storage.join(run_dir, CHECKPOINTS)).latest()
+
+
 class CheckpointStore:
     """The checkpoints ``<root>/<prefix>NNNNNNNN`` below a local directory or a URI.
 

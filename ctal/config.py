@@ -15,9 +15,13 @@ from typing import Any, Literal, NewType, Optional, Union
 
 import yaml
 
-# A name in the fusion-variant table, ctal.model.FUSION_VARIANTS. The table lives with the model, and
-# model.py imports this module, so `_check_value` reads the table only when it checks a value.
+from .variants import FUSION_VARIANTS  # torch-free: checking a config never imports the model
+
+# A name in the fusion-variant table (ctal.variants.FUSION_VARIANTS).
 Fusion = NewType("Fusion", str)
+# Log-mel bins per frame: fixed by the Parquet contract (ctal.data's fbank column) and the model's
+# audio input (the bins and their deltas: 2 x FBANK_DIM).
+FBANK_DIM = 80
 
 
 class ConfigError(ValueError):
@@ -53,7 +57,7 @@ class ModelConfig:
     pad_token_id: int = 1
     # "roberta": positions start after the padding index (RoBERTa); "bert": 0..L-1.
     text_position_style: Literal["roberta", "bert"] = "roberta"
-    audio_dim: int = 160
+    audio_dim: int = 2 * FBANK_DIM
     max_audio_positions: int = 3000
     audio_causal: bool = False  # the released code's causal audio self-attention; off = paper
     fusion: Fusion = "ctal"
@@ -70,7 +74,7 @@ class FeatureConfig:
     """Log-mel settings (stored with the data set). ``frontend`` (ctal.features.FRONTENDS): "kaldi"
     (Kaldi fbank) or "release" (the authors' librosa features, for their released weights)."""
     sample_rate: int = 16000
-    num_mel_bins: int = 80
+    num_mel_bins: int = FBANK_DIM
     frame_length_ms: float = 25.0
     frame_shift_ms: float = 10.0
     dither: float = 0.0  # kaldi only
@@ -80,9 +84,9 @@ class FeatureConfig:
         if self.frontend == "release" and self.dither:
             raise ConfigError(f"features.dither={self.dither}: the release front end has no dither "
                               "(kaldi only); drop it or use features.frontend=kaldi")
-        # 80 is fixed by the Parquet contract (ctal.data.FBANK_DIM) and the model's 160-d input
-        _check_range("features.num_mel_bins", self.num_mel_bins, self.num_mel_bins == 80,
-                     "must be 80 (the Parquet fbank column and the model's audio input are 80 log-mel)")
+        _check_range("features.num_mel_bins", self.num_mel_bins, self.num_mel_bins == FBANK_DIM,
+                     f"must be {FBANK_DIM} (the Parquet fbank column and the model's audio input are "
+                     f"{FBANK_DIM} log-mel)")
         _check_range("features.sample_rate", self.sample_rate, 8000 <= self.sample_rate <= 48000,
                      "8000 to 48000 Hz")
         window_ms = 1000.0 * 2 / self.sample_rate if self.sample_rate > 0 else 0.0  # at least 2 samples
@@ -207,7 +211,7 @@ class FinetuneConfig:
     fold: Optional[str] = None  # emotion: the held-out session; None = all five folds
     seed: int = 0
     bf16: bool = True  # autocast on GPU only
-    # Train on a nested, class-stratified subset of each fold's training rows (ctal.ablation.label_subset),
+    # Train on a nested, class-stratified subset of each fold's training rows (ctal.tasks.label_subset),
     # chosen by label_subset_seed alone so every model seed and cell sees the same rows.
     label_fraction: float = 1.0
     label_subset_seed: int = 0
@@ -267,7 +271,6 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
     if tp is Fusion:
-        from .model import FUSION_VARIANTS
         tp, origin = Literal[tuple(FUSION_VARIANTS)], Literal
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -422,8 +425,6 @@ def check_ranges(cfg: Any, rules: dict[str, tuple], prefix: str = "") -> None:
 def validate_model_config(m: ModelConfig, prefix: str = "model.") -> None:
     """The architecture's ranges, for pretraining and fine-tuning alike: sizes, the heads dividing
     the hidden size, dropout probabilities, the 160-d frames the data sets hold."""
-    from .data import FBANK_DIM  # (data.py imports this module)
-
     check_ranges(m, {**dict.fromkeys(("vocab_size", "hidden_size", "num_text_layers", "num_audio_layers",
                                       "num_attention_heads", "intermediate_size", "max_position_embeddings",
                                       "type_vocab_size", "max_audio_positions"), AT_LEAST_1),
@@ -468,7 +469,7 @@ def _adopt_text_init(cfg: Any, given: dict, prefix: str = "") -> dict:
         return adopted
     if not cfg.text_init:
         return {}
-    from .model import adopt_text_init  # torch, only when a text_init asks for it
+    from .text_init import adopt_text_init  # transformers: only when a config names a text_init
 
     try:
         values = adopt_text_init(vars(cfg), explicit=given, prefix=prefix)

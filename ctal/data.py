@@ -24,9 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
-from .config import ConfigError, FeatureConfig, from_dict
-
-FBANK_DIM = 80
+from .config import FBANK_DIM, ConfigError, FeatureConfig, from_dict
 
 PARQUET_SCHEMA = pa.schema([
     ("id", pa.string()),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .corpora.synthetic import synthesize
 from .finetune import TaskData, evaluate
-from .model import FUSION_VARIANTS
+from .variants import FUSION_VARIANTS
 from .report import markdown_table, write_demo_report
 
 # The variants that read one stream: the demo's label needs both, so these show chance.

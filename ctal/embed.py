@@ -18,7 +18,8 @@ from .batching import collate
 from .config import DataConfig
 from .data import featurize_row
 from .finetune import position_limits
-from .model import FUSION_VARIANTS, CTALForSequenceClassification, masked_mean
+from .model import CTALForSequenceClassification, masked_mean
+from .variants import FUSION_VARIANTS
 from .tokenizer import TOKENIZER_FILES, load_tokenizer, read_normalization, tokenizer_hash
 
 

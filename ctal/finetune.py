@@ -30,12 +30,12 @@ import torch
 from ctal import checkpoint as checkpoints
 from ctal import storage, tracking
 from ctal.batching import bucket_batches, collate, derive_seed, padding_efficiency
-from ctal.checkpoint import Part
+from ctal.checkpoint import Part, latest_checkpoint
 from ctal.config import ConfigError, FinetuneConfig, from_dict, to_dict, validate_finetune_config
 from ctal.data import FBANK_DIM, TOKENIZER_DIR, TokenizerInfo, check_vocabulary, feature_frontend, open_dataset
 from ctal.model import CTALConfig, CTALForSequenceClassification
 from ctal.optim import build_optimizer, build_scheduler
-from ctal.tasks import Fold, Meta, Outputs, Task, get_task
+from ctal.tasks import Fold, Meta, Outputs, Task, fold_subset, get_task
 
 KIND = "finetuning"  # checkpoint.json's kind
 EVAL_BATCH_SIZE = 16  # fixed, so a checkpoint's metrics do not depend on the training batch size
@@ -160,9 +160,7 @@ def prepare(cfg: FinetuneConfig, data: Optional[TaskData] = None) -> tuple[Finet
     cfg = replace(cfg, data=storage.normalize(cfg.data), init=cfg.init and storage.normalize(cfg.init))
     data = data if data is not None else TaskData.load(cfg.data)
     if cfg.init and not storage.is_file(storage.join(cfg.init, checkpoints.STATE_FILE)):
-        from ctal.pretrain import latest_checkpoint  # a pretraining run directory: its newest checkpoint
-
-        newest = latest_checkpoint(cfg.init)
+        newest = latest_checkpoint(cfg.init)  # a pretraining run directory: its newest checkpoint
         if newest is None:
             raise FileNotFoundError(f"init={cfg.init} is neither a ctal checkpoint (no {checkpoints.STATE_FILE}) "
                                     "nor a pretraining run directory holding one")
@@ -350,11 +348,9 @@ def finetune(cfg: FinetuneConfig, *, data: Optional[TaskData] = None, out_dir: O
 
 
 def _label_subset(task: Task, data: TaskData, fold: Fold, cfg: FinetuneConfig) -> Fold:
-    """The fold with its training rows cut to cfg.label_fraction (ctal.ablation.fold_subset)."""
+    """The fold with its training rows cut to cfg.label_fraction (ctal.tasks.fold_subset)."""
     if cfg.label_fraction == 1:
         return fold
-    from ctal.ablation import fold_subset
-
     return fold_subset(task, data.meta, fold, cfg.label_fraction, cfg.label_subset_seed)
 
 

@@ -32,6 +32,8 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
 from .config import ModelConfig
+from .text_init import adopt_text_init, load_text_checkpoint
+from .variants import FUSION_VARIANTS
 
 # Fields that change parameter shapes or which parameters exist: a checkpoint must agree on all of them.
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_text_layers", "num_audio_layers",
@@ -660,82 +662,6 @@ def masked_mean(x, mask):
     return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-POOLS = ("first", "max", "mean", "attention")
-
-
-@dataclass(frozen=True)
-class FusionVariant:
-    """What one fusion variant computes; `FUSION_VARIANTS` below is the only place variants are defined.
-
-    pairs: one (text pool, audio pool) per part of z; None where that stream is not pooled.
-    text, audio: which streams run. cross_attention: the audio stream attends to the final text states.
-    combine: "sum" puts t + a of a matched pair in one part and adds |cos(t, a)| to the orthogonality
-    loss (the paper's orthogonal fusion); "concat" puts them side by side, no orthogonality term.
-    """
-    name: str
-    pairs: tuple[tuple[Optional[str], Optional[str]], ...]
-    text: bool
-    audio: bool
-    cross_attention: bool
-    combine: str = "sum"
-
-    def __post_init__(self):
-        pools = [p for pair in self.pairs for p in pair if p is not None]
-        problems = [f"unknown pool {p!r} (known: {', '.join(POOLS)})" for p in pools if p not in POOLS]
-        if self.combine not in ("sum", "concat"):
-            problems.append(f"combine={self.combine!r} is neither 'sum' nor 'concat'")
-        if any(t is None and a is None for t, a in self.pairs) or not self.pairs:
-            problems.append("every pair needs a text or an audio pool")
-        if any(t == "attention" for t, _ in self.pairs):
-            problems.append("the attention pool scores audio frames only")
-        if self.cross_attention and not (self.text and self.audio):
-            problems.append("cross-attention needs both streams")
-        # a stream runs exactly when something reads it: its pools, or the audio's cross-attention
-        for stream, runs, read in (("text", self.text, bool(self.text_pools) or self.cross_attention),
-                                   ("audio", self.audio, bool(self.audio_pools))):
-            if runs != read:
-                problems.append(f"{stream}={runs}, but " + ("no pool or cross-attention reads that stream"
-                                                            if runs else "a pool or cross-attention reads it"))
-        if problems:
-            raise ValueError(f"fusion variant {self.name!r}: {'; '.join(problems)}")
-
-    @property
-    def text_pools(self) -> list[str]:
-        return sorted({t for t, _ in self.pairs if t})
-
-    @property
-    def audio_pools(self) -> list[str]:
-        return sorted({a for _, a in self.pairs if a})
-
-    @property
-    def orthogonal(self) -> bool:
-        return self.combine == "sum" and any(t and a for t, a in self.pairs)
-
-    def fused_width(self, hidden_size: int) -> int:
-        """Width of z, the concatenated parts the fusion's dense layer reads (and writes)."""
-        matched = sum(1 for t, a in self.pairs if t and a)
-        return (len(self.pairs) + (matched if self.combine == "concat" else 0)) * hidden_size
-
-
-FUSION_VARIANTS: dict[str, FusionVariant] = {v.name: v for v in (
-    # the paper's (and the release's, orthogonal_fusion=True): [t_first + a_att ; t_max + a_max]
-    FusionVariant("ctal", (("first", "attention"), ("max", "max")),
-                  text=True, audio=True, cross_attention=True),
-    # the release's non-orthogonal fusion (orthogonal_fusion=False): [t_first ; a_att], no orthogonality term
-    FusionVariant("ctal_concat", (("first", "attention"),),
-                  text=True, audio=True, cross_attention=True, combine="concat"),
-    FusionVariant("first_token", (("first", "first"),), text=True, audio=True, cross_attention=True),
-    FusionVariant("mean_pool", (("mean", "mean"),), text=True, audio=True, cross_attention=True),
-    # the baseline without a cross-modal layer: the unimodal pooled vectors side by side
-    FusionVariant("late_concat", (("first", "attention"), ("max", "max")),
-                  text=True, audio=True, cross_attention=False, combine="concat"),
-    # the release's single-stream heads (head=semantic / head=acoustic)
-    FusionVariant("text_only", (("first", None), ("max", None)), text=True, audio=False, cross_attention=False),
-    FusionVariant("audio_only", ((None, "attention"), (None, "max")),
-                  text=False, audio=True, cross_attention=False),
-)}
-
-
 def lecun_normal_(linear: nn.Linear) -> None:
     nn.init.normal_(linear.weight, mean=0.0, std=linear.in_features ** -0.5)
     if linear.bias is not None:
@@ -865,118 +791,6 @@ class CTALForSequenceClassification(CTALPreTrainedModel):
                 out.task_loss = F.cross_entropy(logits.float(), labels.long())
             out.loss = out.task_loss + self.config.orthogonality_weight * ortho
         return out
-
-
-# --------------------------------------------------------------------------------------------------
-# loading a local Hugging Face BERT / RoBERTa into the text stream
-
-
-# The HF model types whose weight names and math the text stream follows, with the position style of each.
-TEXT_INIT_TYPES = {"bert": "bert", "roberta": "roberta"}
-
-
-def text_config_from_hf(hf_dir) -> dict:
-    """The ModelConfig fields a local HF BERT/RoBERTa checkpoint fixes, read from its config.json.
-
-    The one mapping from an HF config to ours; the audio stream shares hidden size, heads and FFN, so
-    it follows the checkpoint's width too. Anything the text stream cannot reproduce is refused,
-    naming the file.
-    """
-    from transformers import AutoConfig
-
-    file = Path(hf_dir) / "config.json"
-    if not file.is_file():
-        raise ValueError(f"text_init={hf_dir}: {file} does not exist (text_init needs a local Hugging Face "
-                         "BERT or RoBERTa folder)")
-    try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"text_init={hf_dir}: {file} is not JSON ({e})") from None
-    kind = raw.get("model_type") if isinstance(raw, dict) else None
-    if kind not in TEXT_INIT_TYPES:
-        raise ValueError(f"text_init={hf_dir}: {file} has model_type={kind!r}; text_init supports "
-                         f"{' and '.join(TEXT_INIT_TYPES)}")
-    hf = AutoConfig.for_model(**raw)  # BertConfig / RobertaConfig: their defaults fill absent keys
-    unsupported = {"position_embedding_type": (getattr(hf, "position_embedding_type", "absolute"), "absolute"),
-                   "is_decoder": (getattr(hf, "is_decoder", False), False)}
-    for key, (value, needed) in unsupported.items():
-        if value != needed:
-            raise ValueError(f"text_init={hf_dir}: {file} has {key}={value!r}; the text stream needs {needed!r}")
-    if hf.hidden_act not in ACT2FN:
-        raise ValueError(f"text_init={hf_dir}: {file} has hidden_act={hf.hidden_act!r}, not one of "
-                         "transformers' activations")
-    return dict(vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, num_text_layers=hf.num_hidden_layers,
-                num_attention_heads=hf.num_attention_heads, intermediate_size=hf.intermediate_size,
-                hidden_act=hf.hidden_act, max_position_embeddings=hf.max_position_embeddings,
-                type_vocab_size=hf.type_vocab_size, layer_norm_eps=hf.layer_norm_eps,
-                pad_token_id=hf.pad_token_id, text_position_style=TEXT_INIT_TYPES[kind])
-
-
-def adopt_text_init(values: dict, explicit=(), prefix: str = "") -> dict:
-    """What `values["text_init"]` decides: {field: value} from its config.json ({} without text_init).
-
-    `values` maps ModelConfig fields to what a config has now; those named in `explicit` were set by
-    the user (a keyword, a command-line override), the rest are defaults that text_init replaces. An
-    explicit value that disagrees raises ValueError naming the key (with `prefix`), both values and
-    the file.
-    """
-    hf_dir = values.get("text_init")
-    if not hf_dir:
-        return {}
-    try:
-        adopted = text_config_from_hf(hf_dir)
-    except ValueError as e:
-        raise ValueError(f"{prefix}{e}") from None  # its messages start with text_init=…
-    conflicts = [f"{prefix}{k}={values[k]!r} but {Path(hf_dir) / 'config.json'} has {k}={v!r}"
-                 for k, v in adopted.items() if k in explicit and values[k] != v]
-    if conflicts:
-        raise ValueError(f"{prefix}text_init={hf_dir} sets the text architecture: {'; '.join(conflicts)} "
-                         f"(drop the setting or give the checkpoint's value)")
-    return adopted
-
-
-def _read_hf_state(hf_dir: Path) -> dict:
-    files = sorted(hf_dir.glob("*.safetensors"))
-    if files:
-        state = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        return state
-    bins = sorted(hf_dir.glob("pytorch_model*.bin"))
-    if not bins:
-        raise FileNotFoundError(f"{hf_dir}: no *.safetensors or pytorch_model.bin weights")
-    state = {}
-    for f in bins:
-        state.update(torch.load(f, map_location="cpu", weights_only=True))  # never unpickle objects
-    return state
-
-
-def load_text_checkpoint(text: TextStream, hf_dir, cfg: CTALConfig):
-    """Load embeddings + encoder layers of a local HF checkpoint into `text`, strictly."""
-    hf_dir = Path(hf_dir)
-    expected = text_config_from_hf(hf_dir)
-    for key, value in expected.items():
-        if getattr(cfg, key) != value:
-            raise ValueError(f"text_init={hf_dir}: checkpoint has {key}={value!r} but the model config "
-                             f"has {key}={getattr(cfg, key)!r} (CTALConfig(text_init=...) adopts the "
-                             "checkpoint's values; do not change them afterwards)")
-    state = {}
-    for k, v in _read_hf_state(hf_dir).items():
-        for prefix in ("bert.", "roberta.", "model."):
-            k = k.removeprefix(prefix)
-        if k.startswith(("pooler.", "cls.", "lm_head.")) or k.endswith("position_ids"):
-            continue  # heads and buffers the text stream does not have
-        state[k] = v
-    own = text.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise ValueError(f"text_init={hf_dir}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for k, v in state.items():
-        if v.shape != own[k].shape:
-            raise ValueError(f"text_init={hf_dir}: {k} has shape {tuple(v.shape)}, "
-                             f"expected {tuple(own[k].shape)}")
-    text.load_state_dict(state, strict=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,14 +39,13 @@ import torch.distributed as dist
 
 from . import checkpoint, manifest, rendezvous, storage, tracking
 from .batching import FeedError, PretrainBatches, collate, derive_seed, feed, split_matches
-from .checkpoint import CheckpointStore, Part
+from .checkpoint import CHECKPOINTS, CheckpointStore, Part
 from .config import (AT_LEAST_1, BELOW_1, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, PretrainConfig,
                      check_ranges, to_dict, validate_model_config)
 from .data import TOKENIZER_DIR, TokenizerInfo, check_vocabulary, feature_frontend, open_dataset, read_report
 from .model import CTALConfig, CTALForPretraining
 from .optim import build_optimizer, build_scheduler
 
-CHECKPOINTS = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 TRACKING_EXPERIMENT = "ctal-pretrain"  # the tracker experiment every pretraining run joins (run = run_name)
 
@@ -149,12 +148,6 @@ def step_of(line: str) -> Optional[int]:
     """The step of a ``step_line``, None for any other line."""
     head = line.split(" | ", 1)[0].split()
     return int(head[1]) if len(head) == 2 and head[0] == "step" and head[1].isdigit() else None
-
-
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path | str]:
-    """The newest checkpoint of a run directory (or None); it loads with ``from_pretrained``, for a
-    URI after ``ctal.checkpoint.local_copy``."""
-    return CheckpointStore(storage.join(run_dir, CHECKPOINTS)).latest()
 
 
 def _push_logs(run_dir: Path, remote: str, writer) -> None:

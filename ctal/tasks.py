@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -244,3 +244,33 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
     return TASKS[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# label subsets: the fraction of each fold's training labels a run sees (ctal.ablation's questions)
+
+
+def label_subset(train: np.ndarray, strata: Optional[np.ndarray], fraction: float, seed: int) -> np.ndarray:
+    """The first ceil(fraction · n) rows of each stratum's fixed permutation (seeded by ``seed`` only),
+    in ``train``'s order: the same rows for every model seed, and nested (10 % ⊂ 30 % ⊂ 100 %)
+    because a larger fraction takes a longer prefix of the same permutations. ``strata``: the class of
+    each training row (None: regression, one stratum); every class keeps at least one row."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label_fraction={fraction} must be in (0, 1]")
+    if fraction == 1:
+        return train
+    strata = np.zeros(len(train), dtype=np.int64) if strata is None else np.asarray(strata)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for s in sorted(set(strata.tolist())):  # sorted: the permutation does not depend on row order
+        members = np.flatnonzero(strata == s)
+        keep.append(rng.permutation(members)[:max(1, math.ceil(fraction * len(members)))])
+    return train[np.sort(np.concatenate(keep))]
+
+
+def fold_subset(task, meta, fold, fraction: float, seed: int):
+    """``fold`` with its training rows cut to ``fraction`` by ``label_subset``,
+    stratified by class when the task has classes; dev and test rows stay whole."""
+    classes = task.classes(meta, fold)
+    strata = None if classes is None else task.targets(meta, fold.train, classes)
+    return replace(fold, train=label_subset(fold.train, strata, fraction, seed))

@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from ctal.ablation import (Interval, cell_key, label_subset, load_study, paired_difference,
+from ctal.ablation import (Interval, cell_key, load_study, paired_difference,
                            parse_study, reading, t_interval, write_report)
 from ctal.config import ConfigError, FinetuneConfig
+from ctal.tasks import label_subset
 from sweep_kill import kill_mid_grid
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
-from ctal.model import (FUSION_VARIANTS, CTALConfig, CTALForPretraining, CTALForSequenceClassification,
-                        Fusion, FusionVariant, orthogonality, text_config_from_hf)
+from ctal.model import CTALConfig, CTALForPretraining, CTALForSequenceClassification, Fusion, orthogonality
+from ctal.text_init import text_config_from_hf
+from ctal.variants import FUSION_VARIANTS, FusionVariant
 
 NARROW = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=50,
               num_text_layers=2, num_audio_layers=2, max_position_embeddings=40,

@@ -20,7 +20,8 @@ from ctal.checkpoint import CheckpointStore
 from ctal.config import ConfigError, PretrainConfig, load_config
 from ctal.data import open_dataset
 from ctal.model import CTALForPretraining
-from ctal.pretrain import CHECKPOINTS, latest_checkpoint, pretrain_loop, prepare, read_metrics
+from ctal.checkpoint import latest_checkpoint
+from ctal.pretrain import CHECKPOINTS, pretrain_loop, prepare, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 40, 10

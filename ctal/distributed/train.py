@@ -31,10 +31,10 @@ import torch
 import yaml
 
 from .. import manifest, outputs, storage
-from ..checkpoint import CheckpointStore
+from ..checkpoint import CHECKPOINTS, CheckpointStore, latest_checkpoint
 from ..config import PretrainConfig, from_dict, to_dict
 from ..console import Progress
-from ..pretrain import CHECKPOINTS, PretrainPlan, latest_checkpoint, pretrain_loop, prepare, read_metrics, step_of
+from ..pretrain import PretrainPlan, pretrain_loop, prepare, read_metrics, step_of
 from .console import LogRelay, init_ray
 from .torch_backend import torch_trainer
 
