@@ -14,7 +14,7 @@ alone to say where a sample's time goes. The tiny model's forward + backward + A
 same batches (one thread) puts the feed beside the model on this CPU. Then the feed as pretraining
 runs it (``ctal.batching.feed``) with its thread and with ``--feed-workers`` processes, wall-clock
 samples/s side by side and CPU per sample over all processes; then, from
-``ctal.model.pretraining_flops`` at LibriSpeech-like lengths, the feed cores one GPU needs at
+``ctal.flops.pretraining_flops`` at LibriSpeech-like lengths, the feed cores one GPU needs at
 ``--mfu`` of its dense bf16 peak, for tiny / base / large, on an H100 and on a g5.12xlarge, at the
 CPU cost per sample of the largest feed of processes measured.
 """
@@ -197,7 +197,7 @@ def main() -> None:
     import torch
 
     import ctal
-    from ctal.model import pretraining_flops
+    from ctal.flops import pretraining_flops
     from train_throughput import librispeech_like_frames, make_dataset
 
     torch.set_num_threads(1)  # per CPU core: one worker's feed is one thread

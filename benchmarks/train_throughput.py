@@ -30,9 +30,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# Dense bf16 peak (no sparsity) by device name, FLOP/s (H100 means the SXM card; its PCIe one is slower).
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12}
-
 
 def librispeech_like_frames(n: int, seed: int = 0) -> np.ndarray:
     """Utterance lengths in 10 ms frames: log-normal around 12 s, clipped to 1-35 s (LibriSpeech's
@@ -146,14 +143,6 @@ def padding_report(args) -> None:
 # --gpu: samples/s and MFU without Ray
 
 
-def peak_flops(name: str) -> float | None:
-    """The card's dense bf16 peak in FLOP/s from its device name, None for a card not listed."""
-    for key, value in PEAK_BF16_FLOPS.items():  # "H100 PCIe" is listed before "H100"
-        if key in name:
-            return value
-    return None
-
-
 def measure_size(size: str, *, device, batch_size: int, frames: int, tokens: int, steps: int, warmup: int,
                  compile_model: bool) -> dict:
     """One pretraining step as the loop takes it (heads where the loss looks, fused AdamW, bf16
@@ -162,7 +151,8 @@ def measure_size(size: str, *, device, batch_size: int, frames: int, tokens: int
 
     from benchmarks.step_vs_reference import fixed_batch
     from ctal.config import PretrainConfig
-    from ctal.model import CTALConfig, CTALForPretraining, pretraining_flops
+    from ctal.flops import pretraining_flops
+    from ctal.model import CTALConfig, CTALForPretraining
     from ctal.optim import build_optimizer
     from ctal.pretrain import pad_to_buckets, training_autocast
 
@@ -209,6 +199,8 @@ def measure_size(size: str, *, device, batch_size: int, frames: int, tokens: int
 def gpu_report(args) -> int:
     import torch
 
+    from ctal.flops import peak_flops
+
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("--gpu needs a CUDA device and torch sees none here; --gpu --device cpu runs the same code on "
               "the CPU (no MFU)", file=sys.stderr)
@@ -220,7 +212,7 @@ def gpu_report(args) -> int:
     why_no_mfu = ("no GPU: MFU is against a GPU's peak" if not on_gpu
                   else f"no dense bf16 peak listed for {name!r}: pass --peak-tflops")
     print(f"{name}: batch {args.batch_size} x {args.frames} frames x {args.tokens} tokens, bf16 autocast, "
-          f"peak {f'{peak / 1e12:g} TFLOP/s' if peak else 'unknown'}; FLOPs from ctal.model.pretraining_flops "
+          f"peak {f'{peak / 1e12:g} TFLOP/s' if peak else 'unknown'}; FLOPs from ctal.flops.pretraining_flops "
           "(matmuls, forward + backward, heads and last audio layer on the scored positions)")
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     for size in args.sizes.split(","):

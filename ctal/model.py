@@ -17,7 +17,6 @@ Differences from the released code, on purpose:
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
 from .config import ModelConfig
+from .loading import LOADING_OPTIONS, MODEL_FIELDS, TASK_FIELDS, refuse_unknown, requested_dtype
 from .text_init import adopt_text_init, load_text_checkpoint
 from .variants import FUSION_VARIANTS
 
@@ -39,9 +39,6 @@ from .variants import FUSION_VARIANTS
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_text_layers", "num_audio_layers",
                        "num_attention_heads", "intermediate_size", "max_position_embeddings",
                        "type_vocab_size", "audio_dim", "max_audio_positions")
-MODEL_FIELDS = tuple(ModelConfig.__dataclass_fields__)
-# What a task head adds to the config (PretrainedConfig's own fields); from_pretrained accepts them.
-TASK_FIELDS = ("num_labels", "problem_type", "id2label", "label2id")
 
 
 class CTALConfig(PretrainedConfig):
@@ -412,18 +409,18 @@ class CTALPreTrainedModel(PreTrainedModel):
         Keywords: ModelConfig fields and task fields (TASK_FIELDS) override the saved config, but
         not its architecture; `output_loading_info=True` returns (model, info) with HF's keys;
         `dtype`/`torch_dtype` (a torch.dtype, its name, or "auto" = as saved) sets the dtype; `config`
-        and `subfolder` as in HF. Hub options (HUB_OPTIONS) have no effect: CTAL loads local folders
+        and `subfolder` as in HF. Hub options (ctal.loading.HUB_OPTIONS) have no effect: CTAL loads local folders
         only. Anything else is refused by name. A task model may start from a pretraining checkpoint
         (its heads are then fresh); anything else missing, unexpected or mis-shaped raises.
         """
         if model_args:
             raise TypeError(f"{cls.__name__}.from_pretrained() takes no positional arguments after the path")
-        _refuse_unknown(cls.__name__, kwargs)
+        refuse_unknown(cls.__name__, kwargs)
         options = {k: kwargs.pop(k) for k in LOADING_OPTIONS if k in kwargs}
         if "_adapter_model_path" in (options.get("adapter_kwargs") or {}):
             raise ValueError(f"{path}: PEFT adapters are not supported by CTAL checkpoints")
         path = Path(path) / options.get("subfolder", "")
-        dtype = _requested_dtype(options.get("dtype"), options.get("torch_dtype"))
+        dtype = requested_dtype(options.get("dtype"), options.get("torch_dtype"))
         overrides = kwargs
         if options.get("config") is not None:  # AutoModel passes the config it read; kwargs win over it
             given = options["config"]
@@ -478,37 +475,6 @@ class CTALPreTrainedModel(PreTrainedModel):
         # strict loading leaves nothing mismatched or in error: either would have raised above
         return {"missing_keys": set(fresh), "unexpected_keys": set(dropped), "mismatched_keys": set(),
                 "error_msgs": []}
-
-
-# HF loading options: AutoModel passes the hub ones along (and _from_auto, adapter_kwargs, trust_remote_code).
-HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "token",
-               "trust_remote_code", "adapter_kwargs", "_from_auto")
-LOADING_OPTIONS = ("config", "output_loading_info", "dtype", "torch_dtype", "subfolder", *HUB_OPTIONS)
-
-
-def _refuse_unknown(owner: str, kwargs: dict) -> None:
-    known = (*MODEL_FIELDS, *TASK_FIELDS, *LOADING_OPTIONS)
-    unknown = [k for k in kwargs if k not in known]
-    if unknown:
-        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, n=1))
-                 else repr(k) for k in unknown]
-        raise TypeError(f"{owner}.from_pretrained() got unknown keyword argument(s) {', '.join(hints)}; it "
-                        f"takes ModelConfig fields, task fields ({', '.join(TASK_FIELDS)}) and loading "
-                        f"options ({', '.join(LOADING_OPTIONS[:5])})")
-
-
-def _requested_dtype(dtype, torch_dtype):
-    """None (float32, as built), "auto", or a floating torch.dtype from a dtype or its name."""
-    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
-        raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give dtype only "
-                         "(torch_dtype is its old name)")
-    dtype = dtype if dtype is not None else torch_dtype
-    if dtype is None or dtype == "auto":
-        return dtype
-    resolved = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
-    if not (isinstance(resolved, torch.dtype) and resolved.is_floating_point):
-        raise ValueError(f"dtype={dtype!r} is not a floating torch dtype, its name (e.g. 'bfloat16') or 'auto'")
-    return resolved
 
 
 @dataclass
@@ -617,34 +583,6 @@ class CTALForPretraining(CTALPreTrainedModel):
             out.loss = (self.config.mlm_weight * out.mlm_loss
                         + self.config.acoustic_weight * out.masked_acoustic_loss)
         return out
-
-
-def pretraining_flops(cfg, tokens: int, frames: int, mlm_tokens: Optional[int] = None,
-                      acoustic_frames: Optional[int] = None, last_layer_frames: Optional[int] = None) -> float:
-    """Matmul FLOPs of one pretraining sample's forward + backward (3 × forward, as for MFU).
-
-    `tokens`/`frames` are the sample's real positions; the heads cost `mlm_tokens` / `acoustic_frames`
-    positions (all positions by default, fewer when the heads run only where the loss looks), and the
-    last audio layer computes outputs for `last_layer_frames` (default all; the scored frames when
-    CTALForPretraining runs it only there: every frame stays a key and value).
-    Counts every Linear and both attention matmuls (2 FLOPs per multiply-add); norms, activations,
-    softmax and embedding lookups are left out, as in the usual MFU accounting. Checked against
-    torch's FlopCounterMode in tests/test_model.py.
-    """
-    H, I, V, D = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.audio_dim
-    mlm_tokens = tokens if mlm_tokens is None else mlm_tokens
-    acoustic_frames = frames if acoustic_frames is None else acoustic_frames
-    layer = lambda n: n * (4 * H * H + 2 * H * I)  # QKV + output projection + FFN, per position
-    text = cfg.num_text_layers * (layer(tokens) + 2 * tokens * tokens * H)
-    m = frames if last_layer_frames is None else last_layer_frames  # the last layer's queries
-
-    def audio_layer(q):  # Q, O, FFN and cross-attention for q query frames; K, V of every frame
-        return (q * (2 * H * H + 2 * H * I) + 2 * H * H * frames + 2 * q * frames * H
-                + 2 * H * H * (q + tokens) + 2 * q * tokens * H)  # cross: Q,O on frames; K,V on tokens
-    audio = (cfg.num_audio_layers - 1) * audio_layer(frames) + audio_layer(m)
-    heads = mlm_tokens * (H * H + H * V) + acoustic_frames * (H * H + H * D)
-    # the input projection has no gradient to pass back to the frames: forward + weight gradient only
-    return 3 * 2 * float(text + audio + heads) + 2 * 2 * float(D * H * frames)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from .checkpoint import CHECKPOINTS, CheckpointStore, Part
 from .config import (AT_LEAST_1, BELOW_1, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, PretrainConfig,
                      check_ranges, to_dict, validate_model_config)
 from .data import TOKENIZER_DIR, TokenizerInfo, check_vocabulary, feature_frontend, open_dataset, read_report
+from .flops import batch_flops, peak_flops
 from .model import CTALConfig, CTALForPretraining
 from .optim import build_optimizer, build_scheduler
 
@@ -141,7 +142,7 @@ def step_line(m: dict) -> str:
     """The metric line the loop logs every ``log_every`` steps (``step_of`` reads the step back)."""
     return (f"step {m['step']:>7d} | loss {m['loss']:.4f} | mlm {m['mlm_loss']:.4f} | "
             f"acoustic {m['masked_acoustic_loss']:.4f} | lr {m['lr']:.2e} | {m['samples_per_s']:.1f} samples/s | "
-            f"padding eff {m['padding_efficiency']:.3f}")
+            f"padding eff {m['padding_efficiency']:.3f}" + (f" | MFU {m['mfu']:.1%}" if "mfu" in m else ""))
 
 
 def step_of(line: str) -> Optional[int]:
@@ -391,7 +392,8 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
     it = feed(data, make_batch, step * accum, workers=cfg.feed_workers, pin_memory=device.type == "cuda")
     # Running sums since the last log, kept on the device so there is no sync per step.
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, mlm, acoustic, micro-batches
-    counts = torch.zeros(3, dtype=torch.float64)  # samples, real frames, padded frames
+    counts = torch.zeros(4, dtype=torch.float64)  # samples, real frames, padded frames, FLOPs
+    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else device.type)  # MFU
     last = {}
     t0 = time.perf_counter()
     model.train()
@@ -401,8 +403,8 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
             torch.manual_seed(derive_seed(cfg.seed, rank, step))  # dropout: a function of the step
             for micro in range(accum):
                 batch = next(it)
-                counts += torch.tensor([len(batch["input_ids"]), batch.pop("n_real"), batch.pop("n_padded")],
-                                       dtype=torch.float64)
+                counts += torch.tensor([len(batch["input_ids"]), batch.pop("n_real"), batch.pop("n_padded"),
+                                        batch_flops(model_cfg, batch)], dtype=torch.float64)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 sync = micro == accum - 1 or not hasattr(model, "no_sync")
                 with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
@@ -425,10 +427,13 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
                 stats = stats.cpu()
                 dt = time.perf_counter() - t0
                 loss, mlm, acoustic, n = stats[:4].tolist()
-                samples, real, padded = stats[4:].tolist()
+                samples, real, padded, flops = stats[4:].tolist()
                 last = {"step": step, "loss": loss / n, "mlm_loss": mlm / n,
                         "masked_acoustic_loss": acoustic / n, "lr": lr, "samples_per_s": samples / dt,
-                        "padding_efficiency": real / padded, "epoch": step * accum / data.batches_per_epoch}
+                        "padding_efficiency": real / padded, "epoch": step * accum / data.batches_per_epoch,
+                        "tflops_per_s": flops / dt / 1e12}
+                if peak:  # every worker's FLOPs over every worker's peak
+                    last["mfu"] = flops / dt / (peak * world_size)
                 if rank == 0:
                     log(step_line(last))
                     for k, v in last.items():

@@ -423,7 +423,7 @@ def test_pretraining_flops_match_torchs_flop_counter():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ctal.model import pretraining_flops
+    from ctal.flops import pretraining_flops
     cfg = CTALConfig(hidden_size=64, num_attention_heads=4, intermediate_size=96, num_text_layers=2,
                      num_audio_layers=3, vocab_size=300)
     model = CTALForPretraining(cfg)

@@ -175,9 +175,12 @@ def test_train_throughput_gpu_mode_runs_on_cpu_and_refuses_without_cuda(capsys):
     if not torch.cuda.is_available():
         assert tt.main(["--gpu"]) == 2
         assert "--gpu needs a CUDA device" in capsys.readouterr().err
-    assert tt.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and tt.peak_flops("NVIDIA H200") == 989e12
-    assert tt.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and tt.peak_flops("NVIDIA A10G") == 125e12
-    assert tt.peak_flops("NVIDIA GeForce RTX 4090") is None
+    from ctal.flops import peak_flops
+
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA H200") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12 and peak_flops("NVIDIA L4") == 121e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and peak_flops("NVIDIA A10G") == 125e12
+    assert peak_flops("NVIDIA GeForce RTX 4090") is None
 
 
 def test_pretraining_flops_of_the_scored_step_match_torchs_flop_counter():
@@ -186,7 +189,7 @@ def test_pretraining_flops_of_the_scored_step_match_torchs_flop_counter():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ctal.model import pretraining_flops
+    from ctal.flops import pretraining_flops
     cfg = CTALConfig(hidden_size=64, num_attention_heads=4, intermediate_size=96, num_text_layers=2,
                      num_audio_layers=3, vocab_size=300)
     model = CTALForPretraining(cfg)
@@ -221,3 +224,38 @@ def test_the_loop_with_gradient_checkpointing_logs_the_losses_of_the_plain_loop(
         logged[option] = {s: m["loss"] for s, m in read_metrics(tmp_path / option).items()}
     assert len(logged["false"]) == 2
     assert logged["true"] == pytest.approx(logged["false"], rel=1e-6)
+
+
+def test_pretraining_logs_the_flops_it_ran_and_mfu_against_a_known_peak(tiny_data, tmp_path, monkeypatch):
+    """Issue 26.2: the loop counts each batch's FLOPs (ctal.flops.batch_flops: the scored step's count,
+    checked against torch's counter above) and logs MFU where the device's peak is known."""
+    import json
+
+    from ctal import pretrain
+    from ctal.config import load_config
+
+    monkeypatch.setattr(pretrain, "peak_flops", lambda name: 1e12 if name == "cpu" else None)
+    cfg = load_config(PretrainConfig, [REPO / "configs/pretrain.yaml"],
+                      [f"data={tiny_data}", "max_frames=100", "max_steps=2", "checkpoint_every=2", "log_every=1",
+                       "batch_size=4", "bucket_pool_rows=16", "model.hidden_size=32", "model.num_attention_heads=4",
+                       "model.intermediate_size=64", "model.num_text_layers=1", "model.num_audio_layers=1"])
+    lines = []
+    pretrain.pretrain_loop(cfg, run_dir=tmp_path / "run", log=lines.append)
+    logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [1, 2]
+    for m in logged:
+        assert m["tflops_per_s"] > 0 and m["mfu"] == pytest.approx(m["tflops_per_s"])  # a 1 TFLOP/s "peak"
+    assert any(x.startswith("step ") and " | MFU " in x for x in lines)
+
+
+def test_batch_flops_count_each_sample_at_its_real_and_scored_positions():
+    from ctal.flops import batch_flops, pretraining_flops
+
+    cfg = CTALConfig(**NARROW)
+    mask = lambda lengths, n: torch.tensor([[1] * k + [0] * (n - k) for k in lengths])
+    batch = {"attention_mask": mask([5, 3], 6), "frame_mask": mask([40, 20], 50),
+             "mlm_labels": torch.tensor([[-100, 7, -100, -100, 9, -100], [-100] * 6]),
+             "acoustic_mask": mask([6, 2], 50)}
+    assert batch_flops(cfg, batch) == (pretraining_flops(cfg, 5, 40, mlm_tokens=2, acoustic_frames=6, last_layer_frames=6)
+                                       + pretraining_flops(cfg, 3, 20, mlm_tokens=0, acoustic_frames=2,
+                                                           last_layer_frames=2))
