@@ -12,7 +12,7 @@ masking (delta, per-utterance normalization, MLM and acoustic span masking, padd
 other load hardly moves them), the median of ``--repeats`` interleaved runs; each stage is timed
 alone to say where a sample's time goes. The tiny model's forward + backward + AdamW step on the
 same batches (one thread) puts the feed beside the model on this CPU. Then the feed as pretraining
-runs it (``ctal.batching.feed``) with its thread and with ``--feed-workers`` processes, wall-clock
+runs it (``ctal.feed.feed``) with its thread and with ``--feed-workers`` processes, wall-clock
 samples/s side by side and CPU per sample over all processes; then, from
 ``ctal.flops.pretraining_flops`` at LibriSpeech-like lengths, the feed cores one GPU needs at
 ``--mfu`` of its dense bf16 peak, for tiny / base / large, on an H100 and on a g5.12xlarge, at the
@@ -151,13 +151,13 @@ def measure_model_step(feed: Feed, model_batch: int, steps: int) -> dict:
 
 
 def measure_processes(feed: Feed, workers: list[int], n_batches: int, repeats: int) -> dict[int, dict]:
-    """``ctal.batching.feed`` as ``pretrain_loop`` runs it, with 0 (a thread) or N feed processes,
+    """``ctal.feed.feed`` as ``pretrain_loop`` runs it, with 0 (a thread) or N feed processes,
     drained as fast as it goes (a trainer that eats instantly): wall-clock samples/s after the first
     batch (start-up, the processes' fork and first pool, apart) and CPU-seconds per sample of the
     trainer process and its feed processes together. Interleaved; medians."""
     import resource
 
-    from ctal.batching import feed as run_feed
+    from ctal.feed import feed as run_feed
 
     runs = {w: {"rate": [], "startup": [], "cpu_ms": []} for w in workers}
     for _ in range(repeats):
@@ -224,7 +224,7 @@ def main() -> None:
     per_core, basis = f["samples_per_cpu_s"], "one thread"
     if workers:
         r = measure_processes(feed, workers, args.process_batches, args.repeats)
-        print(f"\nthe feed as pretraining runs it (ctal.batching.feed), drained as fast as it goes, "
+        print(f"\nthe feed as pretraining runs it (ctal.feed.feed), drained as fast as it goes, "
               f"{args.process_batches} batches of {args.batch_size} after the first; {os.cpu_count()} cores here:")
         for w, x in r.items():
             name = "thread (feed_workers=0)" if w == 0 else f"feed_workers={w}"

@@ -38,11 +38,12 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint, manifest, rendezvous, storage, tracking
-from .batching import FeedError, PretrainBatches, collate, derive_seed, feed, split_matches
+from .batching import PretrainBatches, collate, derive_seed, split_matches
 from .checkpoint import CHECKPOINTS, CheckpointStore, Part
 from .config import (AT_LEAST_1, BELOW_1, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, PretrainConfig,
                      check_ranges, to_dict, validate_model_config)
 from .data import TOKENIZER_DIR, TokenizerInfo, check_vocabulary, feature_frontend, open_dataset, read_report
+from .feed import FeedError, feed
 from .flops import batch_flops, peak_flops
 from .model import CTALConfig, CTALForPretraining
 from .optim import build_optimizer, build_scheduler

@@ -8,12 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ctal.batching import (FeedError, PretrainBatches, bucket_batches, collate, derive_seed, feed,
-                           padding_efficiency, prefetch, split_matches)
+from ctal.batching import PretrainBatches, bucket_batches, collate, derive_seed, padding_efficiency, split_matches
 from ctal.config import MaskingConfig
 from ctal.data import TOKENIZER_DIR, open_dataset
 from ctal.data import write_dataset as write_contract_dataset
 from ctal.features import add_deltas, normalize_utterance
+from ctal.feed import FeedError, feed, prefetch
 from ctal.masking import IGNORE_INDEX
 from ctal.tokenizer import train_bpe_tokenizer
 
@@ -344,11 +344,11 @@ def test_a_too_small_dev_shm_is_named_with_the_fix_before_anything_is_shared(few
     import collections
     import shutil
 
-    from ctal import batching
+    from ctal import feed as feeding
 
     usage = collections.namedtuple("usage", "total used free")
     real = shutil.disk_usage
-    monkeypatch.setattr(batching.shutil, "disk_usage",
+    monkeypatch.setattr(feeding.shutil, "disk_usage",
                         lambda p: usage(64 << 20, 63 << 20, 1 << 20) if p == "/dev/shm" else real(p))
     f = _feed(few_groups, 0, 1, columns=("input_ids", "fbank"))
     with pytest.raises(FeedError, match=r"needs \d+ MiB of shared memory and /dev/shm has 1 MiB free: give it "
@@ -374,12 +374,12 @@ def test_a_killed_feed_process_stops_the_feed_naming_it(many_groups):
 
 
 def test_batches_too_large_for_the_ring_go_dataloaders_way_and_odd_ring_sizes_stay_aligned(few_groups, monkeypatch):
-    from ctal import batching
+    from ctal import feed as feeding
 
     f = _feed(few_groups, 0, 1, columns=("input_ids", "fbank"))
     want = _take(feed(f, _make_batch, 0), f.batches_per_epoch)
     for size in (4095, 1_000_003):  # too small for any batch; an odd size (each buffer still aligned)
-        monkeypatch.setattr(batching._ProcessFeed, "buffer_bytes", staticmethod(lambda data: size))
+        monkeypatch.setattr(feeding._ProcessFeed, "buffer_bytes", staticmethod(lambda data: size))
         got = _take(feed(f, _make_batch, 0, workers=2), f.batches_per_epoch)
         for a, b in zip(got, want):
             assert all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in b) and a.keys() == b.keys()
