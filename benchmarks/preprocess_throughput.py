@@ -115,7 +115,8 @@ def _child_loop(manifest: str, out: str, tokenizer: str) -> dict:
 
     from ctal.config import DataConfig
     from ctal.corpora import read_corpus
-    from ctal.data import PARQUET_SCHEMA, featurize_row, records_to_table
+    from ctal.data import PARQUET_SCHEMA, records_to_table
+    from ctal.featurize import featurize_row
     from ctal.tokenizer import load_tokenizer
 
     # One thread, like each pipeline actor: a second one gains <5 % on an idle box, and under load

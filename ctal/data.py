@@ -1,23 +1,19 @@
-"""The Parquet data contract (DESIGN.md), written once: schema, one-utterance featurizer, reader.
+"""The Parquet data contract (DESIGN.md), written once: schema, writer, reader.
 
-``featurize_row`` turns one manifest row into a record of ``PARQUET_SCHEMA`` or a quarantine entry;
-it is plain Python (no Ray) so the pipeline, the benchmark and tests all call the same code.
+Records of ``PARQUET_SCHEMA`` come from ``ctal.featurize.featurize_row`` (one utterance) and become
+tables here (``records_to_table``).
 Shards are ``part-*.parquet`` beside ``quarantine.parquet``, ``report.json`` and ``tokenizer/``;
 ``report.json`` is written last and marks a complete data set.
 """
 from __future__ import annotations
 
-import errno
 import functools
 import json
-import math
-import os
-import stat
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +21,9 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .config import FBANK_DIM, ConfigError, FeatureConfig, from_dict
+
+if TYPE_CHECKING:
+    from .tasks import Meta
 
 PARQUET_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -53,226 +52,11 @@ QUARANTINE_REASONS = (
     "corrupt_audio", "unsupported_sample_rate", "all_silent", "too_short", "too_long",
     "missing_transcript", "non_utf8_transcript",
 )
-# libsndfile's frame count for a stream whose header leaves the length open (a streamed FLAC)
-_UNKNOWN_LENGTH = 2**63 - 1
 
 SHARD_GLOB = "part-*.parquet"
 QUARANTINE_FILE = "quarantine.parquet"
 REPORT_FILE = "report.json"
 TOKENIZER_DIR = "tokenizer"
-
-
-@functools.lru_cache(maxsize=None)
-def _audio_extensions() -> frozenset:
-    """File extensions libsndfile decodes (its format names plus the usual aliases)."""
-    import soundfile as sf
-
-    exts = {f.lower() for f in sf.available_formats()} - {"raw"}  # raw needs a layout we lack
-    exts |= {"wave", "oga", "opus", "aif", "aifc", "snd", "sph", "mat", "sf", "8svx"}
-    return frozenset(exts)
-
-
-def _wav_truncation(path: str) -> Optional[str]:
-    """libsndfile silently reads what is left of a truncated RIFF/WAVE file, so compare the
-    'data' chunk size its header declares with the bytes present."""
-    with open(path, "rb") as f:
-        head = f.read(12)
-        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            return None
-        size = Path(path).stat().st_size
-        while True:
-            chunk = f.read(8)
-            if len(chunk) < 8:
-                return None  # no data chunk: libsndfile will have refused the file already
-            cid, clen = chunk[:4], int.from_bytes(chunk[4:], "little")
-            if cid == b"data":
-                if clen in (0, 0xFFFFFFFF):  # streaming writers leave the size unknown
-                    return None
-                have = size - f.tell()
-                return (f"truncated: header declares {clen} audio bytes, file holds {have}"
-                        if have < clen else None)
-            f.seek(clen + (clen & 1), 1)  # chunks are word-aligned
-
-
-def _quarantine(row: dict, reason: str, detail: str) -> tuple[None, dict]:
-    if reason not in QUARANTINE_REASONS:  # the report counts by reason: no reason outside the list
-        raise ValueError(f"unknown quarantine reason {reason!r}; known: {', '.join(QUARANTINE_REASONS)}")
-    return None, {"id": str(row.get("id")), "audio_path": str(row.get("audio_path")),
-                  "reason": reason, "detail": detail}
-
-
-def encode_text(tokenizer, text: str, max_tokens: int) -> tuple[np.ndarray, bool]:
-    """(token ids incl. special tokens, truncated to ``max_tokens``; whether the text was cut), from
-    a transformers tokenizer or a bare ``tokenizers.Tokenizer`` from ``ctal.tokenizer.load_backend``
-    (already set to truncate)."""
-    from tokenizers import Tokenizer
-
-    if isinstance(tokenizer, Tokenizer):
-        enc = tokenizer.encode(text)
-        ids, cut = enc.ids, bool(enc.overflowing)
-    else:
-        ids = tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"]
-        # only ids that fill the limit can have been cut: encode those again, whole, to tell
-        cut = len(ids) >= max_tokens and len(tokenizer(text, verbose=False)["input_ids"]) > max_tokens
-    return np.asarray(ids, dtype=np.int32), cut
-
-
-def _file_problem(p: Path) -> Optional[tuple[str, str]]:
-    """(reason, detail) when ``p`` cannot be an audio file, else None; each cause its own reason
-    (a symlink loop or a directory is not a "missing" file)."""
-    try:
-        st = p.stat()
-    except (FileNotFoundError, NotADirectoryError):
-        if p.is_symlink():
-            return "missing_file", f"{p} is a symbolic link to {os.readlink(p)}, which does not exist"
-        return "missing_file", f"{p} does not exist"
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return "symlink_loop", f"{p}: symbolic links that loop ({e.strerror})"
-        return "unreadable_file", f"{p}: {e.strerror or e}"
-    if stat.S_ISDIR(st.st_mode):
-        return "not_a_file", f"{p} is a directory"
-    if not stat.S_ISREG(st.st_mode):
-        return "not_a_file", f"{p} is not a regular file"
-    if st.st_size == 0:
-        return "empty_file", "file has 0 bytes"
-    return None
-
-
-def _read_unknown_length(path: str, max_frames: int) -> np.ndarray:
-    """Decode a stream whose header gives no length, at most ``max_frames`` + 1 frames (so a stream
-    longer than allowed is told by its length, without decoding it all). libsndfile decodes into
-    the buffer and then fails to seek past the stream's real end, so the frames it filled are
-    counted from a NaN-filled buffer (decoded samples are finite; NaN ones are refused anyway)."""
-    import soundfile as sf
-
-    with sf.SoundFile(path) as f:
-        buf = np.full((max_frames + 1, f.channels), np.nan, dtype=np.float32)
-        try:
-            f.read(out=buf)
-        except sf.LibsndfileError:
-            pass
-    filled = ~np.isnan(buf).any(axis=1)
-    n = int(filled.argmin()) if not filled.all() else len(buf)
-    return buf[:n, 0] if buf.shape[1] == 1 else buf[:n]
-
-
-def train_transcript_tokenizer(rows: list[dict], data_cfg, dest: str | Path):
-    """Byte-level BPE (``data_cfg.vocab_size``) on the rows' usable transcripts, saved to ``dest``;
-    returns (tokenizer, number of transcripts). Rows whose text the reader flagged are skipped."""
-    from ctal.tokenizer import train_bpe_tokenizer
-
-    from ctal.tokenizer import normalize_text, save_normalization
-
-    texts = [normalize_text(r["text"], data_cfg.text_normalization)
-             for r in rows if r.get("text") and not r.get("text_error")]
-    if not texts:
-        raise ValueError("no usable transcripts to train the BPE tokenizer on")
-    tok = train_bpe_tokenizer(texts, data_cfg.vocab_size, dest, model_max_length=data_cfg.max_text_tokens)
-    save_normalization(dest, data_cfg.text_normalization)
-    return tok, len(texts)
-
-
-def featurize_row(row: dict, tokenizer, data_cfg) -> tuple[Optional[dict], Optional[dict]]:
-    """One manifest row → ``(record, None)`` for ``PARQUET_SCHEMA`` or ``(None, quarantine)``.
-    ``tokenizer``: as for ``encode_text``.
-
-    Checks run cheapest first; each failure is a reason from ``QUARANTINE_REASONS``. Stereo is
-    downmixed and a sample rate in ``SAMPLE_RATE_RANGE`` resampled (by ``compute_fbank``). A stream
-    whose header gives no length is decoded up to ``max_duration_s``. A transcript over
-    ``max_text_tokens`` is cut, and the record says so (``text_truncated``).
-    """
-    import soundfile as sf
-
-    from ctal.features import SAMPLE_RATE_RANGE, compute_fbank
-    from ctal.tokenizer import normalize_text
-
-    text = row.get("text")
-    if row.get("text_error") == "non_utf8_transcript" or isinstance(text, bytes):
-        if isinstance(text, bytes):
-            try:
-                text = text.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return _quarantine(row, "non_utf8_transcript", str(e))
-        else:
-            return _quarantine(row, "non_utf8_transcript", "transcript is not valid UTF-8")
-    if row.get("text_error") == "missing_transcript" or text is None or not str(text).strip():
-        return _quarantine(row, "missing_transcript", "no transcript for this utterance")
-
-    path = str(row["audio_path"])
-    p = Path(path)
-    problem = _file_problem(p)
-    if problem:
-        return _quarantine(row, *problem)
-    ext = p.suffix.lower().lstrip(".")
-    if ext and ext not in _audio_extensions():
-        return _quarantine(row, "unknown_format", f"extension .{ext} is not an audio format "
-                                                  "soundfile decodes")
-    try:
-        info = sf.info(path)
-    except Exception as e:  # libsndfile's messages name the problem; keep them
-        # Without an extension the format was only a guess: say so rather than "corrupt".
-        return _quarantine(row, "corrupt_audio" if ext else "unknown_format", str(e))
-    if info.frames <= 0 or info.samplerate <= 0:
-        return _quarantine(row, "empty_file", "file holds no audio frames")
-    lo, hi = SAMPLE_RATE_RANGE
-    if not lo <= info.samplerate <= hi:
-        return _quarantine(row, "unsupported_sample_rate", f"{info.samplerate} Hz is outside {lo}-{hi} Hz")
-    known_length = info.frames < _UNKNOWN_LENGTH
-    max_frames = int(math.ceil(data_cfg.max_duration_s * info.samplerate))
-    if known_length and info.frames > max_frames:
-        duration = info.frames / info.samplerate
-        return _quarantine(row, "too_long", f"{duration:.2f} s > max_duration_s={data_cfg.max_duration_s}")
-    try:
-        trunc = _wav_truncation(path)
-        if trunc:
-            return _quarantine(row, "corrupt_audio", trunc)
-        if known_length:
-            wav, sr = sf.read(path, dtype="float32", always_2d=False)
-        else:
-            wav, sr = _read_unknown_length(path, max_frames), info.samplerate
-    except Exception as e:
-        return _quarantine(row, "corrupt_audio", f"decoding failed: {e}")
-    if not known_length and len(wav) > max_frames:
-        return _quarantine(row, "too_long", f"over max_duration_s={data_cfg.max_duration_s} (the header "
-                                            "gives no length; decoding stopped there)")
-    if known_length and len(wav) < info.frames:
-        return _quarantine(row, "corrupt_audio", f"truncated: decoded {len(wav)} of {info.frames} frames")
-    if len(wav) == 0:
-        return _quarantine(row, "empty_file", "file holds no audio frames")
-    if not np.isfinite(wav).all():
-        return _quarantine(row, "corrupt_audio", "NaN or infinite samples")
-    duration = len(wav) / sr
-    if duration < data_cfg.min_duration_s:
-        return _quarantine(row, "too_short", f"{duration:.3f} s < min_duration_s={data_cfg.min_duration_s}")
-    peak = float(np.abs(wav).max())
-    if peak < data_cfg.silence_peak:
-        return _quarantine(row, "all_silent", f"peak {peak:.2e} < silence_peak={data_cfg.silence_peak}")
-    fc = data_cfg.features
-    try:
-        fbank = compute_fbank(wav, sr, target_sample_rate=fc.sample_rate, num_mel_bins=fc.num_mel_bins,
-                              frame_length_ms=fc.frame_length_ms, frame_shift_ms=fc.frame_shift_ms,
-                              dither=fc.dither, frontend=fc.frontend)
-    except ValueError as e:  # compute_fbank refuses input shorter than one window
-        return _quarantine(row, "too_short", str(e))
-    input_ids, text_truncated = encode_text(tokenizer, normalize_text(text, data_cfg.text_normalization),
-                                            data_cfg.max_text_tokens)
-    label = row.get("label")
-    return {
-        "id": str(row["id"]),
-        "corpus": row.get("corpus"),
-        "split": row.get("split"),
-        "speaker": None if row.get("speaker") is None else str(row["speaker"]),
-        "text": text,
-        "input_ids": input_ids,
-        "n_frames": int(fbank.shape[0]),
-        "fbank": fbank,
-        "label": None if label is None else float(label),
-        "label_name": row.get("label_name"),
-        "duration_s": float(duration),
-        "sample_rate": int(sr),
-        "text_truncated": text_truncated,  # not a Parquet column: counted in report.json
-    }, None
 
 
 def records_to_table(records: list[dict]) -> pa.Table:
@@ -292,13 +76,13 @@ def records_to_table(records: list[dict]) -> pa.Table:
         return pa.ListArray.from_arrays(pa.array(offsets), values)
 
     cols = {}
-    for field in PARQUET_SCHEMA:
-        if field.name == "fbank":
+    for column in PARQUET_SCHEMA:
+        if column.name == "fbank":
             cols["fbank"] = nested([r["fbank"] for r in records], np.float32, FBANK_DIM)
-        elif field.name == "input_ids":
+        elif column.name == "input_ids":
             cols["input_ids"] = nested([r["input_ids"] for r in records], np.int32)
         else:
-            cols[field.name] = pa.array([r[field.name] for r in records], type=field.type)
+            cols[column.name] = pa.array([r[column.name] for r in records], type=column.type)
     return pa.Table.from_pydict(cols, schema=PARQUET_SCHEMA)
 
 
@@ -434,6 +218,63 @@ def open_dataset(data_dir: str | Path) -> DataSet:
     features = report.get("features")
     return DataSet(path=path, report=report, tokenizer=_tokenizer_info(path, report),
                    features=from_dict(FeatureConfig, features) if features else None, shards=shards)
+
+
+# --------------------------------------------------------------------------------------------------
+# a task's data set in memory: what fine-tuning, sweeps, ablations and evaluation hold
+
+
+@dataclass
+class TaskData:
+    """A preprocessed data set held in memory: the protocol columns plus flat feature arrays.
+
+    Plain numpy, so it pickles without copies through Ray's object store (every trial on a node then
+    shares one copy).
+    """
+    meta: Meta
+    n_frames: np.ndarray
+    input_ids: np.ndarray  # flat int32
+    input_ids_offsets: np.ndarray
+    fbank: np.ndarray  # (total frames, 80) float32
+    fbank_offsets: np.ndarray
+    tokenizer: TokenizerInfo  # the data set's (verified) tokenizer
+    data_dir: str = ""  # absolute path, or the URI as given
+    report: dict = field(default_factory=dict)  # its report.json
+
+    @classmethod
+    def load(cls, data_dir: str | Path) -> "TaskData":
+        from .tasks import Meta  # the task protocol's columns (and sklearn): not for featurizing actors
+
+        ds = open_dataset(data_dir)
+        table = ds.read(columns=["id", "split", "speaker", "label", "input_ids", "n_frames", "fbank"]).combine_chunks()
+        if table.num_rows == 0:
+            raise ValueError(f"{ds.path!r} holds no utterances")
+
+        def flat(name, inner=False):
+            col = table.column(name).chunk(0)
+            values = col.flatten()  # honours the column's offset, unlike .values
+            values = values.flatten() if inner else values
+            offsets = col.offsets.to_numpy().astype(np.int64)
+            return values.to_numpy(zero_copy_only=False), offsets - offsets[0]
+
+        ids, ids_off = flat("input_ids")
+        fbank, fb_off = flat("fbank", inner=True)
+        return cls(meta=Meta.from_table(table), n_frames=table.column("n_frames").to_numpy().astype(np.int64),
+                   input_ids=ids, input_ids_offsets=ids_off, fbank=fbank.reshape(-1, FBANK_DIM),
+                   fbank_offsets=fb_off, tokenizer=ds.tokenizer, data_dir=ds.path, report=ds.report)
+
+    @property
+    def frontend(self) -> str:
+        return feature_frontend(self.report)
+
+    def rows(self, idx, targets=None) -> list[dict]:
+        out = []
+        for k, i in enumerate(idx):
+            a, b = self.input_ids_offsets[i], self.input_ids_offsets[i + 1]
+            c, d = self.fbank_offsets[i], self.fbank_offsets[i + 1]
+            out.append({"input_ids": self.input_ids[a:b], "fbank": self.fbank[c:d],
+                        "label": None if targets is None else targets[k]})
+        return out
 
 
 # --------------------------------------------------------------------------------------------------

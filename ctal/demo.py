@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from .corpora.synthetic import synthesize
-from .finetune import TaskData, evaluate
+from .data import TaskData
+from .finetune import evaluate
 from .variants import FUSION_VARIANTS
 from .report import markdown_table, write_demo_report
 
@@ -72,7 +73,7 @@ def preprocess_corpora(out: Path, configs: Path, jobs: dict, run_preprocess) -> 
     stage (ctal.distributed.preprocess.run_preprocess), passed in so this module stays Ray-free."""
     from .config import DataConfig, load_config
     from .corpora import read_corpus
-    from .data import train_transcript_tokenizer
+    from .featurize import train_transcript_tokenizer
 
     t0 = time.time()
     manifests = {name: read_corpus(layout, root) for name, (layout, root, _) in jobs.items()}

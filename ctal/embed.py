@@ -16,7 +16,7 @@ from . import checkpoint as ctal_checkpoint
 from . import storage
 from .batching import collate
 from .config import DataConfig
-from .data import featurize_row
+from .featurize import featurize_row
 from .finetune import position_limits
 from .model import CTALForSequenceClassification, masked_mean
 from .variants import FUSION_VARIANTS

@@ -20,7 +20,7 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -32,10 +32,10 @@ from ctal import storage, tracking
 from ctal.batching import bucket_batches, collate, derive_seed, padding_efficiency
 from ctal.checkpoint import Part, latest_checkpoint
 from ctal.config import ConfigError, FinetuneConfig, from_dict, to_dict, validate_finetune_config
-from ctal.data import FBANK_DIM, TOKENIZER_DIR, TokenizerInfo, check_vocabulary, feature_frontend, open_dataset
+from ctal.data import TOKENIZER_DIR, TaskData, check_vocabulary
 from ctal.model import CTALConfig, CTALForSequenceClassification
 from ctal.optim import build_optimizer, build_scheduler
-from ctal.tasks import Fold, Meta, Outputs, Task, fold_subset, get_task
+from ctal.tasks import Fold, Outputs, Task, fold_subset, get_task
 
 KIND = "finetuning"  # checkpoint.json's kind
 EVAL_BATCH_SIZE = 16  # fixed, so a checkpoint's metrics do not depend on the training batch size
@@ -48,61 +48,6 @@ FRESH_MODEL_WARNING = (
 
 # Reported: metrics of the epoch (incl. "epoch"), and the checkpoint directory (None on ranks > 0).
 ReportFn = Callable[[dict, Optional[str]], None]
-
-
-# --------------------------------------------------------------------------------------------------
-# data
-
-
-@dataclass
-class TaskData:
-    """A preprocessed data set held in memory: the protocol columns plus flat feature arrays.
-
-    Plain numpy, so it pickles without copies through Ray's object store (every trial on a node then
-    shares one copy).
-    """
-    meta: Meta
-    n_frames: np.ndarray
-    input_ids: np.ndarray  # flat int32
-    input_ids_offsets: np.ndarray
-    fbank: np.ndarray  # (total frames, 80) float32
-    fbank_offsets: np.ndarray
-    tokenizer: TokenizerInfo  # the data set's (verified) tokenizer
-    data_dir: str = ""  # absolute path, or the URI as given
-    report: dict = field(default_factory=dict)  # its report.json
-
-    @classmethod
-    def load(cls, data_dir: str | Path) -> "TaskData":
-        ds = open_dataset(data_dir)
-        table = ds.read(columns=["id", "split", "speaker", "label", "input_ids", "n_frames", "fbank"]).combine_chunks()
-        if table.num_rows == 0:
-            raise ValueError(f"{ds.path!r} holds no utterances")
-
-        def flat(name, inner=False):
-            col = table.column(name).chunk(0)
-            values = col.flatten()  # honours the column's offset, unlike .values
-            values = values.flatten() if inner else values
-            offsets = col.offsets.to_numpy().astype(np.int64)
-            return values.to_numpy(zero_copy_only=False), offsets - offsets[0]
-
-        ids, ids_off = flat("input_ids")
-        fbank, fb_off = flat("fbank", inner=True)
-        return cls(meta=Meta.from_table(table), n_frames=table.column("n_frames").to_numpy().astype(np.int64),
-                   input_ids=ids, input_ids_offsets=ids_off, fbank=fbank.reshape(-1, FBANK_DIM),
-                   fbank_offsets=fb_off, tokenizer=ds.tokenizer, data_dir=ds.path, report=ds.report)
-
-    @property
-    def frontend(self) -> str:
-        return feature_frontend(self.report)
-
-    def rows(self, idx, targets=None) -> list[dict]:
-        out = []
-        for k, i in enumerate(idx):
-            a, b = self.input_ids_offsets[i], self.input_ids_offsets[i + 1]
-            c, d = self.fbank_offsets[i], self.fbank_offsets[i + 1]
-            out.append({"input_ids": self.input_ids[a:b], "fbank": self.fbank[c:d],
-                        "label": None if targets is None else targets[k]})
-        return out
 
 
 def position_limits(model) -> dict:

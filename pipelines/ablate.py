@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     set_verbose(args.verbose)
     record_command()
     from ctal.ablation import load_study, report_metric, score_on_test, thin_subsets, write_report, write_subsets
-    from ctal.finetune import TaskData
+    from ctal.data import TaskData
 
     t0 = time.time()
     out = Path(args.out or ("runs/ablate-demo" if args.demo else "runs/ablate")).resolve()

@@ -64,7 +64,7 @@ def stages(args, size: dict, out: Path) -> int:
     from ctal.distributed.train import pretrain
     from ctal.config import SweepConfig
     from ctal.distributed.tune import run_sweep
-    from ctal.finetune import TaskData
+    from ctal.data import TaskData
     from ctal.pretrain import read_metrics
     from ctal.search_space import parse_search_space
 

@@ -23,7 +23,8 @@ from ctal.config import TrackingConfig, load_config
 from ctal.console import error_line
 from ctal.manifest import recorded_run
 from ctal.outputs import check_own
-from ctal.finetune import TaskData, evaluate, read_state
+from ctal.data import TaskData
+from ctal.finetune import evaluate, read_state
 from ctal.tasks import TASKS
 from ctal.tracking import check_tracking, log_evaluation
 

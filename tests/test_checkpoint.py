@@ -151,7 +151,8 @@ def _finetune_cfg(data, *extra) -> FinetuneConfig:
 
 def test_a_different_tokenizer_of_the_same_size_is_refused_for_both_kinds_of_checkpoint(tiny, other_tokenizer,
                                                                                       tmp_path):
-    from ctal.finetune import TaskData, evaluate, finetune
+    from ctal.data import TaskData
+    from ctal.finetune import evaluate, finetune
     from ctal.pretrain import pretrain_loop
 
     quiet = dict(log=lambda _: None)

@@ -6,7 +6,7 @@ import pytest
 
 from ctal.data import (PARQUET_SCHEMA, REPORT_FILE, TOKENIZER_DIR, open_dataset, tokenizer_entry,
                        write_report)
-from ctal.finetune import TaskData
+from ctal.data import TaskData
 from ctal.tokenizer import load_tokenizer, tokenizer_hash, train_bpe_tokenizer
 from tiny_data import write_tiny_dataset
 

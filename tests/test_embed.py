@@ -9,7 +9,7 @@ import torch
 from ctal.batching import collate
 from ctal.config import DataConfig
 from ctal.corpora import read_manifest
-from ctal.data import featurize_row
+from ctal.featurize import featurize_row
 from ctal.embed import embed_rows
 from ctal.model import CTALConfig, CTALForSequenceClassification, masked_mean
 from ctal.tokenizer import train_bpe_tokenizer

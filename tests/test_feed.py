@@ -53,7 +53,8 @@ def _cfg(data, *extra) -> FinetuneConfig:
 
 
 def test_finetuning_by_frame_budget_pads_less_than_by_count_on_skewed_lengths(skewed):
-    from ctal.finetune import TaskData, train_padding_efficiency
+    from ctal.data import TaskData
+    from ctal.finetune import train_padding_efficiency
     from ctal.tasks import get_task
 
     data = TaskData.load(skewed)
@@ -66,7 +67,8 @@ def test_finetuning_by_frame_budget_pads_less_than_by_count_on_skewed_lengths(sk
 
 
 def test_frame_budget_batches_fit_and_hold_every_training_row_once_per_epoch(skewed):
-    from ctal.finetune import TaskData, _train_batches
+    from ctal.data import TaskData
+    from ctal.finetune import _train_batches
     from ctal.tasks import get_task
 
     data = TaskData.load(skewed)
@@ -97,7 +99,8 @@ def test_two_frame_budget_runs_with_one_seed_give_the_same_losses_and_metrics(sk
 
 
 def test_predictions_by_frame_budget_map_back_to_their_rows(skewed):
-    from ctal.finetune import TaskData, build_model, predict
+    from ctal.data import TaskData
+    from ctal.finetune import build_model, predict
     from ctal.tasks import get_task
 
     data = TaskData.load(skewed)

@@ -16,7 +16,7 @@ import soundfile as sf
 
 from ctal.config import ConfigError, DataConfig, load_config
 from ctal.corpora import read_corpus
-from ctal.data import encode_text, featurize_row
+from ctal.featurize import encode_text, featurize_row
 from ctal.features import MAX_RESAMPLE_TERM, compute_fbank, resample_ratio
 from ctal.tokenizer import load_backend, train_bpe_tokenizer
 

@@ -14,7 +14,8 @@ import soundfile as sf
 
 from ctal.config import DataConfig
 from ctal.corpora import read_corpus
-from ctal.data import PARQUET_SCHEMA, QUARANTINE_SCHEMA, featurize_row, list_shards, open_dataset
+from ctal.data import PARQUET_SCHEMA, QUARANTINE_SCHEMA, list_shards, open_dataset
+from ctal.featurize import featurize_row
 from ctal.features import compute_fbank
 from ctal.tokenizer import (load_tokenizer, normalize_text, read_normalization, save_normalization, tokenizer_hash,
                             train_bpe_tokenizer)

@@ -404,7 +404,7 @@ def test_the_featurizer_writes_release_frames_when_asked(tmp_path):
     import soundfile as sf
 
     from ctal.config import DataConfig
-    from ctal.data import featurize_row
+    from ctal.featurize import featurize_row
     from ctal.tokenizer import train_bpe_tokenizer
 
     x = _speechy(seed=3)

@@ -20,7 +20,8 @@ from ctal.variants import FUSION_VARIANTS
 
 from ctal.config import ConfigError, FinetuneConfig, SweepConfig, load_config
 from ctal.distributed.tune import SWEEP_FILE, experiment_location, load_sweep, run_sweep
-from ctal.finetune import TaskData, evaluate, finetune, fold_dirs
+from ctal.data import TaskData
+from ctal.finetune import evaluate, finetune, fold_dirs
 from ctal.model import CTALForSequenceClassification
 from ctal.report import trial_row, write_results
 from ctal.search_space import PARAMETERS, check_sweep, load_search_space, parse_search_space

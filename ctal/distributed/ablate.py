@@ -22,7 +22,8 @@ from ctal import manifest
 from ctal.ablation import GRID_PARAMETERS, Study, cell_config, cell_key
 from ctal.checkpoint import local_copy
 from ctal.config import ConfigError, FinetuneConfig, SweepConfig, to_dict
-from ctal.finetune import TaskData, prepare
+from ctal.data import TaskData
+from ctal.finetune import prepare
 from ctal.redact import redact
 from ctal.report import trial_row
 from ctal.search_space import SearchSpace, check_sweep, load_search_space

@@ -39,7 +39,8 @@ from ctal import manifest as run_manifest, storage  # not the corpus manifest ro
 from ctal.console import Progress
 from ctal.outputs import claim_output, release_output
 from ctal.data import (PARQUET_SCHEMA, QUARANTINE_FILE, QUARANTINE_SCHEMA, REPORT_FILE, SHARD_GLOB, TOKENIZER_DIR,
-                       featurize_row, records_to_table, tokenizer_entry, train_transcript_tokenizer, write_report)
+                       records_to_table, tokenizer_entry, write_report)
+from ctal.featurize import featurize_row, train_transcript_tokenizer
 from ctal.tokenizer import (DEFAULT_NORMALIZATION, load_backend, load_tokenizer, read_normalization,
                             save_normalization)
 

@@ -26,7 +26,8 @@ from ray.tune import Callback
 from ctal import manifest, storage
 from ctal.config import ConfigError, FinetuneConfig, SweepConfig, from_dict, to_dict
 from ctal.console import Progress
-from ctal.finetune import FRESH_MODEL_WARNING, TaskData, finetune, prepare
+from ctal.data import TaskData
+from ctal.finetune import FRESH_MODEL_WARNING, finetune, prepare
 from ctal.redact import redact
 from ctal.report import SweepResult, trial_row, write_results
 from ctal.search_space import SearchSpace, apply_params, check_sweep, parse_search_space
