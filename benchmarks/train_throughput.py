@@ -61,7 +61,7 @@ def make_dataset(out: Path, n: int, seed: int = 0, rows_per_group: int = 32) -> 
 def steady_samples_per_s(run_dir: Path, skip_windows: int = 1) -> float:
     """Samples/s over all logged windows but the first (warm-up); windows hold equal sample counts
     (batching by count), so the overall rate is their harmonic mean."""
-    from ctal.pretrain import read_metrics
+    from ctal.runlog import read_metrics
 
     rates = [m["samples_per_s"] for _, m in sorted(read_metrics(run_dir).items())][skip_windows:]
     return statistics.harmonic_mean(rates)

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,14 +40,13 @@ from .batching import PretrainBatches, collate, derive_seed, split_matches
 from .checkpoint import CHECKPOINTS, CheckpointStore, Part
 from .config import (AT_LEAST_1, BELOW_1, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, PretrainConfig,
                      check_ranges, to_dict, validate_model_config)
-from .data import TOKENIZER_DIR, TokenizerInfo, check_vocabulary, feature_frontend, open_dataset, read_report
+from .data import TOKENIZER_DIR, TokenizerInfo, check_vocabulary, feature_frontend, open_dataset
 from .feed import FeedError, feed
 from .flops import batch_flops, peak_flops
 from .model import CTALConfig, CTALForPretraining
 from .optim import build_optimizer, build_scheduler
+from .runlog import RunLog, step_line
 
-METRICS_FILE = "metrics.jsonl"
-TRACKING_EXPERIMENT = "ctal-pretrain"  # the tracker experiment every pretraining run joins (run = run_name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -62,6 +59,7 @@ class PretrainPlan:
     cfg: PretrainConfig  # value ranges checked; data and storage_path absolute or URIs; max_frames
     #                      within the model's learned positions
     tokenizer: TokenizerInfo  # the data set's, verified (``ctal.data.open_dataset``)
+    report: dict  # the data set's report.json: its front end and how it was made, for the checkpoints
 
 
 def prepare(cfg: PretrainConfig) -> PretrainPlan:
@@ -85,7 +83,7 @@ def prepare(cfg: PretrainConfig) -> PretrainPlan:
     tok = ds.tokenizer
     check_vocabulary(cfg.model, tok)
     worker_batch_size(cfg, cfg.num_workers)
-    return PretrainPlan(cfg, tok)
+    return PretrainPlan(cfg, tok, ds.report)
 
 
 def worker_batch_size(cfg: PretrainConfig, world_size: int) -> int:
@@ -122,43 +120,6 @@ def validate_pretrain_config(cfg: PretrainConfig) -> None:
         if getattr(m, a) + getattr(m, b) > 1:
             raise ConfigError(f"masking.{a} + masking.{b} = {getattr(m, a) + getattr(m, b):g}: must be <= 1")
     validate_model_config(cfg.model)
-
-
-# --------------------------------------------------------------------------------------------------
-# the run directory's logs
-
-
-def read_metrics(run_dir: str | Path) -> dict[int, dict]:
-    """step → logged metrics from ``metrics.jsonl``; after a resume the later lines win."""
-    path = storage.join(run_dir, METRICS_FILE)
-    out: dict[int, dict] = {}
-    for line in (storage.read_text(path) if storage.is_file(path) else "").splitlines():
-        rec = json.loads(line)
-        if "event" not in rec:
-            out[rec["step"]] = rec
-    return out
-
-
-def step_line(m: dict) -> str:
-    """The metric line the loop logs every ``log_every`` steps (``step_of`` reads the step back)."""
-    return (f"step {m['step']:>7d} | loss {m['loss']:.4f} | mlm {m['mlm_loss']:.4f} | "
-            f"acoustic {m['masked_acoustic_loss']:.4f} | lr {m['lr']:.2e} | {m['samples_per_s']:.1f} samples/s | "
-            f"padding eff {m['padding_efficiency']:.3f}" + (f" | MFU {m['mfu']:.1%}" if "mfu" in m else ""))
-
-
-def step_of(line: str) -> Optional[int]:
-    """The step of a ``step_line``, None for any other line."""
-    head = line.split(" | ", 1)[0].split()
-    return int(head[1]) if len(head) == 2 and head[0] == "step" and head[1].isdigit() else None
-
-
-def _push_logs(run_dir: Path, remote: str, writer) -> None:
-    """Upload metrics.jsonl and tensorboard/ of the local staging ``run_dir`` to ``remote``."""
-    writer.flush()
-    if (run_dir / METRICS_FILE).is_file():
-        storage.upload_file(run_dir / METRICS_FILE, storage.join(remote, METRICS_FILE))
-    if (run_dir / "tensorboard").is_dir():
-        storage.upload_dir(run_dir / "tensorboard", storage.join(remote, "tensorboard"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,15 +273,6 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
     cfg, tok = plan.cfg, plan.tokenizer
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     store = CheckpointStore(storage.join(run_dir, CHECKPOINTS), keep=cfg.keep_checkpoints)
-    remote, staging = None, None
-    if storage.is_uri(run_dir):
-        # Object stores cannot append: rank 0 logs locally and uploads the logs at every checkpoint.
-        remote = storage.normalize(run_dir)
-        staging = tempfile.TemporaryDirectory(prefix="ctal-run-")  # removed even if we fail below
-        run_dir = Path(staging.name)
-        if rank == 0 and storage.is_file(storage.join(remote, METRICS_FILE)):
-            storage.download_file(storage.join(remote, METRICS_FILE), run_dir / METRICS_FILE)
-    run_dir = Path(run_dir)
     model_cfg = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id)
 
     resume = _resume_point(store, rank, device, log)
@@ -357,21 +309,14 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
                            max_frames_per_batch=cfg.max_frames_per_batch, max_frames=cfg.max_frames,
                            pool_rows=cfg.bucket_pool_rows, halve_above_frames=cfg.halve_batch_above_frames,
                            drop_longer=cfg.long_utterances == "drop")
-    report_json = read_report(cfg.data)
-    frontend = feature_frontend(report_json)  # the frames' load-time rule; checkpoints record it
-    data_config = checkpoint.data_config_entry(report_json)  # and how the data was made
+    frontend = feature_frontend(plan.report)  # the frames' load-time rule; checkpoints record it
+    data_config = checkpoint.data_config_entry(plan.report)  # and how the data was made
     max_tokens = model_cfg.max_position_embeddings - (model_cfg.pad_token_id + 1
                                                       if model_cfg.text_position_style == "roberta" else 0)
 
     make_batch = MakeBatch(cfg, tok, rank, max_tokens, frontend, model_cfg)
-    writer, metrics_file, tracker = None, None, None
+    runlog = None
     if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        run_dir.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step or None)
-        metrics_file = open(run_dir / METRICS_FILE, "a", encoding="utf-8")
-        if step:  # lines after this one supersede earlier lines of the same steps
-            metrics_file.write(json.dumps({"event": "resume", "step": step}) + "\n")
         n_params = raw.count_parameters()
         per = worker_batch_size(cfg, world_size)
         batch = (f"{cfg.batch_size} utterances per step ({per} per worker micro-step)" if per
@@ -383,10 +328,7 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
                 "processes only compete with training for them; use at most cpus_per_worker - 1")
         log(f"pretraining {n_params / 1e6:.2f} M parameters on {world_size} worker(s), {device.type}; {batch}; "
             f"{data.batches_per_epoch} batches per epoch per worker{dropped}{feeders}; steps {step} → {cfg.max_steps}")
-        home = remote or str(run_dir)  # the same run directory continues the same tracker run
-        tracker = tracking.open_run(cfg.tracking, cfg.tracking_uri, home=home, experiment=TRACKING_EXPERIMENT,
-                                    run_name=cfg.run_name, config=to_dict(cfg), resume_key=home,
-                                    tags={"run_dir": home, "seed": cfg.seed, "world_size": world_size}, log=log)
+        runlog = RunLog(run_dir, cfg, step=step, world_size=world_size, log=log)
 
     autocast = training_autocast(device, cfg.bf16 and device.type == "cuda")
     accum = cfg.grad_accum_steps
@@ -437,13 +379,7 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
                     last["mfu"] = flops / dt / (peak * world_size)
                 if rank == 0:
                     log(step_line(last))
-                    for k, v in last.items():
-                        if k != "step":
-                            writer.add_scalar(f"train/{k}", v, step)
-                    metrics_file.write(json.dumps(last) + "\n")
-                    metrics_file.flush()
-                    if tracker is not None:
-                        tracker.log_metrics(last, step)
+                    runlog.metrics(last)
                 sums.zero_()
                 counts.zero_()
                 t0 = time.perf_counter()
@@ -462,10 +398,7 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
                     path = str(store.save(step, "pretraining", {"main": Part(raw, optimizer, scheduler)},
                                           tokenizer_dir=_local_tokenizer(tok, cfg.data), tokenizer_hash=tok.hash,
                                           state=state))
-                    if remote:
-                        _push_logs(run_dir, remote, writer)
-                    if tracker is not None:
-                        tracker.log_checkpoint(step, path)
+                    runlog.checkpoint(step, path)
                     log(f"checkpoint {path}")
                 if report is not None:
                     report({**last, "step": step}, path)
@@ -476,15 +409,8 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
         raise
     finally:
         it.close()
-        if writer is not None:
-            writer.close()
-            metrics_file.close()
-        if tracker is not None:
-            tracker.finish(failed=not finished)
-    if remote:
-        if rank == 0:
-            _push_logs(run_dir, remote, writer)
-        staging.cleanup()
+        if runlog is not None:
+            runlog.close(finished)
     done = store.latest()
     return {"metrics": last, "checkpoint": str(done) if rank == 0 and done else None, "step": step}
 

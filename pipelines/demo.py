@@ -65,7 +65,7 @@ def stages(args, size: dict, out: Path) -> int:
     from ctal.config import SweepConfig
     from ctal.distributed.tune import run_sweep
     from ctal.data import TaskData
-    from ctal.pretrain import read_metrics
+    from ctal.runlog import read_metrics
     from ctal.search_space import parse_search_space
 
     # 1. corpora: unlabeled read speech to pretrain on (as the paper pretrains on LibriSpeech), and the

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ctal import console
-from ctal.pretrain import step_line, step_of
+from ctal.runlog import step_line, step_of
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_CHATTER = ("PlacementGroupCleaner", "TrainingReport(", "Checkpoint successfully created",

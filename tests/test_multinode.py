@@ -164,7 +164,7 @@ def _pretrain_cfg(root: Path, name: str, *extra):
 
 
 def _losses(run_uri: str) -> dict[str, float]:
-    from ctal.pretrain import read_metrics
+    from ctal.runlog import read_metrics
 
     return {str(s): m["loss"] for s, m in read_metrics(run_uri).items()}
 
@@ -187,7 +187,8 @@ def _node_loss(root: Path, cluster, nodes: dict) -> tuple[dict, list[str]]:
     """Freeze the run after its first checkpoint and remove one of its two nodes; the third worker
     node (a spare) takes its place. Returns what was seen and the worker nodes left."""
     from ctal.checkpoint import CheckpointStore
-    from ctal.pretrain import CHECKPOINTS, read_metrics
+    from ctal.pretrain import CHECKPOINTS
+    from ctal.runlog import read_metrics
 
     run = f"file://{root}/runs/node-loss"
     box: dict = {}

@@ -21,7 +21,8 @@ from ctal.config import ConfigError, PretrainConfig, load_config
 from ctal.data import open_dataset
 from ctal.model import CTALForPretraining
 from ctal.checkpoint import latest_checkpoint
-from ctal.pretrain import CHECKPOINTS, pretrain_loop, prepare, read_metrics
+from ctal.pretrain import CHECKPOINTS, pretrain_loop, prepare
+from ctal.runlog import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 40, 10

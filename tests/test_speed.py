@@ -210,7 +210,8 @@ def test_pretraining_flops_of_the_scored_step_match_torchs_flop_counter():
 def test_the_loop_with_gradient_checkpointing_logs_the_losses_of_the_plain_loop(tmp_path):
     # The loop's wiring of the option (no Ray): same seed, same batches, same dropout, same losses.
     from ctal.config import load_config
-    from ctal.pretrain import pretrain_loop, read_metrics
+    from ctal.pretrain import pretrain_loop
+    from ctal.runlog import read_metrics
 
     tt = _benchmark("train_throughput")
     data = tt.make_dataset(tmp_path / "data", 8)

@@ -13,7 +13,8 @@ import pytest
 from ctal import storage
 from ctal.checkpoint import STATE_FILE, CheckpointStore
 from ctal.config import PretrainConfig, load_config
-from ctal.pretrain import CHECKPOINTS, pretrain_loop, read_metrics
+from ctal.pretrain import CHECKPOINTS, pretrain_loop
+from ctal.runlog import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 NARROW = ["model.hidden_size=32", "model.num_attention_heads=4", "model.intermediate_size=64",

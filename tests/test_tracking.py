@@ -20,7 +20,8 @@ from mlflow import MlflowClient  # the `track` extra, part of `test`
 from tiny_data import write_tiny_dataset
 
 from ctal.config import ConfigError, FinetuneConfig, PretrainConfig, SweepConfig, load_config, to_dict
-from ctal.pretrain import prepare, pretrain_loop, read_metrics
+from ctal.pretrain import prepare, pretrain_loop
+from ctal.runlog import read_metrics
 from ctal.tracking import STORE_FILE, check_tracking, flat_params
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -34,7 +34,8 @@ from .. import manifest, outputs, storage
 from ..checkpoint import CHECKPOINTS, CheckpointStore, latest_checkpoint
 from ..config import PretrainConfig, from_dict, to_dict
 from ..console import Progress
-from ..pretrain import PretrainPlan, pretrain_loop, prepare, read_metrics, step_of
+from ..pretrain import PretrainPlan, pretrain_loop, prepare
+from ..runlog import read_metrics, step_of
 from .console import LogRelay, init_ray
 from .torch_backend import torch_trainer
 
@@ -108,7 +109,7 @@ def plan_resources(cfg: PretrainConfig, cluster: dict) -> Resources:
 
 def _train_fn(config: dict) -> None:
     """What each Ray Train worker runs."""
-    plan = PretrainPlan(from_dict(PretrainConfig, config["cfg"]), config["tokenizer"])  # checked by the driver
+    plan = PretrainPlan(from_dict(PretrainConfig, config["cfg"]), config["tokenizer"], config["report"])  # checked
     manifest.adopt(config["run"])  # the checkpoints name the driver's run and command line
     # fractional CPUs → 1 thread; the feed processes (feed_workers) take their share of the worker's CPUs
     torch.set_num_threads(max(1, int(config["cpus_per_worker"]) - plan.cfg.feed_workers))
@@ -174,7 +175,7 @@ def _pretrain(plan: PretrainPlan, run_dir: Path | str, address: Optional[str], l
         trainer = torch_trainer(
             _train_fn,
             train_loop_config={"cfg": to_dict(replace(cfg, cpus_per_worker=res.cpus_per_worker)),
-                               "tokenizer": plan.tokenizer, "run_dir": str(run_dir),
+                               "tokenizer": plan.tokenizer, "report": plan.report, "run_dir": str(run_dir),
                                "cpus_per_worker": res.cpus_per_worker, "log": relay.sender(),
                                "run": manifest.run_info()},
             scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
