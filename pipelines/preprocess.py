@@ -16,8 +16,9 @@ from ctal import storage
 from ctal.config import ConfigError, DataConfig, load_config
 from ctal.console import VERBOSE_HELP, error_line, set_verbose, stage
 from ctal.corpora import READERS, read_corpus
-from ctal.distributed.preprocess import NothingToPublishError, check_inputs, check_output, run_preprocess
+from ctal.distributed.preprocess import run_preprocess
 from ctal.outputs import claim_output
+from ctal.preprocess import NothingToPublishError, check_inputs, check_output
 
 
 def main(argv=None) -> int:

@@ -241,7 +241,7 @@ def test_preprocessing_takes_the_tokenizer_of_a_data_set_or_a_checkpoint(tiny, t
     from dataclasses import replace
 
     from ctal.config import DataConfig
-    from ctal.distributed.preprocess import resolve_tokenizer
+    from ctal.preprocess import resolve_tokenizer
     from ctal.pretrain import pretrain_loop
     from ctal.tokenizer import save_normalization
 

@@ -155,7 +155,8 @@ def test_preprocessing_into_a_file_uri_gives_a_data_set_pretraining_reads(manife
     from ctal.batching import PretrainBatches
     from ctal.config import DataConfig
     from ctal.data import list_shards, open_dataset, read_report
-    from ctal.distributed.preprocess import check_output, run_preprocess
+    from ctal.distributed.preprocess import run_preprocess
+    from ctal.preprocess import check_output
 
     monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
     out = f"file://{tmp_path}/data"
