@@ -31,7 +31,8 @@ from ctal.shipped import folder, shipped
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small version (about 2 minutes)")
+    p.add_argument("--quick", action="store_true",
+                   help="small version: ctal, text_only, audio_only (about 8 minutes on 2 cores)")
     p.add_argument("--fresh", action="store_true", help="redo every stage (removes --out: only a demo's own)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers for pretraining")
