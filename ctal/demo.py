@@ -33,6 +33,19 @@ DEMO_FEATURES = ["features.frame_shift_ms=40", "features.frame_length_ms=50"]
 TEST_COLUMNS = ["fusion", "acc2", "f1", "mae", "corr", "acc7"]
 
 
+SIZE_FILE = "size.json"
+
+
+def check_size(out: Path, size: dict) -> None:
+    """Stages are reused by name: ValueError if ``out`` holds stages of another size (a quick demo's,
+    say), which a rerun would reuse and report as this size's; else record this size."""
+    path = out / SIZE_FILE
+    if path.is_file() and json.loads(path.read_text()) != size:
+        raise ValueError(f"{out} holds a demo of another size ({path.read_text().strip()}); its finished stages "
+                         "would be reused as this one's: pass --fresh to redo them, or another --out")
+    path.write_text(json.dumps(size))
+
+
 def stage(out: Path, name: str):
     """The stage's recorded result if it finished in an earlier run, else None (--fresh removed them)."""
     marker = out / f"{name}.done.json"

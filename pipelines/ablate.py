@@ -35,12 +35,13 @@ CONFIGS = folder("configs")
 def demo_inputs(args, out: Path) -> tuple[str, Path, str, list[str], list[str]]:
     """The demo's corpora, Parquet and pretraining (ctal.demo's stages, reused when finished):
     (task, data, init, fine-tuning config files, report lines)."""
-    from ctal.demo import SIZES, preprocess_corpora, pretrain_read_speech, stage, synthesize_corpora
+    from ctal.demo import SIZES, check_size, preprocess_corpora, pretrain_read_speech, stage, synthesize_corpora
     from ctal.distributed.console import init_ray
     from ctal.distributed.preprocess import run_preprocess
     from ctal.distributed.train import pretrain
 
     size = SIZES["ablate-quick" if args.quick else "ablate"]
+    check_size(out, size)
     corpus, pre_corpus, data, pre_data = (out / n for n in ("corpus", "corpus_pretrain", "data", "data_pretrain"))
     if not stage(out, "corpus"):
         synthesize_corpora(out, size, 0, corpus, pre_corpus)

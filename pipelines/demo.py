@@ -41,13 +41,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     set_verbose(args.verbose)
     record_command()  # for the model cards of the checkpoints this run writes
-    from ctal.demo import SIZES  # torch and friends load after --help
+    from ctal.demo import SIZES, check_size  # torch and friends load after --help
 
     size = SIZES["quick" if args.quick else "full"]
     out = Path(args.out).resolve()
     try:
-        own_output(out, "demo", fresh=args.fresh)  # --fresh removes only a demo's own output
-    except FileExistsError as e:
+        check_size(own_output(out, "demo", fresh=args.fresh), size)  # --fresh removes only a demo's own output
+    except (FileExistsError, ValueError) as e:
         p.exit(2, error_line(p.prog, e))
     with recorded_run(out, "demo", {**vars(args), "size": size}):  # each stage's output has its own too
         return stages(args, size, out)

@@ -68,3 +68,15 @@ def test_bare_commands_say_what_is_missing(run_recipe):
     assert code == 2 and err.startswith("usage: ctal") and err.rstrip().endswith("ctal: error: give a COMMAND"), err
     code, err = run_recipe("tune_finetune", "--resume")
     assert code == 2 and "which sweep? give --name" in err and "None" not in err, err
+
+
+@pytest.mark.parametrize("recipe, kind", [("demo", "demo"), ("ablate", "ablation")])
+def test_a_demo_of_another_size_is_not_reused_as_this_one(recipe, kind, tmp_path, run_recipe):
+    """A quick demo's finished stages were reused by a full demo on the same --out, and reported as the
+    full size's."""
+    from ctal.demo import SIZE_FILE
+
+    out = own_output(tmp_path / "out", kind)
+    (out / SIZE_FILE).write_text(json.dumps({"utterances": 1}))  # an earlier run of another size
+    code, err = run_recipe(recipe, *(["--demo"] if recipe == "ablate" else []), "--out", out)
+    assert code == 2 and "holds a demo of another size" in err and "--fresh" in err, err
