@@ -32,11 +32,24 @@ class ConfigError(ValueError):
 Tracking = Literal["none", "mlflow", "wandb"]
 
 
-def _check_range(key: str, value: Any, ok: bool, allowed: str) -> None:
-    """Range checks run in ``__post_init__``, so every config is checked where it is built (loading
-    it, before Ray starts), not inside a worker."""
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is out of range: {allowed}")
+# --------------------------------------------------------------------------------------------------
+# value ranges the types cannot express: checked once, before Ray starts (ConfigError naming the key)
+
+AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+POSITIVE = (lambda v: v > 0, "> 0")
+PROBABILITY = (lambda v: 0 <= v <= 1, "in [0, 1]")
+BELOW_1 = (lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def check_ranges(cfg: Any, rules: dict[str, tuple], prefix: str = "") -> None:
+    """Raise ConfigError for the first field of ``cfg`` outside its rule: {key: (test, allowed)}. The
+    one range check: dataclasses run it in ``__post_init__`` (checked where a config is built, before
+    Ray starts, not inside a worker), the runs' checks (``validate_*``) on the config they are given."""
+    for key, (ok, allowed) in rules.items():
+        value = getattr(cfg, key)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{prefix}{key}={value!r} is out of range: must be {allowed}")
 
 
 @dataclass
@@ -84,17 +97,14 @@ class FeatureConfig:
         if self.frontend == "release" and self.dither:
             raise ConfigError(f"features.dither={self.dither}: the release front end has no dither "
                               "(kaldi only); drop it or use features.frontend=kaldi")
-        _check_range("features.num_mel_bins", self.num_mel_bins, self.num_mel_bins == FBANK_DIM,
-                     f"must be {FBANK_DIM} (the Parquet fbank column and the model's audio input are "
-                     f"{FBANK_DIM} log-mel)")
-        _check_range("features.sample_rate", self.sample_rate, 8000 <= self.sample_rate <= 48000,
-                     "8000 to 48000 Hz")
         window_ms = 1000.0 * 2 / self.sample_rate if self.sample_rate > 0 else 0.0  # at least 2 samples
-        for key in ("frame_length_ms", "frame_shift_ms"):
-            value = getattr(self, key)
-            _check_range(f"features.{key}", value, window_ms <= value <= 1000.0,
-                         f"{window_ms:g} to 1000 ms (two samples to a second)")
-        _check_range("features.dither", self.dither, self.dither >= 0, ">= 0")
+        window = (lambda v: window_ms <= v <= 1000.0, f"{window_ms:g} to 1000 ms (two samples to a second)")
+        bins = (lambda v: v == FBANK_DIM,
+                f"{FBANK_DIM} (the Parquet fbank column and the model's audio input are {FBANK_DIM} log-mel)")
+        check_ranges(self, {"num_mel_bins": bins,
+                            "sample_rate": (lambda v: 8000 <= v <= 48000, "8000 to 48000 Hz"),
+                            "frame_length_ms": window, "frame_shift_ms": window, "dither": NON_NEGATIVE},
+                     "features.")
 
 
 @dataclass
@@ -116,18 +126,15 @@ class DataConfig:
     num_cpus_per_task: float = 1.0
 
     def __post_init__(self):
-        _check_range("min_duration_s", self.min_duration_s, self.min_duration_s >= 0, ">= 0 seconds")
-        _check_range("max_duration_s", self.max_duration_s, self.max_duration_s > self.min_duration_s,
-                     f"> min_duration_s={self.min_duration_s} seconds")
-        _check_range("silence_peak", self.silence_peak, 0 <= self.silence_peak < 1,
-                     "0 <= silence_peak < 1 (samples are in [-1, 1])")
-        # 256 byte symbols + the 5 specials: a smaller byte-level BPE cannot encode every text
-        _check_range("vocab_size", self.vocab_size, self.vocab_size >= 261, ">= 261 (256 bytes + 5 specials)")
-        _check_range("max_text_tokens", self.max_text_tokens, self.max_text_tokens >= 3,
-                     ">= 3 (the two special tokens and at least one of the text)")
-        _check_range("rows_per_shard", self.rows_per_shard, self.rows_per_shard >= 1, ">= 1")
-        _check_range("num_cpus_per_task", self.num_cpus_per_task, self.num_cpus_per_task > 0,
-                     "> 0 (a fraction such as 0.5 shares a CPU)")
+        check_ranges(self, {
+            "min_duration_s": (lambda v: v >= 0, ">= 0 seconds"),
+            "max_duration_s": (lambda v: v > self.min_duration_s, f"> min_duration_s={self.min_duration_s} seconds"),
+            "silence_peak": (lambda v: 0 <= v < 1, "in [0, 1) (samples are in [-1, 1])"),
+            # 256 byte symbols + the 5 specials: a smaller byte-level BPE cannot encode every text
+            "vocab_size": (lambda v: v >= 261, ">= 261 (256 bytes + 5 specials)"),
+            "max_text_tokens": (lambda v: v >= 3, ">= 3 (the two special tokens and at least one of the text)"),
+            "rows_per_shard": AT_LEAST_1,
+            "num_cpus_per_task": (lambda v: v > 0, "> 0 (a fraction such as 0.5 shares a CPU)")})
 
 
 @dataclass
@@ -404,22 +411,6 @@ def load_config(cls: type, files: list[str | Path] = (), overrides: list[str] = 
     return (cfg, adopted) if return_adopted else cfg
 
 
-# --------------------------------------------------------------------------------------------------
-# value ranges the types cannot express: checked once, before Ray starts (ConfigError naming the key)
-
-AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
-NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
-POSITIVE = (lambda v: v > 0, "> 0")
-PROBABILITY = (lambda v: 0 <= v <= 1, "in [0, 1]")
-BELOW_1 = (lambda v: 0 <= v < 1, "in [0, 1)")
-
-
-def check_ranges(cfg: Any, rules: dict[str, tuple], prefix: str = "") -> None:
-    """Raise ConfigError for the first field of ``cfg`` outside its rule: {key: (test, allowed)}."""
-    for key, (ok, allowed) in rules.items():
-        value = getattr(cfg, key)
-        if value is not None and not ok(value):
-            raise ConfigError(f"{prefix}{key}={value!r} is out of range: must be {allowed}")
 
 
 def validate_model_config(m: ModelConfig, prefix: str = "model.") -> None:
