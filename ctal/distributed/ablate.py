@@ -30,7 +30,8 @@ from ctal.search_space import SearchSpace, check_sweep, load_search_space
 from ctal.tasks import get_task
 
 from .signing import StateSigner, sign_sweep, state_entries, verify_state
-from .tune import TrialProgress, _check_resources, _checkpoint_of, _first_line, _param_space, _trial, resumable
+from .results import checkpoint_of, first_line
+from .tune import TrialProgress, _check_resources, _param_space, _trial, resumable
 
 GRID = "grid"
 STUDY_FILE = "study.json"
@@ -158,13 +159,13 @@ def collect(grid, study: Study, configs: dict, task) -> pd.DataFrame:
         cfg = configs[cell_key(cell)]
         df = result.metrics_dataframe
         history = df[df[metric].notna()] if df is not None and metric in df else None
-        error = _first_line(result.error) if result.error is not None else ""
+        error = first_line(result.error) if result.error is not None else ""
         trial = Path(result.path).name.removeprefix("trial_")
         row, best = trial_row(trial, {**config, "fusion": cell["fusion"]}, history, error, cfg.epochs, metric,
                               task.mode)
         row.update({"cell": cell_key(cell), **cell, "checkpoint": None})
         if best is not None:
-            ckpt = _checkpoint_of(result, best, metric, task.mode)
+            ckpt = checkpoint_of(result, best, metric, task.mode)
             row["checkpoint"] = str(ckpt) if ckpt else None
         rows.append(row)
     runs = pd.DataFrame(rows)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import shutil
 import sys
 import tempfile
 from dataclasses import asdict, replace
@@ -29,14 +28,14 @@ from ctal.console import Progress
 from ctal.data import TaskData
 from ctal.finetune import FRESH_MODEL_WARNING, finetune, prepare
 from ctal.redact import redact
-from ctal.report import SweepResult, trial_row, write_results
+from ctal.report import SweepResult
 from ctal.search_space import SearchSpace, apply_params, check_sweep, parse_search_space
 from ctal.tasks import get_task
 
+from .results import published, summarize
 from .signing import StateSigner, sign_sweep, verify_state
 
 SWEEP_FILE = "sweep.json"
-BEST_DIR = "best_checkpoint"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,7 +248,7 @@ def run_sweep(cfg: FinetuneConfig, space: SearchSpace, sweep: SweepConfig, *, re
         finally:
             trials.close()
         result = summarize(grid, experiment, task, space, cfg.epochs, remote=remote)
-    return _published(result, remote) if remote else result
+    return published(result, remote) if remote else result
 
 
 def _n_trials(space: SearchSpace, sweep: SweepConfig) -> int:
@@ -386,24 +385,11 @@ def experiment_location(sweep: SweepConfig, task: Optional[str]) -> str:
 def _experiment(sweep: SweepConfig, task: str) -> tuple[Path, Optional[str]]:
     """(local experiment directory, URI or None). With a URI storage (s3://, gs://, file://) Tune
     writes trials and checkpoints there itself; the local directory only stages sweep.json and the
-    summary (table, plots, best checkpoint), which ``_published`` uploads."""
+    summary (table, plots, best checkpoint), which ``published`` uploads."""
     where = experiment_location(sweep, task)
     if not storage.is_uri(where):
         return Path(where), None
     return Path(tempfile.mkdtemp(prefix="ctal-sweep-")) / posixpath.basename(where), where
-
-
-def _published(result: SweepResult, remote: str) -> SweepResult:
-    """Upload the staged summary next to Tune's trials; the result then names URIs."""
-    local = result.experiment
-    storage.upload_dir(local, remote)
-    shutil.rmtree(local.parent, ignore_errors=True)
-
-    def uri(p):
-        return None if p is None else storage.join(remote, str(Path(p).relative_to(local)))
-
-    return replace(result, experiment=remote, table_csv=uri(result.table_csv), table_md=uri(result.table_md),
-                   plots=[uri(p) for p in result.plots], best_checkpoint=uri(result.best_checkpoint))
 
 
 def _tune_config(space: SearchSpace, sweep: SweepConfig, metric: str, mode: str, epochs: int):
@@ -444,62 +430,3 @@ def load_sweep(experiment: str | Path) -> tuple[FinetuneConfig, SearchSpace, Swe
     sweep = replace(from_dict(SweepConfig, settings, "sweep."), storage=storage.parent(where),
                     name=posixpath.basename(where))
     return from_dict(FinetuneConfig, d["config"]), parse_search_space(d["space"], SWEEP_FILE), sweep
-
-
-# --------------------------------------------------------------------------------------------------
-# results: Tune's ResultGrid → table and plots (ctal.report), the best checkpoint
-
-
-def summarize(grid, experiment: Path, task, space: SearchSpace, epochs: int,
-              remote: Optional[str] = None) -> SweepResult:
-    """Results table (best epoch of each trial), plots and the best checkpoint of a finished sweep.
-    With ``remote`` (the sweep's URI) checkpoint paths are paths in that URI's filesystem."""
-    metric = f"dev_{task.metric}"
-    rows, curves, errors, best_ckpt = [], {}, {}, {}
-    for result in grid:
-        trial = Path(result.path).name.removeprefix("trial_")
-        df = result.metrics_dataframe
-        history = df[df[metric].notna()] if df is not None and metric in df else None
-        if result.error is not None:
-            errors[trial] = _first_line(result.error)
-        row, best = trial_row(trial, result.config, history, errors.get(trial, ""), epochs, metric, task.mode)
-        rows.append(row)
-        if best is not None:
-            curves[trial] = (row["fusion"], history["epoch"].tolist(), history[metric].tolist())
-            best_ckpt[trial] = _checkpoint_of(result, best, metric, task.mode)
-    table, csv_path, md_path, plots = write_results(rows, curves, metric, task.mode, experiment)
-
-    best_row, best_dir = None, None
-    if metric in table and table[metric].notna().any():
-        best_row = table.iloc[0].to_dict()
-        src = best_ckpt.get(best_row["trial"])
-        if src is not None:
-            best_dir = experiment / BEST_DIR
-            if best_dir.exists():
-                shutil.rmtree(best_dir)
-            if remote:  # a path inside the sweep's filesystem: give it the URI's scheme back
-                storage.download_dir(f"{remote.split('://', 1)[0]}://{src}", best_dir)
-            else:
-                shutil.copytree(src, best_dir)
-    return SweepResult(experiment, csv_path, md_path, plots, best_dir, best_row, table, errors,
-                       {t: p for t, p in best_ckpt.items() if p is not None})
-
-
-def _first_line(error) -> str:
-    text = str(error).strip()
-    lines = [line for line in text.splitlines() if line.strip()]
-    # Ray wraps the trial's exception; its last line names the original one.
-    return f"{type(error).__name__}: {lines[-1] if lines else text}"[:300]
-
-
-def _checkpoint_of(result, best_row, metric: str, mode: str) -> Optional[Path]:
-    """The checkpoint reported with the best epoch: a Tune checkpoint, or a Train run's checkpoint path
-    (multi-worker trials report it as `checkpoint_path`)."""
-    path = best_row.get("checkpoint_path") if hasattr(best_row, "get") else None
-    if isinstance(path, str) and path:
-        return Path(path)
-    for ckpt, m in result.best_checkpoints or []:
-        if m.get("epoch") == best_row["epoch"]:
-            return Path(ckpt.path)
-    ckpt = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else None
-    return Path(ckpt.path) if ckpt else None
