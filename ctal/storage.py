@@ -284,7 +284,10 @@ def publish_dir(local_dir: str | Path, dest, marker: str) -> None:
                 old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
                 dest.rename(old)
                 tmp.rename(dest)
-                shutil.rmtree(old, ignore_errors=True)
+                if old.is_dir() and not old.is_symlink():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:  # a file or a link where the directory goes: rmtree would leave it behind
+                    old.unlink(missing_ok=True)
             else:
                 tmp.rename(dest)
         finally:

@@ -209,3 +209,23 @@ def test_a_sweep_in_a_file_uri_publishes_its_results_there_and_resumes(tmp_path,
     spec.loader.exec_module(pipeline)
     assert pipeline.main(["--resume", "--storage", f"file://{tmp_path}/tune", "--name", "s"]) == 0
     assert f"best checkpoint: {exp}/best_checkpoint" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("there", ["file", "dir", "link"])
+def test_publishing_over_a_file_dir_or_link_leaves_no_hidden_leftover(tmp_path, there):
+    """Issue 30 (weak): an --out that was a file left a hidden .old-* file beside the new directory."""
+    src = tmp_path / "staging"
+    src.mkdir()
+    (src / "done.json").write_text("{}")
+    dest = tmp_path / "out"
+    if there == "file":
+        dest.write_text("old")
+    elif there == "dir":
+        dest.mkdir()
+        (dest / "x").write_text("old")
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        dest.symlink_to(tmp_path / "elsewhere")
+    storage.publish_dir(src, dest, marker="done.json")
+    assert sorted(p.name for p in dest.iterdir()) == ["done.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *(["elsewhere"] if there == "link" else [])])
