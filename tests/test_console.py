@@ -90,3 +90,14 @@ def test_a_pretraining_run_shows_our_lines_and_ray_chatter_only_with_verbose(tmp
     loud = _pretrain(data, tmp_path / "runs", "loud", "--verbose")
     assert "(RayTrainWorker" in loud or "(TrainController" in loud  # worker output is back
     assert [s for s in map(step_of, loud.splitlines()) if s is not None] == [2, 4, 6]
+
+
+def test_tunes_per_trial_fetch_warnings_stay_off_the_console_unless_verbose(tmp_path):
+    """Issue 30 (weak): a rerun of a killed study printed Ray's 7-line "Failed to fetch metrics"
+    warning; the results table already says which trials have no result."""
+    code = ("import logging, sys; from ctal import console; from ctal.distributed.console import quiet_driver; "
+            "console.set_verbose(sys.argv[1] == 'v'); logging.basicConfig(); quiet_driver(); "
+            "logging.getLogger('ray.tune.analysis.experiment_analysis').warning('Failed to fetch metrics for 1 trial(s)')")
+    for mode, shown in (("q", False), ("v", True)):
+        err = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True).stderr
+        assert ("Failed to fetch metrics" in err) == shown, err

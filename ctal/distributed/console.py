@@ -42,6 +42,9 @@ def quiet_driver() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
     logging.getLogger("ray.tune.utils.util").setLevel(logging.ERROR)  # "... may be a performance bottleneck"
+    # "Failed to fetch metrics for N trial(s)" and a traceback per trial when a rerun restores trials
+    # that never reported: our results table says which trials have no result, and why
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     # "Token authentication is enabled for this Ray cluster": a local Ray's default since 2.59, kept on
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
