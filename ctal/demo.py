@@ -40,7 +40,7 @@ def check_size(out: Path, size: dict) -> None:
     """Stages are reused by name: ValueError if ``out`` holds stages of another size (a quick demo's,
     say), which a rerun would reuse and report as this size's; else record this size."""
     path = out / SIZE_FILE
-    if path.is_file() and json.loads(path.read_text()) != size:
+    if path.is_file() and json.loads(path.read_text()) != json.loads(json.dumps(size)):  # tuples read back as lists
         raise ValueError(f"{out} holds a demo of another size ({path.read_text().strip()}); its finished stages "
                          "would be reused as this one's: pass --fresh to redo them, or another --out")
     path.write_text(json.dumps(size))

@@ -80,3 +80,13 @@ def test_a_demo_of_another_size_is_not_reused_as_this_one(recipe, kind, tmp_path
     (out / SIZE_FILE).write_text(json.dumps({"utterances": 1}))  # an earlier run of another size
     code, err = run_recipe(recipe, *(["--demo"] if recipe == "ablate" else []), "--out", out)
     assert code == 2 and "holds a demo of another size" in err and "--fresh" in err, err
+
+
+def test_a_demo_of_the_same_size_is_reused(tmp_path):
+    from ctal.demo import SIZES, check_size
+
+    out = own_output(tmp_path / "out", "demo")
+    check_size(out, SIZES["quick"])
+    check_size(out, SIZES["quick"])  # its tuples come back from JSON as lists: still the same size
+    with pytest.raises(ValueError, match="another size"):
+        check_size(out, SIZES["full"])
