@@ -2,9 +2,11 @@
 
 - pretraining submitted as ``sbatch slurm/ctal.sbatch python pipelines/pretrain.py ...`` completes,
   with its workers sized by the allocation (``ctal.slurm``), checkpoints and metrics in --storage;
-- a two-trial sweep submitted the same way completes with its results table and best checkpoint;
-- a pretraining job requeued mid-run (``scontrol requeue``) is started again by Slurm, takes over
-  the claim its first run left, resumes from its newest checkpoint and logs the losses of the
+- a two-trial sweep submitted the same way, requeued after its first trial, continues from its
+  signed state (the script adds --resume) and completes with its results table and best checkpoint;
+- a job signalled as at its time limit (--signal=B:USR1) requeues itself and runs again;
+- a pretraining job requeued mid-run (``scontrol requeue``) is started again by Slurm, is not
+  refused by its first run's claim, resumes from its newest checkpoint and logs the losses of the
   uninterrupted job step for step.
 
 The default tier checks what needs no Slurm: workers sized by SLURM_* variables, a requeued job's
@@ -37,6 +39,7 @@ import pytest
 from ctal.outputs import claim_output, release_output
 from ctal.pretrain import CHECKPOINTS, read_metrics
 from ctal.slurm import worker_defaults
+from test_pretrain import losses, resumes
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "ctal.sbatch"
@@ -280,15 +283,6 @@ def slurm(tmp_path_factory):
 # -- jobs ------------------------------------------------------------------------------------------
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    return {s: m["loss"] for s, m in read_metrics(run_dir).items()}
-
-
-def resumes(run_dir: Path) -> list[int]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r["step"] for r in map(json.loads, lines) if r.get("event") == "resume"]
-
-
 def pretrain_job(slurm: Slurm, data: Path, storage: Path, name: str) -> str:
     return slurm.sbatch("--output", storage / f"{name}.out", SCRIPT, sys.executable, "pipelines/pretrain.py",
                         "--data", data, "--size", "narrow", "--storage", storage, "--name", name,
@@ -321,13 +315,21 @@ def test_sbatch_pretraining_runs_ray_on_the_allocation_and_writes_its_run(refere
 
 
 @pytest.mark.slow
-def test_sbatch_sweep_runs_two_trials(slurm, synthetic_data, tmp_path):
+def test_sbatch_sweep_of_two_trials_requeued_after_the_first_continues_and_completes(slurm, synthetic_data, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("fusion: {choice: [ctal, late_concat]}\n")
-    job = slurm.sbatch("--output", tmp_path / "sweep.out", SCRIPT, sys.executable, "pipelines/tune_finetune.py",
+    out = tmp_path / "sweep.out"
+    job = slurm.sbatch("--output", out, SCRIPT, sys.executable, "pipelines/tune_finetune.py",
                        "--task", "sentiment", "--data", synthetic_data("mosei"), "--space", space,
-                       "--cpus-per-trial", 1, "--storage", tmp_path / "tune", "--name", "sweep", *SWEEP)
-    ended_well(slurm, job, tmp_path / "sweep.out")
+                       "--cpus-per-trial", 1, "--max-concurrent", 1, "--storage", tmp_path / "tune",
+                       "--name", "sweep", *SWEEP)
+    slurm.wait(lambda: out.is_file() and re.search(r"trial \S+ \(.*\): best", out.read_text()), JOB_S,
+               f"job {job} did not finish its first trial")
+    slurm.run("scontrol", "requeue", job)
+    rec = ended_well(slurm, job, out)
+    assert rec["Restarts"] == "1", rec
+    log = out.read_text()
+    assert "(run 2)" in log and "resuming " in log  # the script gave the second run --resume
     table = (tmp_path / "tune" / "sweep" / "results.csv").read_text().splitlines()
     assert len(table) == 3 and all(",done," in row for row in table[1:]), table
     assert (tmp_path / "tune" / "sweep" / "best_checkpoint" / "checkpoint.json").is_file()
@@ -356,3 +358,17 @@ def test_a_requeued_pretraining_job_resumes_with_the_uninterrupted_losses(slurm,
     assert "(run 2)" in log and "is being written by another run" not in log  # not refused by its own claim
     assert f"resumed from {run / CHECKPOINTS / f'step-{resumed_at:08d}'}" in log
     assert losses(run) == losses(reference[0])
+
+
+@pytest.mark.slow
+def test_a_job_near_its_time_limit_requeues_itself_and_runs_again(slurm, tmp_path):
+    out = tmp_path / "usr1.out"
+    job = slurm.sbatch("--output", out, SCRIPT, "bash", "-c",
+                       '[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && echo "second run" || sleep 600')
+    slurm.wait(lambda: out.is_file() and "Running command on head node" in out.read_text(), JOB_S,
+               f"job {job} did not start its command")
+    # what --signal=B:USR1@180 sends the batch shell 3 minutes before the time limit, sent now
+    slurm.run("scancel", "--signal=USR1", "--batch", job)
+    rec = ended_well(slurm, job, out)
+    assert rec["Restarts"] == "1", rec
+    assert "time limit near: requeueing" in out.read_text() and "second run" in out.read_text()
