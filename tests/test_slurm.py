@@ -50,7 +50,7 @@ NARROW = ["model.hidden_size=32", "model.num_attention_heads=4", "model.intermed
 PRETRAIN = [*NARROW, f"max_steps={STEPS}", f"checkpoint_every={EVERY}", "log_every=1", "batch_size=4",
             "lr=1e-3", "bucket_pool_rows=16", "keep_checkpoints=2", "seed=3", "use_gpu=false"]
 SWEEP = [*NARROW, "epochs=1", "batch_size=8", "lr=1e-3", "sweep.search=grid", "sweep.scheduler=fifo"]
-JOB_S = 600  # one job: 1-3 minutes on a 2-core machine, 6 at load average 25
+JOB_S = 600  # the longest wait for one job; a requeued job took 6 minutes in all at load average 25
 
 
 # -- the allocation and the claims, without Slurm (default tier) ----------------------------------
