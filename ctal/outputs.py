@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from . import manifest, storage
+from . import manifest, slurm, storage
 
 CLAIMS_SUFFIX = ".claims"  # <out>.claims/<uuid>.json: who is writing <out>
 CREATED = "created"  # the status of an own_output manifest that no run has filled in yet
@@ -32,7 +32,10 @@ CREATED = "created"  # the status of an own_output manifest that no run has fill
 
 
 def _claim_is_stale(claim: dict) -> bool:
-    """Only a claim by a process of this host that is gone can be told to be stale."""
+    """A claim by a process of this host that is gone, or by an earlier run of this requeued Slurm job
+    (on any node: Slurm ended that run before starting this one), is stale; no other can be told."""
+    if slurm.same_job_earlier_run(claim, os.environ):
+        return True
     if claim.get("host") != socket.gethostname():
         return False
     try:
@@ -62,8 +65,8 @@ def claim_output(out: str | Path, say: Callable[[str], None] = print) -> str:
             holder = {}
         if holder and _claim_is_stale(holder):
             storage.delete(where)
-            say(f"removed the claim of an earlier run that is gone (pid {holder['pid']}, started "
-                f"{holder.get('started', '?')}): {where}")
+            say(f"removed the claim of an earlier run that is gone (pid {holder['pid']} on "
+                f"{holder.get('host', '?')}, started {holder.get('started', '?')}): {where}")
             continue
         raise FileExistsError(
             f"output {str(out)!r} is being written by another run (pid {holder.get('pid', '?')} on "
@@ -71,7 +74,8 @@ def claim_output(out: str | Path, say: Callable[[str], None] = print) -> str:
             f"or, if no such run is alive, delete its claim {where}")
     mine = storage.join(claims, f"{uuid.uuid4().hex}.json")
     storage.write_text(mine, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+                                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                         "slurm": slurm.job_run(os.environ)}))
     if storage.listdir(claims) != [storage.name(mine)]:
         storage.delete(mine)
         raise FileExistsError(f"output {str(out)!r}: another run claimed it at the same moment "

@@ -8,17 +8,21 @@ then ``key=value`` overrides of PretrainConfig (``lr=1e-4 model.hidden_size=256`
 the same --storage and --name resumes the run. --data and --storage also take URIs (s3://, gs://,
 file://), which every node of a cluster reads and writes alike. Bad keys or values, a missing data set
 or a mismatched tokenizer fail before Ray starts (exit code 2); more workers than the cluster holds
-fail within seconds naming both (exit code 1) unless ``shrink_cpus_per_worker=true``.
+fail within seconds naming both (exit code 1) unless ``shrink_cpus_per_worker=true``. In a Slurm job
+(slurm/ctal.sbatch) num_workers and cpus_per_worker follow the allocation unless given.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from dataclasses import replace
 
 from ctal.checkpoint import record_command
-from ctal.config import ConfigError, PretrainConfig, load_config
+from ctal.config import ConfigError, PretrainConfig, load_config, read_yaml
 from ctal.console import SHARE_HELP, VERBOSE_HELP, error_line, set_verbose, stage
 from ctal.shipped import shipped
+from ctal.slurm import worker_defaults
 
 SIZES = ("tiny", "base", "large", "narrow")
 
@@ -49,6 +53,11 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(PretrainConfig, [shipped("configs", "pretrain.yaml"),
                                            shipped("configs", f"{args.size}.yaml"), *args.config], overrides)
+        given = {k for f in args.config for k in read_yaml(f) or {}} | {o.split("=", 1)[0] for o in overrides}
+        sized = worker_defaults(os.environ, cfg.num_workers if "num_workers" in given else None, given)
+        if sized:
+            cfg = replace(cfg, **sized)
+            print(f"Slurm allocation: {', '.join(f'{k}={v:g}' for k, v in sized.items())}")
         from ctal.pretrain import prepare  # a typo need not wait for torch
 
         plan = prepare(cfg)  # the only check of the run: config, URIs, data set and tokenizer
