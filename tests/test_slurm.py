@@ -315,7 +315,11 @@ def test_sbatch_pretraining_runs_ray_on_the_allocation_and_writes_its_run(refere
 
 
 @pytest.mark.slow
-def test_sbatch_sweep_of_two_trials_requeued_after_the_first_continues_and_completes(slurm, synthetic_data, tmp_path):
+def test_a_sweep_near_its_time_limit_after_its_first_trial_requeues_itself_resumes_and_completes(
+        slurm, synthetic_data, tmp_path):
+    """The time-limit path (--signal=B:USR1@180 makes the job requeue itself) and a sweep's resume from
+    its signed state (the script adds --resume to the second run), in one job: each Slurm job starts
+    Ray twice here, minutes on 2 cores."""
     space = tmp_path / "space.yaml"
     space.write_text("fusion: {choice: [ctal, late_concat]}\n")
     out = tmp_path / "sweep.out"
@@ -325,10 +329,12 @@ def test_sbatch_sweep_of_two_trials_requeued_after_the_first_continues_and_compl
                        "--name", "sweep", *SWEEP)
     slurm.wait(lambda: out.is_file() and re.search(r"trial \S+ \(.*\): best", out.read_text()), JOB_S,
                f"job {job} did not finish its first trial")
-    slurm.run("scontrol", "requeue", job)
+    # what --signal=B:USR1@180 sends the batch shell 3 minutes before the time limit, sent now
+    slurm.run("scancel", "--signal=USR1", "--batch", job)
     rec = ended_well(slurm, job, out)
     assert rec["Restarts"] == "1", rec
     log = out.read_text()
+    assert "time limit near: requeueing" in log
     assert "(run 2)" in log and "resuming " in log  # the script gave the second run --resume
     table = (tmp_path / "tune" / "sweep" / "results.csv").read_text().splitlines()
     assert len(table) == 3 and all(",done," in row for row in table[1:]), table
@@ -358,17 +364,3 @@ def test_a_requeued_pretraining_job_resumes_with_the_uninterrupted_losses(slurm,
     assert "(run 2)" in log and "is being written by another run" not in log  # not refused by its own claim
     assert f"resumed from {run / CHECKPOINTS / f'step-{resumed_at:08d}'}" in log
     assert losses(run) == losses(reference[0])
-
-
-@pytest.mark.slow
-def test_a_job_near_its_time_limit_requeues_itself_and_runs_again(slurm, tmp_path):
-    out = tmp_path / "usr1.out"
-    job = slurm.sbatch("--output", out, SCRIPT, "bash", "-c",
-                       '[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && echo "second run" || sleep 600')
-    slurm.wait(lambda: out.is_file() and "Running command on head node" in out.read_text(), JOB_S,
-               f"job {job} did not start its command")
-    # what --signal=B:USR1@180 sends the batch shell 3 minutes before the time limit, sent now
-    slurm.run("scancel", "--signal=USR1", "--batch", job)
-    rec = ended_well(slurm, job, out)
-    assert rec["Restarts"] == "1", rec
-    assert "time limit near: requeueing" in out.read_text() and "second run" in out.read_text()
