@@ -36,8 +36,9 @@ from pathlib import Path
 
 import pytest
 
+from ctal.checkpoint import CHECKPOINTS
 from ctal.outputs import claim_output, release_output
-from ctal.pretrain import CHECKPOINTS, read_metrics
+from ctal.runlog import read_metrics
 from ctal.slurm import worker_defaults
 from test_pretrain import checkpoint_steps, losses, resumes
 
