@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -178,7 +179,11 @@ def test_evaluating_the_best_checkpoint_logs_its_test_metrics_into_the_sweeps_st
 def test_a_sweep_tracked_with_wandb_writes_an_offline_run_per_trial(data, ray_local, tmp_path):
     result = tiny_sweep(data, tmp_path, "wb", "wandb", fusions=("text_only",))  # one trial: the MLflow test counts
     (offline,) = wandb_runs(Path(result.experiment) / "wandb")
+    deadline = time.time() + 60  # W&B's own service process may still be writing the file (a busy machine)
     records = wandb_records(offline)
+    while not any(r["type"] == "run" for r in records) and time.time() < deadline:
+        time.sleep(1)
+        records = wandb_records(offline)
     (run,) = [r["run"] for r in records if r["type"] == "run"]
     assert run["project"] == "wb"
     assert sorted(run["tags"]) == ["fusion:text_only", "seed:5", "sweep:wb", "task:sentiment"]
