@@ -96,6 +96,15 @@ def no_ray(monkeypatch):
     return refuse
 
 
+@pytest.fixture(scope="session")
+def bpe_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE folder as a release's tokenizer stands in the tests (test_release.write_bpe),
+    built once for test_release and test_release_files."""
+    from test_release import write_bpe
+
+    return write_bpe(tmp_path_factory.mktemp("bpe"))
+
+
 @pytest.fixture
 def run_recipe(no_ray, capsys):
     """``run_recipe("tune_finetune", *argv)`` → (exit code, stderr): ``pipelines/<name>.py``'s

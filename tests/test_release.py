@@ -50,11 +50,6 @@ def write_bpe(out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def bpe_dir(tmp_path_factory) -> Path:
-    return write_bpe(tmp_path_factory.mktemp("bpe"))
-
-
 def _vocab_size(bpe_dir: Path) -> int:
     return len(json.loads((bpe_dir / "vocab.json").read_text()))
 

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from ctal import checkpoint
 from ctal.model import CTALForPretraining
-from test_release import release_checkpoint, write_bpe
+from test_release import _vocab_size, release_checkpoint
 
 H, HEADS, FFN, TEXT_POSITIONS, AUDIO_POSITIONS = 32, 4, 64, 130, 3000
 STANDINS = ("m2p_optimization", "apex", "apex.fp16_utils", "apex.fp16_utils.loss_scaler")
@@ -244,15 +244,6 @@ def write_release_training_checkpoint(path: Path, vocab: int, optimizer: str | N
     return model
 
 
-@pytest.fixture(scope="module")
-def bpe(tmp_path_factory) -> Path:
-    return write_bpe(tmp_path_factory.mktemp("bpe"))
-
-
-def vocab_of(bpe: Path) -> int:
-    return len(json.loads((bpe / "vocab.json").read_text()))
-
-
 def convert(*argv) -> tuple[int, str, str]:
     """pipelines/convert_release.py's main in process → (exit code, stdout, stderr)."""
     from pipelines.convert_release import main
@@ -275,13 +266,13 @@ def convert(*argv) -> tuple[int, str, str]:
     ("apex", "apex.fp16_utils.loss_scaler.DynamicLossScaler ×1"),
     (None, None),
 ], ids=["adam", "lamb", "apex", "no-optimizer"])
-def test_a_checkpoint_the_release_trained_converts_to_the_same_outputs(bpe, tmp_path, optimizer, records):
+def test_a_checkpoint_the_release_trained_converts_to_the_same_outputs(bpe_dir, tmp_path, optimizer, records):
     ckpt = tmp_path / "states-1.ckpt"
-    model = write_release_training_checkpoint(ckpt, vocab_of(bpe), optimizer, tmp_path / "code")
+    model = write_release_training_checkpoint(ckpt, _vocab_size(bpe_dir), optimizer, tmp_path / "code")
     assert not set(STANDINS) & set(sys.modules) and str(tmp_path / "code") not in sys.path
     with pytest.raises(ModuleNotFoundError):  # so nothing below can import the release's code
         importlib.import_module("m2p_optimization")
-    code, out, err = convert("--checkpoint", ckpt, "--tokenizer", bpe, "--out", tmp_path / "ctal")
+    code, out, err = convert("--checkpoint", ckpt, "--tokenizer", bpe_dir, "--out", tmp_path / "ctal")
     assert code == 0, err
     assert not set(STANDINS) & set(sys.modules)  # reading the file imported none of them
     if records:  # what was dropped is said, and recorded
@@ -299,10 +290,10 @@ def test_a_checkpoint_the_release_trained_converts_to_the_same_outputs(bpe, tmp_
     torch.testing.assert_close(ours_frames[real], frames[real], rtol=0, atol=1e-4)
 
 
-def test_audio_causal_comes_from_the_file_unless_given_and_the_card_says_which(bpe, tmp_path):
+def test_audio_causal_comes_from_the_file_unless_given_and_the_card_says_which(bpe_dir, tmp_path):
     ckpt = tmp_path / "states-1.ckpt"
-    model = write_release_training_checkpoint(ckpt, vocab_of(bpe), "adam", tmp_path / "code")
-    code, out, err = convert("--checkpoint", ckpt, "--tokenizer", bpe, "--out", tmp_path / "bi", "--audio-causal", "false")
+    model = write_release_training_checkpoint(ckpt, _vocab_size(bpe_dir), "adam", tmp_path / "code")
+    code, out, err = convert("--checkpoint", ckpt, "--tokenizer", bpe_dir, "--out", tmp_path / "bi", "--audio-causal", "false")
     assert code == 0, err
     assert "audio self-attention: bidirectional (model.audio_causal=false, given (--audio-causal))" in out
     assert CTALForPretraining.from_pretrained(tmp_path / "bi").config.audio_causal is False
@@ -312,10 +303,10 @@ def test_audio_causal_comes_from_the_file_unless_given_and_the_card_says_which(b
     frames = release_outputs(model, causal=False)[1]  # the *_correct kind: bidirectional frames
     torch.testing.assert_close(converted_outputs(tmp_path / "bi")[1][real], frames[real], rtol=0, atol=1e-4)
     assert not torch.allclose(release_outputs(model, causal=True)[1][real], frames[real], atol=1e-3)
-    code, out, err = convert("--checkpoint", ckpt, "--tokenizer", bpe, "--out", tmp_path / "file")
+    code, out, err = convert("--checkpoint", ckpt, "--tokenizer", bpe_dir, "--out", tmp_path / "file")
     card = (tmp_path / "file" / "README.md").read_text()
     assert code == 0 and "| model.audio_causal | True |" in card and "| audio_causal_from | the file's is_decoder |" in card
-    code, _, err = convert("--checkpoint", ckpt, "--tokenizer", bpe, "--out", tmp_path / "x", "--audio-causal", "yes")
+    code, _, err = convert("--checkpoint", ckpt, "--tokenizer", bpe_dir, "--out", tmp_path / "x", "--audio-causal", "yes")
     assert code == 2 and "--audio-causal" in err and not (tmp_path / "x").exists()
 
 
@@ -342,15 +333,15 @@ def _planted(marker: Path) -> dict:
 @pytest.mark.parametrize("kind, named", [("exec", "builtins.exec"), ("os.system", "posix.system"),
                                          ("subprocess.Popen", "Popen"),  # protocol 2 spells it commands.Popen
                                          ("legacy os.system", "posix.system")])
-def test_a_planted_global_is_refused_by_name_and_never_runs(bpe, tmp_path, kind, named):
+def test_a_planted_global_is_refused_by_name_and_never_runs(bpe_dir, tmp_path, kind, named):
     """The payload sits where the release keeps its schedule (an Optimizer param group, the entry that
     is dropped): it is refused all the same, before anything is unpickled."""
     marker = tmp_path / "marker"
-    ckpt = release_checkpoint(vocab_of(bpe))
+    ckpt = release_checkpoint(_vocab_size(bpe_dir))
     ckpt["Optimizer"]["param_groups"][0]["schedule"] = _planted(marker)[kind]
     path = tmp_path / "states-1.ckpt"
     torch.save(ckpt, path, _use_new_zipfile_serialization=not kind.startswith("legacy"))
-    code, _, err = convert("--checkpoint", path, "--tokenizer", bpe, "--out", tmp_path / "out")
+    code, _, err = convert("--checkpoint", path, "--tokenizer", bpe_dir, "--out", tmp_path / "out")
     assert code == 2 and f"{named} to load" in err and "refusing" in err
     assert not marker.exists() and not (tmp_path / "out").exists()
 
@@ -363,14 +354,14 @@ def test_the_planted_payload_is_real(tmp_path):
     assert marker.exists()
 
 
-def test_a_release_class_name_is_only_a_record_whatever_the_pickle_asks_of_it(bpe, tmp_path):
+def test_a_release_class_name_is_only_a_record_whatever_the_pickle_asks_of_it(bpe_dir, tmp_path):
     """A file that calls the allowed name with arguments (REDUCE) or gives it state gets an inert
     record holding them: the stand-in runs no code of the release and nothing else."""
     marker = tmp_path / "marker"
     with release_code(tmp_path / "code") as m2p:
         schedule = m2p.WarmupLinearSchedule(warmup=0.07, t_total=100)
         schedule.__dict__["__class__"] = "an attempt"  # state that would replace the class if set as attributes
-        ckpt = release_checkpoint(vocab_of(bpe))
+        ckpt = release_checkpoint(_vocab_size(bpe_dir))
         ckpt["Optimizer"]["param_groups"][0]["schedule"] = schedule
         ckpt["Optimizer"]["param_groups"][0]["called"] = Payload(m2p.WarmupLinearSchedule, f"touch {marker}")
         torch.save(ckpt, tmp_path / "states-1.ckpt")
@@ -383,19 +374,19 @@ def test_a_release_class_name_is_only_a_record_whatever_the_pickle_asks_of_it(bp
     assert "m2p_optimization" not in sys.modules
 
 
-def test_a_module_of_the_release_outside_the_known_classes_is_refused(bpe, tmp_path):
+def test_a_module_of_the_release_outside_the_known_classes_is_refused(bpe_dir, tmp_path):
     """Only the optimizer classes are records: another module of the release (its runner) is refused."""
     (tmp_path / "code").mkdir()
     (tmp_path / "code" / "m2p_runner.py").write_text("class Runner:\n    pass\n")
     sys.path.insert(0, str(tmp_path / "code"))
     try:
-        ckpt = release_checkpoint(vocab_of(bpe))
+        ckpt = release_checkpoint(_vocab_size(bpe_dir))
         ckpt["Settings"]["Paras"] = importlib.import_module("m2p_runner").Runner()
         torch.save(ckpt, tmp_path / "states-1.ckpt")
     finally:
         sys.path.remove(str(tmp_path / "code"))
         sys.modules.pop("m2p_runner", None)
-    code, _, err = convert("--checkpoint", tmp_path / "states-1.ckpt", "--tokenizer", bpe, "--out", tmp_path / "out")
+    code, _, err = convert("--checkpoint", tmp_path / "states-1.ckpt", "--tokenizer", bpe_dir, "--out", tmp_path / "out")
     assert code == 2 and "needs m2p_runner.Runner to load" in err and "m2p_runner" not in sys.modules
 
 
@@ -411,42 +402,42 @@ def _one_line_refusal(code: int, err: str) -> bool:
     return code == 2 and err.count("\n") == 1 and "error: " in err and "Traceback" not in err
 
 
-def test_overwrite_replaces_only_an_earlier_conversion(bpe, tmp_path):
-    path = _saved(tmp_path, release_checkpoint(vocab_of(bpe)))
+def test_overwrite_replaces_only_an_earlier_conversion(bpe_dir, tmp_path):
+    path = _saved(tmp_path, release_checkpoint(_vocab_size(bpe_dir)))
     foreign = tmp_path / "results"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("years of work")
-    code, _, err = convert("--checkpoint", path, "--tokenizer", bpe, "--out", foreign, "--overwrite")
+    code, _, err = convert("--checkpoint", path, "--tokenizer", bpe_dir, "--out", foreign, "--overwrite")
     assert _one_line_refusal(code, err) and f"refusing to write {str(foreign)!r}" in err
     assert [p.name for p in foreign.iterdir()] == ["thesis.tex"] and (foreign / "thesis.tex").read_text() == "years of work"
-    code, _, err = convert("--checkpoint", path, "--tokenizer", bpe, "--out", foreign)  # said so without it too
+    code, _, err = convert("--checkpoint", path, "--tokenizer", bpe_dir, "--out", foreign)  # said so without it too
     assert _one_line_refusal(code, err) and "not a checkpoint converted from a release" in err
     # another ctal checkpoint (a fine-tuning one) is not a conversion either
     (foreign / "checkpoint.json").write_text(json.dumps({"kind": "finetuning"}))
-    code, _, err = convert("--checkpoint", path, "--tokenizer", bpe, "--out", foreign, "--overwrite")
+    code, _, err = convert("--checkpoint", path, "--tokenizer", bpe_dir, "--out", foreign, "--overwrite")
     assert code == 2 and (foreign / "thesis.tex").exists()
     # a file: refused, untouched, and no hidden .old-* copy left beside it
     plain = tmp_path / "notes.txt"
     plain.write_text("keep me")
-    code, _, err = convert("--checkpoint", path, "--tokenizer", bpe, "--out", plain, "--overwrite")
+    code, _, err = convert("--checkpoint", path, "--tokenizer", bpe_dir, "--out", plain, "--overwrite")
     assert _one_line_refusal(code, err) and str(plain) in err and plain.read_text() == "keep me"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     # an earlier conversion is replaced
-    assert convert("--checkpoint", path, "--tokenizer", bpe, "--out", tmp_path / "ctal")[0] == 0
-    code, _, err = convert("--checkpoint", path, "--tokenizer", bpe, "--out", tmp_path / "ctal", "--overwrite")
+    assert convert("--checkpoint", path, "--tokenizer", bpe_dir, "--out", tmp_path / "ctal")[0] == 0
+    code, _, err = convert("--checkpoint", path, "--tokenizer", bpe_dir, "--out", tmp_path / "ctal", "--overwrite")
     assert code == 0, err
     assert checkpoint.verify(tmp_path / "ctal")["frontend"] == "release"
 
 
-def test_a_config_that_does_not_fit_the_tensors_is_refused_before_allocating(bpe, tmp_path):
+def test_a_config_that_does_not_fit_the_tensors_is_refused_before_allocating(bpe_dir, tmp_path):
     """vocab_size 200 000 000 at hidden 32 would be a 25.6 GB embedding (and its MLM bias)."""
     for section, key, value, named in (("semantic", "vocab_size", 200_000_000, "200000000"),
                                        ("acoustic", "num_hidden_layers", 1_000_000, "1000000")):
-        ckpt = release_checkpoint(vocab_of(bpe))
+        ckpt = release_checkpoint(_vocab_size(bpe_dir))
         ckpt["Settings"]["Config"][section][key] = value
         path = _saved(tmp_path, ckpt)
         peak, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
-        code, _, err = convert("--checkpoint", path, "--tokenizer", bpe, "--out", tmp_path / "out")
+        code, _, err = convert("--checkpoint", path, "--tokenizer", bpe_dir, "--out", tmp_path / "out")
         assert _one_line_refusal(code, err) and named in err, err
         assert time.perf_counter() - t0 < 10 and not (tmp_path / "out").exists()
         assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 1 << 20  # KiB: under 1 GiB more
@@ -454,9 +445,9 @@ def test_a_config_that_does_not_fit_the_tensors_is_refused_before_allocating(bpe
 
 @pytest.mark.parametrize("bad", ["empty", "text", "truncated", "a list", "settings a string", "config strings",
                                  "dropout a string", "a weight a string", "a state dict a list", "int keys"])
-def test_a_text_empty_or_ill_typed_file_is_one_line_and_exit_2(bpe, tmp_path, bad):
+def test_a_text_empty_or_ill_typed_file_is_one_line_and_exit_2(bpe_dir, tmp_path, bad):
     path = tmp_path / "release.ckpt"
-    ckpt = release_checkpoint(vocab_of(bpe))
+    ckpt = release_checkpoint(_vocab_size(bpe_dir))
     if bad == "empty":
         path.write_bytes(b"")
     elif bad == "text":
@@ -481,16 +472,16 @@ def test_a_text_empty_or_ill_typed_file_is_one_line_and_exit_2(bpe, tmp_path, ba
         else:  # no release checkpoint, keys that do not sort together
             ckpt = {1: torch.zeros(1), "semantic_model": {}}
         torch.save(ckpt, path)
-    code, _, err = convert("--checkpoint", path, "--tokenizer", bpe, "--out", tmp_path / "out")
+    code, _, err = convert("--checkpoint", path, "--tokenizer", bpe_dir, "--out", tmp_path / "out")
     assert _one_line_refusal(code, err), err
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_nan_or_inf_weights_are_refused_naming_the_tensor(bpe, tmp_path, value):
-    ckpt = release_checkpoint(vocab_of(bpe))
+def test_nan_or_inf_weights_are_refused_naming_the_tensor(bpe_dir, tmp_path, value):
+    ckpt = release_checkpoint(_vocab_size(bpe_dir))
     ckpt["acoustic_model"]["acoustic.encoder.layer.0.crossattention.self.key.weight"][3, 5] = value
-    code, _, err = convert("--checkpoint", _saved(tmp_path, ckpt), "--tokenizer", bpe, "--out", tmp_path / "out")
+    code, _, err = convert("--checkpoint", _saved(tmp_path, ckpt), "--tokenizer", bpe_dir, "--out", tmp_path / "out")
     assert _one_line_refusal(code, err) and "acoustic_model.acoustic.encoder.layer.0.crossattention.self.key.weight" in err
     assert "NaN or infinite" in err and not (tmp_path / "out").exists()
 
@@ -499,16 +490,16 @@ def test_nan_or_inf_weights_are_refused_naming_the_tensor(bpe, tmp_path, value):
 
 
 @pytest.fixture(scope="module")
-def release_task_data(bpe, tmp_path_factory, synthetic_corpus, ray_local) -> tuple[Path, Path]:
+def release_task_data(bpe_dir, tmp_path_factory, synthetic_corpus, ray_local) -> tuple[Path, Path]:
     """(a checkpoint the release trained, converted; the synthetic MOSEI corpus preprocessed for it
     with features.frontend=release and its tokenizer), before any test of this module blocks Ray."""
     from ctal.config import DataConfig, FeatureConfig
     from ctal.distributed.preprocess import run_preprocess
 
     root = tmp_path_factory.mktemp("journey")
-    write_release_training_checkpoint(root / "states-1.ckpt", vocab_of(bpe), "adam", root / "code")
+    write_release_training_checkpoint(root / "states-1.ckpt", _vocab_size(bpe_dir), "adam", root / "code")
     converted = root / "ctal-release"
-    assert convert("--checkpoint", root / "states-1.ckpt", "--tokenizer", bpe, "--out", converted)[0] == 0
+    assert convert("--checkpoint", root / "states-1.ckpt", "--tokenizer", bpe_dir, "--out", converted)[0] == 0
     data = root / "mosei-release"
     run_preprocess("mosei", synthetic_corpus("mosei"), data,
                    DataConfig(tokenizer=str(converted), features=FeatureConfig(frontend="release")), verbose=False)
