@@ -121,17 +121,22 @@ def _mac(key: bytes, files: dict) -> str:
     return hmac.new(key, json.dumps(files, sort_keys=True).encode("utf-8"), hashlib.sha256).hexdigest()
 
 
-def _state_files(fs: pafs.FileSystem, d: str, patterns, *, files_only: bool = True) -> list[str]:
+def _state_infos(fs: pafs.FileSystem, d: str, patterns) -> list[pafs.FileInfo]:
+    """Every entry at ``d`` named like a state file (``patterns``), of any kind, by name: one listing."""
     infos = fs.get_file_info(pafs.FileSelector(d, allow_not_found=True, recursive=False))
-    return sorted(i.base_name for i in infos if (i.type == pafs.FileType.File or not files_only)
-                  and any(fnmatch.fnmatch(i.base_name, p) for p in patterns))
+    return sorted((i for i in infos if any(fnmatch.fnmatch(i.base_name, p) for p in patterns)),
+                  key=lambda i: i.base_name)
+
+
+def _state_files(fs: pafs.FileSystem, d: str, patterns) -> list[str]:
+    return [i.base_name for i in _state_infos(fs, d, patterns) if i.type == pafs.FileType.File]
 
 
 def state_entries(where: str, ours: tuple[str, ...] = ()) -> list[str]:
     """Every entry at ``where`` named like a file Ray's restore reads, of any kind (a directory or a
     FIFO named like one counts too): what a new sweep or study must not find, or it would sign it."""
     fs, d = storage.resolve(where)
-    return _state_files(fs, d, (*ray_state_patterns(), *ours), files_only=False)
+    return [i.base_name for i in _state_infos(fs, d, (*ray_state_patterns(), *ours))]
 
 
 def _sha256(fs: pafs.FileSystem, path: str) -> str:
@@ -171,28 +176,28 @@ def _read_signature(fs: pafs.FileSystem, d: str, key: bytes, where: str) -> Opti
 _KINDS = {pafs.FileType.Directory: "a directory", pafs.FileType.NotFound: "gone"}  # else FIFO, socket, device
 
 
-def _check_readable(fs: pafs.FileSystem, d: str, where: str, ours: tuple[str, ...]) -> None:
+def _check_readable(infos: list[pafs.FileInfo], where: str) -> list[str]:
     """Ray's restore needs ``tuner.pkl`` and an ``experiment_state-*.json``, as regular files: without
     the experiment state it logs a warning, starts a new empty sweep in the same directory under the
     same trial ids and overwrites the old trials (issue 30.2); a FIFO named like a state file hangs
-    whoever reads it, a directory named like one breaks the results. Refuse all of them by name."""
-    infos = fs.get_file_info(pafs.FileSelector(d, allow_not_found=True, recursive=False))
-    patterns = (*ray_state_patterns(), *ours)
+    whoever reads it, a directory named like one breaks the results. Refuse all of them by name.
+    ``infos``: the sweep's state entries (``_state_infos``); returns their names, all regular files."""
     for i in infos:
-        if i.type != pafs.FileType.File and any(fnmatch.fnmatch(i.base_name, p) for p in patterns):
+        if i.type != pafs.FileType.File:
             raise UnreadableStateError(
                 f"cannot resume {where}: {i.base_name} is {_KINDS.get(i.type, 'not a regular file')}, not a state "
                 "file Ray wrote; remove it and put back the file, or start a new sweep (another --name)")
     from ray.tune.execution.tune_controller import TuneController
     from ray.tune.impl.tuner_internal import _TUNER_PKL
 
-    names = [i.base_name for i in infos if i.type == pafs.FileType.File]
+    names = [i.base_name for i in infos]
     needed = [p for p in (_TUNER_PKL, TuneController.CKPT_FILE_TMPL.format("*")) if not fnmatch.filter(names, p)]
     if needed:
         raise UnreadableStateError(
             f"cannot resume {where}: its {' and '.join(needed)} is missing (a partial copy or sync?), and Ray "
             "would start a new sweep over the old trials; copy the whole sweep back, or start a new one "
             "(another --name)")
+    return names
 
 
 def verify_state(where: str, ours: tuple[str, ...] = ()) -> dict:
@@ -202,7 +207,7 @@ def verify_state(where: str, ours: tuple[str, ...] = ()) -> dict:
     Returns the signed map reduced to the files as they are now; raises UntrustedStateError naming the
     first file that is not covered, UnreadableStateError for state that is missing or not a file."""
     fs, d = storage.resolve(where)
-    _check_readable(fs, d, where, ours)
+    names = _check_readable(_state_infos(fs, d, (*ray_state_patterns(), *ours)), where)
     key = sweep_key(create=False)
     files = _read_signature(fs, d, key, where)
     if files is None:
@@ -211,7 +216,7 @@ def verify_state(where: str, ours: tuple[str, ...] = ()) -> dict:
             "wrote the Ray state there (Ray unpickles it: code); start a new sweep (another --name), or if you "
             "wrote every file there yourself, sign it: ctal.distributed.signing.sign_sweep(DIR)")
     current = {}
-    for name in _state_files(fs, d, (*ray_state_patterns(), *ours)):
+    for name in names:
         digest = _sha256(fs, f"{d}/{name}")
         if digest not in files.get(name, ()):
             raise UntrustedStateError(
@@ -233,8 +238,8 @@ def sign_sweep(where: str, ours: tuple[str, ...] = (), files: Optional[dict] = N
     fs, d = storage.resolve(where)
     if files is None:
         mine = (_TUNER_PKL, *ours)
-        foreign = [n for n in _state_files(fs, d, (*ray_state_patterns(), *ours), files_only=False)
-                   if n not in mine or fs.get_file_info(f"{d}/{n}").type != pafs.FileType.File]
+        foreign = [i.base_name for i in _state_infos(fs, d, (*ray_state_patterns(), *ours))
+                   if i.base_name not in mine or i.type != pafs.FileType.File]
         if foreign:
             raise UntrustedStateError(f"{where}: {', '.join(foreign)} appeared beside the new sweep's own state; "
                                       "it was not written by this sweep and is not signed: remove it")
