@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from .feed import FeedError, feed
 from .flops import batch_flops, peak_flops
 from .model import CTALConfig, CTALForPretraining
 from .optim import build_optimizer, build_scheduler
+from .redact import redact
 from .runlog import RunLog, step_line
 
 
@@ -193,7 +195,9 @@ def check_same_run(cfg: PretrainConfig) -> None:
     was = earlier.get("config") if earlier.get("kind") == "pretraining" else None
     if not isinstance(was, dict):
         return
-    now = {"data": cfg.data, **{f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()}}
+    # as the manifest recorded them: credentials redacted (ctal.manifest.write), tuples as JSON lists
+    now = redact(json.loads(json.dumps({"data": cfg.data, **{f"model.{k}": v for k, v in
+                                                             dataclasses.asdict(cfg.model).items()}})))
     then = {"data": was.get("data"), **{f"model.{k}": v for k, v in (was.get("model") or {}).items()}}
     changed = [f"{k}={now[k]!r} (the run has {then[k]!r})" for k in now if k in then and then[k] != now[k]]
     if changed:

@@ -243,6 +243,22 @@ def test_a_second_run_on_one_name_and_a_name_run_on_other_settings_are_refused_b
     assert code == 2 and "model.hidden_size=32 (the run has 64)" in err, err
 
 
+def test_the_same_run_with_a_credential_in_its_data_uri_is_still_the_same_run(tmp_path):
+    """The manifest records the data URI redacted: the comparison reads both sides that way."""
+    from dataclasses import replace
+
+    from ctal import manifest
+    from ctal.pretrain import check_same_run
+
+    cfg = replace(make_cfg("s3://bucket/data?token=hunter2", tmp_path, "r"), storage_path=str(tmp_path))
+    with manifest.recorded_run(tmp_path / "r", "pretraining", cfg):
+        pass
+    assert "hunter2" not in (tmp_path / "r" / "manifest.json").read_text()
+    check_same_run(cfg)  # not "other settings"
+    with pytest.raises(ConfigError, match="data="):
+        check_same_run(replace(cfg, data="s3://bucket/other?token=hunter2"))
+
+
 # -- Ray Train -----------------------------------------------------------------------------------------
 
 
