@@ -262,7 +262,7 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
                   device: Optional[torch.device] = None,
                   prepare_model: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None,
                   report: Optional[Callable[[dict, Optional[str]], None]] = None,
-                  log: Callable[[str], None] = print) -> dict:
+                  log: Callable[[str], None] = print, alert: Optional[Callable[[str], None]] = None) -> dict:
     """Pretrain CTAL on this worker's share of the data until ``cfg.max_steps``.
 
     ``plan``: from ``prepare(cfg)``; a plain PretrainConfig is prepared (checked) here first.
@@ -270,8 +270,9 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
     is moved aside with a warning); ``run_dir`` and ``cfg.data`` may be URIs (module docstring).
     ``prepare_model`` wraps the model for data parallelism (Ray's ``prepare_model``; default: DDP
     when torch.distributed is initialized). ``report(metrics, checkpoint_path)`` is called on every
-    rank after each checkpoint (path on rank 0, else None). Returns the last logged metrics and the
-    final checkpoint path.
+    rank after each checkpoint (path on rank 0, else None). ``log`` takes this rank's lines (a
+    driver may show rank 0's only); ``alert`` (default ``log``) the ones every rank must get onto the
+    console: why it stops. Returns the last logged metrics and the final checkpoint path.
     """
     plan = plan if isinstance(plan, PretrainPlan) else prepare(plan)
     cfg, tok = plan.cfg, plan.tokenizer
@@ -409,7 +410,7 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
                 t0 += time.perf_counter() - t_save  # checkpointing is not training throughput
         finished = True
     except FeedError as e:  # said on the console (every rank's own): Ray Train's restart says only "failed"
-        log(f"rank {rank}: {e}; stopping this worker (with max_failures the group restarts from the last checkpoint)")
+        (alert or log)(f"rank {rank}: {e}; stopping this worker (with max_failures the group restarts from the last checkpoint)")
         raise
     finally:
         it.close()

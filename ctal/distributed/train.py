@@ -130,7 +130,8 @@ def _train_fn(config: dict) -> None:
 
     pretrain_loop(plan, run_dir=config["run_dir"], rank=ctx.get_world_rank(),
                   world_size=ctx.get_world_size(), device=ray.train.torch.get_device(),
-                  prepare_model=ray.train.torch.prepare_model, report=report, log=log)
+                  prepare_model=ray.train.torch.prepare_model, report=report, log=log,
+                  alert=config["log"])  # any rank's reason to stop reaches the driver
 
 
 @dataclass
