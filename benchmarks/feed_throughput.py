@@ -74,7 +74,7 @@ class Feed:
         tok, m = self.tok, cfg.model
         self.max_tokens = m.max_position_embeddings - (tok.pad_token_id + 1 if m.text_position_style == "roberta" else 0)
         # what ctal.pretrain's feed calls per batch
-        self.make_batch = MakeBatch(cfg, tok, 0, self.max_tokens, self.frontend,
+        self.make_batch = MakeBatch(cfg, tok, 0, self.max_tokens, ds.report,
                                     dataclasses.replace(m, vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id))
 
     def collate(self, rows, index: int, masking: bool = True):

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from . import storage
-from .data import FBANK_DIM, list_shards
+from .data import FBANK_DIM, audio_column, audio_format, list_shards, read_report
 from .features import model_frames
 from .masking import mask_frames, mask_tokens
 
@@ -88,12 +88,12 @@ def padding_efficiency(batches: Iterable[Sequence[int]], n_frames: Sequence[int]
 # collate
 
 
-def _fbank_array(fbank) -> np.ndarray:
-    # a numpy (T, 80) or Parquet's list of 80-lists; read-only (Arrow-backed) is fine: model_frames
-    # never writes its input
-    x = np.asarray(fbank, dtype=np.float32)
-    if x.ndim != 2 or x.shape[1] != FBANK_DIM:
-        raise ValueError(f"fbank must be (T, {FBANK_DIM}), got shape {x.shape}")
+def _frames_array(frames, column: str) -> np.ndarray:
+    # a numpy (T, D) or Parquet's list of D-lists; read-only (Arrow-backed) is fine: model_frames
+    # never writes its input. Log-mel is 80 wide; SSL features keep their float16 until model_frames.
+    x = np.asarray(frames, dtype=np.float32 if column == "fbank" else None)
+    if x.ndim != 2 or (column == "fbank" and x.shape[1] != FBANK_DIM):
+        raise ValueError(f"{column} must be (T, {FBANK_DIM if column == 'fbank' else 'D'}), got shape {x.shape}")
     return x
 
 
@@ -108,12 +108,13 @@ def collate(rows: Sequence[dict], *, max_frames: int, pad_token_id: int, masking
             special_token_ids: Optional[Sequence[int]] = None,
             generator: Optional[torch.Generator] = None,
             max_tokens: Optional[int] = None, frontend: str = "kaldi") -> dict[str, torch.Tensor]:
-    """Rows (dicts with ``input_ids``, ``fbank`` and optionally ``label``) → a padded batch.
+    """Rows (dicts with ``input_ids``, their frames under ``audio_column(frontend)`` — ``fbank`` or
+    ``ssl`` — and optionally ``label``) → a padded batch.
 
     Frames are cropped to ``max_frames`` *before* delta + per-utterance normalization, so the model
     sees exactly what a shorter utterance would give; ``frontend`` is the data set's (``DataSet.frontend``),
     whose delta and normalization apply. Text longer than ``max_tokens`` keeps its
-    closing token. Returns input_ids/attention_mask (B, L) long, frames (B, T, 160) float32,
+    closing token. Returns input_ids/attention_mask (B, L) long, frames (B, T, audio_dim) float32,
     frame_mask (B, T) bool and labels (B,) float32 when every row has one (classification callers
     cast to long). With a ``MaskingConfig`` (needs mask_token_id, vocab_size, special_token_ids and
     a CPU ``generator``) input_ids and frames are the masked ones and mlm_labels, acoustic_mask and
@@ -121,7 +122,8 @@ def collate(rows: Sequence[dict], *, max_frames: int, pad_token_id: int, masking
     """
     if not rows:
         raise ValueError("collate got no rows")
-    feats = [torch.from_numpy(model_frames(_fbank_array(r["fbank"])[:max_frames], frontend)) for r in rows]
+    col = audio_column(frontend)
+    feats = [torch.from_numpy(model_frames(_frames_array(r[col], col)[:max_frames], frontend)) for r in rows]
     ids = [_truncate_ids(np.asarray(r["input_ids"], dtype=np.int64), max_tokens) for r in rows]
     B, T, L = len(rows), max(len(f) for f in feats), max(len(i) for i in ids)
 
@@ -197,18 +199,19 @@ class PretrainBatches:
     def __init__(self, data_dir: str | Path, *, rank: int, world_size: int, seed: int,
                  split: str = "train", batch_size: int = 8, max_frames_per_batch: int = 0,
                  max_frames: int = 3000, pool_rows: int = 1024, halve_above_frames: int = 0,
-                 drop_longer: bool = False, columns: Sequence[str] = ("input_ids", "fbank")):
+                 drop_longer: bool = False, columns: Optional[Sequence[str]] = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.batch_size, self.max_frames_per_batch = batch_size, max_frames_per_batch
         self.halve_above_frames = halve_above_frames
-        self.columns = list(columns)
         self.files = list_shards(data_dir)  # URI strings for a data set on s3://, gs://, file://
+        self.audio = audio_format(read_report(data_dir))  # its frames' column: fbank or ssl
+        self.columns = list(columns or ("input_ids", self.audio.column))
         # One pyarrow filesystem for every read (an S3 client per row group would be slow).
         self._fs = storage.resolve(data_dir)[0] if storage.is_uri(data_dir) else None
 
-        # The index: only the small columns are read (n_frames, split), never fbank.
+        # The index: only the small columns are read (n_frames, split), never the frames.
         n_frames, keep, rg_of_row, self.row_groups = [], [], [], []  # row_groups: (file, rg, start)
         wanted = [s for s in split.split(",") if s]  # "" = every split
         seen_splits = set()
@@ -226,7 +229,7 @@ class PretrainBatches:
                 self.row_groups.append((f, g, start))
                 start += rows
         raw = np.concatenate(n_frames) if n_frames else np.zeros(0, np.int64)
-        self.raw_frames = raw  # as stored: the size of a row's fbank
+        self.raw_frames = raw  # as stored: the size of a row's frames
         self.n_frames = np.minimum(raw, max_frames)  # what the model sees after cropping
         self.rg_of_row = np.concatenate(rg_of_row) if rg_of_row else np.zeros(0, np.int64)
         self.row_start = np.array([0] + [len(x) for x in n_frames]).cumsum()  # global row of file f
@@ -309,8 +312,8 @@ class PretrainBatches:
             want, t = self._read_group(g, rows, columns)
             cols = {}
             for name in columns:
-                if name == "fbank":
-                    cols[name] = _list_column_to_numpy(t.column(name), inner=FBANK_DIM)
+                if name == self.audio.column:
+                    cols[name] = _list_column_to_numpy(t.column(name), inner=self.audio.width)
                 elif name == "input_ids":
                     cols[name] = _list_column_to_numpy(t.column(name))
                 else:
@@ -363,15 +366,15 @@ class PretrainBatches:
     # ---- the parts of a pool that feed processes read side by side (``feed``)
 
     def frame_offsets(self, pool: int) -> np.ndarray:
-        """Where each row of ``pool`` starts in the pool's flat (frames, 80) array (uncropped frames)."""
+        """Where each row of ``pool`` starts in the pool's flat (frames, width) array (uncropped frames)."""
         return np.concatenate([[0], np.cumsum(self.raw_frames[self.pools[pool]])])
 
     def max_pool_frames(self) -> int:
         return max(int(self.raw_frames[rows].sum()) for rows in self.pools)
 
-    def read_fbank_part(self, pool: int, part: int, parts: int, out: np.ndarray) -> None:
-        """Write the fbank frames of part ``part`` of ``parts`` of ``pool`` into ``out`` (the pool's
-        flat (frames, 80) array, rows at ``frame_offsets``). Parts are whole row groups of about
+    def read_audio_part(self, pool: int, part: int, parts: int, out: np.ndarray) -> None:
+        """Write the frames of part ``part`` of ``parts`` of ``pool`` into ``out`` (the pool's flat
+        (frames, width) array of the column's dtype, rows at ``frame_offsets``). Parts are whole row groups of about
         equal frames, so each row group is read and decoded by one process only."""
         rows = self.pools[pool]
         groups = np.unique(self.rg_of_row[rows])
@@ -381,12 +384,12 @@ class PretrainBatches:
         at = {int(r): i for i, r in enumerate(rows)}
         offsets = self.frame_offsets(pool)
         for g in mine:
-            want, t = self._read_group(g, rows, ["fbank"])
-            flat, offs = _list_column_to_numpy(t.column("fbank"), inner=FBANK_DIM)
+            want, t = self._read_group(g, rows, [self.audio.column])
+            flat, offs = _list_column_to_numpy(t.column(self.audio.column), inner=self.audio.width)
             f = self.row_groups[g][0]
             for i, row in enumerate(want):
                 n, dst = offs[i + 1] - offs[i], at[int(row)]
                 if n != self.raw_frames[row]:
-                    raise ValueError(f"{self.files[f]}: row {int(row - self.row_start[f])} has {n} fbank "
+                    raise ValueError(f"{self.files[f]}: row {int(row - self.row_start[f])} has {n} "
                                      f"frames but its n_frames column says {int(self.raw_frames[row])}")
                 out[offsets[dst]:offsets[dst + 1]] = flat[offs[i]:offs[i + 1]]

@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 
 from . import manifest, storage
 from .config import DataConfig, FeatureConfig, from_dict
-from .data import TOKENIZER_DIR
+from .data import TOKENIZER_DIR, feature_frontend
 from . import tokenizer as _tokenizer
 from .manifest import COMMAND_ENV, record_command  # noqa: F401  (the recipes' import)
 from .model_card import model_card
@@ -327,15 +327,53 @@ def trained_data_config(checkpoint: str | Path):
     return cfg
 
 
-def check_frontend(checkpoint: str | Path, expected: str, fix: str = "") -> None:
-    """Refuse a checkpoint trained on other frames than the data set's front end ``expected``
-    (ValueError naming both, and ``fix`` when given): the weights expect their own features."""
-    actual = trained_frontend(checkpoint)
-    if actual != expected:
+def frames_entry(report: dict) -> dict:
+    """What a checkpoint's state records of the frames it was trained on (from the data set's
+    ``report.json``): the front end and, for SSL features, the upstream (ctal.upstream.UpstreamInfo:
+    architecture, hash of its files, kept layers)."""
+    entry = {"frontend": feature_frontend(report)}
+    if report.get("upstream"):
+        entry["upstream"] = report["upstream"]
+    return entry
+
+
+def _frames_key(entry: dict) -> tuple:
+    up = entry.get("upstream") or {}
+    return entry.get("frontend", "kaldi"), up.get("hash"), tuple(up.get("layers") or ())
+
+
+def describe_frames(entry: dict) -> str:
+    """``frames_entry`` in words, e.g. "features.frontend=ssl frames of wavlm sha256 1a2b3c4d5e6f…, layers [6]"."""
+    frontend, digest, layers = _frames_key(entry)
+    if frontend != "ssl":
+        return f"features.frontend={frontend} frames"
+    arch = (entry.get("upstream") or {}).get("architecture", "?")
+    return f"features.frontend=ssl frames of {arch} sha256 {str(digest)[:12]}…, layers {list(layers)}"
+
+
+def check_frontend(checkpoint: str | Path, report: dict, fix: str = "") -> None:
+    """Refuse a checkpoint trained on other frames than the data set's (its ``report.json``): another
+    front end, or SSL features of another upstream or other layers (ValueError naming both, and
+    ``fix`` when given): the weights expect their own features."""
+    state = _owning_state(checkpoint)
+    actual = {"frontend": state.get("frontend", "kaldi"), "upstream": state.get("upstream")}
+    expected = frames_entry(report)
+    if _frames_key(actual) != _frames_key(expected):
         hint = f"; {fix}" if fix else ""
-        raise ValueError(f"front end mismatch: checkpoint {checkpoint} was trained on features.frontend={actual} "
-                         f"frames, the data set holds features.frontend={expected} frames; refusing to use "
-                         f"it{hint}")
+        raise ValueError(f"front end mismatch: checkpoint {checkpoint} was trained on {describe_frames(actual)}, "
+                         f"the data set holds {describe_frames(expected)}; refusing to use it{hint}")
+
+
+def preprocess_options(checkpoint: str | Path) -> str:
+    """The ``features.*`` overrides that make preprocessing write the frames a local checkpoint was
+    trained on (its recorded front end, and for SSL features the upstream folder and layers)."""
+    features = (_owning_state(checkpoint).get("data_config") or {}).get("features") or {}
+    frontend = features.get("frontend") or trained_frontend(checkpoint)
+    opts = [f"features.frontend={frontend}"]
+    if frontend == "ssl":
+        opts += [f"features.ssl_model={features.get('ssl_model')}",
+                 f"features.ssl_layers=[{','.join(map(str, features.get('ssl_layers') or []))}]"]
+    return " ".join(opts)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -70,7 +70,11 @@ class ModelConfig:
     pad_token_id: int = 1
     # "roberta": positions start after the padding index (RoBERTa); "bert": 0..L-1.
     text_position_style: Literal["roberta", "bert"] = "roberta"
+    # The audio stream's input frame: set from the data set by every run (like vocab_size from its
+    # tokenizer): 2 x FBANK_DIM for log-mel + delta, or audio_layers x the upstream's hidden size for
+    # SSL features (features.frontend=ssl), whose kept layers a learned softmax weighting combines.
     audio_dim: int = 2 * FBANK_DIM
+    audio_layers: int = 1
     max_audio_positions: int = 3000
     audio_causal: bool = False  # the released code's causal audio self-attention; off = paper
     fusion: Fusion = "ctal"
@@ -84,26 +88,45 @@ class ModelConfig:
 
 @dataclass
 class FeatureConfig:
-    """Log-mel settings (stored with the data set). ``frontend`` (ctal.features.FRONTENDS): "kaldi"
-    (Kaldi fbank) or "release" (the authors' librosa features, for their released weights)."""
+    """The audio front end (stored with the data set). ``frontend``: "kaldi" (Kaldi fbank), "release"
+    (the authors' librosa features, for their released weights; both ctal.features.FRONTENDS) or
+    "ssl": the hidden states ``ssl_layers`` (0 = the CNN's projected output, k = transformer layer k;
+    default the last) of the local wav2vec 2.0 / HuBERT / WavLM / data2vec-audio folder ``ssl_model``
+    (ctal.upstream; never a hub id), run in preprocessing's actors with ``ssl_num_gpus`` each (a
+    fraction shares a GPU; 0 = CPU) on batches of at most ``ssl_batch_seconds`` of audio."""
     sample_rate: int = 16000
     num_mel_bins: int = FBANK_DIM
     frame_length_ms: float = 25.0
     frame_shift_ms: float = 10.0
     dither: float = 0.0  # kaldi only
-    frontend: Literal["kaldi", "release"] = "kaldi"
+    frontend: Literal["kaldi", "release", "ssl"] = "kaldi"
+    ssl_model: Optional[str] = None
+    ssl_layers: Optional[list[int]] = None
+    ssl_num_gpus: float = 0.0
+    ssl_batch_seconds: float = 60.0
 
     def __post_init__(self):
         if self.frontend == "release" and self.dither:
             raise ConfigError(f"features.dither={self.dither}: the release front end has no dither "
                               "(kaldi only); drop it or use features.frontend=kaldi")
+        if self.frontend == "ssl" and not self.ssl_model:
+            raise ConfigError("features.frontend=ssl needs features.ssl_model=DIR: a local folder of a "
+                              "wav2vec2, HuBERT, WavLM or data2vec-audio model")
+        if self.frontend != "ssl":
+            for key in ("ssl_model", "ssl_layers"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"features.{key} is for features.frontend=ssl, not "
+                                      f"features.frontend={self.frontend}")
+        if self.frontend == "ssl" and self.dither:
+            raise ConfigError(f"features.dither={self.dither} is for features.frontend=kaldi")
         window_ms = 1000.0 * 2 / self.sample_rate if self.sample_rate > 0 else 0.0  # at least 2 samples
         window = (lambda v: window_ms <= v <= 1000.0, f"{window_ms:g} to 1000 ms (two samples to a second)")
         bins = (lambda v: v == FBANK_DIM,
                 f"{FBANK_DIM} (the Parquet fbank column and the model's audio input are {FBANK_DIM} log-mel)")
         check_ranges(self, {"num_mel_bins": bins,
                             "sample_rate": (lambda v: 8000 <= v <= 48000, "8000 to 48000 Hz"),
-                            "frame_length_ms": window, "frame_shift_ms": window, "dither": NON_NEGATIVE},
+                            "frame_length_ms": window, "frame_shift_ms": window, "dither": NON_NEGATIVE,
+                            "ssl_num_gpus": NON_NEGATIVE, "ssl_batch_seconds": POSITIVE},
                      "features.")
 
 
@@ -144,6 +167,7 @@ class MaskingConfig:
     token_replace_prob: float = 0.8
     token_random_prob: float = 0.1
     frame_mask_prob: float = 0.15
+    # span lengths in 10 ms frames (ctal.masking.SPAN_FRAME_MS): kept in milliseconds on SSL features
     span_min: int = 20
     span_max: int = 50
     frame_zero_prob: float = 0.8
@@ -415,7 +439,7 @@ def load_config(cls: type, files: list[str | Path] = (), overrides: list[str] = 
 
 def validate_model_config(m: ModelConfig, prefix: str = "model.") -> None:
     """The architecture's ranges, for pretraining and fine-tuning alike: sizes, the heads dividing
-    the hidden size, dropout probabilities, the 160-d frames the data sets hold."""
+    the hidden size, dropout probabilities, audio frames that split into the kept layers."""
     check_ranges(m, {**dict.fromkeys(("vocab_size", "hidden_size", "num_text_layers", "num_audio_layers",
                                       "num_attention_heads", "intermediate_size", "max_position_embeddings",
                                       "type_vocab_size", "max_audio_positions"), AT_LEAST_1),
@@ -426,9 +450,9 @@ def validate_model_config(m: ModelConfig, prefix: str = "model.") -> None:
     if m.hidden_size % m.num_attention_heads:
         raise ConfigError(f"{prefix}hidden_size={m.hidden_size} is not a multiple of "
                           f"{prefix}num_attention_heads={m.num_attention_heads}: each head takes an equal share")
-    if m.audio_dim != 2 * FBANK_DIM:
-        raise ConfigError(f"{prefix}audio_dim={m.audio_dim}: the audio stream reads {2 * FBANK_DIM}-d frames "
-                          f"({FBANK_DIM} log-mel + delta, what every data set holds); must be {2 * FBANK_DIM}")
+    if m.audio_layers < 1 or m.audio_dim % m.audio_layers:
+        raise ConfigError(f"{prefix}audio_dim={m.audio_dim} does not split into {prefix}audio_layers="
+                          f"{m.audio_layers} equal layers (both come from the data set)")
     from transformers.activations import ACT2FN  # (torch: only once a run is checked)
 
     if m.hidden_act not in ACT2FN:

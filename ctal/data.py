@@ -25,20 +25,67 @@ from .config import FBANK_DIM, ConfigError, FeatureConfig, from_dict
 if TYPE_CHECKING:
     from .tasks import Meta
 
-PARQUET_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("corpus", pa.string()),
-    ("split", pa.string()),
-    ("speaker", pa.string()),
-    ("text", pa.string()),
-    ("input_ids", pa.list_(pa.int32())),
-    ("n_frames", pa.int32()),
-    ("fbank", pa.list_(pa.list_(pa.float32(), FBANK_DIM))),
-    ("label", pa.float64()),
-    ("label_name", pa.string()),
-    ("duration_s", pa.float32()),
-    ("sample_rate", pa.int32()),
-])
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    """How a data set stores its audio frames: the column (``fbank``: 80 log-mel, float32, 10 ms; or
+    ``ssl``: the kept hidden states of an upstream side by side, float16, its frame shift), the width
+    of a stored frame, and what the model's audio input is made of (``model_dims``)."""
+    column: str
+    width: int
+    layers: int = 1
+    frame_shift_ms: float = 10.0
+    upstream: Optional[dict] = None  # ctal.upstream.UpstreamInfo.to_dict() of an ssl data set
+
+    @property
+    def dtype(self):
+        return pa.float16() if self.column == "ssl" else pa.float32()
+
+    def model_dims(self) -> dict:
+        """The ModelConfig fields the frames decide: log-mel gets its delta at load time."""
+        return {"audio_dim": self.width if self.column == "ssl" else 2 * self.width, "audio_layers": self.layers}
+
+
+FBANK_FORMAT = AudioFormat("fbank", FBANK_DIM)
+
+
+def audio_column(frontend: str) -> str:
+    """The column (and a row's key) holding the frames of a ``frontend`` data set."""
+    return "ssl" if frontend == "ssl" else "fbank"
+
+
+def audio_format(report: dict) -> AudioFormat:
+    """A data set's AudioFormat from its ``report.json`` (an ssl data set records its upstream)."""
+    if feature_frontend(report) != "ssl":
+        return FBANK_FORMAT
+    up = report.get("upstream") or {}
+    try:
+        return AudioFormat("ssl", len(up["layers"]) * int(up["hidden_size"]), len(up["layers"]),
+                           float(up["frame_shift_ms"]), dict(up))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"report.json says features.frontend=ssl but records no complete upstream ({e!r})") from None
+
+
+def parquet_schema(fmt: AudioFormat = FBANK_FORMAT) -> pa.Schema:
+    """The shards' schema: the same columns whatever the front end, but for the audio frames'."""
+    return pa.schema([
+        ("id", pa.string()),
+        ("corpus", pa.string()),
+        ("split", pa.string()),
+        ("speaker", pa.string()),
+        ("text", pa.string()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("n_frames", pa.int32()),
+        (fmt.column, pa.list_(pa.list_(fmt.dtype, fmt.width))),
+        ("label", pa.float64()),
+        ("label_name", pa.string()),
+        ("duration_s", pa.float32()),
+        ("sample_rate", pa.int32()),
+    ])
+
+
+PARQUET_SCHEMA = parquet_schema()  # a filterbank data set's
 
 QUARANTINE_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -59,11 +106,12 @@ REPORT_FILE = "report.json"
 TOKENIZER_DIR = "tokenizer"
 
 
-def records_to_table(records: list[dict]) -> pa.Table:
-    """Records from ``featurize_row`` → a table of exactly ``PARQUET_SCHEMA`` (numpy, no row loops
-    over frames)."""
-    if any(r["fbank"].ndim != 2 or r["fbank"].shape[1] != FBANK_DIM for r in records):
-        raise ValueError(f"fbank must be (T, {FBANK_DIM})")
+def records_to_table(records: list[dict], fmt: AudioFormat = FBANK_FORMAT) -> pa.Table:
+    """Records from ``featurize_row`` (their frames under ``fmt.column``) → a table of exactly
+    ``parquet_schema(fmt)`` (numpy, no row loops over frames)."""
+    col, schema = fmt.column, parquet_schema(fmt)
+    if any(r[col].ndim != 2 or r[col].shape[1] != fmt.width for r in records):
+        raise ValueError(f"{col} must be (T, {fmt.width})")
 
     def nested(arrays, dtype, inner=None):
         lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
@@ -76,14 +124,14 @@ def records_to_table(records: list[dict]) -> pa.Table:
         return pa.ListArray.from_arrays(pa.array(offsets), values)
 
     cols = {}
-    for column in PARQUET_SCHEMA:
-        if column.name == "fbank":
-            cols["fbank"] = nested([r["fbank"] for r in records], np.float32, FBANK_DIM)
+    for column in schema:
+        if column.name == col:
+            cols[col] = nested([r[col] for r in records], fmt.dtype.to_pandas_dtype(), fmt.width)
         elif column.name == "input_ids":
             cols["input_ids"] = nested([r["input_ids"] for r in records], np.int32)
         else:
             cols[column.name] = pa.array([r[column.name] for r in records], type=column.type)
-    return pa.Table.from_pydict(cols, schema=PARQUET_SCHEMA)
+    return pa.Table.from_pydict(cols, schema=schema)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,8 +164,12 @@ class DataSet:
 
     @property
     def frontend(self) -> str:
-        """The front end its ``fbank`` column came from: what ``model_frames`` needs at load time."""
+        """The front end its frames came from: what ``model_frames`` needs at load time."""
         return feature_frontend(self.report)
+
+    @property
+    def audio(self) -> AudioFormat:
+        return audio_format(self.report)
 
     @functools.cached_property
     def splits(self) -> dict[str, int]:
@@ -127,7 +179,7 @@ class DataSet:
 
     def read(self, split: Optional[str] = None, columns: Optional[list[str]] = None) -> pa.Table:
         """All shards as one table of ``PARQUET_SCHEMA`` (plain pyarrow, no Ray), optionally one split."""
-        return _read_shards(self.shards, split, columns)
+        return _read_shards(self.shards, split, columns, parquet_schema(self.audio))
 
 
 def feature_frontend(report: dict) -> str:
@@ -136,11 +188,11 @@ def feature_frontend(report: dict) -> str:
     return (report.get("features") or {}).get("frontend", "kaldi")
 
 
-def _read_shards(shards, split: Optional[str], columns: Optional[list[str]]) -> pa.Table:
+def _read_shards(shards, split: Optional[str], columns: Optional[list[str]], schema: pa.Schema) -> pa.Table:
     filters = None if split is None else [("split", "==", split)]
-    tables = [pq.read_table(s, columns=columns, filters=filters, schema=PARQUET_SCHEMA) for s in shards]
+    tables = [pq.read_table(s, columns=columns, filters=filters, schema=schema) for s in shards]
     if not tables:
-        fields = PARQUET_SCHEMA if columns is None else [PARQUET_SCHEMA.field(c) for c in columns]
+        fields = schema if columns is None else [schema.field(c) for c in columns]
         return pa.schema(fields).empty_table()
     return pa.concat_tables(tables)
 
@@ -235,8 +287,8 @@ class TaskData:
     n_frames: np.ndarray
     input_ids: np.ndarray  # flat int32
     input_ids_offsets: np.ndarray
-    fbank: np.ndarray  # (total frames, 80) float32
-    fbank_offsets: np.ndarray
+    audio: np.ndarray  # (total frames, AudioFormat.width): float32 log-mel or float16 SSL features
+    audio_offsets: np.ndarray
     tokenizer: TokenizerInfo  # the data set's (verified) tokenizer
     data_dir: str = ""  # absolute path, or the URI as given
     report: dict = field(default_factory=dict)  # its report.json
@@ -246,7 +298,8 @@ class TaskData:
         from .tasks import Meta  # the task protocol's columns (and sklearn): not for featurizing actors
 
         ds = open_dataset(data_dir)
-        table = ds.read(columns=["id", "split", "speaker", "label", "input_ids", "n_frames", "fbank"]).combine_chunks()
+        fmt = ds.audio
+        table = ds.read(columns=["id", "split", "speaker", "label", "input_ids", "n_frames", fmt.column]).combine_chunks()
         if table.num_rows == 0:
             raise ValueError(f"{ds.path!r} holds no utterances")
 
@@ -258,21 +311,26 @@ class TaskData:
             return values.to_numpy(zero_copy_only=False), offsets - offsets[0]
 
         ids, ids_off = flat("input_ids")
-        fbank, fb_off = flat("fbank", inner=True)
+        audio, audio_off = flat(fmt.column, inner=True)
         return cls(meta=Meta.from_table(table), n_frames=table.column("n_frames").to_numpy().astype(np.int64),
-                   input_ids=ids, input_ids_offsets=ids_off, fbank=fbank.reshape(-1, FBANK_DIM),
-                   fbank_offsets=fb_off, tokenizer=ds.tokenizer, data_dir=ds.path, report=ds.report)
+                   input_ids=ids, input_ids_offsets=ids_off, audio=audio.reshape(-1, fmt.width),
+                   audio_offsets=audio_off, tokenizer=ds.tokenizer, data_dir=ds.path, report=ds.report)
 
     @property
     def frontend(self) -> str:
         return feature_frontend(self.report)
 
+    @property
+    def audio_format(self) -> AudioFormat:
+        return audio_format(self.report)
+
     def rows(self, idx, targets=None) -> list[dict]:
-        out = []
+        """Rows for ``collate``: their frames under the data set's column name (``fbank``/``ssl``)."""
+        out, col = [], self.audio_format.column
         for k, i in enumerate(idx):
             a, b = self.input_ids_offsets[i], self.input_ids_offsets[i + 1]
-            c, d = self.fbank_offsets[i], self.fbank_offsets[i + 1]
-            out.append({"input_ids": self.input_ids[a:b], "fbank": self.fbank[c:d],
+            c, d = self.audio_offsets[i], self.audio_offsets[i + 1]
+            out.append({"input_ids": self.input_ids[a:b], col: self.audio[c:d],
                         "label": None if targets is None else targets[k]})
         return out
 
@@ -291,7 +349,7 @@ def tokenizer_entry(tokenizer, tokenizer_dir: str | Path, source: str, **extra) 
 
 
 def write_report(out_dir: str | Path, *, corpus: str, counts: dict, shards: list[dict], tokenizer: dict,
-                 features: Optional[dict] = None, **extra) -> dict:
+                 features: Optional[dict] = None, upstream: Optional[dict] = None, **extra) -> dict:
     """Write ``report.json`` (the completeness marker: call it last) and return the report.
 
     ``counts`` must satisfy in == written + quarantined; ``shards`` are {"file", "rows"} entries whose
@@ -303,16 +361,16 @@ def write_report(out_dir: str | Path, *, corpus: str, counts: dict, shards: list
     if sum(s["rows"] for s in shards) != n_written:
         raise ValueError(f"shard row counts add up to {sum(s['rows'] for s in shards)}, not {n_written}")
     report = {"corpus": corpus, "counts": {"quarantined": 0, **counts}, "shards": shards,
-              "features": features, "tokenizer": tokenizer,
-              "schema": PARQUET_SCHEMA.to_string(show_field_metadata=False),
+              "features": features, "tokenizer": tokenizer, **({"upstream": upstream} if upstream else {}),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+    report["schema"] = parquet_schema(audio_format(report)).to_string(show_field_metadata=False)
     storage.write_text(storage.join(out_dir, REPORT_FILE), json.dumps(report, indent=2))
     return report
 
 
 def write_dataset(out_dir: str | Path, records: list[dict], tokenizer, *, corpus: str, source: str,
                   rows_per_shard: int = 2000, row_group_size: int = 64,
-                  features: Optional[dict] = None) -> DataSet:
+                  features: Optional[dict] = None, upstream: Optional[dict] = None) -> DataSet:
     """A data set from records already in memory (tests, benchmarks): zstd shards, the tokenizer saved to
     ``tokenizer/`` (unless already there) and ``report.json`` last. Preprocessing writes its shards from
     Ray actors instead, and the same ``write_report``."""
@@ -320,16 +378,14 @@ def write_dataset(out_dir: str | Path, records: list[dict], tokenizer, *, corpus
     out.mkdir(parents=True, exist_ok=True)
     if not (out / TOKENIZER_DIR).is_dir():
         tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
-    shards = []
+    shards, fmt = [], audio_format({"features": features, "upstream": upstream})
     for k, start in enumerate(range(0, len(records), rows_per_shard)):
         chunk = records[start:start + rows_per_shard]
         name = f"part-{k:05d}.parquet"
-        pq.write_table(records_to_table(chunk), out / name, compression="zstd", row_group_size=row_group_size)
+        pq.write_table(records_to_table(chunk, fmt), out / name, compression="zstd", row_group_size=row_group_size)
         shards.append({"file": name, "rows": len(chunk)})
     write_report(out, corpus=corpus, counts={"in": len(records), "written": len(records)}, shards=shards,
-                 tokenizer=tokenizer_entry(tokenizer, out / TOKENIZER_DIR, source), features=features)
+                 tokenizer=tokenizer_entry(tokenizer, out / TOKENIZER_DIR, source), features=features,
+                 upstream=upstream)
     return open_dataset(out)
 
-
-# --------------------------------------------------------------------------------------------------
-# loading for training: length-bucketed batches and collate (below)

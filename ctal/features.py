@@ -99,6 +99,24 @@ def _to_mono_tensor(waveform) -> torch.Tensor:
     return x
 
 
+def to_waveform(waveform, sample_rate: int, target_sample_rate: int = 16000) -> torch.Tensor:
+    """Mono float32 (N,) at ``target_sample_rate`` (module docstring: layout, ``resample_ratio``): what
+    every front end starts from. ValueError for an empty or non-finite waveform or a rate outside
+    SAMPLE_RATE_RANGE."""
+    if sample_rate <= 0 or int(sample_rate) != sample_rate:
+        raise ValueError(f"sample_rate must be a positive integer, got {sample_rate}")
+    if not SAMPLE_RATE_RANGE[0] <= sample_rate <= SAMPLE_RATE_RANGE[1]:
+        raise ValueError(f"sample rate {sample_rate} Hz is outside the supported "
+                         f"{SAMPLE_RATE_RANGE[0]}-{SAMPLE_RATE_RANGE[1]} Hz")
+    x = _to_mono_tensor(waveform)
+    if x.numel() == 0:
+        raise ValueError("waveform is empty")
+    if not torch.isfinite(x).all():
+        raise ValueError("waveform contains NaN or infinite samples")
+    orig, new = resample_ratio(int(sample_rate), int(target_sample_rate))
+    return AF.resample(x, orig, new) if orig != new else x
+
+
 def compute_fbank(
     waveform,
     sample_rate: int,
@@ -118,19 +136,7 @@ def compute_fbank(
     the release's are centred: T = 1 + N // shift, 101 for 1 s. Both refuse less than one window.
     """
     _rule(frontend)
-    if sample_rate <= 0 or int(sample_rate) != sample_rate:
-        raise ValueError(f"sample_rate must be a positive integer, got {sample_rate}")
-    if not SAMPLE_RATE_RANGE[0] <= sample_rate <= SAMPLE_RATE_RANGE[1]:
-        raise ValueError(f"sample rate {sample_rate} Hz is outside the supported "
-                         f"{SAMPLE_RATE_RANGE[0]}-{SAMPLE_RATE_RANGE[1]} Hz")
-    x = _to_mono_tensor(waveform)
-    if x.numel() == 0:
-        raise ValueError("waveform is empty")
-    if not torch.isfinite(x).all():
-        raise ValueError("waveform contains NaN or infinite samples")
-    orig, new = resample_ratio(int(sample_rate), int(target_sample_rate))
-    if orig != new:
-        x = AF.resample(x, orig, new)
+    x = to_waveform(waveform, sample_rate, target_sample_rate)
     window = int(target_sample_rate * frame_length_ms / 1000)
     shift = int(target_sample_rate * frame_shift_ms / 1000)
     if x.numel() < window:
@@ -255,10 +261,13 @@ def normalize_utterance(frames, eps: float = 1e-5, std_eps: float = 0.0):
 
 def model_frames(fbank80, frontend: str = "kaldi"):
     """The audio stream's input from the stored log-mel of ``frontend``: its delta, then its
-    per-utterance normalization (``FRONTENDS``), float32 (T, 160).
+    per-utterance normalization (``FRONTENDS``), float32 (T, 160). SSL features (``frontend="ssl"``)
+    are the input as stored, in float32: the model weighs and projects them.
 
     Returns numpy for numpy input and torch for torch input.
     """
+    if frontend == "ssl":
+        return fbank80.float() if isinstance(fbank80, torch.Tensor) else np.asarray(fbank80, dtype=np.float32)
     rule = _rule(frontend)
     frames = add_deltas(fbank80, win_length=rule.delta_width, edges=rule.delta_edges)
     return normalize_utterance(frames, eps=rule.var_eps, std_eps=rule.std_eps)

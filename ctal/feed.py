@@ -14,7 +14,6 @@ from typing import Iterator
 import torch
 
 from .batching import PretrainBatches
-from .config import FBANK_DIM
 
 
 def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
@@ -105,17 +104,18 @@ class _ProcessFeed(torch.utils.data.IterableDataset):
 
     def __init__(self, data: PretrainBatches, make_batch, start: int, workers: int, context, ring: int):
         self.data, self.make_batch, self.start, self.workers, self.ring = data, make_batch, start, workers, ring
-        n = max(data.max_pool_frames(), 1)
+        n, fmt = max(data.max_pool_frames(), 1), data.audio
+        dtype = torch.float16 if fmt.column == "ssl" else torch.float32  # as stored
         size = -(-self.buffer_bytes(data) // self.ALIGN) * self.ALIGN  # every buffer starts aligned
-        check_shared_memory(2 * n * FBANK_DIM * 4 + workers * ring * size)
-        self.slots = [torch.empty(n, FBANK_DIM, dtype=torch.float32).share_memory_() for _ in range(2)]
+        check_shared_memory(2 * n * fmt.width * dtype.itemsize + workers * ring * size)
+        self.slots = [torch.empty(n, fmt.width, dtype=dtype).share_memory_() for _ in range(2)]
         self.rings = torch.empty(workers, ring, size, dtype=torch.uint8).share_memory_()
         self.barrier = context.Barrier(workers)
         self.error = context.Array("c", 4096)  # the first failure's message, for the other processes
 
     @staticmethod
     def buffer_bytes(data: PretrainBatches, max_tokens: int = 520) -> int:
-        """A bound on one batch's bytes: frames + target frames (float32, 2 x 80 features) and two
+        """A bound on one batch's bytes: frames + target frames (float32, audio_dim each) and two
         frame masks per padded frame, three int64 token tensors per padded token (compile's
         bucket padding included)."""
         longest = int(data.n_frames.max()) + 64
@@ -124,7 +124,8 @@ class _ProcessFeed(torch.utils.data.IterableDataset):
             utterances = max(1, data.max_frames_per_batch // max(1, int(data.n_frames.min())))
         else:
             padded, utterances = data.batch_size * longest, data.batch_size
-        return padded * (2 * 2 * FBANK_DIM * 4 + 2) + utterances * max_tokens * 3 * 8 + 16 * 1024
+        audio_dim = data.audio.model_dims()["audio_dim"]
+        return padded * (2 * audio_dim * 4 + 2) + utterances * max_tokens * 3 * 8 + 16 * 1024
 
     def _pack(self, batch: dict, w: int, k: int) -> dict:
         buf = self.rings[w, k % self.ring]
@@ -153,16 +154,17 @@ class _ProcessFeed(torch.utils.data.IterableDataset):
     def __iter__(self):
         w = torch.utils.data.get_worker_info().id
         try:
+            col = self.data.audio.column
             for j, (pool, batches) in enumerate(self.data.schedule(self.start)):
                 slot = self.slots[j % 2].numpy()
-                self.data.read_fbank_part(pool, w, self.workers, slot)
+                self.data.read_audio_part(pool, w, self.workers, slot)
                 ids = self.data._read_pool(pool, columns=["input_ids"])
                 offsets = self.data.frame_offsets(pool)
                 self.barrier.wait()
                 for index, positions in batches:
                     k, mine = divmod(index - self.start, self.workers)
                     if mine == w:
-                        rows = [{"input_ids": ids[p]["input_ids"], "fbank": slot[offsets[p]:offsets[p + 1]]}
+                        rows = [{"input_ids": ids[p]["input_ids"], col: slot[offsets[p]:offsets[p + 1]]}
                                 for p in positions]
                         yield self._pack(self.make_batch(rows, index), w, k)
         except threading.BrokenBarrierError:

@@ -81,9 +81,9 @@ def check_init(init: str | Path, data: TaskData) -> Path:
     command = (f"python pipelines/preprocess.py --corpus {report.get('corpus', 'CORPUS')} "
                f"--root {report.get('root', 'ROOT')} --out {data.data_dir}-{{}} tokenizer={init}")
     wanted = checkpoints.trained_frontend(local)
-    checkpoints.check_frontend(local, data.frontend, fix=(
-        f"preprocess the data with features.frontend={wanted} and the checkpoint's tokenizer: "
-        f"{command.format(wanted)} features.frontend={wanted}"))
+    checkpoints.check_frontend(local, report, fix=(
+        f"preprocess the data with the checkpoint's front end and tokenizer: "
+        f"{command.format(wanted)} {checkpoints.preprocess_options(local)}"))
     checkpoints.check_tokenizer(local, data.tokenizer.hash,
                                 fix=f"re-tokenize the data with the checkpoint's tokenizer: {command.format('retok')}")
     return local
@@ -137,8 +137,8 @@ def build_model(cfg: FinetuneConfig, task: Task, classes: Optional[list[str]], d
                              f"tokenizer has {tok.vocab_size} tokens")
     else:
         model_cfg = to_dict(cfg.model)
-        # A fresh model takes its vocabulary from the data set's tokenizer.
-        model_cfg.update(vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id)
+        # A fresh model takes its vocabulary from the data set's tokenizer, its audio input from its frames.
+        model_cfg.update(vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id, **data.audio_format.model_dims())
         model = CTALForSequenceClassification(CTALConfig(**model_cfg, **head))
     freeze(model, cfg.freeze_layers)
     return model
@@ -190,8 +190,8 @@ def _save(dest: str | Path, runs: list[_FoldRun], cfg: FinetuneConfig, epoch: in
     tok_dir = (storage.localize(storage.join(data.data_dir, TOKENIZER_DIR), kind="tokenizers")
                if storage.is_uri(data.data_dir) else Path(data.data_dir) / TOKENIZER_DIR)
     state = {"task": cfg.task, "folds": [r.fold.name for r in runs], "epoch": epoch, "metrics": metrics,
-             "history": history, "config": to_dict(cfg), "data": data.data_dir, "frontend": data.frontend,
-             "data_config": checkpoints.data_config_entry(data.report)}
+             "history": history, "config": to_dict(cfg), "data": data.data_dir,
+             **checkpoints.frames_entry(data.report), "data_config": checkpoints.data_config_entry(data.report)}
     checkpoints.write(dest, KIND, {r.fold.name: Part(_unwrap(r.model), r.optimizer, r.scheduler) for r in runs},
                       tokenizer_dir=tok_dir, tokenizer_hash=data.tokenizer.hash, state=state)
 
@@ -304,7 +304,7 @@ def _resume_state(resume: Path, data: TaskData) -> dict:
     state = checkpoints.verify(resume)
     if state.get("kind") != KIND:
         raise ValueError(f"resume_from={resume} is a {state.get('kind')} checkpoint, not a fine-tuning one")
-    checkpoints.check_frontend(resume, data.frontend)
+    checkpoints.check_frontend(resume, data.report)
     checkpoints.check_tokenizer(resume, data.tokenizer.hash)
     return state
 

@@ -43,7 +43,8 @@ def pretraining_flops(cfg, tokens: int, frames: int, mlm_tokens: Optional[int] =
     audio = (cfg.num_audio_layers - 1) * audio_layer(frames) + audio_layer(m)
     heads = mlm_tokens * (H * H + H * V) + acoustic_frames * (H * H + H * D)
     # the input projection has no gradient to pass back to the frames: forward + weight gradient only
-    return 3 * 2 * float(text + audio + heads) + 2 * 2 * float(D * H * frames)
+    # (several SSL layers: the projection reads their weighted sum, one layer wide)
+    return 3 * 2 * float(text + audio + heads) + 2 * 2 * float(D // cfg.audio_layers * H * frames)
 
 
 def batch_flops(cfg, batch: dict) -> float:

@@ -8,6 +8,20 @@ modified in place; tensors may live on any device.
 import torch
 
 IGNORE_INDEX = -100  # label for positions the MLM loss skips (torch CrossEntropyLoss default)
+# masking.span_min / span_max count frames of this shift (the paper's 10 ms filterbank frames)
+SPAN_FRAME_MS = 10.0
+
+
+def spans_at(masking, frame_shift_ms: float):
+    """A MaskingConfig whose spans last as many milliseconds at ``frame_shift_ms`` frames (e.g. SSL
+    features' 20 ms: spans of 20-50 frames become 10-25), at least one frame each."""
+    if frame_shift_ms == SPAN_FRAME_MS:
+        return masking
+    from dataclasses import replace
+
+    scale = SPAN_FRAME_MS / frame_shift_ms
+    return replace(masking, span_min=max(1, round(masking.span_min * scale)),
+                   span_max=max(1, round(masking.span_max * scale)))
 
 
 def _check_probs(**probs: float) -> None:

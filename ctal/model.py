@@ -38,7 +38,7 @@ from .variants import FUSION_VARIANTS
 # Fields that change parameter shapes or which parameters exist: a checkpoint must agree on all of them.
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_text_layers", "num_audio_layers",
                        "num_attention_heads", "intermediate_size", "max_position_embeddings",
-                       "type_vocab_size", "audio_dim", "max_audio_positions")
+                       "type_vocab_size", "audio_dim", "audio_layers", "max_audio_positions")
 
 
 class CTALConfig(PretrainedConfig):
@@ -247,11 +247,16 @@ class TextStream(nn.Module):
 
 
 class AudioEmbeddings(nn.Module):
-    """Linear(160 → H) + learned frame positions (max 3000) → LayerNorm."""
+    """Linear(audio_dim → H) + learned frame positions (max 3000) → LayerNorm. Frames of several SSL
+    layers side by side (``audio_layers`` > 1) are first combined by learned softmax weights, one per
+    layer (SUPERB's weighted sum), so the projection reads one layer's width."""
 
     def __init__(self, cfg: CTALConfig):
         super().__init__()
-        self.projection = nn.Linear(cfg.audio_dim, cfg.hidden_size)
+        self.audio_layers = cfg.audio_layers
+        if cfg.audio_layers > 1:
+            self.layer_weights = nn.Parameter(torch.zeros(cfg.audio_layers))  # uniform at the start
+        self.projection = nn.Linear(cfg.audio_dim // cfg.audio_layers, cfg.hidden_size)
         self.position_embeddings = nn.Embedding(cfg.max_audio_positions, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
@@ -262,6 +267,9 @@ class AudioEmbeddings(nn.Module):
             raise ValueError(f"{T} frames exceed max_audio_positions="
                              f"{self.position_embeddings.num_embeddings}; crop utterances first")
         positions = torch.arange(T, device=frames.device)
+        if self.audio_layers > 1:
+            layers = frames.unflatten(-1, (self.audio_layers, -1))  # (B, T, layers, D)
+            frames = torch.einsum("btld,l->btd", layers, self.layer_weights.softmax(0).to(frames.dtype))
         return self.dropout(self.LayerNorm(self.projection(frames) + self.position_embeddings(positions)))
 
 
@@ -339,6 +347,8 @@ class CTALPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, AudioEmbeddings) and module.audio_layers > 1:
+            nn.init.zeros_(module.layer_weights)  # every kept layer weighed alike at the start
 
     def init_parameters(self):
         """Initialize all weights (once), tie, then load `text_init` if the config names one."""

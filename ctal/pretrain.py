@@ -41,9 +41,10 @@ from .batching import PretrainBatches, collate, derive_seed, split_matches
 from .checkpoint import CHECKPOINTS, CheckpointStore, Part
 from .config import (AT_LEAST_1, BELOW_1, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, PretrainConfig,
                      check_ranges, to_dict, validate_model_config)
-from .data import TOKENIZER_DIR, TokenizerInfo, check_vocabulary, feature_frontend, open_dataset
+from .data import TOKENIZER_DIR, TokenizerInfo, audio_format, check_vocabulary, feature_frontend, open_dataset
 from .feed import FeedError, feed
 from .flops import batch_flops, peak_flops
+from .masking import spans_at
 from .model import CTALConfig, CTALForPretraining
 from .optim import build_optimizer, build_scheduler
 from .redact import redact
@@ -241,16 +242,18 @@ class MakeBatch:
     """Rows + global batch index → one training batch, masks seeded from (seed, rank, index): the
     same batch whichever thread or process of the feed builds it."""
 
-    def __init__(self, cfg: PretrainConfig, tok: TokenizerInfo, rank: int, max_tokens: int, frontend: str,
+    def __init__(self, cfg: PretrainConfig, tok: TokenizerInfo, rank: int, max_tokens: int, report: dict,
                  model_cfg):
-        self.cfg, self.rank, self.max_tokens, self.frontend, self.model_cfg = cfg, rank, max_tokens, frontend, model_cfg
+        self.cfg, self.rank, self.max_tokens, self.model_cfg = cfg, rank, max_tokens, model_cfg
+        self.frontend = feature_frontend(report)  # the frames' load-time rule (data set's report.json)
+        self.masking = spans_at(cfg.masking, audio_format(report).frame_shift_ms)  # spans keep their duration
         self.ids = {"pad_token_id": tok.pad_token_id, "mask_token_id": tok.mask_token_id,
                     "vocab_size": tok.vocab_size, "special_token_ids": list(tok.special_token_ids)}
 
     def __call__(self, rows: list[dict], index: int) -> dict:
         cfg = self.cfg
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, self.rank, index, 1))
-        b = collate(rows, max_frames=cfg.max_frames, masking=cfg.masking, generator=g, max_tokens=self.max_tokens,
+        b = collate(rows, max_frames=cfg.max_frames, masking=self.masking, generator=g, max_tokens=self.max_tokens,
                     frontend=self.frontend, **self.ids)
         b["n_real"], b["n_padded"] = int(b["frame_mask"].sum()), b["frame_mask"].numel()
         if cfg.compile:  # after counting: the efficiency reported is the feed's, not the buckets'
@@ -278,7 +281,9 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
     cfg, tok = plan.cfg, plan.tokenizer
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     store = CheckpointStore(storage.join(run_dir, CHECKPOINTS), keep=cfg.keep_checkpoints)
-    model_cfg = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id)
+    fmt = audio_format(plan.report)  # the frames: the model's audio input, the masks' span lengths
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id,
+                                    **fmt.model_dims())
 
     resume = _resume_point(store, rank, device, log)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every fresh run
@@ -314,12 +319,12 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
                            max_frames_per_batch=cfg.max_frames_per_batch, max_frames=cfg.max_frames,
                            pool_rows=cfg.bucket_pool_rows, halve_above_frames=cfg.halve_batch_above_frames,
                            drop_longer=cfg.long_utterances == "drop")
-    frontend = feature_frontend(plan.report)  # the frames' load-time rule; checkpoints record it
+    frames = checkpoint.frames_entry(plan.report)  # the frames' front end (and upstream); checkpoints record it
     data_config = checkpoint.data_config_entry(plan.report)  # and how the data was made
     max_tokens = model_cfg.max_position_embeddings - (model_cfg.pad_token_id + 1
                                                       if model_cfg.text_position_style == "roberta" else 0)
 
-    make_batch = MakeBatch(cfg, tok, rank, max_tokens, frontend, model_cfg)
+    make_batch = MakeBatch(cfg, tok, rank, max_tokens, plan.report, model_cfg)
     runlog = None
     if rank == 0:
         n_params = raw.count_parameters()
@@ -393,7 +398,7 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
                 path, t_save = None, time.perf_counter()
                 if rank == 0:
                     epoch, skip = data.position(step * accum)
-                    state = {"step": step, "world_size": world_size, "seed": cfg.seed, "frontend": frontend,
+                    state = {"step": step, "world_size": world_size, "seed": cfg.seed, **frames,
                              "data_config": data_config,
                              "data_position": {"batch_index": step * accum, "epoch": epoch, "skip": skip,
                                                "batches_per_epoch": data.batches_per_epoch},

@@ -319,7 +319,7 @@ def test_feed_processes_read_each_row_group_once_and_together_the_whole_pool(man
                         lambda self, i, *a, **kw: reads.append(i) or orig(self, i, *a, **kw))
     out = np.full_like(whole, np.nan)
     for part in range(3):
-        f.read_fbank_part(pool, part, 3, out)
+        f.read_audio_part(pool, part, 3, out)
     np.testing.assert_array_equal(out, whole)
     assert len(reads) == len(np.unique(f.rg_of_row[f.pools[pool]]))  # all covered, so each once
 
@@ -334,7 +334,7 @@ def test_a_feed_process_that_fails_stops_the_feed_with_one_line_naming_the_row(t
                              pa.array(n_frames, pa.int32()))
     pq.write_table(table, shard, row_group_size=10)
     f = _feed(path, 0, 1, columns=("input_ids", "fbank"))
-    with pytest.raises(FeedError, match=r"part-00000.parquet: row 13 has \d+ fbank frames but its n_frames"
+    with pytest.raises(FeedError, match=r"part-00000.parquet: row 13 has \d+ frames but its n_frames"
                                         r" column says \d+$"):
         _take(feed(f, _make_batch, 0, workers=3), f.batches_per_epoch)
     assert not multiprocessing.active_children()
