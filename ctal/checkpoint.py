@@ -302,6 +302,12 @@ def trained_frontend(checkpoint: str | Path) -> str:
     return _owning_state(checkpoint).get("frontend", "kaldi")
 
 
+def trained_upstream(checkpoint: str | Path) -> Optional[dict]:
+    """The upstream (ctal.upstream.UpstreamInfo.to_dict()) whose SSL features a local checkpoint was
+    trained on, or None (log-mel)."""
+    return _owning_state(checkpoint).get("upstream")
+
+
 def data_config_entry(report: dict) -> dict:
     """What a checkpoint's state records of the data set it was trained on (its ``report.json``):
     the preprocessing settings (DataConfig, featurizer included) that new audio and text must go

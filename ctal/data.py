@@ -97,7 +97,7 @@ QUARANTINE_SCHEMA = pa.schema([
 QUARANTINE_REASONS = (
     "missing_file", "not_a_file", "symlink_loop", "unreadable_file", "empty_file", "unknown_format",
     "corrupt_audio", "unsupported_sample_rate", "all_silent", "too_short", "too_long",
-    "missing_transcript", "non_utf8_transcript",
+    "missing_transcript", "non_utf8_transcript", "upstream_failed",
 )
 
 SHARD_GLOB = "part-*.parquet"

@@ -16,7 +16,7 @@ from . import checkpoint as ctal_checkpoint
 from . import storage
 from .batching import collate
 from .config import DataConfig
-from .featurize import featurize_row
+from .featurize import check_upstream_hash, featurize_rows, load_upstream
 from .finetune import position_limits
 from .model import CTALForSequenceClassification, masked_mean
 from .variants import FUSION_VARIANTS
@@ -35,9 +35,11 @@ def find_tokenizer(checkpoint: str | Path, tokenizer: Optional[str | Path] = Non
 @torch.no_grad()
 def embed_rows(model: CTALForSequenceClassification, rows: list[dict], tokenizer, *,
                data_cfg: Optional[DataConfig] = None, batch_size: int = 16, device: str = "cpu",
-               max_frames: int = 3000, streams: bool = False) -> tuple[pa.Table, list[dict]]:
+               max_frames: int = 3000, streams: bool = False, upstream=None) -> tuple[pa.Table, list[dict]]:
     """Manifest rows → (table of id + embedding [+ text_vector, audio_vector], bad rows).
-    ``data_cfg``: featurizer and text normalization (``load_for_embedding`` gives the checkpoint's).
+    ``data_cfg``: featurizer and text normalization (``load_for_embedding`` gives the checkpoint's);
+    for SSL features its upstream (``features.ssl_model``, checked by ``load_for_embedding``) is
+    loaded here unless ``upstream`` is given.
 
     With `streams`, each stream the model's fusion variant runs adds the mean of its final states,
     computed on that variant's own path: no text_vector for audio_only, no audio_vector for text_only,
@@ -49,8 +51,9 @@ def embed_rows(model: CTALForSequenceClassification, rows: list[dict], tokenizer
     model = model.to(device).eval()
     max_tokens = position_limits(model)["max_tokens"]
     good, bad = [], []
-    for row in rows:
-        record, problem = featurize_row(row, tokenizer, data_cfg)
+    if data_cfg.features.frontend == "ssl" and upstream is None:
+        upstream = load_upstream(data_cfg.features)
+    for row, (record, problem) in zip(rows, featurize_rows(rows, tokenizer, data_cfg, upstream)):
         if record is not None and len(record["input_ids"]) > max_tokens:
             record, problem = None, {"id": record["id"], "audio_path": str(row.get("audio_path")),
                                      "reason": "text_too_long",
@@ -120,4 +123,10 @@ def load_for_embedding(checkpoint: str | Path, tokenizer: Optional[str | Path] =
     # A tokenizer without a recorded normalization predates it: its text was tokenized as read.
     data_cfg = replace(ctal_checkpoint.trained_data_config(local),
                        text_normalization=read_normalization(tok_dir) or "none")
+    trained = ctal_checkpoint.trained_upstream(local)
+    if data_cfg.features.frontend == "ssl":  # featurized with the checkpoint's upstream, or refused
+        from .upstream import inspect_upstream
+
+        fc = data_cfg.features
+        check_upstream_hash(fc.ssl_model, inspect_upstream(fc.ssl_model, fc.ssl_layers).hash, trained or {"hash": ""})
     return model, load_tokenizer(tok_dir), data_cfg

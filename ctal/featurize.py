@@ -133,18 +133,125 @@ def train_transcript_tokenizer(rows: list[dict], data_cfg, dest: str | Path):
     return tok, len(texts)
 
 
-def featurize_row(row: dict, tokenizer, data_cfg) -> tuple[Optional[dict], Optional[dict]]:
-    """One manifest row → ``(record, None)`` for ``PARQUET_SCHEMA`` or ``(None, quarantine)``.
-    ``tokenizer``: as for ``encode_text``.
+def featurize_row(row: dict, tokenizer, data_cfg, upstream=None) -> tuple[Optional[dict], Optional[dict]]:
+    """One manifest row → ``(record, None)`` for ``parquet_schema`` or ``(None, quarantine)``.
+    ``tokenizer``: as for ``encode_text``; ``upstream``: the loaded ``ctal.upstream.Upstream`` of an
+    SSL front end (``featurize_rows``).
 
     Checks run cheapest first; each failure is a reason from ``QUARANTINE_REASONS``. Stereo is
-    downmixed and a sample rate in ``SAMPLE_RATE_RANGE`` resampled (by ``compute_fbank``). A stream
-    whose header gives no length is decoded up to ``max_duration_s``. A transcript over
+    downmixed and a sample rate in ``SAMPLE_RATE_RANGE`` resampled (``ctal.features.to_waveform``). A
+    stream whose header gives no length is decoded up to ``max_duration_s``. A transcript over
     ``max_text_tokens`` is cut, and the record says so (``text_truncated``).
     """
+    return featurize_rows([row], tokenizer, data_cfg, upstream)[0]
+
+
+def featurize_rows(rows: list[dict], tokenizer, data_cfg, upstream=None) -> list[tuple[Optional[dict], Optional[dict]]]:
+    """``featurize_row`` of each row, in order. Log-mel is computed utterance by utterance; an SSL
+    front end (``features.frontend=ssl``, ``upstream`` loaded) runs its encoder on batches of
+    similar length of at most ``features.ssl_batch_seconds`` of audio, its frames under ``ssl``."""
+    from ctal.features import compute_fbank
+
+    fc = data_cfg.features
+    read = [_read_row(row, tokenizer, data_cfg) for row in rows]
+    if fc.frontend == "ssl":
+        if upstream is None:
+            raise ValueError("features.frontend=ssl: featurizing needs the loaded upstream (ctal.upstream.Upstream)")
+        return _ssl_frames(rows, read, upstream, fc.ssl_batch_seconds)
+    out = []
+    for row, (utt, bad) in zip(rows, read):
+        if bad is not None:
+            out.append((None, bad))
+            continue
+        wav, sr = utt.pop("_wav"), utt.pop("_sr")
+        try:
+            fbank = compute_fbank(wav, sr, target_sample_rate=fc.sample_rate, num_mel_bins=fc.num_mel_bins,
+                                  frame_length_ms=fc.frame_length_ms, frame_shift_ms=fc.frame_shift_ms,
+                                  dither=fc.dither, frontend=fc.frontend)
+        except ValueError as e:  # compute_fbank refuses input shorter than one window
+            out.append(_quarantine(row, "too_short", str(e)))
+            continue
+        out.append(({**utt, "n_frames": int(fbank.shape[0]), "fbank": fbank}, None))
+    return out
+
+
+def load_upstream(fc, expected: Optional[dict] = None):
+    """The ``ctal.upstream.Upstream`` of FeatureConfig ``fc`` (features.frontend=ssl) for featurizing:
+    on a GPU when ``fc.ssl_num_gpus`` asks for one and there is one (bf16 autocast where the GPU has
+    it, else fp16), else the CPU; refused (UpstreamError) when its files no longer hash to
+    ``expected["hash"]`` (what the run checked before it started, what a data set or checkpoint records)."""
+    import torch
+
+    from ctal.upstream import Upstream
+
+    gpu = fc.ssl_num_gpus > 0 and torch.cuda.is_available()
+    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if gpu else None
+    up = Upstream(fc.ssl_model, fc.ssl_layers, device="cuda" if gpu else "cpu", autocast_dtype=dtype)
+    if expected is not None:
+        check_upstream_hash(fc.ssl_model, up.info.hash, expected)
+    return up
+
+
+def check_upstream_hash(path, actual: str, expected: dict) -> None:
+    from ctal.upstream import UpstreamError
+
+    if actual != expected["hash"]:
+        raise UpstreamError(f"features.ssl_model={path} hashes to {actual[:12]}… here, not {expected['hash'][:12]}… "
+                            "as recorded (by the data set, the checkpoint, or this run when it started): the "
+                            "folder changed, or is another one on this node; the features need that upstream")
+
+
+def _ssl_frames(rows, read, upstream, batch_seconds: float) -> list:
+    """The SSL half of ``featurize_rows``: waveforms at the upstream's rate, shortest-first batches
+    under the audio budget (less padding), an utterance shorter than one frame or one the encoder
+    fails on (alone: a failing batch is retried utterance by utterance) quarantined with its reason."""
+    from ctal.features import to_waveform
+    from ctal.upstream import UpstreamError
+
+    info = upstream.info
+    out: list = [None] * len(rows)
+    waves = {}
+    for i, (row, (utt, bad)) in enumerate(zip(rows, read)):
+        if bad is not None:
+            out[i] = (None, bad)
+            continue
+        wav = to_waveform(utt.pop("_wav"), utt.pop("_sr"), info.sample_rate).numpy()
+        if len(wav) < info.min_samples:
+            out[i] = _quarantine(row, "too_short", f"{len(wav)} samples at {info.sample_rate} Hz give no "
+                                                   f"{info.architecture} frame (needs {info.min_samples})")
+            continue
+        waves[i] = wav
+    budget = max(1, int(batch_seconds * info.sample_rate))
+    batches, cur = [], []
+    for i in sorted(waves, key=lambda k: len(waves[k])):  # padded size: the longest times the count
+        if cur and (len(cur) + 1) * len(waves[i]) > budget:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    failures = (UpstreamError, RuntimeError, MemoryError)  # torch's out-of-memory is a RuntimeError
+    for batch in batches:
+        try:
+            feats = list(zip(batch, upstream([waves[i] for i in batch])))
+        except failures:  # one utterance at a time: only the one(s) the encoder cannot take are lost
+            feats = []
+            for i in batch:
+                try:
+                    feats.append((i, upstream([waves[i]])[0]))
+                except failures as e:
+                    out[i] = _quarantine(rows[i], "upstream_failed", f"{type(e).__name__}: {e}"[:500])
+        for i, x in feats:
+            out[i] = ({**read[i][0], "n_frames": int(x.shape[0]), "ssl": x}, None)
+    return out
+
+
+def _read_row(row: dict, tokenizer, data_cfg) -> tuple[Optional[dict], Optional[dict]]:
+    """A manifest row → (its record without frames, with the decoded waveform under ``_wav`` and its
+    rate under ``_sr``, None) or (None, quarantine): every check but the front end's own."""
     import soundfile as sf
 
-    from ctal.features import SAMPLE_RATE_RANGE, compute_fbank
+    from ctal.features import SAMPLE_RATE_RANGE
     from ctal.tokenizer import normalize_text
 
     text = row.get("text")
@@ -208,13 +315,6 @@ def featurize_row(row: dict, tokenizer, data_cfg) -> tuple[Optional[dict], Optio
     peak = float(np.abs(wav).max())
     if peak < data_cfg.silence_peak:
         return _quarantine(row, "all_silent", f"peak {peak:.2e} < silence_peak={data_cfg.silence_peak}")
-    fc = data_cfg.features
-    try:
-        fbank = compute_fbank(wav, sr, target_sample_rate=fc.sample_rate, num_mel_bins=fc.num_mel_bins,
-                              frame_length_ms=fc.frame_length_ms, frame_shift_ms=fc.frame_shift_ms,
-                              dither=fc.dither, frontend=fc.frontend)
-    except ValueError as e:  # compute_fbank refuses input shorter than one window
-        return _quarantine(row, "too_short", str(e))
     input_ids, text_truncated = encode_text(tokenizer, normalize_text(text, data_cfg.text_normalization),
                                             data_cfg.max_text_tokens)
     label = row.get("label")
@@ -225,11 +325,10 @@ def featurize_row(row: dict, tokenizer, data_cfg) -> tuple[Optional[dict], Optio
         "speaker": None if row.get("speaker") is None else str(row["speaker"]),
         "text": text,
         "input_ids": input_ids,
-        "n_frames": int(fbank.shape[0]),
-        "fbank": fbank,
         "label": None if label is None else float(label),
         "label_name": row.get("label_name"),
         "duration_s": float(duration),
         "sample_rate": int(sr),
         "text_truncated": text_truncated,  # not a Parquet column: counted in report.json
+        "_wav": wav, "_sr": int(sr),
     }, None

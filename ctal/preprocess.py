@@ -131,6 +131,21 @@ def resolve_tokenizer(data_cfg):
                    text_normalization=asked or saved or DEFAULT_NORMALIZATION)
 
 
+def resolve_upstream(data_cfg) -> tuple:
+    """(``data_cfg`` with an SSL front end's folder absolute and its layers resolved, the upstream's
+    record for ``report.json``: ``ctal.upstream.UpstreamInfo.to_dict()``), or (``data_cfg``, None)
+    for log-mel. The folder is checked (UpstreamError naming what is wrong) before Ray starts."""
+    fc = data_cfg.features
+    if fc.frontend != "ssl":
+        return data_cfg, None
+    from ctal.upstream import inspect_upstream
+
+    info = inspect_upstream(fc.ssl_model, fc.ssl_layers)
+    fc = replace(fc, ssl_model=str(Path(fc.ssl_model).resolve()), ssl_layers=list(info.layers),
+                 sample_rate=info.sample_rate)
+    return replace(data_cfg, features=fc), info.to_dict()
+
+
 def prepare_tokenizer(rows: list[dict], data_cfg, dest: Path) -> dict:
     """Train the BPE on the normalized transcripts (or copy ``data_cfg.tokenizer``, resolved by
     ``resolve_tokenizer``) and save it, with its text normalization, to ``dest``; decide whether the
@@ -159,7 +174,8 @@ def _bare_encoder_agrees(tok, tok_dir: Path, rows: list[dict], max_tokens: int) 
 
 
 def finish(summary: pa.Table, rows, corpus, root, out: Path, tmp: Path, data_cfg, tok_report,
-            n_actors, t_tok, t_feat, t_total, shards: Optional[list[dict]] = None) -> dict:
+            n_actors, t_tok, t_feat, t_total, shards: Optional[list[dict]] = None,
+            upstream: Optional[dict] = None) -> dict:
     n_in = len(rows)
     idx = summary["idx"].to_pylist()
     if idx != list(range(n_in)):  # every manifest row must come back exactly once
@@ -200,7 +216,7 @@ def finish(summary: pa.Table, rows, corpus, root, out: Path, tmp: Path, data_cfg
         "preprocessing", {"corpus": corpus, "root": str(root), "out": str(out), "data_config": data_cfg}, t_total))
     # Written last (write_report checks the counts): its presence marks the directory complete.
     return write_report(
-        tmp, corpus=corpus, shards=shards, tokenizer=tok_report, features=asdict(data_cfg.features),
+        tmp, corpus=corpus, shards=shards, tokenizer=tok_report, features=asdict(data_cfg.features), upstream=upstream,
         counts={"in": n_in, "written": n_written, "quarantined": n_in - n_written,
                 "quarantined_by_reason": dict(sorted(Counter(r for r in reasons if r).items())),
                 # written rows whose token ids stop at max_text_tokens (the text goes on)

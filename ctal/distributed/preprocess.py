@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -33,12 +34,12 @@ import pyarrow.parquet as pq
 
 from ctal import manifest as run_manifest, storage  # not the corpus manifest rows of this module
 from ctal.console import Progress
-from ctal.data import PARQUET_SCHEMA, QUARANTINE_FILE, REPORT_FILE, TOKENIZER_DIR, records_to_table
-from ctal.featurize import featurize_row
+from ctal.data import QUARANTINE_FILE, REPORT_FILE, TOKENIZER_DIR, audio_format, parquet_schema, records_to_table
+from ctal.featurize import featurize_rows, load_upstream
 from ctal.outputs import claim_output, release_output
 from ctal.preprocess import (SUMMARY_SCHEMA, NothingToPublishError, check_inputs, check_output, finish, format_summary,
-                             prepare_tokenizer, publish, rejected_quarantine, remove_leftovers, resolve_tokenizer, say,
-                             uri_shards)
+                             prepare_tokenizer, publish, rejected_quarantine, remove_leftovers, resolve_tokenizer,
+                             resolve_upstream, say, uri_shards)
 from ctal.tokenizer import load_backend, load_tokenizer
 
 
@@ -47,7 +48,7 @@ class _ShardWriter:
     most) one Parquet shard."""
 
     def __init__(self, manifest: list, rows_per_batch: int, tokenizer_dir: str, data_cfg, out_dir: str,
-                 rows_per_row_group: int, bare_tokenizer: bool):
+                 rows_per_row_group: int, bare_tokenizer: bool, upstream: Optional[dict] = None):
         import ray
         import torch
 
@@ -63,7 +64,10 @@ class _ShardWriter:
         # The bare encoder spares each actor the transformers import (~0.7 s of start-up).
         self.tokenizer = (load_backend(tokenizer_dir, data_cfg.max_text_tokens) if bare_tokenizer
                           else load_tokenizer(tokenizer_dir))
-        self.cfg = data_cfg
+        self.cfg, self.upstream = data_cfg, None
+        if upstream is not None:  # SSL features: the encoder once per actor, on its GPU share if it has one
+            self.upstream = load_upstream(data_cfg.features, upstream)
+        self.format = audio_format({"features": asdict(data_cfg.features), "upstream": upstream})
         self.out_dir = (Path(tempfile.gettempdir()) / f"ctal-shards-{uuid.uuid4().hex[:12]}" if self.out_uri
                         else Path(out_dir))  # for a URI: made and removed by each call
         self.rows_per_row_group = rows_per_row_group
@@ -79,25 +83,29 @@ class _ShardWriter:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.out_dir / f".{name}.{uuid.uuid4().hex}.inprogress"
         writer, pending, summary = None, [], []
+        schema = parquet_schema(self.format)
         try:
-            for idx, row in zip(idxs, rows):
-                record, bad = featurize_row(row, self.tokenizer, self.cfg)
-                if bad is not None:
-                    summary.append({"idx": idx, **bad, "shard": None, "duration_s": None,
-                                    "n_frames": None, "text_truncated": None})
-                    continue
-                summary.append({"idx": idx, "id": record["id"], "audio_path": row["audio_path"],
-                                "reason": None, "detail": None, "shard": name,
-                                "duration_s": record["duration_s"], "n_frames": record["n_frames"],
-                                "text_truncated": record["text_truncated"]})
-                pending.append(record)
-                if len(pending) == self.rows_per_row_group:  # bounded memory: flush a row group
-                    writer = writer or pq.ParquetWriter(tmp, PARQUET_SCHEMA, compression="zstd")
-                    writer.write_table(records_to_table(pending))
-                    pending = []
+            step = self.rows_per_row_group  # bounded memory: featurized, and flushed, a row group at a time
+            for start in range(0, len(rows), step):
+                chunk = rows[start:start + step]
+                done = featurize_rows(chunk, self.tokenizer, self.cfg, self.upstream)
+                for idx, row, (record, bad) in zip(idxs[start:start + step], chunk, done):
+                    if bad is not None:
+                        summary.append({"idx": idx, **bad, "shard": None, "duration_s": None,
+                                        "n_frames": None, "text_truncated": None})
+                        continue
+                    summary.append({"idx": idx, "id": record["id"], "audio_path": row["audio_path"],
+                                    "reason": None, "detail": None, "shard": name,
+                                    "duration_s": record["duration_s"], "n_frames": record["n_frames"],
+                                    "text_truncated": record["text_truncated"]})
+                    pending.append(record)
+                    if len(pending) == self.rows_per_row_group:
+                        writer = writer or pq.ParquetWriter(tmp, schema, compression="zstd")
+                        writer.write_table(records_to_table(pending, self.format))
+                        pending = []
             if pending:
-                writer = writer or pq.ParquetWriter(tmp, PARQUET_SCHEMA, compression="zstd")
-                writer.write_table(records_to_table(pending))
+                writer = writer or pq.ParquetWriter(tmp, schema, compression="zstd")
+                writer.write_table(records_to_table(pending, self.format))
             if writer is not None:
                 writer.close()
                 writer = None
@@ -131,15 +139,16 @@ def run_preprocess(corpus: str, root: str | Path, out_dir: str | Path, data_cfg,
     try:
         check_output(out, overwrite)
         data_cfg = resolve_tokenizer(data_cfg)
+        data_cfg, upstream = resolve_upstream(data_cfg)  # SSL front end: its folder checked, hashed
         if rows is None:
             from ctal.corpora import read_corpus
             rows = read_corpus(corpus, str(root), **(reader_kwargs or {}))
         check_inputs(rows, corpus, root, data_cfg, num_cpus)
         if storage.is_uri(out):  # shards go straight to the object store
-            report = _preprocess_to_uri(rows, corpus, root, out, data_cfg, num_cpus, rows_per_row_group)
+            report = _preprocess_to_uri(rows, corpus, root, out, data_cfg, num_cpus, rows_per_row_group, upstream)
         else:
             remove_leftovers(out)
-            report = _preprocess_local(rows, corpus, root, out, data_cfg, num_cpus, rows_per_row_group)
+            report = _preprocess_local(rows, corpus, root, out, data_cfg, num_cpus, rows_per_row_group, upstream)
     finally:
         release_output(claim)
     storage.delete(rejected_quarantine(out))  # an earlier refused run's report no longer applies
@@ -148,7 +157,7 @@ def run_preprocess(corpus: str, root: str | Path, out_dir: str | Path, data_cfg,
     return report
 
 
-def _preprocess_local(rows, corpus, root, out: Path, data_cfg, num_cpus, rows_per_row_group) -> dict:
+def _preprocess_local(rows, corpus, root, out: Path, data_cfg, num_cpus, rows_per_row_group, upstream) -> dict:
     tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:12]}"
     tmp.mkdir(parents=True)
     try:
@@ -156,9 +165,9 @@ def _preprocess_local(rows, corpus, root, out: Path, data_cfg, num_cpus, rows_pe
         tok_report = prepare_tokenizer(rows, data_cfg, tmp / TOKENIZER_DIR)
         t_tok = time.perf_counter() - t_start
         summary, n_actors, t_feat = _featurize(rows, data_cfg, tmp, num_cpus, rows_per_row_group,
-                                               tok_report["bare_encoder"])
+                                               tok_report["bare_encoder"], upstream)
         report = finish(summary, rows, corpus, root, out, tmp, data_cfg, tok_report, n_actors,
-                         t_tok, t_feat, time.perf_counter() - t_start)
+                         t_tok, t_feat, time.perf_counter() - t_start, upstream=upstream)
         publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -166,7 +175,7 @@ def _preprocess_local(rows, corpus, root, out: Path, data_cfg, num_cpus, rows_pe
     return report
 
 
-def _featurize(rows, data_cfg, tmp: Path | str, num_cpus, rows_per_row_group, bare_tokenizer):
+def _featurize(rows, data_cfg, tmp: Path | str, num_cpus, rows_per_row_group, bare_tokenizer, upstream):
     import ray
 
     from .console import init_ray
@@ -176,8 +185,14 @@ def _featurize(rows, data_cfg, tmp: Path | str, num_cpus, rows_per_row_group, ba
     if cpus < data_cfg.num_cpus_per_task:  # one actor would wait for CPUs that never come
         raise ValueError(f"the Ray cluster has {cpus:g} CPUs, less than one actor needs "
                          f"(num_cpus_per_task={data_cfg.num_cpus_per_task:g})")
-    n = len(rows)
+    n, gpus_each = len(rows), data_cfg.features.ssl_num_gpus if upstream else 0.0
     n_actors = max(1, int(cpus // data_cfg.num_cpus_per_task + 1e-9))
+    if gpus_each:  # an encoder per GPU share (features.ssl_num_gpus; a fraction shares one)
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        if gpus < gpus_each:
+            raise ValueError(f"features.ssl_num_gpus={gpus_each:g}, but the Ray cluster has {gpus:g} GPUs; "
+                             "use features.ssl_num_gpus=0 to run the encoder on CPUs")
+        n_actors = min(n_actors, max(1, int(gpus // gpus_each + 1e-9)))
     # Several shards per actor keep the pool busy to the end; rows_per_shard bounds file size.
     rows_per_batch = max(1, min(data_cfg.rows_per_shard, math.ceil(n / (4 * n_actors))))
     n_batches = math.ceil(n / rows_per_batch)
@@ -192,11 +207,12 @@ def _featurize(rows, data_cfg, tmp: Path | str, num_cpus, rows_per_row_group, ba
         fn_constructor_kwargs={"manifest": manifest, "rows_per_batch": rows_per_batch,
                                "tokenizer_dir": storage.join(tmp, TOKENIZER_DIR), "data_cfg": data_cfg,
                                "out_dir": str(tmp), "rows_per_row_group": rows_per_row_group,
-                               "bare_tokenizer": bare_tokenizer},
+                               "bare_tokenizer": bare_tokenizer, "upstream": upstream},
         batch_size=1,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=1),
         num_cpus=data_cfg.num_cpus_per_task,
+        num_gpus=gpus_each,
     )
     parts = []
     with Progress(n, "preprocess", unit="utterances") as bar:  # Ray Data's own bars are off (console)
@@ -208,7 +224,7 @@ def _featurize(rows, data_cfg, tmp: Path | str, num_cpus, rows_per_row_group, ba
 
 
 def _preprocess_to_uri(rows: list[dict], corpus: str, root, out: str, data_cfg, num_cpus: Optional[float],
-                      rows_per_row_group: int) -> dict:
+                      rows_per_row_group: int, upstream: Optional[dict]) -> dict:
     """Featurize ``rows`` into the data set at URI ``out``; returns its report.
 
     Object stores have no directory rename, so: the tokenizer is trained on the driver and uploaded to
@@ -231,11 +247,11 @@ def _preprocess_to_uri(rows: list[dict], corpus: str, root, out: str, data_cfg, 
         storage.upload_dir(staging / TOKENIZER_DIR, storage.join(out, TOKENIZER_DIR))
         t_tok = time.perf_counter() - t_start
         summary, n_actors, t_feat = _featurize(rows, data_cfg, out, num_cpus, rows_per_row_group,
-                                               tok_report["bare_encoder"])
+                                               tok_report["bare_encoder"], upstream)
         shards = uri_shards(summary, out)
         try:
             report = finish(summary, rows, corpus, root, out, staging, data_cfg, tok_report, n_actors,
-                             t_tok, t_feat, time.perf_counter() - t_start, shards=shards)
+                             t_tok, t_feat, time.perf_counter() - t_start, shards=shards, upstream=upstream)
         except NothingToPublishError:
             storage.delete(out)  # the tokenizer uploaded for the actors: an output that never was
             raise
