@@ -95,7 +95,11 @@ def _weight_files(folder: Path) -> list[Path]:
         if p.is_file():
             files.append(p)
             if name.endswith(".index.json"):
-                shards = set(json.loads(p.read_text()).get("weight_map", {}).values())
+                try:
+                    shards = set(json.loads(p.read_text())["weight_map"].values())
+                except (OSError, ValueError, LookupError, TypeError, AttributeError) as e:
+                    raise UpstreamError(f"features.ssl_model={str(folder)!r}: {name} is not a weight index "
+                                        f"(JSON with a weight_map): {e!r}") from None
                 files += [folder / s for s in sorted(shards) if (folder / s).is_file()]
     return files
 
@@ -203,7 +207,9 @@ class Upstream:
 
     def num_frames(self, n_samples: int) -> int:
         """Frames the encoder gives for n_samples (0 below info.min_samples)."""
-        lengths = self.model._get_feat_extract_output_lengths(torch.tensor(int(n_samples)))
+        # hidden states come from the encoder, before any adapter (which would shorten them further)
+        kw = {"add_adapter": False} if getattr(self.model.config, "add_adapter", False) else {}
+        lengths = self.model._get_feat_extract_output_lengths(torch.tensor(int(n_samples)), **kw)
         return max(0, int(lengths))
 
     def _batches(self, lengths: list[int]) -> list[list[int]]:

@@ -134,6 +134,20 @@ def test_num_frames_and_min_samples(ssl_models, monkeypatch):
         up(waves((4000, info.min_samples - 1)))
 
 
+def test_adapter_does_not_shorten_the_frames(ssl_models, tmp_path):
+    """An adapter (wav2vec2's add_adapter) runs after the encoder's layers: their hidden states keep
+    the CNN's frames, though the model's own length rule would count the adapter's."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    path = shutil.copytree(ssl_models["wav2vec2"], tmp_path / "adapter")
+    config = Wav2Vec2Config.from_pretrained(path, add_adapter=True, output_hidden_size=32)
+    Wav2Vec2Model(config).save_pretrained(path)
+    up = Upstream(path, (0, 2))
+    (wave,) = waves((4000,))
+    assert up([wave])[0].shape == (12, 64) and up.num_frames(4000) == 12
+    assert up.model._get_feat_extract_output_lengths(4000) < 12
+
+
 def test_autocast_bf16(ssl_models):
     layers = (0, 2)
     up = Upstream(ssl_models["wavlm"], layers, autocast_dtype=torch.bfloat16)
@@ -189,6 +203,9 @@ def _break(path, how):
         (path / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
     elif how == "no weights":
         (path / "model.safetensors").unlink()
+    elif how == "bad index":
+        (path / "model.safetensors").unlink()
+        (path / "model.safetensors.index.json").write_text("[]")
     elif how == "no preprocessor":
         (path / "preprocessor_config.json").unlink()
 
@@ -201,6 +218,7 @@ def _break(path, how):
     ("bert", None, r"is a 'bert' model .*supported ones are \['data2vec-audio', 'hubert', 'wav2vec2', 'wavlm'\]"),
     ("no weights", None, r"has no weights: expected one of \['model.safetensors', 'pytorch_model.bin'"),
     ("no preprocessor", None, r"has no preprocessor_config.json"),
+    ("bad index", None, r"model.safetensors.index.json is not a weight index"),
     ("ok", [3], r"features.ssl_layers=\[3\]: \[3\] out of range; this model has 2 layers, so 0..2"),
     ("ok", [0, -1], r"features.ssl_layers=\[0, -1\]: \[-1\] out of range"),
     ("ok", [1, 2, 1], r"features.ssl_layers=\[1, 2, 1\] names \[1\] more than once"),
