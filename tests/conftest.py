@@ -131,3 +131,13 @@ def sweep_key_file(tmp_path_factory):
         mp.delenv("CTAL_SWEEP_KEY", raising=False)
         mp.setenv("CTAL_SWEEP_KEY_FILE", str(tmp_path_factory.mktemp("keys") / "sweep.key"))
         yield
+
+
+@pytest.fixture(scope="session")
+def ssl_models(tmp_path_factory) -> dict[str, Path]:
+    """architecture ("wav2vec2", "hubert", "wavlm", "data2vec-audio") → a tiny random encoder folder
+    (ctal.upstream.save_random_upstream: layer-norm layout, 2 layers of 32, standard 20 ms CNN)."""
+    from ctal.upstream import SUPPORTED, save_random_upstream
+
+    root = tmp_path_factory.mktemp("ssl")
+    return {arch: save_random_upstream(root / arch, arch) for arch in sorted(SUPPORTED)}
