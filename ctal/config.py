@@ -310,6 +310,11 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
         return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list such as [6] or [0, 6, 12], got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check_value(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -157,7 +157,7 @@ def featurize_rows(rows: list[dict], tokenizer, data_cfg, upstream=None) -> list
     if fc.frontend == "ssl":
         if upstream is None:
             raise ValueError("features.frontend=ssl: featurizing needs the loaded upstream (ctal.upstream.Upstream)")
-        return _ssl_frames(rows, read, upstream, fc.ssl_batch_seconds)
+        return _ssl_frames(rows, read, upstream)
     out = []
     for row, (utt, bad) in zip(rows, read):
         if bad is not None:
@@ -184,9 +184,13 @@ def load_upstream(fc, expected: Optional[dict] = None):
 
     from ctal.upstream import Upstream
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar, per actor: our console counts rows
     gpu = fc.ssl_num_gpus > 0 and torch.cuda.is_available()
     dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if gpu else None
-    up = Upstream(fc.ssl_model, fc.ssl_layers, device="cuda" if gpu else "cpu", autocast_dtype=dtype)
+    up = Upstream(fc.ssl_model, fc.ssl_layers, device="cuda" if gpu else "cpu", autocast_dtype=dtype,
+                  max_batch_samples=max(1, int(fc.ssl_batch_seconds * fc.sample_rate)))
     if expected is not None:
         check_upstream_hash(fc.ssl_model, up.info.hash, expected)
     return up
@@ -201,10 +205,10 @@ def check_upstream_hash(path, actual: str, expected: dict) -> None:
                             "folder changed, or is another one on this node; the features need that upstream")
 
 
-def _ssl_frames(rows, read, upstream, batch_seconds: float) -> list:
-    """The SSL half of ``featurize_rows``: waveforms at the upstream's rate, shortest-first batches
-    under the audio budget (less padding), an utterance shorter than one frame or one the encoder
-    fails on (alone: a failing batch is retried utterance by utterance) quarantined with its reason."""
+def _ssl_frames(rows, read, upstream) -> list:
+    """The SSL half of ``featurize_rows``: waveforms at the upstream's rate, an utterance shorter
+    than one frame or one the encoder fails on (alone: a failing call is retried utterance by
+    utterance) quarantined with its reason."""
     from ctal.features import to_waveform
     from ctal.upstream import UpstreamError
 
@@ -221,28 +225,21 @@ def _ssl_frames(rows, read, upstream, batch_seconds: float) -> list:
                                                    f"{info.architecture} frame (needs {info.min_samples})")
             continue
         waves[i] = wav
-    budget = max(1, int(batch_seconds * info.sample_rate))
-    batches, cur = [], []
-    for i in sorted(waves, key=lambda k: len(waves[k])):  # padded size: the longest times the count
-        if cur and (len(cur) + 1) * len(waves[i]) > budget:
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
     failures = (UpstreamError, RuntimeError, MemoryError)  # torch's out-of-memory is a RuntimeError
-    for batch in batches:
-        try:
-            feats = list(zip(batch, upstream([waves[i] for i in batch])))
-        except failures:  # one utterance at a time: only the one(s) the encoder cannot take are lost
-            feats = []
-            for i in batch:
-                try:
-                    feats.append((i, upstream([waves[i]])[0]))
-                except failures as e:
-                    out[i] = _quarantine(rows[i], "upstream_failed", f"{type(e).__name__}: {e}"[:500])
-        for i, x in feats:
-            out[i] = ({**read[i][0], "n_frames": int(x.shape[0]), "ssl": x}, None)
+    try:  # the upstream batches them by length under its budget (features.ssl_batch_seconds)
+        feats = list(zip(waves, upstream(list(waves.values())))) if waves else []
+    except failures:  # one utterance at a time: only the one(s) the encoder cannot take are lost
+        feats = []
+        for i in waves:
+            try:
+                feats.append((i, upstream([waves[i]])[0]))
+            except failures as e:
+                out[i] = _quarantine(rows[i], "upstream_failed", f"{type(e).__name__}: {e}"[:500])
+    for i, x in feats:
+        if not np.isfinite(x).all():  # float16 storage: an activation beyond 65504 would be stored as inf
+            out[i] = _quarantine(rows[i], "upstream_failed", "the encoder's features are not finite in float16")
+            continue
+        out[i] = ({**read[i][0], "n_frames": int(x.shape[0]), "ssl": x}, None)
     return out
 
 

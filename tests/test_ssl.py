@@ -59,7 +59,7 @@ def pretrained(ssl_data, tmp_path_factory) -> Path:
                       [f"data={ssl_data}", f"storage_path={storage}", "run_name=ssl", "max_steps=4",
                        "checkpoint_every=4", "log_every=1", "batch_size=4", "num_workers=1", "lr=1e-3", *NARROW])
     out = pretrain_loop(prepare(cfg), run_dir=storage / "ssl", log=lambda _: None)
-    assert np.isfinite(out["metrics"]["loss"]) and out["metrics"]["acoustic"] > 0
+    assert np.isfinite(out["metrics"]["loss"]) and out["metrics"]["masked_acoustic_loss"] > 0
     return latest_checkpoint(storage / "ssl")
 
 
@@ -212,12 +212,13 @@ def test_a_checkpoint_refuses_frames_of_another_front_end_or_upstream_saying_how
     assert "trained on features.frontend=ssl frames of wavlm" in said and "features.frontend=kaldi frames" in said
     assert "features.ssl_model=" in said and "features.ssl_layers=[0,2]" in said
 
-    other = tmp_path / "other"  # the same data as if from other layers of the upstream
+    other = tmp_path / "other"  # frames of the same shape, as if from another upstream
     shutil.copytree(ssl_data, other)
     report = json.loads((other / "report.json").read_text())
-    report["upstream"]["layers"] = [2]
+    report["upstream"].update(architecture="hubert", hash="0" * 64)
     (other / "report.json").write_text(json.dumps(report))
-    with pytest.raises(ValueError, match=r"layers \[0, 2\], the data set holds .* layers \[2\]"):
+    with pytest.raises(ValueError, match=r"frames of wavlm sha256 \w{12}…, layers \[0, 2\], the data set holds "
+                                         r"features.frontend=ssl frames of hubert sha256 000000000000…"):
         prepare(finetune_config(other, f"init={pretrained}"))
 
 
