@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +147,7 @@ def test_pretraining_on_ssl_features_weighs_the_kept_layers_and_records_the_upst
 
     model = CTALForPretraining.from_pretrained(pretrained)
     assert (model.config.audio_dim, model.config.audio_layers) == (64, 2)
-    emb = model.ctal.audio.embeddings if hasattr(model, "ctal") else model.audio.embeddings
+    emb = model.audio.embeddings
     assert emb.layer_weights.shape == (2,) and emb.projection.in_features == 32
     assert not torch.equal(emb.layer_weights.detach(), torch.zeros(2))  # trained, from uniform
     state = read_state(pretrained)
@@ -184,8 +185,12 @@ def test_finetuning_and_embed_run_on_the_checkpoints_upstream(finetuned, ssl_dat
     from ctal.embed import embed_rows, load_for_embedding
     from ctal.upstream import UpstreamError
 
-    assert read_state(finetuned.parent)["upstream"]["hash"] == open_dataset(ssl_data).report["upstream"]["hash"] \
-        if (finetuned.parent / "checkpoint.json").is_file() else read_state(finetuned)["upstream"]
+    assert read_state(finetuned)["upstream"] == open_dataset(ssl_data).report["upstream"]
+    from ctal.data import TaskData
+    from ctal.finetune import evaluate
+
+    metrics, _ = evaluate(finetuned, TaskData.load(ssl_data), role="test")
+    assert np.isfinite(metrics["mae"])
     rows = read_corpus("mosei", str(synthetic_corpus("mosei")))[:4]
     model, tok, data_cfg = load_for_embedding(finetuned)
     assert data_cfg.features.frontend == "ssl" and data_cfg.features.ssl_layers == LAYERS
@@ -247,3 +252,36 @@ def test_preprocessing_refuses_a_bad_upstream_before_ray(run_recipe, upstream, s
     code, err = run_recipe("preprocess", *args)
     assert code == 2 and re.search(message, err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_text_init_and_an_ssl_front_end_start_both_streams_pretrained(upstream, synthetic_corpus, tmp_path):
+    """MiniLM (the test extra) as the text stream, the WavLM's features as the audio input: the data
+    tokenized with MiniLM's vocabulary and featurized by the upstream (no Ray), one pretraining step."""
+    from test_hf import minilm_dir
+    from transformers import AutoModel
+
+    from ctal.corpora import read_corpus
+    from ctal.data import write_dataset
+    from ctal.featurize import featurize_rows, load_upstream
+    from ctal.model import CTALForPretraining
+    from ctal.pretrain import pretrain_loop, prepare
+    from ctal.preprocess import resolve_upstream
+    from ctal.tokenizer import load_tokenizer
+
+    hf_dir = minilm_dir()  # skips without the test extra
+    tok = load_tokenizer(hf_dir)
+    cfg, record = resolve_upstream(ssl_config(upstream, f"tokenizer={hf_dir}"))
+    rows = [dict(r, split="train") for r in read_corpus("mosei", str(synthetic_corpus("mosei")))[:8]]
+    records = [r for r, _ in featurize_rows(rows, tok, cfg, load_upstream(cfg.features, record)) if r is not None]
+    write_dataset(tmp_path / "data", records, tok, corpus="mosei", source=str(hf_dir),
+                  features=asdict(cfg.features), upstream=record)
+    run = load_config(PretrainConfig, [REPO / "configs/pretrain.yaml"],
+                      [f"data={tmp_path / 'data'}", f"storage_path={tmp_path}", "run_name=both", f"model.text_init={hf_dir}",
+                       "model.num_audio_layers=1", "max_steps=1", "checkpoint_every=1", "batch_size=2",
+                       "num_workers=1", "lr=1e-12", "model.max_audio_positions=600"])
+    pretrain_loop(prepare(run), run_dir=tmp_path / "both", log=lambda _: None)
+    model = CTALForPretraining.from_pretrained(next((tmp_path / "both" / "checkpoints").iterdir()))
+    assert (model.config.audio_dim, model.config.audio_layers, model.config.hidden_size) == (64, 2, 384)
+    minilm = AutoModel.from_pretrained(hf_dir, local_files_only=True)
+    torch.testing.assert_close(model.text.embeddings.word_embeddings.weight, minilm.embeddings.word_embeddings.weight,
+                               atol=1e-6, rtol=0)
