@@ -52,7 +52,7 @@ def embed_rows(model: CTALForSequenceClassification, rows: list[dict], tokenizer
     max_tokens = position_limits(model)["max_tokens"]
     good, bad = [], []
     if data_cfg.features.frontend == "ssl" and upstream is None:
-        upstream = load_upstream(data_cfg.features)
+        upstream = load_upstream(data_cfg.features, device=device)
     for row, (record, problem) in zip(rows, featurize_rows(rows, tokenizer, data_cfg, upstream)):
         if record is not None and len(record["input_ids"]) > max_tokens:
             record, problem = None, {"id": record["id"], "audio_path": str(row.get("audio_path")),
@@ -86,12 +86,14 @@ def embed_rows(model: CTALForSequenceClassification, rows: list[dict], tokenizer
     return pa.table({"id": pa.array(ids, pa.string()), **{name: vec(name) for name in columns}}), bad
 
 
-def load_for_embedding(checkpoint: str | Path, tokenizer: Optional[str | Path] = None):
+def load_for_embedding(checkpoint: str | Path, tokenizer: Optional[str | Path] = None,
+                       ssl_model: Optional[str | Path] = None):
     """(model, tokenizer, data_cfg) of a fine-tuned checkpoint (a path or URI) with one model, or of
     one fold's model directory of a checkpoint with several. ``data_cfg`` is the preprocessing the
     checkpoint's training data went through (featurizer, front end, max_text_tokens, recorded with
     the checkpoint) and the text normalization saved with the tokenizer, so new audio and text
-    look like what the model was trained on.
+    look like what the model was trained on. For SSL features that is the upstream recorded with the
+    checkpoint, or ``ssl_model``, a copy of it elsewhere: either must hash as recorded.
 
     A pretraining checkpoint is refused (ValueError): its fusion head was never trained, so its
     "embeddings" would be a random projection, different on every load. Damaged files raise
@@ -123,10 +125,14 @@ def load_for_embedding(checkpoint: str | Path, tokenizer: Optional[str | Path] =
     # A tokenizer without a recorded normalization predates it: its text was tokenized as read.
     data_cfg = replace(ctal_checkpoint.trained_data_config(local),
                        text_normalization=read_normalization(tok_dir) or "none")
-    trained = ctal_checkpoint.trained_upstream(local)
+    if ssl_model and data_cfg.features.frontend != "ssl":
+        raise ValueError(f"--ssl-model {ssl_model}: {checkpoint} was trained on features.frontend="
+                         f"{data_cfg.features.frontend} frames, not on an SSL upstream's")
     if data_cfg.features.frontend == "ssl":  # featurized with the checkpoint's upstream, or refused
         from .upstream import inspect_upstream
 
-        fc = data_cfg.features
-        check_upstream_hash(fc.ssl_model, inspect_upstream(fc.ssl_model, fc.ssl_layers).hash, trained or {"hash": ""})
+        fc = replace(data_cfg.features, ssl_model=str(ssl_model or data_cfg.features.ssl_model))
+        data_cfg = replace(data_cfg, features=fc)
+        check_upstream_hash(fc.ssl_model, inspect_upstream(fc.ssl_model, fc.ssl_layers).hash,
+                            ctal_checkpoint.trained_upstream(local) or {"hash": ""})
     return model, load_tokenizer(tok_dir), data_cfg

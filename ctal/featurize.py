@@ -175,10 +175,10 @@ def featurize_rows(rows: list[dict], tokenizer, data_cfg, upstream=None) -> list
     return out
 
 
-def load_upstream(fc, expected: Optional[dict] = None):
+def load_upstream(fc, expected: Optional[dict] = None, device: Optional[str] = None):
     """The ``ctal.upstream.Upstream`` of FeatureConfig ``fc`` (features.frontend=ssl) for featurizing:
-    on a GPU when ``fc.ssl_num_gpus`` asks for one and there is one (bf16 autocast where the GPU has
-    it, else fp16), else the CPU; refused (UpstreamError) when its files no longer hash to
+    on ``device``, by default a GPU when ``fc.ssl_num_gpus`` asks for one and there is one (on a GPU:
+    bf16 autocast where it has it, else fp16), else the CPU; refused (UpstreamError) when its files no longer hash to
     ``expected["hash"]`` (what the run checked before it started, what a data set or checkpoint records)."""
     import torch
 
@@ -187,9 +187,9 @@ def load_upstream(fc, expected: Optional[dict] = None):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # its "Loading weights" bar, per actor: our console counts rows
-    gpu = fc.ssl_num_gpus > 0 and torch.cuda.is_available()
+    gpu = (fc.ssl_num_gpus > 0 and torch.cuda.is_available()) if device is None else str(device).startswith("cuda")
     dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if gpu else None
-    up = Upstream(fc.ssl_model, fc.ssl_layers, device="cuda" if gpu else "cpu", autocast_dtype=dtype,
+    up = Upstream(fc.ssl_model, fc.ssl_layers, device=device or ("cuda" if gpu else "cpu"), autocast_dtype=dtype,
                   max_batch_samples=max(1, int(fc.ssl_batch_seconds * fc.sample_rate)))
     if expected is not None:
         check_upstream_hash(fc.ssl_model, up.info.hash, expected)

@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", help="tokenizer dir (default: the one saved with the checkpoint)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--ssl-model", help="SSL features: the upstream folder, where the one the checkpoint "
+                                       "records is not on this machine (it must hash the same)")
     p.add_argument("--streams", action="store_true",
                    help="also write the mean final state of each stream the fusion variant runs")
     args = p.parse_args(argv)
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--out {args.out} is a directory; give the Parquet file to write, e.g. "
                              f"{Path(args.out) / 'embeddings.parquet'}")
         rows = read_manifest(args.manifest)
-        model, tokenizer, data_cfg = load_for_embedding(args.checkpoint, args.tokenizer)
+        model, tokenizer, data_cfg = load_for_embedding(args.checkpoint, args.tokenizer, args.ssl_model)
     except (FileNotFoundError, ValueError, CorpusLayoutError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

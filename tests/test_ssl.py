@@ -179,7 +179,8 @@ def test_mask_spans_keep_their_duration_at_20_ms_frames():
     assert spans_at(MaskingConfig(span_min=1, span_max=1), 40.0).span_min == 1
 
 
-def test_finetuning_and_embed_run_on_the_checkpoints_upstream(finetuned, ssl_data, upstream, synthetic_corpus):
+def test_finetuning_and_embed_run_on_the_checkpoints_upstream(finetuned, ssl_data, upstream, synthetic_corpus,
+                                                               ssl_models, tmp_path):
     from ctal.checkpoint import read_state
     from ctal.corpora import read_corpus
     from ctal.embed import embed_rows, load_for_embedding
@@ -196,6 +197,11 @@ def test_finetuning_and_embed_run_on_the_checkpoints_upstream(finetuned, ssl_dat
     assert data_cfg.features.frontend == "ssl" and data_cfg.features.ssl_layers == LAYERS
     table, bad = embed_rows(model, rows, tok, data_cfg=data_cfg)
     assert table.num_rows == 4 and not bad
+
+    moved = Path(shutil.copytree(upstream, tmp_path / "elsewhere"))  # the checkpoint on another machine
+    assert load_for_embedding(finetuned, ssl_model=moved)[2].features.ssl_model == str(moved)
+    with pytest.raises(UpstreamError, match="hashes to"):
+        load_for_embedding(finetuned, ssl_model=ssl_models["hubert"])
 
     weights = next(upstream.glob("*.safetensors"))
     kept = weights.read_bytes()
