@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from ctal.ablation import (Interval, cell_key, load_study, paired_difference,
+from ctal.ablation import (Frames, Interval, cell_key, frames_inputs, load_study, paired_difference, parse_frames,
                            parse_study, reading, t_interval, write_report)
 from ctal.config import ConfigError, FinetuneConfig
 from ctal.tasks import label_subset
@@ -294,8 +294,6 @@ def test_a_fraction_that_leaves_almost_nothing_to_train_on_is_named():
 
 
 # -- the frames factor: log-mel vs SSL features, a data set (and checkpoint) per level (issue 31.5) ----
-
-from ctal.ablation import Frames, frames_inputs, parse_frames  # noqa: E402
 
 FRAMES_GOOD = {**GOOD, "baseline": {**GOOD["baseline"], "frames": "fbank"},
                "questions": {"frames": {"vary": {"frames": ["fbank", "ssl"]}, "across": ["fraction"]},
