@@ -5,8 +5,11 @@ A study (YAML, `configs/ablate.yaml`) names its seeds, label fractions, the budg
 how hyperparameters are chosen (fixed, or a nested sweep on dev per cell), a baseline cell and the
 questions. A question varies one factor (its first level is the reference) at the baseline, optionally
 across other factors (e.g. every label fraction); the grid is the union of the questions' cells, not
-the full cross product. A run is cell × seed (× hyperparameter sample when tuned); per (cell, seed) the
-run best on dev is scored once on test. Differences are paired by seed and the `across` levels, with a
+the full cross product. The ``frames`` factor names data sets: the baseline's level is the recipe's
+--data (and --init), each other level its own data set of the same utterances with other frames (e.g.
+SSL features) and the pretraining checkpoint trained on them, so a question can compare front ends.
+A run is cell × seed (× hyperparameter sample when tuned); per (cell, seed) the run best on dev is
+scored once on test. Differences are paired by seed and the `across` levels, with a
 Student-t interval over the pairs, and every number in the report is recomputed from results.csv.
 """
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -27,7 +31,10 @@ from ctal.report import markdown_table, plot_label_efficiency, plot_question
 from ctal.tasks import TASKS, fold_subset
 
 INIT_LEVELS = ("pretrained", "scratch")
-FACTORS = ("init", "fusion", "orthogonality_weight", "fraction")
+FACTORS = ("init", "fusion", "orthogonality_weight", "fraction", "frames")
+# Optional in a study's baseline: a study without it has one data set and cells (and cell keys) without it.
+OPTIONAL_FACTORS = ("frames",)
+FRAMES_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")  # a frames level: a name (it goes into cell keys)
 # Cell factors that the grid owns: a nested sweep may not tune them (nor the budget's epochs).
 GRID_PARAMETERS = ("fusion", "orthogonality_weight", "seed", "epochs")
 # Architecture keys a scratch model copies from the pretrained checkpoint, so the two differ only in
@@ -67,8 +74,17 @@ class Study:
     subset_seed: int = 0
     source: dict = field(default_factory=dict)
 
+    @property
+    def factors(self) -> tuple:
+        """The factors the study's cells have: FACTORS, less an optional one its baseline leaves out."""
+        return tuple(f for f in FACTORS if f in self.baseline)
+
     def levels(self, factor: str) -> tuple:
         return self.fractions if factor == "fraction" else ()
+
+    def frames_levels(self) -> tuple:
+        """The frames levels the grid uses, in question order (the baseline's first when it has cells)."""
+        return tuple(dict.fromkeys(c["frames"] for c in self.cells() if "frames" in c))
 
     def question_cells(self, q: Question) -> list[dict]:
         """The cells question ``q`` needs: its levels × every level of its ``across`` factors."""
@@ -86,7 +102,7 @@ class Study:
 
 
 def cell_key(cell: dict) -> str:
-    return ",".join(f"{f}={cell[f]}" for f in FACTORS)
+    return ",".join(f"{f}={cell[f]}" for f in FACTORS if f in cell)  # a study without frames: as before it
 
 
 def parse_study(data, source: str = "study") -> Study:
@@ -107,8 +123,10 @@ def parse_study(data, source: str = "study") -> Study:
     if not fractions or not all(0 < f <= 1 for f in fractions) or len(set(fractions)) != len(fractions):
         raise ConfigError(f"{source}: fractions must be distinct values in (0, 1], got {list(fractions)}")
     baseline = dict(data.get("baseline") or {})
-    if set(baseline) != set(FACTORS):
-        raise ConfigError(f"{source}: baseline must set exactly {list(FACTORS)}, got {sorted(baseline)}")
+    required = [f for f in FACTORS if f not in OPTIONAL_FACTORS]
+    if not set(required) <= set(baseline) <= set(FACTORS):
+        raise ConfigError(f"{source}: baseline must set exactly {required} (and optionally frames: the level "
+                          f"name of --data, e.g. fbank), got {sorted(baseline)}")
     for factor, value in baseline.items():
         _check_level(factor, value, fractions, f"{source}: baseline.{factor}")
     questions = []
@@ -125,6 +143,11 @@ def parse_study(data, source: str = "study") -> Study:
             raise ConfigError(f"{where}.vary: a factor of {list(FACTORS)} with >= 2 levels, got {factor}: {levels!r}")
         for level in levels:
             _check_level(factor, level, fractions, f"{where}.vary.{factor}")
+        if factor not in baseline:
+            raise ConfigError(f"{where}.vary.{factor}: set baseline.{factor} too, the level of the data set given "
+                              f"as --data (e.g. baseline: {{..., {factor}: {levels[0]}}})")
+        if len(set(levels)) != len(levels):
+            raise ConfigError(f"{where}.vary.{factor}: a level is repeated in {levels!r}")
         across = tuple(q.get("across") or ())
         if any(a != "fraction" or a == factor for a in across):
             raise ConfigError(f"{where}.across: only [fraction] (the study's fractions), got {list(across)}")
@@ -149,10 +172,12 @@ def parse_study(data, source: str = "study") -> Study:
 def _check_level(factor: str, value, fractions: tuple, where: str) -> None:
     ok = {"init": lambda v: v in INIT_LEVELS, "fusion": lambda v: v in FUSION_VARIANTS,
           "orthogonality_weight": lambda v: isinstance(v, (int, float)) and v >= 0,
-          "fraction": lambda v: isinstance(v, (int, float)) and float(v) in fractions}[factor]
+          "fraction": lambda v: isinstance(v, (int, float)) and float(v) in fractions,
+          "frames": lambda v: isinstance(v, str) and FRAMES_NAME.fullmatch(v) is not None}[factor]
     if not ok(value):
         allowed = {"init": list(INIT_LEVELS), "fusion": list(FUSION_VARIANTS), "orthogonality_weight": ">= 0",
-                   "fraction": f"one of the study's fractions {list(fractions)}"}[factor]
+                   "fraction": f"one of the study's fractions {list(fractions)}",
+                   "frames": "a name (letters, digits, _ . -) for a data set, e.g. fbank or ssl"}[factor]
         raise ConfigError(f"{where}={value!r} is not allowed: {allowed}")
 
 
@@ -172,6 +197,114 @@ def cell_config(base: FinetuneConfig, cell: dict, init: Optional[str], subset_se
                    label_fraction=float(cell["fraction"]), label_subset_seed=subset_seed)
 
 
+# --------------------------------------------------------------------------------------------------
+# the frames factor: a data set (and a pretraining checkpoint) per level
+
+
+@dataclass(frozen=True)
+class Frames:
+    """A level of the frames factor: its data set and the pretraining checkpoint (or run directory)
+    trained on its frames; a checkpoint refuses other frames, so each level has its own."""
+    data: str
+    init: Optional[str] = None
+
+
+FRAMES_OPTION = "LEVEL=DIR[,init=CKPT]"
+
+
+def parse_frames(values: list[str]) -> dict[str, Frames]:
+    """The recipe's ``--frames LEVEL=DIR[,init=CKPT]`` options, each level once (ConfigError naming a
+    malformed one)."""
+    out = {}
+    for value in values:
+        name, eq, rest = value.partition("=")
+        data, _, init = rest.rpartition(",init=") if ",init=" in rest else (rest, "", "")
+        if not eq or not FRAMES_NAME.fullmatch(name) or not data or (",init=" in rest and not init):
+            raise ConfigError(f"--frames {value}: expected {FRAMES_OPTION}, e.g. "
+                              "ssl=data/mosei-ssl,init=runs/ctal-base-ssl")
+        if name in out:
+            raise ConfigError(f"--frames {name}: given twice")
+        out[name] = Frames(data, init or None)
+    return out
+
+
+def frames_inputs(study: Study, data: str, init: Optional[str], given: dict[str, Frames]
+                  ) -> dict[Optional[str], Frames]:
+    """Each frames level → its data set and checkpoint, the baseline's level first: that level is
+    ``data``/``init`` (--data, --init), every other one a ``given`` level (--frames); a study that does
+    not vary frames has the one, under None. ConfigError naming a level the grid uses without a data
+    set, a given one no question uses, and a level with 'pretrained' cells but no checkpoint."""
+    ref, used = study.baseline.get("frames"), study.frames_levels()
+    if ref is not None and ref in given:
+        raise ConfigError(f"--frames {ref}=...: {ref!r} is the baseline's frames level, whose data set is --data "
+                          "(and checkpoint --init)")
+    for name in given:
+        if name not in used:
+            raise ConfigError(f"--frames {name}: no question of the study uses frames level {name!r} "
+                              + (f"(its levels: {list(used)})" if used else "(it does not vary frames)"))
+    for name in used:
+        if name != ref and name not in given:
+            raise ConfigError(f"the study uses frames level {name!r}: give its data set (and, for 'pretrained' "
+                              f"cells, the checkpoint pretrained on its frames): --frames {name}=DIR[,init=CKPT]")
+    out = {ref: Frames(data, init), **given}
+    for name, frames in out.items():
+        if not frames.init and any(c["init"] == "pretrained" and c.get("frames") == name for c in study.cells()):
+            raise ConfigError("the study has 'pretrained' cells: give the pretraining checkpoint (--init)"
+                              if name == ref else f"the study has 'pretrained' cells on frames {name!r}: give the "
+                              f"checkpoint pretrained on them, --frames {name}={frames.data},init=CKPT")
+    return out
+
+
+def utterance_difference(a, b, a_name: str, b_name: str, show: int = 3) -> str:
+    """'' when two data sets' Meta hold the same utterances (id with its split, speaker and label),
+    else the difference in words, naming the first few ids."""
+    def rows(meta):
+        return {i: (s, sp, float(x)) for i, s, sp, x in zip(meta.id, meta.split, meta.speaker, meta.label)}
+
+    def same(x, y):
+        return all(u == v or (isinstance(u, float) and math.isnan(u) and math.isnan(v)) for u, v in zip(x, y))
+
+    def named(ids):
+        return ", ".join(map(str, ids[:show])) + (f", … ({len(ids)} in all)" if len(ids) > show else "")
+
+    ra, rb = rows(a), rows(b)
+    parts = [f"{len(ids)} only in {n!r} ({named(ids)})" for n, ids in
+             ((a_name, [i for i in ra if i not in rb]), (b_name, [i for i in rb if i not in ra])) if ids]
+    changed = [i for i in ra if i in rb and not same(ra[i], rb[i])]
+    if changed:
+        i = changed[0]
+        what = ", ".join(f"{c} {x!r} vs {y!r}" for c, x, y in zip(("split", "speaker", "label"), ra[i], rb[i])
+                         if not same((x,), (y,)))
+        parts.append(f"{len(changed)} with another split, speaker or label (first {i}: {what})")
+    if not parts and (len(ra) != len(a) or len(rb) != len(b)):
+        parts.append(f"repeated ids ({len(a)} rows for {len(ra)} ids vs {len(b)} for {len(rb)})")
+    return "; ".join(parts)
+
+
+def check_paired(levels: dict, task, study: Study, cfg: FinetuneConfig) -> None:
+    """Refuse frames levels whose data sets would not make a paired comparison at equal budget: other
+    utterances (ids, splits, speakers, labels), another tokenizer (the text would differ too), or rows
+    in another order, which gives other label subsets. ``levels``: level → opened TaskData, the
+    baseline's first. ConfigError naming both data sets and the difference."""
+    (ref, first), *others = levels.items()
+    for name, other in others:
+        where = f"frames levels {ref!r} ({first.data_dir}) and {name!r} ({other.data_dir})"
+        diff = utterance_difference(first.meta, other.meta, ref, name)
+        if diff:
+            raise ConfigError(f"{where} hold different utterances: {diff}. A paired comparison at equal budget "
+                              "needs the same ones: preprocess both front ends from the same corpus (what one of "
+                              "them quarantined is listed in its quarantine.parquet)")
+        if first.tokenizer.hash != other.tokenizer.hash:
+            raise ConfigError(f"{where} are tokenized differently, so the text would differ too: preprocess "
+                              f"one with the other's tokenizer (tokenizer={first.data_dir})")
+        mine, theirs = subsets(task, first.meta, study, cfg), subsets(task, other.meta, study, cfg)
+        if mine != theirs:
+            first_diff = next((f"{s}, fold {f}, fraction {x}" for s in mine for f in mine[s] for x in mine[s][f]
+                               if mine[s][f][x] != theirs.get(s, {}).get(f, {}).get(x)), "their folds")
+            raise ConfigError(f"{where} hold the same utterances in another row order, which gives other label "
+                              f"subsets ({first_diff}): preprocess both from the same corpus manifest")
+
+
 def report_metric(study: Study, task: str) -> str:
     """The study's reported test metric (default: the task's selection metric), checked against the task."""
     names = TASKS[task].metric_names
@@ -183,24 +316,31 @@ def report_metric(study: Study, task: str) -> str:
 
 def score_on_test(runs: pd.DataFrame, data, task: str) -> pd.DataFrame:
     """Test metrics (`test_<name>`) of each selected run's best-on-dev checkpoint, each scored once
-    through ctal.finetune.evaluate (the only reader of test rows); ``data``: the opened TaskData."""
+    through ctal.finetune.evaluate (the only reader of test rows); ``data``: the opened TaskData, or
+    frames level → TaskData (``prepare_study``'s; a study without frames: under None)."""
     from ctal.finetune import evaluate
 
     runs = runs.copy()
     for i in runs.index[runs["selected"]]:
-        metrics, _ = evaluate(runs.at[i, "checkpoint"], data, role="test", task=task)
+        level = data if not isinstance(data, dict) else data[runs.at[i, "frames"] if "frames" in runs else None]
+        metrics, _ = evaluate(runs.at[i, "checkpoint"], level, role="test", task=task)
         for k, v in metrics.items():
             runs.loc[i, f"test_{k}"] = float(v)
     return runs
 
 
-def write_subsets(path: Path, task, meta, study: Study, cfg: FinetuneConfig) -> dict:
+def subsets(task, meta, study: Study, cfg: FinetuneConfig) -> dict:
     """The training ids of every fold at every fraction, per seed (emotion's dev speaker, and so its
-    training rows, depend on the seed; the other tasks' do not), as the runs use them, for the record."""
-    out = {f"seed={s}": {f.name: {str(x): meta.id[fold_subset(task, meta, f, x, study.subset_seed).train].tolist()
-                                  for x in study.fractions}
-                         for f in task.folds(meta, cfg.fold, s)}
-           for s in study.seeds}
+    training rows, depend on the seed; the other tasks' do not), as the runs use them."""
+    return {f"seed={s}": {f.name: {str(x): meta.id[fold_subset(task, meta, f, x, study.subset_seed).train].tolist()
+                                   for x in study.fractions}
+                          for f in task.folds(meta, cfg.fold, s)}
+            for s in study.seeds}
+
+
+def write_subsets(path: Path, task, meta, study: Study, cfg: FinetuneConfig) -> dict:
+    """``subsets``, written to ``path`` for the record."""
+    out = subsets(task, meta, study, cfg)
     Path(path).write_text(json.dumps(out, indent=1))
     return out
 
@@ -279,8 +419,8 @@ def summarize_cells(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     for key, group in sel.groupby("cell", sort=False):
         iv = t_interval(group[f"test_{metric}"].astype(float).tolist())
         first = group.iloc[0]
-        rows.append({"cell": key, **{f: first[f] for f in FACTORS}, "n": iv.n, "mean": iv.mean, "std": iv.std,
-                     "ci_low": iv.low, "ci_high": iv.high})
+        rows.append({"cell": key, **{f: first[f] for f in FACTORS if f in group}, "n": iv.n, "mean": iv.mean,
+                     "std": iv.std, "ci_low": iv.low, "ci_high": iv.high})
     return pd.DataFrame(rows)
 
 
@@ -332,9 +472,12 @@ def write_report(out: Path, study: Study, runs: pd.DataFrame, metric: str, *, ta
              "each (cell, seed)'s best-on-dev checkpoint scored once on test. Intervals: 95 % Student-t over seeds.",
              "", "## Cells", ""]
     table = [{**r, "mean ± std": _pm(r), "95 % CI": _ci(r)} for r in cells.to_dict("records")]
-    lines += [markdown_table(table, [*FACTORS, "n", "mean ± std", "95 % CI"]), ""]
+    lines += [markdown_table(table, [*study.factors, "n", "mean ± std", "95 % CI"]), ""]
     plots = []
-    curve = plot_label_efficiency(cells, metric, out / "label_efficiency.png")
+    curves = cells  # one curve per init level; with several frames levels, per init and frames level
+    if "frames" in cells and cells["frames"].nunique() > 1:
+        curves = cells.assign(init=[f"{i}, {f}" for i, f in zip(cells["init"], cells["frames"])])
+    curve = plot_label_efficiency(curves, metric, out / "label_efficiency.png")
     if curve is not None:
         plots.append(curve)
         lines += [f"![label efficiency]({curve.name})", ""]

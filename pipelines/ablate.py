@@ -1,17 +1,20 @@
 """A controlled ablation study of CTAL fine-tuning as Ray Tune trials, with honest statistics.
 
     python pipelines/ablate.py --task T --data D --init CKPT [--config configs/ablate.yaml]
-        [--finetune-config FILE ...] [--out runs/ablate] [--cpus-per-trial F] [--max-concurrent N]
-        [--fresh] [key=value ...]
+        [--frames LEVEL=DIR[,init=CKPT] ...] [--finetune-config FILE ...] [--out runs/ablate]
+        [--cpus-per-trial F] [--max-concurrent N] [--fresh] [key=value ...]
     python pipelines/ablate.py --demo [--quick] [--out runs/ablate-demo] [--fresh]
 
 The study (--config, format in configs/ablate.yaml): seeds, label fractions, the budget, fixed or
 tuned hyperparameters, and the questions (pretrained vs scratch across fractions; fusion variants;
-orthogonality weight) whose cells make the grid. Fine-tuning config: configs/finetune.yaml, each
---finetune-config, the study's budget, then key=value overrides of FinetuneConfig. Rerunning on the
-same --out continues the study (finished runs are kept); --fresh starts over. Writes <out>/report.md,
-results.csv (every run), subsets.json and the plots. --demo: the whole study on the synthetic corpora
-(read speech to pretrain on, the fusion task), reusing the demo's stages; --quick: a reduced grid.
+orthogonality weight; configs/ablate_frames.yaml: log-mel vs SSL features, where --data/--init are the
+baseline's frames level and each --frames another level's data set of the same utterances with the
+checkpoint pretrained on its frames) whose cells make the grid. Fine-tuning config:
+configs/finetune.yaml, each --finetune-config, the study's budget, then key=value overrides of
+FinetuneConfig. Rerunning on the same --out continues the study (finished runs are kept); --fresh
+starts over. Writes <out>/report.md, results.csv (every run), subsets.json and the plots. --demo: the
+whole study on the synthetic corpora (read speech to pretrain on, the fusion task), reusing the demo's
+stages; --quick: a reduced grid.
 """
 from __future__ import annotations
 
@@ -65,6 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--task", choices=sorted(TASKS))
     p.add_argument("--data", help="Parquet data set of the task (pipelines/preprocess.py)")
     p.add_argument("--init", help="pretraining checkpoint or run directory (the 'pretrained' level)")
+    p.add_argument("--frames", action="append", default=[], metavar="LEVEL=DIR[,init=CKPT]",
+                   help="another frames level's data set and pretraining checkpoint (repeatable)")
     p.add_argument("--config", help="the study YAML (default configs/ablate.yaml; --demo: configs/ablate_demo*.yaml)")
     p.add_argument("--finetune-config", action="append", default=[], help="FinetuneConfig YAML (repeatable)")
     p.add_argument("--out", help="the study's directory (default runs/ablate, --demo runs/ablate-demo)")
@@ -78,7 +83,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     set_verbose(args.verbose)
     record_command()
-    from ctal.ablation import load_study, report_metric, score_on_test, thin_subsets, write_report, write_subsets
+    from ctal.ablation import (load_study, parse_frames, report_metric, score_on_test, thin_subsets, write_report,
+                               write_subsets)
     from ctal.data import TaskData
 
     t0 = time.time()
@@ -100,7 +106,8 @@ def main(argv=None) -> int:
         task_data = TaskData.load(base.data)
         from ctal.distributed.ablate import check_grid, prepare_study
 
-        configs, space = prepare_study(base, study, init, task_data)
+        frames = parse_frames(args.frames)
+        configs, space, datas = prepare_study(base, study, init, task_data, frames)
         if not args.demo:
             own_output(out, "ablation", fresh=args.fresh)  # every argument checked: now --fresh may remove
         check_grid(out)  # a study to continue is trusted, and a new one finds no state, before Ray starts
@@ -116,12 +123,14 @@ def main(argv=None) -> int:
     say("ablate", f"{len(configs)} cells x {runs_per_cell} runs of {task} with Ray Tune (the grid in {out / 'grid'})")
     init_ray()  # joins the cluster named by RAY_ADDRESS, else starts a local one
     with recorded_run(out, "ablation", {"config": base, "study": vars(args)}):  # out/manifest.json
-        runs = run_study(configs, study, space, task_data, out, cpus_per_trial=args.cpus_per_trial,
+        runs = run_study(configs, study, space, datas, out, cpus_per_trial=args.cpus_per_trial,
                          max_concurrent=args.max_concurrent)
         say("evaluate", "each (cell, seed)'s best-on-dev checkpoint on the test split, once")
-        runs = score_on_test(runs, task_data, task)
+        runs = score_on_test(runs, datas, task)
     command = "python pipelines/ablate.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    header = [f"`{command}`", "", *header, f"Data: {base.data}; pretrained level: {init or '(none given)'}.",
+    header = [f"`{command}`", "", *header, f"Data: {base.data}; pretrained level: {init or '(none given)'}"
+              + "".join(f"; frames {k}: data {f.data}, pretrained level {f.init or '(none given)'}" for k, f in
+                        frames.items()) + ".",
               f"Fine-tuning config: lr {base.lr:g}, batch {base.batch_size}, warmup {base.warmup_ratio:g}, "
               f"weight decay {base.weight_decay:g}, dropout {base.model.hidden_dropout_prob:g}, epochs {base.epochs}.",
               f"Wall time: {time.time() - t0:.0f} s (this invocation)."]

@@ -19,7 +19,7 @@ from typing import Optional
 import pandas as pd
 
 from ctal import manifest
-from ctal.ablation import GRID_PARAMETERS, Study, cell_config, cell_key
+from ctal.ablation import GRID_PARAMETERS, Frames, Study, cell_config, cell_key, check_paired, frames_inputs
 from ctal.checkpoint import local_copy
 from ctal.config import ConfigError, FinetuneConfig, SweepConfig, to_dict
 from ctal.data import TaskData
@@ -49,9 +49,14 @@ def callbacks(metric: str, mode: str, total: int, configs: dict[str, FinetuneCon
     return [TrialProgress(metric, mode, total), *tracked]
 
 
-def prepare_study(base: FinetuneConfig, study: Study, init: Optional[str], data: TaskData
-                  ) -> tuple[dict[str, FinetuneConfig], Optional[SearchSpace]]:
-    """Every cell's checked config (cell key → config) and the nested sweep's space, before Ray starts."""
+def prepare_study(base: FinetuneConfig, study: Study, init: Optional[str], data: TaskData,
+                  frames: Optional[dict[str, Frames]] = None
+                  ) -> tuple[dict[str, FinetuneConfig], Optional[SearchSpace], dict[Optional[str], TaskData]]:
+    """Before Ray starts: every cell's checked config (cell key → config), the nested sweep's space and
+    each frames level's opened data set (level → TaskData; a study without frames: ``data`` under None).
+    ``base.data``/``data`` and ``init`` are the baseline's frames level, ``frames`` the other levels
+    (ctal.ablation.parse_frames): each cell gets its level's data set and checkpoint, each checkpoint is
+    checked against its level's frames, and the levels' data sets must hold the same utterances."""
     space = None
     if study.tuning:
         space = load_search_space(study.tuning["space"])
@@ -59,25 +64,40 @@ def prepare_study(base: FinetuneConfig, study: Study, init: Optional[str], data:
         if owned:
             raise ConfigError(f"tuning.space {study.tuning['space']} sets {owned}: the grid and the budget own "
                               "those (every cell the same budget); remove them from the space")
-    if not init and any(c["init"] == "pretrained" for c in study.cells()):
-        raise ConfigError("the study has 'pretrained' cells: give the pretraining checkpoint (--init)")
-    arch = None
-    if init:  # the run directory's newest checkpoint; scratch cells copy its architecture
-        init = prepare(replace(base, init=init), data)[0].init
-        arch = json.loads((local_copy(init) / "config.json").read_text())
+    levels = frames_inputs(study, base.data, init, frames or {})  # ConfigError: a level's input missing
+    datas = {name: data if name == study.baseline.get("frames") else _load_level(name, f) for name, f in levels.items()}
+    check_paired(datas, get_task(base.task), study, base)  # the same utterances, tokens and label subsets
+    inits, archs = {}, {}
+    for name, f in levels.items():
+        if f.init:  # the run directory's newest checkpoint, checked against the level's frames
+            inits[name] = prepare(replace(base, data=f.data, init=f.init), datas[name])[0].init
+            archs[name] = json.loads((local_copy(inits[name]) / "config.json").read_text())
+    fallback = next(iter(archs.values()), None)  # scratch cells copy their level's architecture, else another's
     configs = {}
     for cell in study.cells():
-        cfg = cell_config(base, cell, init, study.subset_seed, arch)
-        cfg, _ = prepare(cfg, data)  # ranges, the protocol, init against the data: once per cell
+        name = cell.get("frames")
+        arch = archs.get(name) or (fallback and {**fallback, **datas[name].audio_format.model_dims()})
+        cfg = cell_config(replace(base, data=levels[name].data), cell, inits.get(name), study.subset_seed, arch)
+        cfg, _ = prepare(cfg, datas[name])  # ranges, the protocol, init against the data: once per cell
         configs[cell_key(cell)] = cfg
     if space is not None:
         check_sweep(next(iter(configs.values())), space, SweepConfig(search="random"), data)
-    return configs, space
+    return configs, space, datas
 
 
-def run_study(configs: dict[str, FinetuneConfig], study: Study, space: Optional[SearchSpace], data: TaskData,
+def _load_level(name: str, frames: Frames) -> TaskData:
+    try:
+        return TaskData.load(frames.data)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--frames {name}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"--frames {name}: {e}") from None
+
+
+def run_study(configs: dict[str, FinetuneConfig], study: Study, space: Optional[SearchSpace], data,
               out: Path, *, cpus_per_trial: float = 1.0, max_concurrent: Optional[int] = None) -> pd.DataFrame:
-    """Run (or continue) the grid in ``<out>/grid``; returns one row per run (needs ray.init first)."""
+    """Run (or continue) the grid in ``<out>/grid``; returns one row per run (needs ray.init first).
+    ``data``: the opened TaskData, or frames level → TaskData (``prepare_study``'s)."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -95,7 +115,7 @@ def run_study(configs: dict[str, FinetuneConfig], study: Study, space: Optional[
     record = redact({"study": study.source, "configs": {k: to_dict(c) for k, c in configs.items()}})
     experiment = out / GRID
     trainable = tune.with_resources(
-        resumable(_cell_trial, configs={k: to_dict(c) for k, c in configs.items()}, data=data,
+        resumable(_cell_trial, configs={k: to_dict(c) for k, c in configs.items()}, data=cell_data(study, data),
                   sweep=asdict(sweep), train_storage=str(experiment / "train_runs"),
                   run=manifest.run_link(out, "ablation")),
         {"CPU": cpus_per_trial})
@@ -141,11 +161,17 @@ def check_grid(out: Path) -> None:
                           "a new study would trust it; remove it, or use another --out")
 
 
-def _cell_trial(params: dict, *, configs: dict, data: TaskData, sweep: dict, train_storage: str,
+def cell_data(study: Study, data) -> dict[str, TaskData]:
+    """Cell key → the data set its runs train on: its frames level's (one object per level)."""
+    return {cell_key(c): data[c.get("frames")] if isinstance(data, dict) else data for c in study.cells()}
+
+
+def _cell_trial(params: dict, *, configs: dict, data: dict, sweep: dict, train_storage: str,
                 run: dict) -> None:
-    """One run: the cell's config with the run's seed (and sampled hyperparameters)."""
+    """One run: the cell's config with the run's seed (and sampled hyperparameters), on its data set."""
     hp = {k: v for k, v in params.items() if k != "cell"}
-    _trial(hp, base=configs[params["cell"]], data=data, sweep=sweep, train_storage=train_storage, run=run)
+    _trial(hp, base=configs[params["cell"]], data=data[params["cell"]], sweep=sweep, train_storage=train_storage,
+           run=run)
 
 
 def collect(grid, study: Study, configs: dict, task) -> pd.DataFrame:
