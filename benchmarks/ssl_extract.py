@@ -1,7 +1,8 @@
 """SSL feature extraction: a plain single-process loop vs the Ray Data pipeline, same files, one run.
 
     python benchmarks/ssl_extract.py [--size tiny|base] [--norm layer|group] [--layers 2,4]
-        [--unique 48] [--utterances 192] [--num-cpus 2] [--loop-threads 1] [--repeats 1]
+        [--unique 48] [--utterances 192] [--num-cpus 2] [--loop-threads 1] [--batch-seconds 60]
+        [--repeats 1]
         [--gpu [--gpu-share 0.5]] [--workdir DIR]
 
 The front end of issue 31 (``features.frontend=ssl``): a randomly initialized WavLM saved as a local
@@ -23,7 +24,8 @@ tokenizer:
 - pipeline: ``ctal.distributed.preprocess.run_preprocess`` with the SSL front end: Ray Data actors of
   ``num_cpus_per_task=1`` (one torch thread each), each loading the model once and running
   ``featurize_rows`` on row groups of 64, whose encoder batches are up to ``features.ssl_batch_seconds``
-  of audio; its time is ``report.json``'s ``featurize_wall_s`` (actor start-up and model loads
+  of audio (``--batch-seconds``; a budget below two utterances, e.g. 0.01, runs one per pass as the
+  loop does); its time is ``report.json``'s ``featurize_wall_s`` (actor start-up and model loads
   included, ``ray.init`` and the BPE copy not).
 
 ``--gpu`` runs the encoder on CUDA in both modes (``features.ssl_num_gpus=--gpu-share`` per actor, so
@@ -82,12 +84,13 @@ def save_upstream(size: str, norm: str, path: Path) -> Path:
     return path
 
 
-def data_config(upstream: str, layers: str, tokenizer: str, gpu_share: float):
+def data_config(upstream: str, layers: str, tokenizer: str, gpu_share: float, batch_seconds: float):
     from ctal.config import DataConfig, load_config
 
     return load_config(DataConfig, [], [f"tokenizer={tokenizer}", "features.frontend=ssl",
                                         f"features.ssl_model={upstream}", f"features.ssl_layers=[{layers}]",
-                                        f"features.ssl_num_gpus={gpu_share}"])
+                                        f"features.ssl_num_gpus={gpu_share}",
+                                        f"features.ssl_batch_seconds={batch_seconds}"])
 
 
 class _Timed:
@@ -105,7 +108,7 @@ class _Timed:
 
 
 def _child_loop(manifest: str, out: str, upstream: str, layers: str, tokenizer: str, gpu_share: str,
-                threads: str) -> dict:
+                batch_seconds: str, threads: str) -> dict:
     from dataclasses import asdict
 
     import pyarrow.parquet as pq
@@ -117,7 +120,7 @@ def _child_loop(manifest: str, out: str, upstream: str, layers: str, tokenizer: 
     from ctal.tokenizer import load_tokenizer
 
     torch.set_num_threads(int(threads))
-    cfg = data_config(upstream, layers, tokenizer, float(gpu_share))
+    cfg = data_config(upstream, layers, tokenizer, float(gpu_share), float(batch_seconds))
     rows = read_corpus("csv", manifest)
     tok = load_tokenizer(tokenizer)
     out = Path(out)
@@ -155,7 +158,7 @@ def _child_loop(manifest: str, out: str, upstream: str, layers: str, tokenizer: 
 
 
 def _child_pipeline(manifest: str, out: str, upstream: str, layers: str, tokenizer: str, gpu_share: str,
-                    num_cpus: str) -> dict:
+                    batch_seconds: str, num_cpus: str) -> dict:
     import pyarrow.parquet as pq
     import ray
 
@@ -180,8 +183,8 @@ def _child_pipeline(manifest: str, out: str, upstream: str, layers: str, tokeniz
             span["cpu_s"] = sampler.total() - span["start"]
 
     preprocess._featurize = timed_featurize
-    report = run_preprocess("csv", manifest, out, data_config(upstream, layers, tokenizer, float(gpu_share)),
-                            rows=rows, verbose=False)
+    cfg = data_config(upstream, layers, tokenizer, float(gpu_share), float(batch_seconds))
+    report = run_preprocess("csv", manifest, out, cfg, rows=rows, verbose=False)
     cpu_by_role = sampler.stop()
     ray.shutdown()
     shards = [Path(out) / s["file"] for s in report["shards"]]
@@ -246,6 +249,8 @@ def main() -> int:
     p.add_argument("--utterances", type=int, default=192, help="manifest rows (the unique ones cycled)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the pipeline's Ray (one per actor)")
     p.add_argument("--loop-threads", type=int, default=1, help="torch threads of the loop (an actor has 1)")
+    p.add_argument("--batch-seconds", type=float, default=60.0,
+                   help="the pipeline's features.ssl_batch_seconds (0.01: one utterance per forward pass)")
     p.add_argument("--repeats", type=int, default=1, help="runs per mode, alternated; the fastest counts")
     p.add_argument("--gpu", action="store_true", help="the encoder on CUDA in both modes (exit 2 without)")
     p.add_argument("--gpu-share", type=float, default=0.5, help="with --gpu: features.ssl_num_gpus per actor")
@@ -295,7 +300,7 @@ def main() -> int:
         for mode in ("loop", "pipeline"):
             out = work / f"{mode}-{time.time_ns()}"
             last = args.loop_threads if mode == "loop" else args.num_cpus
-            r = _run_child(mode, manifest, out, upstream, layers, tok_dir, gpu_share, last)
+            r = _run_child(mode, manifest, out, upstream, layers, tok_dir, gpu_share, args.batch_seconds, last)
             shutil.rmtree(out, ignore_errors=True)
             if mode not in best or r["wall_s"] < best[mode]["wall_s"]:
                 best[mode] = r
@@ -317,8 +322,8 @@ def main() -> int:
           f"{1e3 * loop['cpu_s'] / n:>10.1f}  {args.loop_threads} torch thread(s) on {loop['device']}; model load "
           f"{loop['load_s']:.1f} s; encoder {100 * loop['encoder_s'] / loop['wall_s']:.0f} % of the wall")
     print(f"{'pipeline':<9} {pr:>7.1f} {pipe['audio_s'] / pipe['wall_s']:>10.1f} {pipe['wall_s']:>7.1f} "
-          f"{1e3 * pipe['featurize_cpu_s'] / n:>10.1f}  {pipe['actors']} actors; ray.init {pipe['ray_init_s']:.1f} s "
-          "(not counted)")
+          f"{1e3 * pipe['featurize_cpu_s'] / n:>10.1f}  {pipe['actors']} actors, ssl_batch_seconds="
+          f"{args.batch_seconds:g}; ray.init {pipe['ray_init_s']:.1f} s (not counted)")
     print(f"ratio pipeline / loop: {pr / lr:.2f}x (projected from CPU, {args.num_cpus} x loop CPU / pipeline "
           f"CPU: {args.num_cpus * loop['cpu_s'] / pipe['featurize_cpu_s']:.2f}x)")
     if loop["written"] != pipe["written"]:
@@ -327,6 +332,7 @@ def main() -> int:
     print(f"1-min load average before/after: {load_before:.1f} / {load_after:.1f} on {os.cpu_count()} cores "
           "(other processes on the machine distort both rates)")
     print(json.dumps({"size": args.size, "norm": args.norm, "layers": layers, "gpu": args.gpu,
+                      "batch_seconds": args.batch_seconds,
                       "loop": loop, "pipeline": pipe}))
     return 0
 
