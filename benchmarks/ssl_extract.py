@@ -2,8 +2,7 @@
 
     python benchmarks/ssl_extract.py [--size tiny|base] [--norm layer|group] [--layers 2,4]
         [--unique 48] [--utterances 192] [--num-cpus 2] [--loop-threads 1] [--batch-seconds 60]
-        [--repeats 1]
-        [--gpu [--gpu-share 0.5]] [--workdir DIR]
+        [--repeats 1] [--gpu [--gpu-share 0.5]] [--workdir DIR]
 
 The front end of issue 31 (``features.frontend=ssl``): a randomly initialized WavLM saved as a local
 Hugging Face folder is the upstream, ``--size tiny`` (``ctal.upstream.save_random_upstream``: hidden
