@@ -249,7 +249,8 @@ def main() -> int:
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the pipeline's Ray (one per actor)")
     p.add_argument("--loop-threads", type=int, default=1, help="torch threads of the loop (an actor has 1)")
     p.add_argument("--batch-seconds", type=float, default=60.0,
-                   help="the pipeline's features.ssl_batch_seconds (0.01: one utterance per forward pass)")
+                   help="the pipeline's features.ssl_batch_seconds (0.01: one utterance per forward pass, "
+                        "the default on a CPU when unset)")
     p.add_argument("--repeats", type=int, default=1, help="runs per mode, alternated; the fastest counts")
     p.add_argument("--gpu", action="store_true", help="the encoder on CUDA in both modes (exit 2 without)")
     p.add_argument("--gpu-share", type=float, default=0.5, help="with --gpu: features.ssl_num_gpus per actor")

@@ -103,7 +103,9 @@ class FeatureConfig:
     ssl_model: Optional[str] = None
     ssl_layers: Optional[list[int]] = None
     ssl_num_gpus: float = 0.0
-    ssl_batch_seconds: float = 60.0
+    # None: 60 s of audio per pass on a GPU, one utterance per pass on a CPU, where padded batches cost
+    # more CPU than they save (docs/performance.md, SSL extraction)
+    ssl_batch_seconds: Optional[float] = None
 
     def __post_init__(self):
         if self.frontend == "release" and self.dither:

@@ -189,8 +189,9 @@ def load_upstream(fc, expected: Optional[dict] = None, device: Optional[str] = N
     hf_logging.disable_progress_bar()  # its "Loading weights" bar, per actor: our console counts rows
     gpu = (fc.ssl_num_gpus > 0 and torch.cuda.is_available()) if device is None else str(device).startswith("cuda")
     dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if gpu else None
+    batch_seconds = fc.ssl_batch_seconds if fc.ssl_batch_seconds is not None else 60.0 if gpu else 0.0
     up = Upstream(fc.ssl_model, fc.ssl_layers, device=device or ("cuda" if gpu else "cpu"), autocast_dtype=dtype,
-                  max_batch_samples=max(1, int(fc.ssl_batch_seconds * fc.sample_rate)))
+                  max_batch_samples=max(1, int(batch_seconds * fc.sample_rate)))
     if expected is not None:
         check_upstream_hash(fc.ssl_model, up.info.hash, expected)
     return up
