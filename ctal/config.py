@@ -93,13 +93,15 @@ class FeatureConfig:
     "ssl": the hidden states ``ssl_layers`` (0 = the CNN's projected output, k = transformer layer k;
     default the last) of the local wav2vec 2.0 / HuBERT / WavLM / data2vec-audio folder ``ssl_model``
     (ctal.upstream; never a hub id), run in preprocessing's actors with ``ssl_num_gpus`` each (a
-    fraction shares a GPU; 0 = CPU) on batches of at most ``ssl_batch_seconds`` of audio."""
+    fraction shares a GPU; 0 = CPU) on batches of at most ``ssl_batch_seconds`` of audio; or
+    "waveform": the decoded audio itself (``sample_rate`` mono, int16 PCM), for a model that runs
+    its encoder inside (``model.audio_upstream``)."""
     sample_rate: int = 16000
     num_mel_bins: int = FBANK_DIM
     frame_length_ms: float = 25.0
     frame_shift_ms: float = 10.0
     dither: float = 0.0  # kaldi only
-    frontend: Literal["kaldi", "release", "ssl"] = "kaldi"
+    frontend: Literal["kaldi", "release", "ssl", "waveform"] = "kaldi"
     ssl_model: Optional[str] = None
     ssl_layers: Optional[list[int]] = None
     ssl_num_gpus: float = 0.0
@@ -117,7 +119,7 @@ class FeatureConfig:
                 if getattr(self, key) is not None:
                     raise ConfigError(f"features.{key} is for features.frontend=ssl, not "
                                       f"features.frontend={self.frontend}")
-        if self.frontend == "ssl" and self.dither:
+        if self.frontend in ("ssl", "waveform") and self.dither:
             raise ConfigError(f"features.dither={self.dither} is for features.frontend=kaldi")
         window_ms = 1000.0 * 2 / self.sample_rate if self.sample_rate > 0 else 0.0  # at least 2 samples
         window = (lambda v: window_ms <= v <= 1000.0, f"{window_ms:g} to 1000 ms (two samples to a second)")
