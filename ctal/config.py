@@ -84,6 +84,12 @@ class ModelConfig:
     # Local Hugging Face BERT/RoBERTa directory to initialize the text stream from (never downloads);
     # its config.json decides the text architecture (load_config and CTALConfig adopt it).
     text_init: Optional[str] = None
+    # Local wav2vec2 / HuBERT / WavLM / data2vec-audio folder run inside the model on waveform data
+    # (features.frontend=waveform), its kept layers (default the last) the audio stream's input; the
+    # model's config then records the upstream's, and its weights travel with CTAL's (DIR need not exist
+    # where a checkpoint loads).
+    audio_upstream: Optional[str] = None
+    audio_upstream_layers: Optional[list[int]] = None
 
 
 @dataclass
@@ -239,6 +245,13 @@ class FinetuneConfig:
     # cropping to max_frames; batch_size unused), the dev/test batches too
     max_frames_per_batch: int = 0
     freeze_layers: int = 0  # lowest text+audio layers kept frozen
+    # model.audio_upstream: frozen (no gradient, eval mode) or fine-tuned at upstream_lr (None: lr),
+    # its CNN feature encoder frozen all the same unless freeze_feature_encoder=false; activation
+    # checkpointing in its layers with upstream_checkpointing
+    freeze_upstream: bool = True
+    upstream_lr: Optional[float] = None
+    freeze_feature_encoder: bool = True
+    upstream_checkpointing: bool = False
     max_frames: int = 3000
     clip_grad_norm: float = 1.0
     fold: Optional[str] = None  # emotion: the held-out session; None = all five folds
@@ -473,6 +486,13 @@ def validate_finetune_config(cfg: FinetuneConfig) -> None:
                        "max_frames": AT_LEAST_1, "max_frames_per_batch": NON_NEGATIVE, "clip_grad_norm": NON_NEGATIVE,
                        "label_fraction": (lambda v: 0 < v <= 1, "in (0, 1]")})
     validate_model_config(cfg.model)
+    if cfg.upstream_lr is not None and not cfg.upstream_lr > 0:
+        raise ConfigError(f"upstream_lr={cfg.upstream_lr} must be > 0 (or unset: lr)")
+    if not cfg.model.audio_upstream:
+        for key, default in (("upstream_lr", None), ("freeze_upstream", True), ("upstream_checkpointing", False)):
+            if getattr(cfg, key) != default:
+                raise ConfigError(f"{key}={getattr(cfg, key)} is for a model with model.audio_upstream=DIR "
+                                  "(fine-tuning on features.frontend=waveform data)")
     m = cfg.model  # with init the checkpoint's layers count: ctal.finetune.freeze checks those
     if not cfg.init and cfg.freeze_layers > min(m.num_text_layers, m.num_audio_layers):
         raise ConfigError(f"freeze_layers={cfg.freeze_layers}, but the model has {m.num_text_layers} text and "

@@ -2,6 +2,7 @@
 (``ssl_models``), the synthetic corpus."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +98,82 @@ def test_pretraining_refuses_waveforms_saying_what_to_pretrain_on(wave_data, tmp
     cfg = load_config(PretrainConfig, [REPO / "configs/pretrain.yaml"], [f"data={wave_data}", f"storage_path={tmp_path}"])
     with pytest.raises(ConfigError, match="features.frontend=ssl features of that upstream"):
         prepare(cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# the upstream inside the fine-tuning model
+
+LAYERS = [0, 2]
+NARROW = ["model.hidden_size=32", "model.num_attention_heads=4", "model.intermediate_size=64",
+          "model.num_text_layers=1", "model.num_audio_layers=1", "model.max_audio_positions=600",
+          "model.max_position_embeddings=130"]
+
+
+def finetune_config(data, upstream, *extra):
+    from ctal.config import FinetuneConfig
+
+    return load_config(FinetuneConfig, [REPO / "configs/finetune.yaml"],
+                       ["task=sentiment", f"data={data}", "epochs=1", "batch_size=8", "lr=1e-3", *NARROW,
+                        f"model.audio_upstream={upstream}", *extra])
+
+
+@pytest.mark.parametrize("arch", ["wavlm", "data2vec-audio"])  # padded batches; one utterance at a time
+def test_the_models_live_features_equal_the_stored_ones(ssl_models, arch):
+    from ctal.batching import collate
+    from ctal.model import CTALConfig, CTALForSequenceClassification
+    from ctal.upstream import Upstream
+
+    rng = np.random.default_rng(0)
+    waves = [(rng.standard_normal(n) * 3000).astype(np.int16) for n in (4000, 7000, 5200)]
+    model = CTALForSequenceClassification(CTALConfig(
+        hidden_size=32, num_attention_heads=4, intermediate_size=64, num_text_layers=1, num_audio_layers=1,
+        vocab_size=50, audio_upstream=str(ssl_models[arch]), audio_upstream_layers=LAYERS, num_labels=1)).eval()
+    assert (model.config.audio_dim, model.config.audio_layers) == (64, 2)
+    batch = collate([{"input_ids": np.array([0, 2]), "waveform": w} for w in waves], max_frames=10**6,
+                    pad_token_id=1, frontend="waveform")
+    with torch.no_grad():
+        feats, mask = model.upstream(batch["frames"], batch["frame_mask"])
+    stored = Upstream(ssl_models[arch], LAYERS)([w / 32768.0 for w in waves])
+    for i, x in enumerate(stored):
+        assert int(mask[i].sum()) == len(x)
+        np.testing.assert_allclose(feats[i, :len(x)].numpy().astype(np.float16).astype(np.float32),
+                                   x.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def _weights(model, prefix):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("extra, upstream_moves, cnn_moves", [
+    ([], False, False),
+    (["freeze_upstream=false", "upstream_lr=1e-2"], True, False),
+    (["freeze_upstream=false", "freeze_feature_encoder=false"], True, True),
+])
+def test_a_step_changes_the_upstream_only_when_not_frozen_and_the_cnn_only_when_asked(
+        wave_data, ssl_models, extra, upstream_moves, cnn_moves):
+    from ctal.data import TaskData
+    from ctal.finetune import _train_epoch, _FoldRun, audio_budget, build_model, prepare
+    from ctal.optim import build_optimizer, build_scheduler
+    from ctal.tasks import get_task
+
+    cfg, data = prepare(finetune_config(wave_data, ssl_models["wavlm"], f"model.audio_upstream_layers={LAYERS}",
+                                        "max_frames_per_batch=200", *extra))
+    task = get_task(cfg.task)
+    fold = task.folds(data.meta, cfg.fold, cfg.seed)[0]
+    fold = replace(fold, train=fold.train[:6])  # one small step's worth
+    classes = task.classes(data.meta, fold)
+    model = build_model(cfg, task, classes, data)
+    opt = build_optimizer(model, cfg)
+    if upstream_moves:
+        assert any(g["lr"] == (cfg.upstream_lr or cfg.lr) and g["params"] for g in opt.param_groups[2:])
+    before_up, before_cnn = _weights(model, "upstream.model.encoder"), _weights(model, "upstream.model.feature_extractor")
+    before_ctal = _weights(model, "audio.")
+    bcfg = replace(cfg, **dict(zip(("max_frames", "max_frames_per_batch"),
+                                   audio_budget(model, cfg.max_frames, cfg.max_frames_per_batch))))
+    run = _FoldRun(fold, classes, model, opt, build_scheduler(opt, 0.0, 100), task.targets(data.meta, fold.train, classes))
+    assert np.isfinite(_train_epoch(run, 0, data, bcfg, 1, 0, 1, torch.device("cpu")))
+    changed = lambda before: any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert changed(before_ctal)
+    assert changed(before_up) == upstream_moves
+    assert changed(before_cnn) == cnn_moves
+    assert model.upstream.training == upstream_moves  # frozen: eval mode whatever the model's
