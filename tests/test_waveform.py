@@ -177,3 +177,106 @@ def test_a_step_changes_the_upstream_only_when_not_frozen_and_the_cnn_only_when_
     assert changed(before_up) == upstream_moves
     assert changed(before_cnn) == cnn_moves
     assert model.upstream.training == upstream_moves  # frozen: eval mode whatever the model's
+
+
+@pytest.fixture(scope="module")
+def upstream_copy(ssl_models, tmp_path_factory) -> Path:
+    """A copy of the tiny WavLM: the SSL features are made with it, and it is moved away to show that
+    a fine-tuned checkpoint needs no folder."""
+    import shutil
+
+    return Path(shutil.copytree(ssl_models["wavlm"], tmp_path_factory.mktemp("up") / "wavlm"))
+
+
+@pytest.fixture(scope="module")
+def ssl_pretrained(synthetic_corpus, upstream_copy, ray_local, tmp_path_factory) -> Path:
+    """A few pretraining steps on the stored SSL features of ``upstream_copy`` (layers LAYERS)."""
+    from ctal.checkpoint import latest_checkpoint
+    from ctal.config import PretrainConfig
+    from ctal.distributed.preprocess import run_preprocess
+    from ctal.pretrain import prepare, pretrain_loop
+
+    data = tmp_path_factory.mktemp("ssl-data") / "mosei"
+    run_preprocess("mosei", synthetic_corpus("mosei"), data, load_config(DataConfig, [], [
+        "vocab_size=300", "features.frontend=ssl", f"features.ssl_model={upstream_copy}",
+        f"features.ssl_layers=[{','.join(map(str, LAYERS))}]"]), verbose=False)
+    storage = tmp_path_factory.mktemp("pt")
+    cfg = load_config(PretrainConfig, [REPO / "configs/pretrain.yaml"],
+                      [f"data={data}", f"storage_path={storage}", "run_name=ssl", "max_steps=2",
+                       "checkpoint_every=2", "log_every=1", "batch_size=4", "num_workers=1", "lr=1e-3", *NARROW])
+    pretrain_loop(prepare(cfg), run_dir=storage / "ssl", log=lambda _: None)
+    return latest_checkpoint(storage / "ssl")
+
+
+def test_an_ssl_features_checkpoint_initialises_ctal_and_the_fine_tuned_upstream_travels_with_it(
+        wave_data, ssl_pretrained, upstream_copy, synthetic_corpus, tmp_path):
+    from ctal.checkpoint import read_state
+    from ctal.corpora import read_corpus
+    from ctal.data import TaskData
+    from ctal.embed import embed_rows, load_for_embedding
+    from ctal.finetune import build_model, evaluate, finetune, prepare
+    from ctal.model import CTALForPretraining, CTALForSequenceClassification
+    from ctal.tasks import get_task
+
+    # the upstream's layers default to those the checkpoint was pretrained on
+    cfg, data = prepare(finetune_config(wave_data, upstream_copy, f"init={ssl_pretrained}",
+                                        "freeze_upstream=false", "upstream_lr=1e-2", "max_frames_per_batch=400"))
+    assert cfg.model.audio_upstream_layers == LAYERS
+    task = get_task("sentiment")
+    model = build_model(cfg, task, None, data)
+    pre = CTALForPretraining.from_pretrained(ssl_pretrained)
+    assert torch.equal(model.audio.embeddings.projection.weight, pre.audio.embeddings.projection.weight)
+    assert torch.equal(model.audio.embeddings.layer_weights, pre.audio.embeddings.layer_weights)
+
+    out = tmp_path / "ft"
+    result = finetune(cfg, data=data, out_dir=out, log=lambda _: None)
+    assert 0 < result.history[0]["padding_efficiency"] <= 1
+    state = read_state(out / "best")
+    assert state["frontend"] == "waveform" and state["upstream"]["layers"] == LAYERS
+
+    moved = upstream_copy.rename(upstream_copy.parent / "gone")  # the folder is not needed any more
+    try:
+        loaded = CTALForSequenceClassification.from_pretrained(out / "best")
+        assert loaded.config.audio_upstream is None and loaded.upstream is not None
+        fresh = CTALForSequenceClassification(type(loaded.config)(**{**loaded.config.to_dict(), "num_labels": 1}))
+        tuned = {k: v for k, v in loaded.state_dict().items() if k.startswith("upstream.model.encoder")}
+        assert any(not torch.equal(v, fresh.state_dict()[k]) for k, v in tuned.items())
+        from ctal.upstream import AudioUpstream
+        original = AudioUpstream(loaded.config.audio_upstream_spec)
+        original.load_folder(moved)
+        assert any(not torch.equal(v, original.state_dict()[k[len("upstream."):]]) for k, v in tuned.items())
+        metrics, _ = evaluate(out / "best", TaskData.load(wave_data), role="test")
+        assert np.isfinite(metrics["mae"])
+        rows = read_corpus("mosei", str(synthetic_corpus("mosei")))[:3]
+        model, tok, data_cfg = load_for_embedding(out / "best")
+        assert data_cfg.features.frontend == "waveform"
+        table, bad = embed_rows(model, rows, tok, data_cfg=data_cfg)
+        assert table.num_rows == 3 and not bad
+    finally:
+        moved.rename(upstream_copy)
+
+
+@pytest.mark.parametrize("which, layers, message", [
+    ("hubert", None, "model.audio_upstream: front end mismatch"),
+    ("copy", "[2]", "model.audio_upstream: front end mismatch"),
+    ("copy", "[7]", "model.audio_upstream_layers=\\[7\\]: \\[7\\] out of range"),
+])
+def test_another_upstream_than_the_checkpoints_is_refused_before_ray(wave_data, ssl_pretrained, upstream_copy,
+                                                                      ssl_models, which, layers, message):
+    from ctal.finetune import prepare
+
+    up = upstream_copy if which == "copy" else ssl_models[which]
+    extra = [f"model.audio_upstream_layers={layers}"] if layers else []
+    with pytest.raises(ConfigError, match=message):
+        prepare(finetune_config(wave_data, up, f"init={ssl_pretrained}", *extra))
+
+
+def test_waveform_data_and_model_audio_upstream_go_together(wave_data):
+    from ctal.config import FinetuneConfig, validate_finetune_config
+    from ctal.finetune import prepare
+
+    cfg = load_config(FinetuneConfig, [REPO / "configs/finetune.yaml"], ["task=sentiment", f"data={wave_data}"])
+    with pytest.raises(ConfigError, match="model.audio_upstream=DIR"):
+        prepare(cfg)
+    with pytest.raises(ConfigError, match="upstream_lr=0.001 is for a model with model.audio_upstream"):
+        validate_finetune_config(replace(cfg, upstream_lr=1e-3))
