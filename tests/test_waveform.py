@@ -280,3 +280,17 @@ def test_waveform_data_and_model_audio_upstream_go_together(wave_data):
         prepare(cfg)
     with pytest.raises(ConfigError, match="upstream_lr=0.001 is for a model with model.audio_upstream"):
         validate_finetune_config(replace(cfg, upstream_lr=1e-3))
+
+
+def test_freeze_upstream_and_upstream_lr_are_sweepable_with_an_upstream_only(ssl_models):
+    from ctal.config import FinetuneConfig
+    from ctal.search_space import check_candidates, parse_search_space
+
+    space = parse_search_space({"freeze_upstream": {"choice": [True, False]},
+                                "upstream_lr": {"loguniform": [1e-5, 1e-3]}})
+    with_upstream = load_config(FinetuneConfig, [REPO / "configs/finetune.yaml"],
+                                [f"model.audio_upstream={ssl_models['wavlm']}"])
+    check_candidates(with_upstream, space)
+    without = load_config(FinetuneConfig, [REPO / "configs/finetune.yaml"], [])
+    with pytest.raises(ConfigError, match="freeze_upstream: freeze_upstream=False is for a model with model.audio_upstream"):
+        check_candidates(without, space)
