@@ -294,3 +294,23 @@ def test_freeze_upstream_and_upstream_lr_are_sweepable_with_an_upstream_only(ssl
     without = load_config(FinetuneConfig, [REPO / "configs/finetune.yaml"], [])
     with pytest.raises(ConfigError, match="freeze_upstream: freeze_upstream=False is for a model with model.audio_upstream"):
         check_candidates(without, space)
+
+
+@pytest.mark.slow
+def test_a_sweep_over_both_freeze_upstream_values_fine_tunes_and_evaluates_from_waveforms(
+        wave_data, ssl_pretrained, upstream_copy, ray_local, tmp_path):
+    from ctal.config import SweepConfig
+    from ctal.distributed.tune import run_sweep
+    from ctal.finetune import evaluate
+    from ctal.search_space import parse_search_space
+
+    cfg = finetune_config(wave_data, upstream_copy, f"init={ssl_pretrained}", "upstream_lr=1e-3",
+                          "max_frames_per_batch=400")
+    space = parse_search_space({"freeze_upstream": {"choice": [True, False]}})
+    result = run_sweep(cfg, space, SweepConfig(search="grid", scheduler="fifo", storage=str(tmp_path),
+                                               name="wave", verbose=0))
+    table = result.table
+    assert len(table) == 2 and set(table["status"]) == {"done"}
+    assert set(table["freeze_upstream"]) == {True, False}
+    metrics, _ = evaluate(result.best_checkpoint, role="test")
+    assert np.isfinite(metrics["mae"])
