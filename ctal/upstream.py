@@ -360,11 +360,12 @@ class AudioUpstream(torch.nn.Module):
 # -- tiny random models, for tests and benchmarks ----------------------------------------------------------
 
 def save_random_upstream(path, architecture: str, *, hidden_size: int = 32, num_layers: int = 2, seed: int = 0,
-                         feat_extract_norm: str = "layer") -> Path:
+                         feat_extract_norm: str = "layer", conv_dim: int = 16, num_attention_heads: int = 2) -> Path:
     """A randomly initialized encoder folder built with transformers' own classes, tiny but with the
     standard CNN (strides 5,2,2,2,2,2,2; kernels 10,3,3,3,3,2,2: 20 ms frames, 400-sample minimum).
     feat_extract_norm "layer" is the large models' layout (stable layer norm, attention masks),
-    "group" wav2vec2-base's (no masks); data2vec-audio is "layer" only."""
+    "group" wav2vec2-base's (no masks); data2vec-audio is "layer" only. conv_dim=512, hidden_size=768,
+    num_layers=12, num_attention_heads=12 give a base-sized one (benchmarks)."""
     from transformers import (Data2VecAudioConfig, Data2VecAudioModel, HubertConfig, HubertModel,
                               Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model, WavLMConfig, WavLMModel)
 
@@ -375,8 +376,8 @@ def save_random_upstream(path, architecture: str, *, hidden_size: int = 32, num_
     if feat_extract_norm not in ("layer", "group"):
         raise ValueError(f"feat_extract_norm={feat_extract_norm!r} is not 'layer' or 'group'")
     layer = feat_extract_norm == "layer"
-    kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=2,
-              intermediate_size=2 * hidden_size, conv_dim=(16,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2),
+    kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_attention_heads,
+              intermediate_size=(4 if conv_dim > 16 else 2) * hidden_size, conv_dim=(conv_dim,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2),
               conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_bias=layer, num_conv_pos_embedding_groups=2)
     if architecture == "data2vec-audio":
         if not layer:
