@@ -89,7 +89,14 @@ def check_init(init: str | Path, data: TaskData, upstream: Optional[dict] = None
     checkpoint. ``upstream`` (``model_upstream``): the encoder a model runs on waveform data, whose
     SSL features (same hash, same layers) the checkpoint must have been pretrained on."""
     local = checkpoints.local_copy(init)
-    if upstream is not None and checkpoints.trained_frontend(local) != "waveform":
+    if upstream is not None and checkpoints.trained_frontend(local) == "waveform":  # its upstream inside
+        theirs = checkpoints.trained_upstream(local) or {}
+        if (theirs.get("hash"), theirs.get("layers")) != (upstream["hash"], upstream["layers"]):
+            raise ConfigError(f"model.audio_upstream: init={init} runs its own upstream ({theirs.get('architecture')} "
+                              f"sha256 {str(theirs.get('hash'))[:12]}…, layers {theirs.get('layers')}), not "
+                              f"{upstream['architecture']} sha256 {upstream['hash'][:12]}…, layers {upstream['layers']}; "
+                              "give that folder and those layers")
+    elif upstream is not None:
         try:
             checkpoints.check_frontend(local, {"features": {"frontend": "ssl"}, "upstream": upstream})
         except ValueError as e:

@@ -98,6 +98,8 @@ def test_pretraining_refuses_waveforms_saying_what_to_pretrain_on(wave_data, tmp
     cfg = load_config(PretrainConfig, [REPO / "configs/pretrain.yaml"], [f"data={wave_data}", f"storage_path={tmp_path}"])
     with pytest.raises(ConfigError, match="features.frontend=ssl features of that upstream"):
         prepare(cfg)
+    with pytest.raises(ConfigError, match="model.audio_upstream is for fine-tuning on waveforms"):
+        prepare(replace(cfg, model=replace(cfg.model, audio_upstream=str(tmp_path))))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,6 +150,7 @@ def _weights(model, prefix):
     ([], False, False),
     (["freeze_upstream=false", "upstream_lr=1e-2"], True, False),
     (["freeze_upstream=false", "freeze_feature_encoder=false"], True, True),
+    (["freeze_upstream=false", "upstream_checkpointing=true"], True, False),
 ])
 def test_a_step_changes_the_upstream_only_when_not_frozen_and_the_cnn_only_when_asked(
         wave_data, ssl_models, extra, upstream_moves, cnn_moves):
@@ -177,6 +180,7 @@ def test_a_step_changes_the_upstream_only_when_not_frozen_and_the_cnn_only_when_
     assert changed(before_up) == upstream_moves
     assert changed(before_cnn) == cnn_moves
     assert model.upstream.training == upstream_moves  # frozen: eval mode whatever the model's
+    assert model.upstream.model.is_gradient_checkpointing == ("upstream_checkpointing=true" in extra)
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +213,7 @@ def ssl_pretrained(synthetic_corpus, upstream_copy, ray_local, tmp_path_factory)
 
 
 def test_an_ssl_features_checkpoint_initialises_ctal_and_the_fine_tuned_upstream_travels_with_it(
-        wave_data, ssl_pretrained, upstream_copy, synthetic_corpus, tmp_path):
+        wave_data, ssl_pretrained, upstream_copy, synthetic_corpus, ssl_models, tmp_path):
     from ctal.checkpoint import read_state
     from ctal.corpora import read_corpus
     from ctal.data import TaskData
@@ -233,6 +237,10 @@ def test_an_ssl_features_checkpoint_initialises_ctal_and_the_fine_tuned_upstream
     assert 0 < result.history[0]["padding_efficiency"] <= 1
     state = read_state(out / "best")
     assert state["frontend"] == "waveform" and state["upstream"]["layers"] == LAYERS
+    again, _ = prepare(finetune_config(wave_data, upstream_copy, f"init={out / 'best'}"))  # fine-tuned further
+    assert again.model.audio_upstream_layers == LAYERS
+    with pytest.raises(ConfigError, match="runs its own upstream"):
+        prepare(finetune_config(wave_data, ssl_models["hubert"], f"init={out / 'best'}"))
 
     moved = upstream_copy.rename(upstream_copy.parent / "gone")  # the folder is not needed any more
     try:
