@@ -108,8 +108,10 @@ def main(argv=None) -> int:
         for variant in ("features", "frozen", "finetuned"):
             cmd = [sys.executable, __file__, "--variant", variant, "--upstream", str(up)] + [
                 a for a in (argv if argv is not None else sys.argv[1:])]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"{args.size}, batch {args.batch_size} x {args.seconds:g} s, {args.steps} steps, {args.device}")
     print(f"{'variant':<10} {'utt/s':>8} {'peak GiB':>9} {'trainable':>12}")
     for r in rows:

@@ -102,7 +102,6 @@ def check_init(init: str | Path, data: TaskData, upstream: Optional[dict] = None
         except ValueError as e:
             raise ConfigError(f"model.audio_upstream: {e}; pretrain on features.frontend=ssl features of this "
                               "upstream and layers (or give the upstream and layers the checkpoint was trained on)") from None
-        local = Path(local)
         checkpoints.check_tokenizer(local, data.tokenizer.hash)
         return local
     report = data.report

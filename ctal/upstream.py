@@ -305,6 +305,8 @@ class AudioUpstream(torch.nn.Module):
         config = dict(spec["config"])
         self.info = UpstreamInfo.from_dict(spec["info"])
         self.do_normalize = bool(spec.get("do_normalize", True))
+        # LayerDrop off: a layer skipped in training would shift the hidden states the kept layers index
+        config["layerdrop"] = 0.0
         self.model = AutoModel.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
         keep_layers(self.model, self.info.layers)
         self.pad_safe = pad_safe(self.model.config)

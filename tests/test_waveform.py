@@ -2,6 +2,7 @@
 (``ssl_models``), the synthetic corpus."""
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -322,3 +323,18 @@ def test_a_sweep_over_both_freeze_upstream_values_fine_tunes_and_evaluates_from_
     assert set(table["freeze_upstream"]) == {True, False}
     metrics, _ = evaluate(result.best_checkpoint, role="test")
     assert np.isfinite(metrics["mae"])
+
+
+def test_layerdrop_never_shifts_the_kept_layers_in_training(ssl_models, tmp_path):
+    """transformers' LayerDrop skips layers in train mode, and with them their hidden states: off."""
+    from ctal.upstream import AudioUpstream, save_random_upstream, upstream_spec
+
+    folder = save_random_upstream(tmp_path / "w", "wavlm", num_layers=3)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "layerdrop": 0.9}))
+    up = AudioUpstream(upstream_spec(folder, [1, 3]))
+    up.set_trainable(frozen=False)
+    up.train()
+    for _ in range(5):
+        feats, mask = up(torch.randn(2, 4000, 1) * 0.1, torch.ones(2, 4000, dtype=torch.bool))
+        assert feats.shape[-1] == 2 * 32
