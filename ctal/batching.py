@@ -92,6 +92,8 @@ def _frames_array(frames, column: str) -> np.ndarray:
     # a numpy (T, D) or Parquet's list of D-lists; read-only (Arrow-backed) is fine: model_frames
     # never writes its input. Log-mel is 80 wide; SSL features keep their float16 until model_frames.
     x = np.asarray(frames, dtype=np.float32 if column == "fbank" else None)
+    if column == "waveform" and x.ndim == 1:  # Parquet's list<int16>: samples as (T, 1) frames
+        x = x[:, None]
     if x.ndim != 2 or (column == "fbank" and x.shape[1] != FBANK_DIM):
         raise ValueError(f"{column} must be (T, {FBANK_DIM if column == 'fbank' else 'D'}), got shape {x.shape}")
     return x
@@ -108,8 +110,9 @@ def collate(rows: Sequence[dict], *, max_frames: int, pad_token_id: int, masking
             special_token_ids: Optional[Sequence[int]] = None,
             generator: Optional[torch.Generator] = None,
             max_tokens: Optional[int] = None, frontend: str = "kaldi") -> dict[str, torch.Tensor]:
-    """Rows (dicts with ``input_ids``, their frames under ``audio_column(frontend)`` — ``fbank`` or
-    ``ssl`` — and optionally ``label``) → a padded batch.
+    """Rows (dicts with ``input_ids``, their frames under ``audio_column(frontend)`` — ``fbank``,
+    ``ssl`` or ``waveform`` (samples: (B, T, 1) frames, ``max_frames`` samples) — and optionally
+    ``label``) → a padded batch.
 
     Frames are cropped to ``max_frames`` *before* delta + per-utterance normalization, so the model
     sees exactly what a shorter utterance would give; ``frontend`` is the data set's (``DataSet.frontend``),

@@ -84,6 +84,12 @@ class ModelConfig:
     # Local Hugging Face BERT/RoBERTa directory to initialize the text stream from (never downloads);
     # its config.json decides the text architecture (load_config and CTALConfig adopt it).
     text_init: Optional[str] = None
+    # Local wav2vec2 / HuBERT / WavLM / data2vec-audio folder run inside the model on waveform data
+    # (features.frontend=waveform), its kept layers (default the last) the audio stream's input; the
+    # model's config then records the upstream's, and its weights travel with CTAL's (DIR need not exist
+    # where a checkpoint loads).
+    audio_upstream: Optional[str] = None
+    audio_upstream_layers: Optional[list[int]] = None
 
 
 @dataclass
@@ -93,13 +99,15 @@ class FeatureConfig:
     "ssl": the hidden states ``ssl_layers`` (0 = the CNN's projected output, k = transformer layer k;
     default the last) of the local wav2vec 2.0 / HuBERT / WavLM / data2vec-audio folder ``ssl_model``
     (ctal.upstream; never a hub id), run in preprocessing's actors with ``ssl_num_gpus`` each (a
-    fraction shares a GPU; 0 = CPU) on batches of at most ``ssl_batch_seconds`` of audio."""
+    fraction shares a GPU; 0 = CPU) on batches of at most ``ssl_batch_seconds`` of audio; or
+    "waveform": the decoded audio itself (``sample_rate`` mono, int16 PCM), for a model that runs
+    its encoder inside (``model.audio_upstream``)."""
     sample_rate: int = 16000
     num_mel_bins: int = FBANK_DIM
     frame_length_ms: float = 25.0
     frame_shift_ms: float = 10.0
     dither: float = 0.0  # kaldi only
-    frontend: Literal["kaldi", "release", "ssl"] = "kaldi"
+    frontend: Literal["kaldi", "release", "ssl", "waveform"] = "kaldi"
     ssl_model: Optional[str] = None
     ssl_layers: Optional[list[int]] = None
     ssl_num_gpus: float = 0.0
@@ -119,7 +127,7 @@ class FeatureConfig:
                 if getattr(self, key) is not None:
                     raise ConfigError(f"features.{key} is for features.frontend=ssl, not "
                                       f"features.frontend={self.frontend}")
-        if self.frontend == "ssl" and self.dither:
+        if self.frontend in ("ssl", "waveform") and self.dither:
             raise ConfigError(f"features.dither={self.dither} is for features.frontend=kaldi")
         window_ms = 1000.0 * 2 / self.sample_rate if self.sample_rate > 0 else 0.0  # at least 2 samples
         window = (lambda v: window_ms <= v <= 1000.0, f"{window_ms:g} to 1000 ms (two samples to a second)")
@@ -239,6 +247,13 @@ class FinetuneConfig:
     # cropping to max_frames; batch_size unused), the dev/test batches too
     max_frames_per_batch: int = 0
     freeze_layers: int = 0  # lowest text+audio layers kept frozen
+    # model.audio_upstream: frozen (no gradient, eval mode) or fine-tuned at upstream_lr (None: lr),
+    # its CNN feature encoder frozen all the same unless freeze_feature_encoder=false; activation
+    # checkpointing in its layers with upstream_checkpointing
+    freeze_upstream: bool = True
+    upstream_lr: Optional[float] = None
+    freeze_feature_encoder: bool = True
+    upstream_checkpointing: bool = False
     max_frames: int = 3000
     clip_grad_norm: float = 1.0
     fold: Optional[str] = None  # emotion: the held-out session; None = all five folds
@@ -473,6 +488,13 @@ def validate_finetune_config(cfg: FinetuneConfig) -> None:
                        "max_frames": AT_LEAST_1, "max_frames_per_batch": NON_NEGATIVE, "clip_grad_norm": NON_NEGATIVE,
                        "label_fraction": (lambda v: 0 < v <= 1, "in (0, 1]")})
     validate_model_config(cfg.model)
+    if cfg.upstream_lr is not None and not cfg.upstream_lr > 0:
+        raise ConfigError(f"upstream_lr={cfg.upstream_lr} must be > 0 (or unset: lr)")
+    if not cfg.model.audio_upstream:
+        for key, default in (("upstream_lr", None), ("freeze_upstream", True), ("upstream_checkpointing", False)):
+            if getattr(cfg, key) != default:
+                raise ConfigError(f"{key}={getattr(cfg, key)} is for a model with model.audio_upstream=DIR "
+                                  "(fine-tuning on features.frontend=waveform data)")
     m = cfg.model  # with init the checkpoint's layers count: ctal.finetune.freeze checks those
     if not cfg.init and cfg.freeze_layers > min(m.num_text_layers, m.num_audio_layers):
         raise ConfigError(f"freeze_layers={cfg.freeze_layers}, but the model has {m.num_text_layers} text and "

@@ -29,9 +29,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class AudioFormat:
-    """How a data set stores its audio frames: the column (``fbank``: 80 log-mel, float32, 10 ms; or
-    ``ssl``: the kept hidden states of an upstream side by side, float16, its frame shift), the width
-    of a stored frame, and what the model's audio input is made of (``model_dims``)."""
+    """How a data set stores its audio frames: the column (``fbank``: 80 log-mel, float32, 10 ms;
+    ``ssl``: the kept hidden states of an upstream side by side, float16, its frame shift; or
+    ``waveform``: the decoded audio, int16 PCM, one "frame" per sample), the width of a stored frame,
+    and what the model's audio input is made of (``model_dims``)."""
     column: str
     width: int
     layers: int = 1
@@ -40,24 +41,49 @@ class AudioFormat:
 
     @property
     def dtype(self):
-        return pa.float16() if self.column == "ssl" else pa.float32()
+        return {"ssl": pa.float16(), "waveform": pa.int16()}.get(self.column, pa.float32())
+
+    @property
+    def arrow_type(self) -> pa.DataType:
+        """The column's type: a list of frames, each a fixed-size list; a waveform a plain list<int16>."""
+        if self.column == "waveform":
+            return pa.list_(pa.int16())
+        return pa.list_(pa.list_(self.dtype, self.width))
 
     def model_dims(self) -> dict:
-        """The ModelConfig fields the frames decide: log-mel gets its delta at load time."""
+        """The ModelConfig fields the frames decide: log-mel gets its delta at load time; a waveform's
+        are the upstream's the model runs (``model.audio_upstream``), set from it, not from the data."""
+        if self.column == "waveform":
+            return {}
         return {"audio_dim": self.width if self.column == "ssl" else 2 * self.width, "audio_layers": self.layers}
 
 
 FBANK_FORMAT = AudioFormat("fbank", FBANK_DIM)
+WAVEFORM_SCALE = 32768.0  # int16 PCM ↔ float in [-1, 1): stored round(x * 32768) clipped, read back / 32768
+
+
+def waveform_format(sample_rate: int = 16000) -> AudioFormat:
+    """A waveform data set's format. Its ``n_frames`` counts samples: budgets in the model's frames
+    (max_frames, max_frames_per_batch) are turned into samples by the upstream's hop (ctal.finetune)."""
+    return AudioFormat("waveform", 1, frame_shift_ms=1000.0 / sample_rate)
+
+
+def to_pcm16(wav: np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1] → int16 PCM (clipped): how a waveform data set stores its audio."""
+    return np.clip(np.rint(np.asarray(wav, dtype=np.float32) * WAVEFORM_SCALE), -32768, 32767).astype(np.int16)
 
 
 def audio_column(frontend: str) -> str:
     """The column (and a row's key) holding the frames of a ``frontend`` data set."""
-    return "ssl" if frontend == "ssl" else "fbank"
+    return frontend if frontend in ("ssl", "waveform") else "fbank"
 
 
 def audio_format(report: dict) -> AudioFormat:
     """A data set's AudioFormat from its ``report.json`` (an ssl data set records its upstream)."""
-    if feature_frontend(report) != "ssl":
+    frontend = feature_frontend(report)
+    if frontend == "waveform":
+        return waveform_format(int((report.get("features") or {}).get("sample_rate", 16000)))
+    if frontend != "ssl":
         return FBANK_FORMAT
     up = report.get("upstream") or {}
     try:
@@ -77,7 +103,7 @@ def parquet_schema(fmt: AudioFormat = FBANK_FORMAT) -> pa.Schema:
         ("text", pa.string()),
         ("input_ids", pa.list_(pa.int32())),
         ("n_frames", pa.int32()),
-        (fmt.column, pa.list_(pa.list_(fmt.dtype, fmt.width))),
+        (fmt.column, fmt.arrow_type),
         ("label", pa.float64()),
         ("label_name", pa.string()),
         ("duration_s", pa.float32()),
@@ -110,8 +136,9 @@ def records_to_table(records: list[dict], fmt: AudioFormat = FBANK_FORMAT) -> pa
     """Records from ``featurize_row`` (their frames under ``fmt.column``) → a table of exactly
     ``parquet_schema(fmt)`` (numpy, no row loops over frames)."""
     col, schema = fmt.column, parquet_schema(fmt)
-    if any(r[col].ndim != 2 or r[col].shape[1] != fmt.width for r in records):
-        raise ValueError(f"{col} must be (T, {fmt.width})")
+    flat = col == "waveform"  # 1-D samples, list<int16>
+    if any((r[col].ndim != 1) if flat else (r[col].ndim != 2 or r[col].shape[1] != fmt.width) for r in records):
+        raise ValueError(f"{col} must be " + ("1-D samples" if flat else f"(T, {fmt.width})"))
 
     def nested(arrays, dtype, inner=None):
         lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
@@ -126,7 +153,7 @@ def records_to_table(records: list[dict], fmt: AudioFormat = FBANK_FORMAT) -> pa
     cols = {}
     for column in schema:
         if column.name == col:
-            cols[col] = nested([r[col] for r in records], fmt.dtype.to_pandas_dtype(), fmt.width)
+            cols[col] = nested([r[col] for r in records], fmt.dtype.to_pandas_dtype(), None if flat else fmt.width)
         elif column.name == "input_ids":
             cols["input_ids"] = nested([r["input_ids"] for r in records], np.int32)
         else:
@@ -287,7 +314,7 @@ class TaskData:
     n_frames: np.ndarray
     input_ids: np.ndarray  # flat int32
     input_ids_offsets: np.ndarray
-    audio: np.ndarray  # (total frames, AudioFormat.width): float32 log-mel or float16 SSL features
+    audio: np.ndarray  # (total frames, AudioFormat.width): float32 log-mel, float16 SSL features, int16 samples
     audio_offsets: np.ndarray
     tokenizer: TokenizerInfo  # the data set's (verified) tokenizer
     data_dir: str = ""  # absolute path, or the URI as given
@@ -311,7 +338,7 @@ class TaskData:
             return values.to_numpy(zero_copy_only=False), offsets - offsets[0]
 
         ids, ids_off = flat("input_ids")
-        audio, audio_off = flat(fmt.column, inner=True)
+        audio, audio_off = flat(fmt.column, inner=fmt.column != "waveform")  # a waveform: (samples, 1)
         return cls(meta=Meta.from_table(table), n_frames=table.column("n_frames").to_numpy().astype(np.int64),
                    input_ids=ids, input_ids_offsets=ids_off, audio=audio.reshape(-1, fmt.width),
                    audio_offsets=audio_off, tokenizer=ds.tokenizer, data_dir=ds.path, report=ds.report)
@@ -325,7 +352,7 @@ class TaskData:
         return audio_format(self.report)
 
     def rows(self, idx, targets=None) -> list[dict]:
-        """Rows for ``collate``: their frames under the data set's column name (``fbank``/``ssl``)."""
+        """Rows for ``collate``: their frames under the data set's column name (``fbank``/``ssl``/``waveform``)."""
         out, col = [], self.audio_format.column
         for k, i in enumerate(idx):
             a, b = self.input_ids_offsets[i], self.input_ids_offsets[i + 1]

@@ -50,6 +50,8 @@ def embed_rows(model: CTALForSequenceClassification, rows: list[dict], tokenizer
     data_cfg = data_cfg or DataConfig()
     model = model.to(device).eval()
     max_tokens = position_limits(model)["max_tokens"]
+    if model.upstream is not None:  # waveforms: the crop in samples
+        max_frames = model.upstream.samples_for(max_frames)
     good, bad = [], []
     if data_cfg.features.frontend == "ssl" and upstream is None:
         upstream = load_upstream(data_cfg.features, device=device)
@@ -69,6 +71,7 @@ def embed_rows(model: CTALForSequenceClassification, rows: list[dict], tokenizer
         batch = collate(chunk, max_frames=max_frames, pad_token_id=model.config.pad_token_id,
                         frontend=data_cfg.features.frontend)
         batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        batch["frames"], batch["frame_mask"] = model.audio_input(batch["frames"], batch["frame_mask"])
         text, audio = model.stream_states(batch["input_ids"], batch["attention_mask"], batch["frames"],
                                           batch["frame_mask"])
         fused, _ = model.fusion(text, batch["attention_mask"], audio, batch["frame_mask"])  # = model.embed

@@ -262,10 +262,16 @@ def normalize_utterance(frames, eps: float = 1e-5, std_eps: float = 0.0):
 def model_frames(fbank80, frontend: str = "kaldi"):
     """The audio stream's input from the stored log-mel of ``frontend``: its delta, then its
     per-utterance normalization (``FRONTENDS``), float32 (T, 160). SSL features (``frontend="ssl"``)
-    are the input as stored, in float32: the model weighs and projects them.
+    are the input as stored, in float32: the model weighs and projects them; a waveform's int16
+    samples (T, 1) become float32 in [-1, 1) for the model's own upstream.
 
     Returns numpy for numpy input and torch for torch input.
     """
+    if frontend == "waveform":  # int16 PCM (T, 1) → float samples in [-1, 1): the model's upstream takes them
+        from .data import WAVEFORM_SCALE
+        if isinstance(fbank80, torch.Tensor):
+            return fbank80.float() / WAVEFORM_SCALE
+        return np.asarray(fbank80, dtype=np.float32) / np.float32(WAVEFORM_SCALE)
     if frontend == "ssl":
         return fbank80.float() if isinstance(fbank80, torch.Tensor) else np.asarray(fbank80, dtype=np.float32)
     rule = _rule(frontend)

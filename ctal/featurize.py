@@ -149,7 +149,8 @@ def featurize_row(row: dict, tokenizer, data_cfg, upstream=None) -> tuple[Option
 def featurize_rows(rows: list[dict], tokenizer, data_cfg, upstream=None) -> list[tuple[Optional[dict], Optional[dict]]]:
     """``featurize_row`` of each row, in order. Log-mel is computed utterance by utterance; an SSL
     front end (``features.frontend=ssl``, ``upstream`` loaded) runs its encoder on batches of
-    similar length of at most ``features.ssl_batch_seconds`` of audio, its frames under ``ssl``."""
+    similar length of at most ``features.ssl_batch_seconds`` of audio, its frames under ``ssl``; a
+    waveform front end keeps the audio itself, int16 PCM under ``waveform``."""
     from ctal.features import compute_fbank
 
     fc = data_cfg.features
@@ -158,6 +159,8 @@ def featurize_rows(rows: list[dict], tokenizer, data_cfg, upstream=None) -> list
         if upstream is None:
             raise ValueError("features.frontend=ssl: featurizing needs the loaded upstream (ctal.upstream.Upstream)")
         return _ssl_frames(rows, read, upstream)
+    if fc.frontend == "waveform":
+        return _waveforms(rows, read, fc)
     out = []
     for row, (utt, bad) in zip(rows, read):
         if bad is not None:
@@ -241,6 +244,28 @@ def _ssl_frames(rows, read, upstream) -> list:
             out[i] = _quarantine(rows[i], "upstream_failed", "the encoder's features are not finite in float16")
             continue
         out[i] = ({**read[i][0], "n_frames": int(x.shape[0]), "ssl": x}, None)
+    return out
+
+
+def _waveforms(rows, read, fc) -> list:
+    """The waveform half of ``featurize_rows``: mono at ``features.sample_rate`` as int16 PCM, its
+    ``n_frames`` the number of samples; shorter than one analysis window (``frame_length_ms``: 400
+    samples, the shortest any supported encoder takes) is too short, as for log-mel."""
+    from ctal.data import to_pcm16
+    from ctal.features import to_waveform
+
+    window = int(round(fc.frame_length_ms * fc.sample_rate / 1000))
+    out = []
+    for row, (utt, bad) in zip(rows, read):
+        if bad is not None:
+            out.append((None, bad))
+            continue
+        wav = to_pcm16(to_waveform(utt.pop("_wav"), utt.pop("_sr"), fc.sample_rate).numpy())
+        if len(wav) < window:
+            out.append(_quarantine(row, "too_short", f"{len(wav)} samples at {fc.sample_rate} Hz < one "
+                                                     f"{fc.frame_length_ms:g} ms window ({window})"))
+            continue
+        out.append(({**utt, "n_frames": len(wav), "waveform": wav}, None))
     return out
 
 

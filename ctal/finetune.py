@@ -51,10 +51,21 @@ ReportFn = Callable[[dict, Optional[str]], None]
 
 
 def position_limits(model) -> dict:
-    """Crop lengths the model's learned positions allow."""
+    """Crop lengths the model's learned positions allow (for a model with its upstream: in samples)."""
     cfg = model.config
     max_tokens = cfg.max_position_embeddings - (cfg.pad_token_id + 1 if cfg.text_position_style == "roberta" else 0)
-    return {"max_tokens": max_tokens, "max_frames": cfg.max_audio_positions}
+    return {"max_tokens": max_tokens, "max_frames": audio_budget(model, cfg.max_audio_positions, 0)[0]}
+
+
+def audio_budget(model, max_frames: int, max_frames_per_batch: int) -> tuple[int, int]:
+    """(crop length, batch budget) in the data's units: the audio stream's frames, or for a model
+    running its own upstream on waveforms (whose ``n_frames`` count samples) the samples that give
+    that many frames, so ``max_frames`` and ``max_frames_per_batch`` mean the same for every front end."""
+    up = getattr(_unwrap(model), "upstream", None)
+    if up is None:
+        return max_frames, max_frames_per_batch
+    per_batch = up.samples_for(max_frames_per_batch) if max_frames_per_batch > 0 else 0
+    return up.samples_for(max_frames), per_batch
 
 
 def _batch(data: TaskData, idx, targets, pad_token_id: int, limits: dict, max_frames: int, device) -> dict:
@@ -71,12 +82,28 @@ def _unwrap(model):
     return getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
 
 
-def check_init(init: str | Path, data: TaskData) -> Path:
+def check_init(init: str | Path, data: TaskData, upstream: Optional[dict] = None) -> Path:
     """The local copy of checkpoint ``init`` (a URI is downloaded once per node), after checking that
     it was trained on the data set's front end and with its tokenizer. Recipes call it before Ray
     starts, so a mismatch fails in seconds with the command that preprocesses the data for this
-    checkpoint."""
+    checkpoint. ``upstream`` (``model_upstream``): the encoder a model runs on waveform data, whose
+    SSL features (same hash, same layers) the checkpoint must have been pretrained on."""
     local = checkpoints.local_copy(init)
+    if upstream is not None and checkpoints.trained_frontend(local) == "waveform":  # its upstream inside
+        theirs = checkpoints.trained_upstream(local) or {}
+        if (theirs.get("hash"), theirs.get("layers")) != (upstream["hash"], upstream["layers"]):
+            raise ConfigError(f"model.audio_upstream: init={init} runs its own upstream ({theirs.get('architecture')} "
+                              f"sha256 {str(theirs.get('hash'))[:12]}…, layers {theirs.get('layers')}), not "
+                              f"{upstream['architecture']} sha256 {upstream['hash'][:12]}…, layers {upstream['layers']}; "
+                              "give that folder and those layers")
+    elif upstream is not None:
+        try:
+            checkpoints.check_frontend(local, {"features": {"frontend": "ssl"}, "upstream": upstream})
+        except ValueError as e:
+            raise ConfigError(f"model.audio_upstream: {e}; pretrain on features.frontend=ssl features of this "
+                              "upstream and layers (or give the upstream and layers the checkpoint was trained on)") from None
+        checkpoints.check_tokenizer(local, data.tokenizer.hash)
+        return local
     report = data.report
     command = (f"python pipelines/preprocess.py --corpus {report.get('corpus', 'CORPUS')} "
                f"--root {report.get('root', 'ROOT')} --out {data.data_dir}-{{}} tokenizer={init}")
@@ -110,11 +137,47 @@ def prepare(cfg: FinetuneConfig, data: Optional[TaskData] = None) -> tuple[Finet
             raise FileNotFoundError(f"init={cfg.init} is neither a ctal checkpoint (no {checkpoints.STATE_FILE}) "
                                     "nor a pretraining run directory holding one")
         cfg = replace(cfg, init=str(newest))
+    cfg = _resolve_upstream(cfg, data)
     if cfg.init:
-        check_init(cfg.init, data)
+        check_init(cfg.init, data, model_upstream(cfg))
     check_vocabulary(cfg.model, data.tokenizer)
     get_task(cfg.task).folds(data.meta, cfg.fold, cfg.seed)  # the protocol fits the data
     return cfg, data
+
+
+def _resolve_upstream(cfg: FinetuneConfig, data: TaskData) -> FinetuneConfig:
+    """Waveform data and ``model.audio_upstream`` go together; the folder made absolute and, unset, its
+    layers those ``init`` was pretrained on (else the last). ConfigError naming the key."""
+    m = cfg.model
+    if data.frontend == "waveform" and not m.audio_upstream:
+        raise ConfigError(f"data={cfg.data} holds waveforms (features.frontend=waveform): give the encoder to "
+                          "run on them, model.audio_upstream=DIR (a local wav2vec2/HuBERT/WavLM/data2vec-audio folder)")
+    if not m.audio_upstream:
+        return cfg
+    if data.frontend != "waveform":
+        raise ConfigError(f"model.audio_upstream={m.audio_upstream} runs on waveforms, but data={cfg.data} holds "
+                          f"features.frontend={data.frontend} frames; preprocess with features.frontend=waveform")
+    layers = m.audio_upstream_layers
+    if layers is None and cfg.init:
+        layers = (checkpoints.trained_upstream(checkpoints.local_copy(cfg.init)) or {}).get("layers")
+    m = replace(m, audio_upstream=str(Path(m.audio_upstream).expanduser().resolve()), audio_upstream_layers=layers)
+    cfg = replace(cfg, model=m)
+    model_upstream(cfg)  # the folder and layers checked here, before Ray
+    return cfg
+
+
+def model_upstream(cfg: FinetuneConfig) -> Optional[dict]:
+    """The UpstreamInfo (as a dict) of ``model.audio_upstream`` with its kept layers, or None."""
+    if not cfg.model.audio_upstream:
+        return None
+    from ctal.upstream import UpstreamError, inspect_upstream
+
+    try:
+        return inspect_upstream(cfg.model.audio_upstream, cfg.model.audio_upstream_layers).to_dict()
+    except UpstreamError as e:  # its messages name the SSL front end's keys
+        msg = str(e).replace("features.ssl_model", "model.audio_upstream").replace(
+            "features.ssl_layers", "model.audio_upstream_layers")
+        raise ConfigError(msg) from None
 
 
 def build_model(cfg: FinetuneConfig, task: Task, classes: Optional[list[str]], data: TaskData):
@@ -126,12 +189,14 @@ def build_model(cfg: FinetuneConfig, task: Task, classes: Optional[list[str]], d
     tok = data.tokenizer
     torch.manual_seed(cfg.seed)  # fresh weights (and a pretrained model's new head) depend on the seed only
     if cfg.init:
-        init = check_init(cfg.init, data)
+        init = check_init(cfg.init, data, model_upstream(cfg))
         m = cfg.model
+        up = {"audio_upstream": m.audio_upstream, "audio_upstream_layers": m.audio_upstream_layers} \
+            if m.audio_upstream and checkpoints.trained_frontend(init) != "waveform" else {}
         model = CTALForSequenceClassification.from_pretrained(
             init, fusion=m.fusion, orthogonality_weight=m.orthogonality_weight,
             hidden_dropout_prob=m.hidden_dropout_prob,
-            attention_probs_dropout_prob=m.attention_probs_dropout_prob, **head)
+            attention_probs_dropout_prob=m.attention_probs_dropout_prob, **up, **head)
         if tok.vocab_size > model.config.vocab_size:
             raise ValueError(f"init={cfg.init} has vocab_size={model.config.vocab_size} but the data's "
                              f"tokenizer has {tok.vocab_size} tokens")
@@ -140,12 +205,16 @@ def build_model(cfg: FinetuneConfig, task: Task, classes: Optional[list[str]], d
         # A fresh model takes its vocabulary from the data set's tokenizer, its audio input from its frames.
         model_cfg.update(vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id, **data.audio_format.model_dims())
         model = CTALForSequenceClassification(CTALConfig(**model_cfg, **head))
-    freeze(model, cfg.freeze_layers)
+    freeze(model, cfg)
     return model
 
 
-def freeze(model, n: int) -> None:
-    """Freeze both streams' embeddings and their lowest `n` layers (the embeddings feed them)."""
+def freeze(model, cfg: FinetuneConfig) -> None:
+    """Freeze both streams' embeddings and their lowest ``freeze_layers`` layers (the embeddings feed
+    them), and the upstream as ``freeze_upstream`` / ``freeze_feature_encoder`` say."""
+    if model.upstream is not None:
+        model.upstream.set_trainable(cfg.freeze_upstream, cfg.freeze_feature_encoder, cfg.upstream_checkpointing)
+    n = cfg.freeze_layers
     n_text, n_audio = len(model.text.encoder.layer), len(model.audio.encoder.layer)
     if not 0 <= n <= min(n_text, n_audio):
         raise ValueError(f"freeze_layers={n}, but the model has {n_text} text and {n_audio} audio layers")
@@ -192,6 +261,9 @@ def _save(dest: str | Path, runs: list[_FoldRun], cfg: FinetuneConfig, epoch: in
     state = {"task": cfg.task, "folds": [r.fold.name for r in runs], "epoch": epoch, "metrics": metrics,
              "history": history, "config": to_dict(cfg), "data": data.data_dir,
              **checkpoints.frames_entry(data.report), "data_config": checkpoints.data_config_entry(data.report)}
+    spec = _unwrap(runs[0].model).config.audio_upstream_spec
+    if spec:  # the upstream the model runs (as it was before fine-tuning: its weights are the checkpoint's)
+        state["upstream"] = spec["info"]
     checkpoints.write(dest, KIND, {r.fold.name: Part(_unwrap(r.model), r.optimizer, r.scheduler) for r in runs},
                       tokenizer_dir=tok_dir, tokenizer_hash=data.tokenizer.hash, state=state)
 
@@ -240,13 +312,16 @@ def finetune(cfg: FinetuneConfig, *, data: Optional[TaskData] = None, out_dir: O
         targets = task.targets(data.meta, fold.train, classes)
         if state:  # the checkpoint's weights; the config's other fields still apply
             model = CTALForSequenceClassification.from_pretrained(checkpoints.model_dirs(resume, state)[fold.name])
-            freeze(model, cfg.freeze_layers)
+            freeze(model, cfg)
         else:
             model = build_model(cfg, task, classes, data)
         model.to(device)
         if prepare_model is not None:
             model = prepare_model(model)
-        steps = len(_train_batches(data, fold, cfg, 0, rank, world_size)) * cfg.epochs
+        # batching in the data's units (a waveform's samples); checkpoints keep cfg as given
+        bcfg = replace(cfg, **dict(zip(("max_frames", "max_frames_per_batch"),
+                                       audio_budget(model, cfg.max_frames, cfg.max_frames_per_batch))))
+        steps = len(_train_batches(data, fold, bcfg, 0, rank, world_size)) * cfg.epochs
         opt = build_optimizer(_unwrap(model), cfg)
         sched = build_scheduler(opt, cfg.warmup_ratio, steps)
         if state:
@@ -262,13 +337,13 @@ def finetune(cfg: FinetuneConfig, *, data: Optional[TaskData] = None, out_dir: O
     out = Path(out_dir) if out_dir else None
     for epoch in range(state["epoch"] + 1 if state else 1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        losses = [_train_epoch(run, k, data, cfg, epoch, rank, world_size, device) for k, run in enumerate(runs)]
+        losses = [_train_epoch(run, k, data, bcfg, epoch, rank, world_size, device) for k, run in enumerate(runs)]
         per_fold = {}
         for run in runs:
             outputs = predict(_unwrap(run.model), data, run.fold.dev, cfg.max_frames, cfg.max_frames_per_batch)
             per_fold[run.fold.name] = task.score(outputs, data.meta, run.fold.dev, run.classes, cfg.seed)
         metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)),
-                   "padding_efficiency": train_padding_efficiency(data, folds, cfg, epoch, rank, world_size),
+                   "padding_efficiency": train_padding_efficiency(data, folds, bcfg, epoch, rank, world_size),
                    **{f"dev_{k}": v for k, v in task.aggregate(per_fold).items()},
                    "epoch_s": time.perf_counter() - t0}
         history.append(metrics)
@@ -374,10 +449,12 @@ def _autocast(device, cfg: FinetuneConfig):
 def predict(model, data: TaskData, idx: np.ndarray, max_frames: int = 3000,
             max_frames_per_batch: int = 0) -> Outputs:
     """Logits and fused embeddings for rows `idx` (in that order), batched by length: EVAL_BATCH_SIZE
-    rows, or up to `max_frames_per_batch` > 0 padded frames, per batch (no shuffling: no seed needed)."""
+    rows, or up to `max_frames_per_batch` > 0 padded frames, per batch (no shuffling: no seed needed).
+    Frames are the audio stream's (``audio_budget``)."""
     model.eval()
     device = next(model.parameters()).device
     limits = position_limits(model)
+    max_frames, max_frames_per_batch = audio_budget(model, max_frames, max_frames_per_batch)
     batches = bucket_batches(np.minimum(data.n_frames[idx], max_frames), batch_size=EVAL_BATCH_SIZE,
                              max_frames_per_batch=max_frames_per_batch, seed=0, epoch=0, shuffle=False)
     logits, emb = [None] * len(idx), [None] * len(idx)

@@ -54,6 +54,16 @@ class CTALConfig(PretrainedConfig):
         defaults = ModelConfig()
         for name in MODEL_FIELDS:
             setattr(self, name, kwargs.pop(name, getattr(defaults, name)))
+        # model.audio_upstream: what rebuilds the encoder without its folder (ctal.upstream.upstream_spec)
+        self.audio_upstream_spec = kwargs.pop("audio_upstream_spec", None)
+        if self.audio_upstream:
+            from .upstream import upstream_spec
+
+            self.audio_upstream_spec = upstream_spec(self.audio_upstream, self.audio_upstream_layers)
+        if self.audio_upstream_spec:  # the stream reads the kept layers
+            info = self.audio_upstream_spec["info"]
+            self.audio_upstream_layers = list(info["layers"])
+            self.audio_layers, self.audio_dim = len(info["layers"]), len(info["layers"]) * int(info["hidden_size"])
         if self.fusion not in FUSION_VARIANTS:
             raise ValueError(f"fusion={self.fusion!r} is not one of {list(FUSION_VARIANTS)}")
         if self.hidden_size % self.num_attention_heads:
@@ -334,6 +344,16 @@ class CTALPreTrainedModel(PreTrainedModel):
         super().__init__(config)
         self.text = TextStream(config)
         self.audio = AudioStream(config)
+        if config.audio_upstream_spec:  # waveforms in: the encoder runs here (ctal.upstream.AudioUpstream)
+            from .upstream import AudioUpstream
+
+            self.upstream = AudioUpstream(config.audio_upstream_spec)
+        else:
+            self.upstream = None
+
+    def audio_input(self, frames, frame_mask):
+        """The audio stream's frames: as given, or the upstream's of waveform samples (B, N, 1)."""
+        return (frames, frame_mask) if self.upstream is None else self.upstream(frames, frame_mask)
 
     def _init_weights(self, module):
         """BERT init: N(0, 0.02) for linear/embedding weights, zero biases, unit LayerNorm."""
@@ -352,10 +372,14 @@ class CTALPreTrainedModel(PreTrainedModel):
 
     def init_parameters(self):
         """Initialize all weights (once), tie, then load `text_init` if the config names one."""
+        upstream, self.upstream = self.upstream, None  # its own init, or its folder's weights
         self.apply(self._init_weights)
+        self.upstream = upstream
         self._tie()
         if self.config.text_init:
             load_text_checkpoint(self.text, self.config.text_init, self.config)
+        if self.upstream is not None and self.config.audio_upstream:
+            self.upstream.load_folder(self.config.audio_upstream)
 
     def _tie(self):
         pass
@@ -370,6 +394,8 @@ class CTALPreTrainedModel(PreTrainedModel):
             raise ValueError(f"gradient_checkpointing_kwargs={gradient_checkpointing_kwargs!r}: CTAL checkpoints "
                              "with use_reentrant=False only")
         self.text.gradient_checkpointing = self.audio.gradient_checkpointing = True
+        if self.upstream is not None and not self.upstream.frozen:
+            self.upstream.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def gradient_checkpointing_disable(self):
         self.text.gradient_checkpointing = self.audio.gradient_checkpointing = False
@@ -394,6 +420,7 @@ class CTALPreTrainedModel(PreTrainedModel):
     def encode(self, input_ids, attention_mask, frames, frame_mask, cross: bool = True):
         """Both streams: (text states, audio states). `cross=False` skips cross-attention."""
         text = self.text(input_ids, attention_mask)
+        frames, frame_mask = self.audio_input(frames, frame_mask)
         audio = self.audio(frames, frame_mask, text if cross else None, attention_mask)
         return text, audio
 
@@ -403,7 +430,8 @@ class CTALPreTrainedModel(PreTrainedModel):
         path.mkdir(parents=True, exist_ok=True)
         self.config.architectures = [type(self).__name__]
         config = copy.deepcopy(self.config)
-        config.text_init = None  # the weights hold the text stream now; DIR need not exist where this loads
+        # the weights hold the text stream (and the upstream) now; DIR need not exist where this loads
+        config.text_init = config.audio_upstream = None
         config.to_json_file(path / "config.json")
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
                  if k not in self._tied_keys()}
@@ -469,7 +497,8 @@ class CTALPreTrainedModel(PreTrainedModel):
         own = {k: v for k, v in self.state_dict().items() if k not in self._tied_keys()}
         fresh = [k for k in own if k not in state]
         dropped = [k for k in state if k not in own]
-        missing = [k for k in fresh if not (allow_fresh and k.startswith(self._fresh_prefixes))]
+        missing = [k for k in fresh if not (allow_fresh and k.startswith(self._fresh_prefixes))
+                   and not (self.config.audio_upstream and k.startswith("upstream."))]  # from its folder
         unexpected = [k for k in dropped if not (allow_fresh and k.startswith(self._dropped_prefixes))]
         if missing or unexpected:
             raise ValueError(f"checkpoint {path} does not fit {type(self).__name__} "
@@ -725,6 +754,7 @@ class CTALForSequenceClassification(CTALPreTrainedModel):
 
     def embed(self, input_ids, attention_mask, frames, frame_mask):
         """Fused vector and orthogonality loss for a batch."""
+        frames, frame_mask = self.audio_input(frames, frame_mask)
         text, audio = self.stream_states(input_ids, attention_mask, frames, frame_mask)
         return self.fusion(text, attention_mask, audio, frame_mask)
 

@@ -13,13 +13,18 @@ import torch
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     """AdamW (cfg.lr, cfg.weight_decay) over trainable parameters; no weight decay on biases,
-    LayerNorm and other 1-d parameters (as BERT/nanoGPT)."""
-    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()  # tied weights once
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
-                             fused=fused_adamw_supported(decay + no_decay))
+    LayerNorm and other 1-d parameters (as BERT/nanoGPT). A fine-tuned upstream inside the model
+    (``model.upstream``) has groups of its own at ``cfg.upstream_lr`` when set."""
+    upstream = getattr(model, "upstream", None)
+    own = {id(p) for p in upstream.parameters()} if upstream is not None else set()
+    params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())  # tied weights once
+    groups = []
+    for lr, ps in ((cfg.lr, [p for p in params if id(p) not in own]),
+                   (getattr(cfg, "upstream_lr", None) or cfg.lr, [p for p in params if id(p) in own])):
+        groups += [{"params": [p for p in ps if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr": lr},
+                   {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
+    groups = groups[:2] + [g for g in groups[2:] if g["params"]]  # the upstream's only when it trains
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused_adamw_supported(params))
 
 
 def fused_adamw_supported(params) -> bool:

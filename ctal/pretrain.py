@@ -73,7 +73,14 @@ def prepare(cfg: PretrainConfig) -> PretrainPlan:
     # Absolute paths (Ray workers do not share the driver's working directory); URIs as given.
     cfg = dataclasses.replace(cfg, data=storage.normalize(cfg.data), storage_path=storage.normalize(cfg.storage_path),
                               max_frames=min(cfg.max_frames, cfg.model.max_audio_positions))
+    if cfg.model.audio_upstream:
+        raise ConfigError("model.audio_upstream is for fine-tuning on waveforms; pretraining reads stored "
+                          "frames: preprocess with features.frontend=ssl features.ssl_model=DIR instead")
     ds = open_dataset(cfg.data)
+    if ds.frontend == "waveform":  # masked acoustic modelling reconstructs stored frames
+        raise ConfigError(f"data={cfg.data} holds waveforms (features.frontend=waveform), which only fine-tuning "
+                          "with model.audio_upstream=DIR reads; pretrain on features.frontend=ssl features of "
+                          "that upstream (same folder, same layers), then fine-tune from that checkpoint")
     if not ds.splits:
         raise ValueError(f"{cfg.data} holds no utterances: nothing to pretrain on")
     wanted = [p for p in cfg.split.split(",") if p]  # as PretrainBatches selects them

@@ -27,6 +27,9 @@ PARAMETERS = {
     "orthogonality_weight": ("model.orthogonality_weight",),
     "freeze_layers": ("freeze_layers",),
     "fusion": ("model.fusion",),
+    # model.audio_upstream (waveform data): fine-tune the encoder or not, and at which rate
+    "freeze_upstream": ("freeze_upstream",),
+    "upstream_lr": ("upstream_lr",),
     "seed": ("seed",),  # restarts: an objective with plateaus (an interaction label) can need them
 }
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")

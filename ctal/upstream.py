@@ -197,20 +197,12 @@ class Upstream:
         self.model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
         self.model.eval().requires_grad_(False).to(self.device)
         self.feature_extractor = AutoFeatureExtractor.from_pretrained(path, local_files_only=True)
-        config = self.model.config
-        self.pad_safe = (getattr(config, "feat_extract_norm", "layer") == "layer"
-                         and self.info.architecture != "data2vec-audio")  # module docstring
-        # layers above the highest kept one cannot change it: drop them (at least one stays, whose
-        # input hook records hidden state 0)
-        enc = self.model.encoder
-        enc.layers = enc.layers[:max(1, max(self.info.layers))]
+        self.pad_safe = pad_safe(self.model.config)
+        keep_layers(self.model, self.info.layers)
 
     def num_frames(self, n_samples: int) -> int:
         """Frames the encoder gives for n_samples (0 below info.min_samples)."""
-        # hidden states come from the encoder, before any adapter (which would shorten them further)
-        kw = {"add_adapter": False} if getattr(self.model.config, "add_adapter", False) else {}
-        lengths = self.model._get_feat_extract_output_lengths(torch.tensor(int(n_samples)), **kw)
-        return max(0, int(lengths))
+        return max(0, int(num_frames(self.model, torch.tensor(int(n_samples)))))
 
     def _batches(self, lengths: list[int]) -> list[list[int]]:
         """Utterance indices per forward pass: longest first so padding is least; padded batches where
@@ -250,25 +242,132 @@ class Upstream:
             x_t = torch.from_numpy(x).to(self.device)
             mask_t = torch.from_numpy(mask).to(self.device) if self.pad_safe else None
             with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                                enabled=self.autocast_dtype is not None), warnings.catch_warnings():
-                # WavLM hands torch's attention a bool padding mask beside its float position bias:
-                # correct, but torch warns on every actor
-                warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
-                hidden = self.model(x_t, attention_mask=mask_t, output_hidden_states=layers).hidden_states
-            feats = torch.cat([hidden[k] for k in layers], dim=-1).to(torch.float16).cpu().numpy()
+                                enabled=self.autocast_dtype is not None):
+                feats = kept_states(self.model, x_t, mask_t, layers).to(torch.float16).cpu().numpy()
             for row, i in enumerate(batch):
                 out[i] = np.ascontiguousarray(feats[row, :self.num_frames(len(waves[i]))])
         return out  # type: ignore[return-value]
 
 
+def pad_safe(config) -> bool:
+    """Whether padding a batch leaves each utterance's features as alone (module docstring)."""
+    return getattr(config, "feat_extract_norm", "layer") == "layer" and config.model_type != "data2vec-audio"
+
+
+def keep_layers(model, layers: Sequence[int]) -> None:
+    """Drop the transformer layers above the highest kept one: they cannot change it (at least one
+    stays, whose input hook records hidden state 0)."""
+    model.encoder.layers = model.encoder.layers[:max(1, max(layers))]
+
+
+def num_frames(model, lengths: torch.Tensor) -> torch.Tensor:
+    """Frames the encoder gives for ``lengths`` samples: hidden states come from the encoder, before
+    any adapter (which would shorten them further)."""
+    kw = {"add_adapter": False} if getattr(model.config, "add_adapter", False) else {}
+    return model._get_feat_extract_output_lengths(lengths, **kw)
+
+
+def kept_states(model, x: torch.Tensor, mask: Optional[torch.Tensor], layers: Sequence[int]) -> torch.Tensor:
+    """The hidden states ``layers`` of normalized waveforms ``x`` (B, N) side by side: (B, T, dim)."""
+    with warnings.catch_warnings():
+        # WavLM hands torch's attention a bool padding mask beside its float position bias:
+        # correct, but torch warns on every actor
+        warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
+        hidden = model(x, attention_mask=mask, output_hidden_states=list(layers)).hidden_states
+    return torch.cat([hidden[k] for k in layers], dim=-1)
+
+
+def upstream_spec(path, layers: Optional[Sequence[int]] = None) -> dict:
+    """What a CTAL model needs to rebuild the upstream of folder ``path`` without it
+    (``model.audio_upstream``; the CTAL config stores it, the weights travel with CTAL's): its
+    UpstreamInfo, its transformers config and whether its feature extractor normalizes."""
+    from transformers import AutoConfig
+
+    info = inspect_upstream(path, layers)
+    prep = json.loads((Path(path) / "preprocessor_config.json").read_text())
+    config = AutoConfig.from_pretrained(path, local_files_only=True).to_dict()
+    return {"info": info.to_dict(), "config": config, "do_normalize": bool(prep.get("do_normalize", True))}
+
+
+class AudioUpstream(torch.nn.Module):
+    """The encoder inside a CTAL model (``model.audio_upstream``): float waveforms (B, N, 1) and their
+    sample mask → its kept layers side by side (B, T, dim), float32, and the frame mask: what
+    ``Upstream`` stores for the same waveform (float16 there), normalized the feature extractor's way.
+
+    ``frozen`` (fine-tuning's freeze_upstream, the default): no gradient, and eval mode whatever the
+    model's (no dropout, no time masking). Unfrozen, the CNN feature encoder may stay frozen
+    (``freeze_feature_encoder``, as transformers and SpeechBrain do)."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        config = dict(spec["config"])
+        self.info = UpstreamInfo.from_dict(spec["info"])
+        self.do_normalize = bool(spec.get("do_normalize", True))
+        # LayerDrop off: a layer skipped in training would shift the hidden states the kept layers index
+        config["layerdrop"] = 0.0
+        self.model = AutoModel.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+        keep_layers(self.model, self.info.layers)
+        self.pad_safe = pad_safe(self.model.config)
+        self.frozen = True
+        self.requires_grad_(False)
+
+    def load_folder(self, path) -> None:
+        """The weights of the upstream folder ``path`` (the layers kept)."""
+        from transformers import AutoModel
+
+        own = self.model.state_dict()
+        theirs = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32).state_dict()
+        self.model.load_state_dict({k: v for k, v in theirs.items() if k in own})
+
+    def set_trainable(self, frozen: bool, freeze_feature_encoder: bool = True, checkpointing: bool = False) -> None:
+        self.frozen = frozen
+        self.requires_grad_(not frozen)
+        if not frozen and freeze_feature_encoder:
+            self.model.feature_extractor.requires_grad_(False)
+        if checkpointing and not frozen:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        return super().train(mode and not self.frozen)
+
+    def samples_for(self, frames: int) -> int:
+        """The most samples that give at most ``frames`` frames (≥ 1): crop limits in samples."""
+        hop = round(self.info.frame_shift_ms * self.info.sample_rate / 1000)
+        return (max(1, int(frames)) - 1) * hop + self.info.min_samples
+
+    def forward(self, waves: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, mask = waves.squeeze(-1).float(), mask.bool()
+        lengths = mask.sum(1)
+        if self.do_normalize:  # Wav2Vec2FeatureExtractor's zero_mean_unit_var_norm over the real samples
+            n = lengths.clamp(min=1)[:, None].to(x.dtype)
+            mean = (x * mask).sum(1, keepdim=True) / n
+            var = (((x - mean) * mask) ** 2).sum(1, keepdim=True) / n
+            x = torch.where(mask, (x - mean) / torch.sqrt(var + 1e-7), 0.0)
+        frames = num_frames(self.model, lengths)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            if self.pad_safe:
+                feats = kept_states(self.model, x, mask.long(), self.info.layers)
+            else:  # each utterance alone: padding would change its features (module docstring)
+                T = int(frames.max())
+                feats = torch.stack([torch.nn.functional.pad(
+                    kept_states(self.model, x[i:i + 1, :int(n)], None, self.info.layers)[0],
+                    (0, 0, 0, T - int(f))) for i, (n, f) in enumerate(zip(lengths, frames))])
+        feats = feats[:, :int(frames.max())]
+        return feats.float(), torch.arange(feats.shape[1], device=x.device) < frames[:, None]
+
+
 # -- tiny random models, for tests and benchmarks ----------------------------------------------------------
 
 def save_random_upstream(path, architecture: str, *, hidden_size: int = 32, num_layers: int = 2, seed: int = 0,
-                         feat_extract_norm: str = "layer") -> Path:
+                         feat_extract_norm: str = "layer", conv_dim: int = 16, num_attention_heads: int = 2) -> Path:
     """A randomly initialized encoder folder built with transformers' own classes, tiny but with the
     standard CNN (strides 5,2,2,2,2,2,2; kernels 10,3,3,3,3,2,2: 20 ms frames, 400-sample minimum).
     feat_extract_norm "layer" is the large models' layout (stable layer norm, attention masks),
-    "group" wav2vec2-base's (no masks); data2vec-audio is "layer" only."""
+    "group" wav2vec2-base's (no masks); data2vec-audio is "layer" only. conv_dim=512, hidden_size=768,
+    num_layers=12, num_attention_heads=12 give a base-sized one (benchmarks)."""
     from transformers import (Data2VecAudioConfig, Data2VecAudioModel, HubertConfig, HubertModel,
                               Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model, WavLMConfig, WavLMModel)
 
@@ -279,8 +378,8 @@ def save_random_upstream(path, architecture: str, *, hidden_size: int = 32, num_
     if feat_extract_norm not in ("layer", "group"):
         raise ValueError(f"feat_extract_norm={feat_extract_norm!r} is not 'layer' or 'group'")
     layer = feat_extract_norm == "layer"
-    kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=2,
-              intermediate_size=2 * hidden_size, conv_dim=(16,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2),
+    kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_attention_heads,
+              intermediate_size=(4 if conv_dim > 16 else 2) * hidden_size, conv_dim=(conv_dim,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2),
               conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_bias=layer, num_conv_pos_embedding_groups=2)
     if architecture == "data2vec-audio":
         if not layer:

@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     from ctal.distributed.console import init_ray
 
     fc = data_cfg.features
-    frames = f"{fc.ssl_model}'s hidden states" if fc.frontend == "ssl" else "log-Mel features"
+    frames = {"ssl": f"{fc.ssl_model}'s hidden states", "waveform": f"{fc.sample_rate} Hz int16 waveforms"}.get(
+        fc.frontend, "log-Mel features")
     stage("preprocess", f"{len(rows)} {args.corpus} utterances from {root} → {frames} and "
           f"token ids in {args.out} (Parquet, with Ray Data)")
     init_ray()  # joins the cluster named by RAY_ADDRESS, else starts a local one
