@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 import torch
@@ -155,7 +154,6 @@ def _weights(model, prefix):
 ])
 def test_a_step_changes_the_upstream_only_when_not_frozen_and_the_cnn_only_when_asked(
         wave_data, ssl_models, extra, upstream_moves, cnn_moves):
-    from ctal.data import TaskData
     from ctal.finetune import _train_epoch, _FoldRun, audio_budget, build_model, prepare
     from ctal.optim import build_optimizer, build_scheduler
     from ctal.tasks import get_task
