@@ -290,33 +290,68 @@ def test_same_loop_without_ray_gives_the_same_losses(reference, dataset, tmp_pat
     assert losses(tmp_path / "local") == ref
 
 
-@pytest.mark.slow
-def test_worker_sigkill_restores_from_the_latest_checkpoint_exactly(reference, dataset, tmp_path, ray_local):
+@pytest.fixture(scope="module")
+def loaded_then_worker_killed(dataset, tmp_path_factory, ray_local) -> dict:
+    """One run for two faults, in turn: CPU hogs from its first logged step until a checkpoint has been
+    reported under them (Ray 2.60's placement-group cleaner removed live runs' groups under such load:
+    ray-project/ray PR 65447), then, the machine quiet again, a Ray Train worker SIGKILLed. A restart
+    under the load would show as a resume before the kill (and the kill is then not made). One run
+    instead of a loaded run and a killed run: each Ray Train run costs half a minute of start-up here.
+
+    Load ≈ 5+ on 2 cores (3 hogs + 2 training workers + Ray's own). Loaded from the start, the
+    workers' start-up alone took minutes, and the whole run twelve: the hogs start once it trains."""
     from ctal.distributed.train import pretrain
 
-    _, ref = reference
-    cfg = make_cfg(dataset, tmp_path, "worker-kill")
-    run = tmp_path / "worker-kill"
-    killed = {}
+    run = tmp_path_factory.mktemp("runs") / "loaded-then-killed"
+    seen: dict = {"hogs": []}
 
-    def killer():
-        killed["at_step"] = wait_for_step(run, EVERY + 5, timeout=300)
+    def load_then_kill():
+        deadline = time.time() + 600
+        while not ((run / "metrics.jsonl").is_file() and read_metrics(run)):
+            if time.time() > deadline or "result" in seen:
+                return
+            time.sleep(0.05)
+        seen["from_step"] = max(read_metrics(run))
+        seen["hogs"].extend(subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3))
+        try:
+            seen["to_step"] = wait_for_step(run, EVERY + 1, timeout=600)
+        finally:
+            for hog in seen["hogs"]:
+                hog.kill()
+        seen["at_step"] = wait_for_step(run, EVERY + 5, timeout=300)
+        seen["resumes_before_kill"] = resumes(run)
+        if seen["resumes_before_kill"]:
+            return  # restarted under the load: the hog test fails on it; a kill would end the run
         for pid, start in descendants(os.getpid()).items():
             if cmdline(pid).startswith("ray::RayTrainWorker"):
                 kill_if_same(pid, start)
-                killed["pid"] = pid
+                seen["pid"] = pid
                 return
 
-    thread = threading.Thread(target=killer, daemon=True)
+    thread = threading.Thread(target=load_then_kill, daemon=True)
     thread.start()
-    result = pretrain(cfg)
-    thread.join(timeout=5)
-    assert "pid" in killed, "no Ray Train worker was found to kill"
-    [resumed_at] = resumes(run)
+    try:
+        # max_failures=1: the kill's restart; a restart under the load as well would end the run
+        seen["result"] = pretrain(make_cfg(dataset, run.parent, run.name))
+    finally:
+        thread.join(timeout=60)
+        for hog in seen["hogs"]:
+            hog.kill()
+            hog.wait()
+    seen["run"] = run
+    return seen
+
+
+@pytest.mark.slow
+def test_worker_sigkill_restores_from_the_latest_checkpoint_exactly(reference, loaded_then_worker_killed):
+    _, ref = reference
+    seen = loaded_then_worker_killed
+    assert "pid" in seen, "no Ray Train worker was found to kill"
+    [resumed_at] = resumes(seen["run"])
     # restored from the newest checkpoint at the kill: at most one interval of steps redone
-    assert killed["at_step"] - EVERY <= resumed_at <= killed["at_step"] and resumed_at % EVERY == 0
-    assert result.metrics["step"] == STEPS
-    assert losses(run) == ref
+    assert seen["at_step"] - EVERY <= resumed_at <= seen["at_step"] and resumed_at % EVERY == 0
+    assert seen["result"].metrics["step"] == STEPS
+    assert losses(seen["run"]) == ref
 
 
 @pytest.mark.slow
@@ -357,7 +392,7 @@ def test_driver_killed_then_the_same_command_resumes(reference, dataset, tmp_pat
     assert losses(run) == ref
 
 
-# -- a busy machine (ray-project/ray PR 65447) -------------------------------------------------------
+# -- a busy machine (ray-project/ray PR 65447; the loaded run: loaded_then_worker_killed above) -----
 
 
 def test_the_placement_group_cleaner_ignores_a_missing_state_api_answer_and_acts_on_death(ray_local, monkeypatch):
@@ -416,47 +451,11 @@ def test_the_placement_group_cleaner_ignores_a_missing_state_api_answer_and_acts
 
 
 @pytest.mark.slow
-def test_a_run_next_to_a_cpu_hog_finishes_with_the_losses_of_the_quiet_run(reference, dataset, tmp_path):
-    from ctal.distributed.train import pretrain
-
-    # Load ≈ 5+ on 2 cores (3 hogs + 2 training workers + Ray's own): what made Ray's cleaner remove
-    # live runs' placement groups. The hogs start once the workers train and stop after the next
-    # checkpoint: ten steps and a report under load, a couple of minutes. (Loaded from the start, the
-    # workers' start-up alone took minutes, and the whole run twelve.)
-    run, hogs, loaded = tmp_path / "busy", [], {}
-    done = threading.Event()
-
-    def load_the_middle_of_the_run():
-        deadline = time.time() + 600
-        while not done.is_set() and time.time() < deadline:
-            logged = read_metrics(run) if (run / "metrics.jsonl").is_file() else {}
-            if logged:
-                break
-            time.sleep(0.05)
-        else:
-            return
-        loaded["from_step"] = max(logged)
-        hogs.extend(subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3))
-        try:
-            loaded["to_step"] = wait_for_step(run, EVERY + 1, timeout=600)
-        finally:
-            for hog in hogs:
-                hog.kill()
-
-    loader = threading.Thread(target=load_the_middle_of_the_run, daemon=True)
-    loader.start()
-    try:
-        # max_failures=0: a removed placement group would end the run, not be restarted silently
-        result = pretrain(make_cfg(dataset, tmp_path, "busy", "max_failures=0"))
-    finally:
-        done.set()
-        loader.join(timeout=60)
-        for hog in hogs:
-            hog.kill()
-            hog.wait()
-    assert loaded["from_step"] < EVERY < loaded["to_step"], loaded  # a checkpoint and its report under load
-    assert losses(result.run_dir) == reference[1]
-    assert resumes(result.run_dir) == []
+def test_a_run_next_to_a_cpu_hog_finishes_with_the_losses_of_the_quiet_run(reference, loaded_then_worker_killed):
+    seen = loaded_then_worker_killed
+    assert seen["from_step"] < EVERY < seen["to_step"], seen  # a checkpoint and its report under load
+    assert seen["resumes_before_kill"] == []  # nothing restarted while the hogs ran
+    assert losses(seen["run"]) == reference[1]
 
 
 @pytest.mark.parametrize("extra, message", [
