@@ -290,55 +290,113 @@ def test_same_loop_without_ray_gives_the_same_losses(reference, dataset, tmp_pat
     assert losses(tmp_path / "local") == ref
 
 
-@pytest.mark.slow
-def test_worker_sigkill_restores_from_the_latest_checkpoint_exactly(reference, dataset, tmp_path, ray_local):
+@pytest.fixture(scope="module")
+def loaded_then_worker_killed(dataset, tmp_path_factory, ray_local) -> dict:
+    """One run for two faults, in turn: CPU hogs from its first logged step until a checkpoint has been
+    reported under them (Ray 2.60's placement-group cleaner removed live runs' groups under such load:
+    ray-project/ray PR 65447), then, the machine quiet again, a Ray Train worker SIGKILLed. A restart
+    under the load would show as a resume before the kill (and the kill is then not made). One run
+    instead of a loaded run and a killed run: each Ray Train run costs half a minute of start-up here.
+
+    Load ≈ 5+ on 2 cores (3 hogs + 2 training workers + Ray's own). Loaded from the start, the
+    workers' start-up alone took minutes, and the whole run twelve: the hogs start once it trains."""
     from ctal.distributed.train import pretrain
 
-    _, ref = reference
-    cfg = make_cfg(dataset, tmp_path, "worker-kill")
-    run = tmp_path / "worker-kill"
-    killed = {}
+    run = tmp_path_factory.mktemp("runs") / "loaded-then-killed"
+    seen: dict = {"hogs": []}
 
-    def killer():
-        killed["at_step"] = wait_for_step(run, EVERY + 5, timeout=300)
+    def load_then_kill():
+        deadline = time.time() + 600
+        while not ((run / "metrics.jsonl").is_file() and read_metrics(run)):
+            if time.time() > deadline or "result" in seen:
+                return
+            time.sleep(0.05)
+        seen["from_step"] = max(read_metrics(run))
+        seen["hogs"].extend(subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3))
+        try:
+            seen["to_step"] = wait_for_step(run, EVERY + 1, timeout=600)
+        finally:
+            for hog in seen["hogs"]:
+                hog.kill()
+        seen["at_step"] = wait_for_step(run, EVERY + 5, timeout=300)
+        seen["resumes_before_kill"] = resumes(run)
+        if seen["resumes_before_kill"]:
+            return  # restarted under the load: the hog test fails on it; a kill would end the run
         for pid, start in descendants(os.getpid()).items():
             if cmdline(pid).startswith("ray::RayTrainWorker"):
                 kill_if_same(pid, start)
-                killed["pid"] = pid
+                seen["pid"] = pid
                 return
 
-    thread = threading.Thread(target=killer, daemon=True)
+    thread = threading.Thread(target=load_then_kill, daemon=True)
     thread.start()
-    result = pretrain(cfg)
-    thread.join(timeout=5)
-    assert "pid" in killed, "no Ray Train worker was found to kill"
-    [resumed_at] = resumes(run)
-    # restored from the newest checkpoint at the kill: at most one interval of steps redone
-    assert killed["at_step"] - EVERY <= resumed_at <= killed["at_step"] and resumed_at % EVERY == 0
-    assert result.metrics["step"] == STEPS
-    assert losses(run) == ref
+    try:
+        # max_failures=1: the kill's restart; a restart under the load as well would end the run
+        seen["result"] = pretrain(make_cfg(dataset, run.parent, run.name))
+    finally:
+        thread.join(timeout=60)
+        for hog in seen["hogs"]:
+            hog.kill()
+            hog.wait()
+    seen["run"] = run
+    return seen
 
 
 @pytest.mark.slow
-def test_driver_killed_then_the_same_command_resumes(reference, dataset, tmp_path):
+def test_worker_sigkill_restores_from_the_latest_checkpoint_exactly(reference, loaded_then_worker_killed):
     _, ref = reference
-    storage = tmp_path / "runs"
+    seen = loaded_then_worker_killed
+    assert "pid" in seen, "no Ray Train worker was found to kill"
+    [resumed_at] = resumes(seen["run"])
+    # restored from the newest checkpoint at the kill: at most one interval of steps redone
+    assert seen["at_step"] - EVERY <= resumed_at <= seen["at_step"] and resumed_at % EVERY == 0
+    assert seen["result"].metrics["step"] == STEPS
+    assert losses(seen["run"]) == ref
+
+
+@pytest.fixture(scope="module")
+def feed_killed_then_driver_killed(dataset, tmp_path_factory) -> dict:
+    """One command for two faults, in turn: ``pipelines/pretrain.py`` with feed_workers=2 (each Ray
+    Train worker builds its batches in 2 processes) on a local Ray of its own, as on a laptop; one feed
+    process SIGKILLed mid-run (its worker fails, the group restarts from the latest checkpoint), then,
+    past the next checkpoint, the driver SIGKILLed; then the same command again. One command instead
+    of a feed-kill run and a driver-kill command: each Ray Train start costs half a minute here.
+    (The default feed, one thread, restores in test_worker_sigkill_restores_... above.)"""
+    tmp = tmp_path_factory.mktemp("feed-then-driver")
+    storage = tmp / "runs"
     cmd = [sys.executable, "pipelines/pretrain.py", "--data", str(dataset), "--size", "narrow",
-           "--storage", str(storage), "--name", "driver-kill", "--address", "local", *OVERRIDES]
+           "--storage", str(storage), "--name", "killed", "--address", "local", *OVERRIDES, "feed_workers=2"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    run = storage / "driver-kill"
-    log = open(tmp_path / "first.log", "w")
+    run, seen = storage / "killed", {}
+    log = open(tmp / "first.log", "w")
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     started: dict[int, str] = {}
-    try:
+
+    def logged() -> int:
+        return max(read_metrics(run) or {0: 0}) if (run / "metrics.jsonl").is_file() else 0
+
+    def wait_until(ready, what: str):
         deadline = time.time() + 300
-        while not (run / "metrics.jsonl").is_file() or max(read_metrics(run) or {0: 0}) < EVERY + 5:
+        while not ready():
             started.update(descendants(first.pid))  # Ray's processes, to clean up after the kill
-            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.time() < deadline, "the first run did not reach the kill point"
+            assert first.poll() is None, (tmp / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, f"the first run did not reach {what}"
             time.sleep(0.05)
+
+    try:
+        wait_until(lambda: logged() >= EVERY + 5 and checkpoint_steps(run), "the feed kill")
+        seen["feed_kill_at"] = logged()
+        table = _process_table()
+        for pid, start in descendants(first.pid).items():
+            if cmdline(table.get(pid, (None,))[0]).startswith("ray::RayTrainWorker"):  # forked: its parent's title
+                kill_if_same(pid, start)  # a feed process (Ray's own workers are the raylet's children)
+                seen["feed_pid"] = pid
+                break
+        assert "feed_pid" in seen, "no feed process was found to kill"
+        # restored, and past the checkpoint after the one it restored from
+        wait_until(lambda: len(resumes(run)) == 1 and logged() >= resumes(run)[0] + EVERY + 5, "the driver kill")
         started.update(descendants(first.pid))
-        killed_at = max(read_metrics(run))
+        seen["driver_kill_at"] = logged()
         first.send_signal(signal.SIGKILL)
         first.wait()
     finally:
@@ -347,17 +405,26 @@ def test_driver_killed_then_the_same_command_resumes(reference, dataset, tmp_pat
         if first.poll() is None:
             first.kill()
         log.close()
-    assert killed_at < STEPS
+    seen["first_log"] = (tmp / "first.log").read_text()
+    seen["second"] = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    seen["run"] = run
+    return seen
 
-    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+
+@pytest.mark.slow
+def test_driver_killed_then_the_same_command_resumes(reference, feed_killed_then_driver_killed):
+    _, ref = reference
+    seen = feed_killed_then_driver_killed
+    run, second, killed_at = seen["run"], seen["second"], seen["driver_kill_at"]
+    assert killed_at < STEPS
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    [resumed_at] = resumes(run)
+    [_, resumed_at] = resumes(run)  # the feed kill's restore, then this command's
     assert killed_at - EVERY <= resumed_at <= killed_at
     assert f"resumed from {run / CHECKPOINTS / f'step-{resumed_at:08d}'}" in second.stdout + second.stderr
     assert losses(run) == ref
 
 
-# -- a busy machine (ray-project/ray PR 65447) -------------------------------------------------------
+# -- a busy machine (ray-project/ray PR 65447; the loaded run: loaded_then_worker_killed above) -----
 
 
 def test_the_placement_group_cleaner_ignores_a_missing_state_api_answer_and_acts_on_death(ray_local, monkeypatch):
@@ -416,47 +483,11 @@ def test_the_placement_group_cleaner_ignores_a_missing_state_api_answer_and_acts
 
 
 @pytest.mark.slow
-def test_a_run_next_to_a_cpu_hog_finishes_with_the_losses_of_the_quiet_run(reference, dataset, tmp_path):
-    from ctal.distributed.train import pretrain
-
-    # Load ≈ 5+ on 2 cores (3 hogs + 2 training workers + Ray's own): what made Ray's cleaner remove
-    # live runs' placement groups. The hogs start once the workers train and stop after the next
-    # checkpoint: ten steps and a report under load, a couple of minutes. (Loaded from the start, the
-    # workers' start-up alone took minutes, and the whole run twelve.)
-    run, hogs, loaded = tmp_path / "busy", [], {}
-    done = threading.Event()
-
-    def load_the_middle_of_the_run():
-        deadline = time.time() + 600
-        while not done.is_set() and time.time() < deadline:
-            logged = read_metrics(run) if (run / "metrics.jsonl").is_file() else {}
-            if logged:
-                break
-            time.sleep(0.05)
-        else:
-            return
-        loaded["from_step"] = max(logged)
-        hogs.extend(subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3))
-        try:
-            loaded["to_step"] = wait_for_step(run, EVERY + 1, timeout=600)
-        finally:
-            for hog in hogs:
-                hog.kill()
-
-    loader = threading.Thread(target=load_the_middle_of_the_run, daemon=True)
-    loader.start()
-    try:
-        # max_failures=0: a removed placement group would end the run, not be restarted silently
-        result = pretrain(make_cfg(dataset, tmp_path, "busy", "max_failures=0"))
-    finally:
-        done.set()
-        loader.join(timeout=60)
-        for hog in hogs:
-            hog.kill()
-            hog.wait()
-    assert loaded["from_step"] < EVERY < loaded["to_step"], loaded  # a checkpoint and its report under load
-    assert losses(result.run_dir) == reference[1]
-    assert resumes(result.run_dir) == []
+def test_a_run_next_to_a_cpu_hog_finishes_with_the_losses_of_the_quiet_run(reference, loaded_then_worker_killed):
+    seen = loaded_then_worker_killed
+    assert seen["from_step"] < EVERY < seen["to_step"], seen  # a checkpoint and its report under load
+    assert seen["resumes_before_kill"] == []  # nothing restarted while the hogs ran
+    assert losses(seen["run"]) == reference[1]
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -471,35 +502,17 @@ def test_the_global_batch_must_split_over_workers_before_ray(dataset, tmp_path, 
 
 
 @pytest.mark.slow
-def test_feed_processes_give_the_same_losses_and_a_killed_one_restores_exactly(reference, dataset, tmp_path, ray_local,
-                                                                              capsys):
+def test_feed_processes_give_the_same_losses_and_a_killed_one_restores_exactly(reference,
+                                                                              feed_killed_then_driver_killed):
     """feed_workers=2: each Ray Train worker builds its batches in 2 processes; SIGKILL one of them
     mid-run and the worker fails, restarts from the latest checkpoint and ends on the same losses."""
-    from ctal.distributed.train import pretrain
-
     _, ref = reference
-    run = tmp_path / "feed-kill"
-    killed = {}
-
-    def killer():
-        killed["at_step"] = wait_for_step(run, EVERY + 5, timeout=300)
-        procs = descendants(os.getpid())
-        for pid, start in procs.items():
-            parent = _process_table().get(pid, (None,))[0]
-            if cmdline(parent).startswith("ray::RayTrainWorker"):  # forked: it has its parent's title
-                kill_if_same(pid, start)  # a feed process (Ray's own workers are the raylet's children)
-                killed["pid"] = pid
-                return
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    result = pretrain(make_cfg(dataset, tmp_path, "feed-kill", "feed_workers=2"))
-    thread.join(timeout=5)
-    assert "pid" in killed, "no feed process was found to kill"
-    [resumed_at] = resumes(run)
+    seen = feed_killed_then_driver_killed
+    run = seen["run"]
+    resumed_at = resumes(run)[0]
     # batches the killed process had already handed over are trained on: a checkpoint may follow
-    assert killed["at_step"] - EVERY <= resumed_at < STEPS and resumed_at % EVERY == 0
-    assert result.metrics["step"] == STEPS
-    assert losses(run) == ref
-    said = "".join(capsys.readouterr())  # why the group restarted, on the console (issue 30)
-    assert f"pid {killed['pid']}" in said and "stopping this worker" in said, said[-3000:]
+    assert seen["feed_kill_at"] - EVERY <= resumed_at < STEPS and resumed_at % EVERY == 0
+    assert seen["second"].returncode == 0 and max(read_metrics(run)) == STEPS
+    assert losses(run) == ref  # every step after the feed kill's restore, up to the driver kill, is its
+    said = seen["first_log"]  # why the group restarted, on the console (issue 30)
+    assert f"pid {seen['feed_pid']}" in said and "stopping this worker" in said, said[-3000:]

@@ -7,7 +7,12 @@
 - a job signalled as at its time limit (--signal=B:USR1) requeues itself and runs again;
 - a pretraining job requeued mid-run (``scontrol requeue``) is started again by Slurm, is not
   refused by its first run's claim, resumes from its newest checkpoint and logs the losses of the
-  uninterrupted job step for step.
+  uninterrupted run step for step.
+
+Each job run starts Ray (minutes on 2 cores), so the jobs are few: the requeued pretraining job is
+also the one whose allocation, Ray cluster and run the first test reads, and the uninterrupted
+run it is held to is the same config run without Slurm or Ray (``launch_local``: 2 processes,
+gloo DDP; tests/test_pretrain.py holds its losses to Ray Train's, bitwise).
 
 The default tier checks what needs no Slurm: workers sized by SLURM_* variables, a requeued job's
 takeover of its earlier run's claim (from another node too), the script's syntax and usage line.
@@ -32,6 +37,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -134,7 +140,9 @@ def _install_slurm() -> str:
 
 def _conf(root: Path, node: str, cpus: int, ports: list[int]) -> str:
     # One node on loopback; linuxproc and task/none: no cgroups needed. Requeued jobs may start again
-    # once the old run's credential expires (cred_expire, default 120 s): 5 s here.
+    # once the old run's credential expires (cred_expire, default 120 s): 5 s here. The main scheduling
+    # loop runs every second (sched_interval, default 60 s): a requeued job whose begin time has passed
+    # waits for that loop, which left it pending 20 to 60 s after it was eligible.
     return f"""\
 ClusterName=ctaltest
 SlurmctldHost={node}(127.0.0.1)
@@ -158,6 +166,7 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=1
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
@@ -296,23 +305,55 @@ def ended_well(slurm: Slurm, job: str, out: Path) -> dict:
     return rec
 
 
+def pretrain_cfg(data: Path, storage: Path, name: str):
+    """What ``pipelines/pretrain.py --size narrow --num-workers 2`` builds from PRETRAIN in a job
+    holding this whole machine (ctal.slurm sizes cpus_per_worker, hence the workers' torch threads)."""
+    from ctal.config import PretrainConfig, load_config
+
+    cfg = load_config(PretrainConfig, [REPO / "configs/pretrain.yaml", REPO / "configs/narrow.yaml"],
+                      [f"data={data}", "num_workers=2", f"storage_path={storage}", f"run_name={name}", *PRETRAIN])
+    allocation = {"SLURM_JOB_ID": "1", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_CPUS_PER_NODE": str(os.cpu_count())}
+    return replace(cfg, **worker_defaults(allocation, 2, {"num_workers"}))
+
+
 @pytest.fixture(scope="module")
-def reference(slurm, synthetic_data, tmp_path_factory):
-    """An uninterrupted pretraining job: (run directory, its job output)."""
+def reference(synthetic_data, tmp_path_factory) -> Path:
+    """The uninterrupted run of the jobs' config, without Slurm or Ray: its run directory."""
+    from ctal.pretrain import launch_local
+
+    storage = tmp_path_factory.mktemp("reference")
+    launch_local(pretrain_cfg(synthetic_data("librispeech"), storage, "reference"), storage / "reference")
+    return storage / "reference"
+
+
+@pytest.fixture(scope="module")
+def requeued(slurm, synthetic_data, tmp_path_factory) -> dict:
+    """A pretraining job requeued (``scontrol requeue``) once past its first checkpoint, and ended:
+    its run directory, output, Slurm record, newest checkpoint and last logged step at the requeue."""
     storage = tmp_path_factory.mktemp("runs")
-    job = pretrain_job(slurm, synthetic_data("librispeech"), storage, "reference")
-    ended_well(slurm, job, storage / "reference.out")
-    return storage / "reference", (storage / "reference.out").read_text()
+    run, out = storage / "requeued", storage / "requeued.out"
+    job = pretrain_job(slurm, synthetic_data("librispeech"), storage, "requeued")
+
+    def past_first_checkpoint():
+        logged = read_metrics(run) if (run / "metrics.jsonl").is_file() else {}
+        return logged and max(logged) > EVERY and (run / CHECKPOINTS).is_dir() and checkpoint_steps(run)
+
+    slurm.wait(past_first_checkpoint, JOB_S, f"job {job} did not pass its first checkpoint")
+    slurm.run("scontrol", "requeue", job)
+    saved = max(checkpoint_steps(run))  # the first run goes on until SIGTERM lands: it may save one more
+    logged = max(read_metrics(run))
+    rec = ended_well(slurm, job, out)
+    return {"run": run, "out": out.read_text(), "rec": rec, "saved": saved, "logged_at_requeue": logged}
 
 
 @pytest.mark.slow
-def test_sbatch_pretraining_runs_ray_on_the_allocation_and_writes_its_run(reference):
-    run, out = reference
+def test_sbatch_pretraining_runs_ray_on_the_allocation_and_writes_its_run(requeued):
+    run, out = requeued["run"], requeued["out"]
     assert "On head node. Starting Ray cluster head" in out  # ray symmetric-run started Ray
     assert f"Slurm allocation: cpus_per_worker={os.cpu_count() // 2:g}" in out  # 2 workers share the node
-    assert sorted(losses(run)) == list(range(1, STEPS + 1)) and resumes(run) == []
+    assert sorted(losses(run)) == list(range(1, STEPS + 1))
     assert (run / CHECKPOINTS / f"step-{STEPS:08d}" / "checkpoint.json").is_file()
-    assert not (run.parent / "reference.claims").exists()  # released at the end
+    assert not (run.parent / "requeued.claims").exists()  # released at the end
 
 
 @pytest.mark.slow
@@ -343,25 +384,13 @@ def test_a_sweep_near_its_time_limit_after_its_first_trial_requeues_itself_resum
 
 
 @pytest.mark.slow
-def test_a_requeued_pretraining_job_resumes_with_the_uninterrupted_losses(slurm, synthetic_data, reference, tmp_path):
-    run = tmp_path / "requeued"
-    job = pretrain_job(slurm, synthetic_data("librispeech"), tmp_path, "requeued")
-    out = tmp_path / "requeued.out"
-
-    def past_first_checkpoint():
-        logged = read_metrics(run) if (run / "metrics.jsonl").is_file() else {}
-        return logged and max(logged) > EVERY and (run / CHECKPOINTS).is_dir() and checkpoint_steps(run)
-
-    slurm.wait(past_first_checkpoint, JOB_S, f"job {job} did not pass its first checkpoint")
-    slurm.run("scontrol", "requeue", job)
-    saved = max(checkpoint_steps(run))  # the first run goes on until SIGTERM lands: it may save one more
-    assert max(read_metrics(run)) < STEPS, "the job finished before it was requeued"
-    rec = ended_well(slurm, job, out)
-    assert rec["Restarts"] == "1", rec
-
+def test_a_requeued_pretraining_job_resumes_with_the_uninterrupted_losses(requeued, reference):
+    run, log, saved = requeued["run"], requeued["out"], requeued["saved"]
+    assert requeued["logged_at_requeue"] < STEPS, "the job finished before it was requeued"
+    assert requeued["rec"]["Restarts"] == "1", requeued["rec"]
     [resumed_at] = resumes(run)
     assert saved <= resumed_at < STEPS and resumed_at % EVERY == 0
-    log = out.read_text()
     assert "(run 2)" in log and "is being written by another run" not in log  # not refused by its own claim
     assert f"resumed from {run / CHECKPOINTS / f'step-{resumed_at:08d}'}" in log
-    assert losses(run) == losses(reference[0])
+    assert sorted(losses(reference)) == list(range(1, STEPS + 1)) and resumes(reference) == []
+    assert losses(run) == losses(reference)
