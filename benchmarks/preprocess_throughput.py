@@ -109,6 +109,28 @@ class _CpuSampler(threading.Thread):
         return by_role
 
 
+def run_timed(sampler: "_CpuSampler", *args, **kwargs) -> tuple[dict, float]:
+    """``run_preprocess(*args, **kwargs)`` and the CPU seconds ``sampler`` counted while it featurized:
+    the measured ratios time featurizing only (``report["throughput"]["featurize_wall_s"]``), so CPU
+    over that same span (not the tokenizer copy before it, nor the report after it) projects them."""
+    from ctal.distributed import preprocess
+
+    featurize, span = preprocess._featurize, {}
+
+    def timed_featurize(*a, **kw):
+        span["start"] = sampler.total()
+        try:
+            return featurize(*a, **kw)
+        finally:
+            span["cpu_s"] = sampler.total() - span["start"]
+
+    preprocess._featurize = timed_featurize
+    try:
+        return preprocess.run_preprocess(*args, **kwargs), span["cpu_s"]
+    finally:
+        preprocess._featurize = featurize
+
+
 def _child_loop(manifest: str, out: str, tokenizer: str) -> dict:
     import pyarrow.parquet as pq
     import torch
@@ -158,8 +180,6 @@ def _child_pipeline(manifest: str, out: str, tokenizer: str, num_cpus: int) -> d
 
     from ctal.config import DataConfig
     from ctal.corpora import read_corpus
-    from ctal.distributed import preprocess
-    from ctal.distributed.preprocess import run_preprocess
 
     t0 = time.perf_counter()
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
@@ -167,26 +187,15 @@ def _child_pipeline(manifest: str, out: str, tokenizer: str, num_cpus: int) -> d
     rows = read_corpus("csv", manifest)
     sampler = _CpuSampler()
     sampler.start()
-    # The measured ratio times featurizing only (report["throughput"]["featurize_wall_s"]); CPU over
-    # that same span (not the tokenizer copy before it, nor the report after it) projects it.
-    featurize, span = preprocess._featurize, {}
-
-    def timed_featurize(*a, **kw):
-        span["start"] = sampler.total()
-        try:
-            return featurize(*a, **kw)
-        finally:
-            span["cpu_s"] = sampler.total() - span["start"]
-
-    preprocess._featurize = timed_featurize
-    report = run_preprocess("csv", manifest, out, DataConfig(tokenizer=tokenizer), rows=rows, verbose=False)
+    report, featurize_cpu_s = run_timed(sampler, "csv", manifest, out, DataConfig(tokenizer=tokenizer), rows=rows,
+                                        verbose=False)
     cpu_by_role = sampler.stop()
     ray.shutdown()
     t = report["throughput"]
     return {"utterances": report["counts"]["in"], "audio_s": report["hours"] * 3600,
             "wall_s": t["featurize_wall_s"],
             "cpu_s": sum(v for k, v in cpu_by_role.items() if not k.endswith("(not counted)")),
-            "featurize_cpu_s": span["cpu_s"],
+            "featurize_cpu_s": featurize_cpu_s,
             "cpu_s_by_role": {k: round(v, 2) for k, v in sorted(cpu_by_role.items(), key=lambda kv: -kv[1])},
             "ray_init_s": t_init,
             "actors": t["actors"], "shards": len(report["shards"]), "peak_rss_mb": _peak_rss_mb()}

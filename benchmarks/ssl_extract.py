@@ -51,7 +51,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the corpus cycling and the process-tree CPU sampler of the log-mel benchmark, reused as they are
-from preprocess_throughput import _CpuSampler, _write_manifest  # noqa: E402
+from preprocess_throughput import _CpuSampler, _write_manifest, run_timed  # noqa: E402
 
 WIDTHS = {"tiny": 64, "base": 768, "large": 1024}  # hidden size per kept layer
 FRAMES_PER_S = 50  # the standard CNN: 320-sample stride at 16 kHz
@@ -162,8 +162,6 @@ def _child_pipeline(manifest: str, out: str, upstream: str, layers: str, tokeniz
     import ray
 
     from ctal.corpora import read_corpus
-    from ctal.distributed import preprocess
-    from ctal.distributed.preprocess import run_preprocess
 
     gpus = 1 if float(gpu_share) > 0 else 0  # one GPU, shared by 1 / gpu_share actors
     t0 = time.perf_counter()
@@ -172,18 +170,8 @@ def _child_pipeline(manifest: str, out: str, upstream: str, layers: str, tokeniz
     rows = read_corpus("csv", manifest)
     sampler = _CpuSampler()
     sampler.start()
-    featurize, span = preprocess._featurize, {}
-
-    def timed_featurize(*a, **kw):  # CPU over the span the wall time covers
-        span["start"] = sampler.total()
-        try:
-            return featurize(*a, **kw)
-        finally:
-            span["cpu_s"] = sampler.total() - span["start"]
-
-    preprocess._featurize = timed_featurize
     cfg = data_config(upstream, layers, tokenizer, float(gpu_share), float(batch_seconds))
-    report = run_preprocess("csv", manifest, out, cfg, rows=rows, verbose=False)
+    report, featurize_cpu_s = run_timed(sampler, "csv", manifest, out, cfg, rows=rows, verbose=False)
     cpu_by_role = sampler.stop()
     ray.shutdown()
     shards = [Path(out) / s["file"] for s in report["shards"]]
@@ -197,7 +185,7 @@ def _child_pipeline(manifest: str, out: str, upstream: str, layers: str, tokeniz
                     ssl_bytes += col.total_compressed_size
     t = report["throughput"]
     return {"utterances": report["counts"]["in"], "written": report["counts"]["written"],
-            "audio_s": report["hours"] * 3600, "wall_s": t["featurize_wall_s"], "featurize_cpu_s": span["cpu_s"],
+            "audio_s": report["hours"] * 3600, "wall_s": t["featurize_wall_s"], "featurize_cpu_s": featurize_cpu_s,
             "cpu_s_by_role": {k: round(v, 2) for k, v in sorted(cpu_by_role.items(), key=lambda kv: -kv[1])},
             "ray_init_s": t_init, "actors": t["actors"], "n_frames": report["n_frames"],
             "upstream": report["upstream"], "shard_bytes": sum(f.stat().st_size for f in shards),
