@@ -137,23 +137,24 @@ def prepare(cfg: FinetuneConfig, data: Optional[TaskData] = None) -> tuple[Finet
             raise FileNotFoundError(f"init={cfg.init} is neither a ctal checkpoint (no {checkpoints.STATE_FILE}) "
                                     "nor a pretraining run directory holding one")
         cfg = replace(cfg, init=str(newest))
-    cfg = _resolve_upstream(cfg, data)
+    cfg, upstream = _resolve_upstream(cfg, data)
     if cfg.init:
-        check_init(cfg.init, data, model_upstream(cfg))
+        check_init(cfg.init, data, upstream)
     check_vocabulary(cfg.model, data.tokenizer)
     get_task(cfg.task).folds(data.meta, cfg.fold, cfg.seed)  # the protocol fits the data
     return cfg, data
 
 
-def _resolve_upstream(cfg: FinetuneConfig, data: TaskData) -> FinetuneConfig:
+def _resolve_upstream(cfg: FinetuneConfig, data: TaskData) -> tuple[FinetuneConfig, Optional[dict]]:
     """Waveform data and ``model.audio_upstream`` go together; the folder made absolute and, unset, its
-    layers those ``init`` was pretrained on (else the last). ConfigError naming the key."""
+    layers those ``init`` was pretrained on (else the last). Returns the config and ``model_upstream``
+    of it (checked once: hashing a large encoder's weights takes seconds). ConfigError naming the key."""
     m = cfg.model
     if data.frontend == "waveform" and not m.audio_upstream:
         raise ConfigError(f"data={cfg.data} holds waveforms (features.frontend=waveform): give the encoder to "
                           "run on them, model.audio_upstream=DIR (a local wav2vec2/HuBERT/WavLM/data2vec-audio folder)")
     if not m.audio_upstream:
-        return cfg
+        return cfg, None
     if data.frontend != "waveform":
         raise ConfigError(f"model.audio_upstream={m.audio_upstream} runs on waveforms, but data={cfg.data} holds "
                           f"features.frontend={data.frontend} frames; preprocess with features.frontend=waveform")
@@ -162,8 +163,7 @@ def _resolve_upstream(cfg: FinetuneConfig, data: TaskData) -> FinetuneConfig:
         layers = (checkpoints.trained_upstream(checkpoints.local_copy(cfg.init)) or {}).get("layers")
     m = replace(m, audio_upstream=str(Path(m.audio_upstream).expanduser().resolve()), audio_upstream_layers=layers)
     cfg = replace(cfg, model=m)
-    model_upstream(cfg)  # the folder and layers checked here, before Ray
-    return cfg
+    return cfg, model_upstream(cfg)  # the folder and layers checked here, before Ray
 
 
 def model_upstream(cfg: FinetuneConfig) -> Optional[dict]:

@@ -51,9 +51,8 @@ SUMMARY_SCHEMA = pa.schema([
 
 def check_inputs(rows: list[dict], corpus: str, root, data_cfg, num_cpus: Optional[float] = None) -> None:
     """What the run is asked to do, checked before Ray starts: a manifest with rows and unique ids,
-    CPUs enough for one actor, an SSL front end's upstream folder and layers (ValueError naming the
-    value)."""
-    resolve_upstream(data_cfg)
+    and CPUs enough for one actor (ValueError naming the value). An SSL front end's folder is
+    ``resolve_upstream``'s to check."""
     if num_cpus is not None and not num_cpus >= data_cfg.num_cpus_per_task:
         raise ValueError(f"num_cpus={num_cpus:g} (--num-cpus) is less than one actor needs "
                          f"(num_cpus_per_task={data_cfg.num_cpus_per_task:g}); give it at least that")

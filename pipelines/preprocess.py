@@ -18,7 +18,7 @@ from ctal.console import VERBOSE_HELP, error_line, set_verbose, stage
 from ctal.corpora import READERS, read_corpus
 from ctal.distributed.preprocess import run_preprocess
 from ctal.outputs import claim_output
-from ctal.preprocess import NothingToPublishError, check_inputs, check_output
+from ctal.preprocess import NothingToPublishError, check_inputs, check_output, resolve_upstream
 
 
 def main(argv=None) -> int:
@@ -43,6 +43,7 @@ def main(argv=None) -> int:
         root = str(storage.local_path(args.root, "--root"))  # file:// → its path; s3:// etc. refused
         rows = read_corpus(args.corpus, root)
         check_inputs(rows, args.corpus, root, data_cfg, args.num_cpus)
+        resolve_upstream(data_cfg)  # an SSL front end's folder and layers, before Ray
         claim = claim_output(args.out)  # last: refused runs leave no claim behind
     except (ConfigError, FileExistsError, ValueError, OSError) as e:  # CorpusLayoutError is a ValueError
         p.exit(2, error_line(p.prog, e))
