@@ -189,6 +189,9 @@ def check_sweep(cfg: FinetuneConfig, space: SearchSpace, sweep: SweepConfig, dat
     if s.search == "grid" and missing:
         errors.append(f"search=grid needs a finite set for {', '.join(missing)}: use choice or add "
                       "'grid: [...]' to those entries")
+    if s.search == "optuna" and not any(p.dist for p in space.params.values()):  # Optuna would fail inside Ray
+        errors.append(f"search=optuna needs a distribution to search, and every entry of {space.origin} is a "
+                      "constant (or was set on the command line): add one, or use --search random or grid")
     max_epochs = space.max_of("epochs", cfg.epochs)
     if s.scheduler == "asha" and s.grace_period > max_epochs:
         errors.append(f"grace_period={s.grace_period}: ASHA needs it <= the most epochs a trial runs "

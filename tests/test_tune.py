@@ -196,6 +196,18 @@ def test_search_space_values_out_of_range_exit_2_naming_the_file_key_and_value_b
     assert not (tmp_path / "runs").exists()
 
 
+def test_optuna_over_constants_only_exits_2_before_ray(tmp_path, run_recipe, tiny_data):
+    """Issue 30 (weak): a space of constants only reached Ray, and Optuna failed there with Ray's own
+    "no search space has been defined"."""
+    (tmp_path / "space.yaml").write_text("seed: 0\nfusion: ctal\n")
+    code, err = run_recipe("tune_finetune", "--task", "sentiment", "--data", tiny_data, "--space",
+                           tmp_path / "space.yaml", "--storage", tmp_path / "runs", "--search", "optuna", *NARROW)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"search=optuna needs a distribution to search, and every entry of {tmp_path / 'space.yaml'}" in err, err
+    assert not (tmp_path / "runs").exists()
+    check_sweep(FinetuneConfig(), parse_search_space({"seed": {"choice": [0, 1]}}), SweepConfig(search="optuna"))
+
+
 @pytest.mark.parametrize("task", sorted(LAYOUTS))
 def test_shipped_search_spaces_cover_every_parameter_and_fusion_variant(task):
     space = load_search_space(ROOT / "search_spaces" / f"{task}.yaml")
