@@ -456,8 +456,10 @@ def _ci(row) -> str:
     return "" if math.isnan(row["ci_low"]) else f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
 
 
-def write_report(out: Path, study: Study, runs: pd.DataFrame, metric: str, *, task: str, header: list[str]) -> Path:
-    """results.csv (every run), report.md (cells, questions, plots) in ``out``."""
+def write_report(out: Path, study: Study, runs: pd.DataFrame, metric: str, *, task: str, header: list[str],
+                 budget: Optional[dict] = None) -> Path:
+    """results.csv (every run), report.md (cells, questions, plots) in ``out``. ``budget``: what every
+    cell trained with (the study's budget after the command line's overrides); default the study's."""
     out = Path(out)
     runs.to_csv(out / "results.csv", index=False)
     cells, diffs = summarize_cells(runs, metric), compare(study, runs, metric)
@@ -468,7 +470,7 @@ def write_report(out: Path, study: Study, runs: pd.DataFrame, metric: str, *, ta
              f"Task: {task}. Reported metric: test {metric} ({'lower' if metric_mode(metric) == 'min' else 'higher'} "
              f"is better). Seeds: {list(study.seeds)}; label fractions: {list(study.fractions)} (nested subsets "
              f"of the training split, seed {study.subset_seed}, the same rows in every cell). Budget for every "
-             f"cell: {study.budget or 'the config as given'}. Hyperparameters: {how}. Selection on dev only; "
+             f"cell: {(study.budget if budget is None else budget) or 'the config as given'}. Hyperparameters: {how}. Selection on dev only; "
              "each (cell, seed)'s best-on-dev checkpoint scored once on test. Intervals: 95 % Student-t over seeds.",
              "", "## Cells", ""]
     table = [{**r, "mean ± std": _pm(r), "95 % CI": _ci(r)} for r in cells.to_dict("records")]

@@ -33,6 +33,9 @@ from ctal.shipped import folder
 from ctal.tasks import TASKS
 
 CONFIGS = folder("configs")
+# FinetuneConfig keys each cell or run sets itself: an override of one is no budget of every cell
+CELL_OWNED = {"task", "data", "init", "seed", "label_fraction", "label_subset_seed", "model.fusion",
+              "model.orthogonality_weight"}
 
 
 def demo_inputs(args, out: Path) -> tuple[str, Path, str, list[str], list[str]]:
@@ -61,6 +64,23 @@ def demo_inputs(args, out: Path) -> tuple[str, Path, str, list[str], list[str]]:
               f"polarity, flipped by ironic prosody) on {size['utterances']} utterances."]
     files = [CONFIGS / "finetune.yaml", CONFIGS / "narrow.yaml", CONFIGS / "demo.yaml"]
     return "sentiment", data, pre["checkpoint"], files, header
+
+
+def cell_budget(study_budget: dict, overrides: list[str], base: FinetuneConfig) -> dict:
+    """The budget every cell trained with: the study's keys and the command line's overrides, with the
+    values the loaded config holds (an override such as ``epochs=3`` wins over the study's budget)."""
+    from ctal.config import to_dict
+
+    values = to_dict(base)
+
+    def get(key: str):
+        v = values
+        for part in key.split("."):
+            v = v[part]
+        return v
+
+    keys = [*study_budget, *(o.split("=", 1)[0] for o in overrides if "=" in o)]
+    return {k: get(k) for k in dict.fromkeys(keys) if k not in CELL_OWNED}
 
 
 def main(argv=None) -> int:
@@ -134,7 +154,8 @@ def main(argv=None) -> int:
               f"Fine-tuning config: lr {base.lr:g}, batch {base.batch_size}, warmup {base.warmup_ratio:g}, "
               f"weight decay {base.weight_decay:g}, dropout {base.model.hidden_dropout_prob:g}, epochs {base.epochs}.",
               f"Wall time: {time.time() - t0:.0f} s (this invocation)."]
-    path = write_report(out, study, runs, metric, task=task, header=header)
+    path = write_report(out, study, runs, metric, task=task, header=header,
+                        budget=cell_budget(study.budget, args.overrides, base))
     print(path.read_text().split("## Every run")[0])
     print(f"report: {path}")
     failed = int((runs["status"] == "error").sum())

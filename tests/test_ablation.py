@@ -293,6 +293,43 @@ def test_a_fraction_that_leaves_almost_nothing_to_train_on_is_named():
 
 
 
+def test_the_recipe_warns_of_a_thin_fraction_and_reports_the_budget_the_cells_trained_with(
+        tmp_path, tiny_data, no_ray, monkeypatch, capsys):
+    """Issue 30 (weak): a label fraction that leaves one utterance trained without a warning, and the
+    report's "Budget for every cell" line gave the study's epochs where an ``epochs=`` override won.
+    The grid's training and scoring are stood in for (no Ray): what is checked is the recipe around them."""
+    import ctal.ablation
+    import ctal.distributed.ablate
+    import ctal.distributed.console
+
+    study = tmp_path / "study.yaml"
+    study.write_text("seeds: [0, 1, 2]\nfractions: [0.01, 1.0]\nmetric: mae\nbudget: {epochs: 1}\ntuning: fixed\n"
+                     "baseline: {init: scratch, fusion: ctal, orthogonality_weight: 0.0, fraction: 1.0}\n"
+                     "questions:\n  fusion:\n    ask: which fusion?\n    vary: {fusion: [ctal, late_concat]}\n"
+                     "    across: [fraction]\n")
+    trained = {}
+
+    def run_study(configs, study, space, datas, out, **_):
+        trained["epochs"] = {c.epochs for c in configs.values()}
+        return pd.DataFrame([{"trial": f"t{i}", "status": "done", "cell": cell_key(c), **c, "seed": s,
+                              "selected": True, "checkpoint": "", "test_mae": 1.0 + 0.1 * i}
+                             for i, (c, s) in enumerate((c, s) for c in study.cells() for s in study.seeds)])
+
+    monkeypatch.setattr(ctal.distributed.console, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(ctal.distributed.ablate, "run_study", run_study)
+    monkeypatch.setattr(ctal.ablation, "score_on_test", lambda runs, data, task: runs)
+    from pipelines.ablate import main
+
+    assert main(["--task", "sentiment", "--data", str(tiny_data), "--config", str(study),
+                 "--out", str(tmp_path / "out"), "epochs=3", *NARROW]) == 0
+    said = capsys.readouterr().out
+    assert re.search(r"warning\] fold \S+: fraction 0.01 leaves [1-7] training utterance\(s\): too few to learn",
+                     said), said
+    assert trained["epochs"] == {3}
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Budget for every cell: {'epochs': 3," in report, report
+
+
 # -- the frames factor: log-mel vs SSL features, a data set (and checkpoint) per level (issue 31.5) ----
 
 FRAMES_GOOD = {**GOOD, "baseline": {**GOOD["baseline"], "frames": "fbank"},
