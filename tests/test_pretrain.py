@@ -243,6 +243,20 @@ def test_a_second_run_on_one_name_and_a_name_run_on_other_settings_are_refused_b
     assert code == 2 and "model.hidden_size=32 (the run has 64)" in err, err
 
 
+def test_feed_workers_above_the_cores_are_warned(tiny_data, tmp_path, monkeypatch):
+    """Issue 30 (weak): feed_workers far above the machine's cores ran without a word (the feed processes
+    only compete with training for the cores)."""
+    from test_secrets import pretrain_cfg
+
+    from ctal.pretrain import pretrain_loop
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    said = []
+    pretrain_loop(pretrain_cfg(tiny_data, tmp_path, "feed_workers=2", "max_steps=1", "checkpoint_every=1"),
+                  run_dir=tmp_path / "run", log=said.append)
+    assert any(line.startswith("warning: feed_workers=2 is more than this machine's 1 cores") for line in said), said
+
+
 def test_the_same_run_with_a_credential_in_its_data_uri_is_still_the_same_run(tmp_path):
     """The manifest records the data URI redacted: the comparison reads both sides that way."""
     from dataclasses import replace
