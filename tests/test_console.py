@@ -101,3 +101,47 @@ def test_tunes_per_trial_fetch_warnings_stay_off_the_console_unless_verbose(tmp_
     for mode, shown in (("q", False), ("v", True)):
         err = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True).stderr
         assert ("Failed to fetch metrics" in err) == shown, err
+
+
+RAY_DATA_LINE = ("[2026-12-07 08:19:27,812 E 11216 11216] core_worker.cc:2465: Actor with class name: "
+                 "'MapWorker(MapBatches(_ShardWriter))' and ID: 'ebfd52e1' has constructor arguments in the object "
+                 "store and max_restarts > 0. If the arguments in the object store go out of scope or are lost, the "
+                 "actor restart will fail. See https://github.com/ray-project/ray/issues/53727 for more details.\n")
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_ray_datas_constructor_arguments_line_is_dropped_and_every_other_byte_passes(verbose, monkeypatch, capfd):
+    """Issue 30 (weak): Ray's C++ core worker printed its ERROR line about Ray Data's actor constructor
+    arguments (ray-project/ray#57733) on the preprocessing console. Only that line is dropped from file
+    descriptor 2 (where the C++ code writes), other C++ errors and partial lines (a progress bar's redraw)
+    pass as they were, fd 2 is restored after, and --verbose keeps everything."""
+    import os
+
+    from ctal.distributed.console import dropping_stderr_lines
+
+    monkeypatch.setattr(console, "verbose", lambda: verbose)
+    monkeypatch.setattr("ctal.distributed.console.verbose", lambda: verbose)
+    other = "[2026-12-07 08:19:28,001 E 11216 11300] core_worker.cc:900: Failed to register actor\n"
+    before = os.fstat(2)
+    with dropping_stderr_lines():
+        os.write(2, b"start\n" + RAY_DATA_LINE[:40].encode())  # the C++ line split over two writes
+        os.write(2, RAY_DATA_LINE[40:].encode() + other.encode())
+        os.write(2, b"\r[preprocess] 4/8 utterances")  # no newline: still shown at once
+    os.write(2, b"\nafter\n")
+    assert (os.fstat(2).st_ino, os.fstat(2).st_dev) == (before.st_ino, before.st_dev)
+    err = capfd.readouterr().err
+    kept = "start\n" + other + "\r[preprocess] 4/8 utterances\nafter\n"
+    assert err == (kept.replace("start\n", "start\n" + RAY_DATA_LINE) if verbose else kept), err
+
+
+@pytest.mark.slow  # a local Ray of its own in a subprocess (~25 s): the line is printed once per process
+def test_preprocessing_console_shows_no_ray_core_worker_line(tmp_path):
+    from ctal.corpora.synthetic import synthesize
+
+    synthesize("librispeech", tmp_path / "corpus", 6, seed=0, workers=1)
+    run = subprocess.run([sys.executable, str(REPO / "pipelines/preprocess.py"), "--corpus", "librispeech",
+                          "--root", str(tmp_path / "corpus"), "--out", str(tmp_path / "data"), "vocab_size=300"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "core_worker.cc" not in run.stderr + run.stdout, run.stderr
+    assert "[preprocess] 6/6 utterances (100%)" in run.stderr and "6 written" in run.stdout

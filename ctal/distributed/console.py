@@ -84,6 +84,71 @@ def loopback_node():
         ray_constants.ENABLE_RAY_CLUSTER = before
 
 
+# Ray 2.60's core worker logs this at ERROR level, once per process, for every Ray Data actor pool:
+# Ray Data hands its MapWorker actors their constructor arguments (the map function, the DataContext)
+# as object references and asks for restarts (ray-project/ray#57733, #53727). Ours are owned by the
+# driver and live until the data set is written, so a restart finds them; nothing to act on. Ray's
+# options cannot avoid it (max_restarts=0 would give up Ray Data's actor restarts after a worker dies)
+# and its only threshold, RAY_BACKEND_LOG_LEVEL, would hide every C++ error with it. The line stays in
+# the driver's log (python-core-driver-*.log in the Ray session's logs) and on --verbose consoles.
+RAY_DATA_ACTOR_ARGS = ("core_worker.cc", "MapWorker(", "has constructor arguments in the object store")
+
+
+@contextlib.contextmanager
+def dropping_stderr_lines(needles: tuple[str, ...] = RAY_DATA_ACTOR_ARGS):
+    """While the block runs, file descriptor 2 (where Ray's C++ code logs, and Python's stderr) goes
+    through a filter that drops each whole line holding every one of ``needles`` and passes everything
+    else on unchanged and at once (a partial line too, unless it may be the start of a C++ log line,
+    ``[<digit>...``: that waits for its newline). No-op when verbose."""
+    if verbose():
+        yield
+        return
+    import re
+    import sys
+
+    wanted = [n.encode() for n in needles]
+    c_log_start = re.compile(rb"\[(\d|$)")
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    read_end, write_end = os.pipe()
+    saved = os.dup(2)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def send(data: bytes) -> None:
+        with contextlib.suppress(OSError):  # a closed console must not block the writers
+            while data:
+                data = data[os.write(saved, data):]
+
+    def pump() -> None:
+        held = b""
+        while chunk := os.read(read_end, 1 << 16):
+            data, held = held + chunk, b""
+            try:
+                *lines, held = data.split(b"\n")
+                out = b"".join(line + b"\n" for line in lines if not all(w in line for w in wanted))
+                if held and not c_log_start.match(held):
+                    out, held = out + held, b""
+            except Exception:  # never stop reading: a full pipe would block every writer
+                out, held = data, b""
+            send(out)
+        send(held)
+
+    thread = threading.Thread(target=pump, name="ctal-stderr-filter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(saved, 2)  # fd 2 back; the pipe's last writer gone, the pump drains it and ends
+        thread.join(timeout=5)  # a child process that inherited the pipe keeps it open: do not wait on it
+        if not thread.is_alive():
+            os.close(read_end)
+            os.close(saved)
+
+
 def tune_verbosity(requested: int) -> int:
     """Tune's ``RunConfig(verbose=...)``: what the sweep config asks for when verbose, else 0."""
     return requested if verbose() else 0

@@ -178,7 +178,7 @@ def _preprocess_local(rows, corpus, root, out: Path, data_cfg, num_cpus, rows_pe
 def _featurize(rows, data_cfg, tmp: Path | str, num_cpus, rows_per_row_group, bare_tokenizer, upstream):
     import ray
 
-    from .console import init_ray
+    from .console import dropping_stderr_lines, init_ray
 
     init_ray()  # honours RAY_ADDRESS; no-op when Ray is up
     cpus = num_cpus if num_cpus is not None else ray.cluster_resources().get("CPU", 1.0)
@@ -215,7 +215,8 @@ def _featurize(rows, data_cfg, tmp: Path | str, num_cpus, rows_per_row_group, ba
         num_gpus=gpus_each,
     )
     parts = []
-    with Progress(n, "preprocess", unit="utterances") as bar:  # Ray Data's own bars are off (console)
+    # Ray Data's own bars are off (console); so is Ray's line about its actors' constructor arguments
+    with Progress(n, "preprocess", unit="utterances") as bar, dropping_stderr_lines():
         for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             parts.append(part)
             bar.update(part.num_rows)
