@@ -6,6 +6,7 @@ before Ray to be a paired comparison of the same utterances."""
 import json
 import math
 import os
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -268,13 +269,14 @@ def test_state_planted_in_a_new_studys_grid_is_refused_before_ray_and_never_sign
 
     grid = own_output(tmp_path / "out", "ablation") / "grid"  # a study's own --out (killed before its grid)
     grid.mkdir()
-    (grid / "callback-states-9999-12-31_00-00-00.pkl").write_bytes(b"not ours")
+    marker = tmp_path / "planted-code-ran"
+    (grid / "callback-states-9999-12-31_00-00-00.pkl").write_bytes(pickle.dumps(_Planted(marker)))
     code, err = run_recipe("ablate", "--task", "sentiment", "--data", tiny_data, "--config", study,
                            "--out", tmp_path / "out")
     assert code == 2, err
     assert "holds Ray state that no run of this study wrote (callback-states-9999-12-31_00-00-00.pkl)" in err
     assert sorted(p.name for p in grid.iterdir()) == ["callback-states-9999-12-31_00-00-00.pkl"]
-    assert not (grid / SIGNATURE_FILE).exists()
+    assert not (grid / SIGNATURE_FILE).exists() and not marker.exists()
     # a study to continue whose experiment state is gone (a partial copy) stops too: Ray would start over
     (grid / "callback-states-9999-12-31_00-00-00.pkl").unlink()
     (grid / "tuner.pkl").write_bytes(b"as a run wrote it")
@@ -282,6 +284,18 @@ def test_state_planted_in_a_new_studys_grid_is_refused_before_ray_and_never_sign
                            "--out", tmp_path / "out")
     assert code == 2 and "its experiment_state-*.json is missing" in err, err
     assert sorted(p.name for p in grid.iterdir()) == ["tuner.pkl"]
+    pickle.loads(pickle.dumps(_Planted(tmp_path / "control")))  # the payload is real: loading it runs it
+    assert (tmp_path / "control").exists() and not marker.exists()
+
+
+class _Planted:
+    """A pickle that, when loaded, creates the file ``marker`` (stands for any code)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
 
 
 def test_a_fraction_that_leaves_almost_nothing_to_train_on_is_named():
