@@ -397,6 +397,14 @@ def test_the_sweep_key_is_made_once_readable_only_by_its_user(tmp_path, monkeypa
     with pytest.raises(UntrustedStateError, match="no sweep key at .*elsewhere/sweep.key"):
         sweep_key(create=False)
     assert not (tmp_path / "elsewhere").exists()
+    from ctal.distributed.signing import verify_state  # the resume's check: it says so too, and makes none
+
+    (tmp_path / "sweep").mkdir()
+    for name in ("tuner.pkl", "experiment_state-1.json"):
+        (tmp_path / "sweep" / name).write_text("{}")
+    with pytest.raises(UntrustedStateError, match="no sweep key at .*elsewhere/sweep.key"):
+        verify_state(str(tmp_path / "sweep"))
+    assert not (tmp_path / "elsewhere").exists()
     (tmp_path / "dir.key").mkdir()
     monkeypatch.setenv("CTAL_SWEEP_KEY_FILE", str(tmp_path / "dir.key"))
     with pytest.raises(UntrustedStateError, match="must be a regular file"):
