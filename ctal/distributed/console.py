@@ -11,6 +11,9 @@ Without ``--verbose`` (``ctal.console.verbose()`` false):
 - The driver's ``ray`` loggers show warnings and errors only; Ray Data's progress bars are off (ours
   count rows instead); Tune runs at ``verbose=0`` with its legacy output (``RAY_AIR_NEW_OUTPUT=0``:
   the new one prints its experiment box at any verbosity), a bar over trials in place of its tables.
+- While Ray Data runs (preprocessing), the one ERROR line Ray's C++ core worker prints about Ray
+  Data's actor constructor arguments is dropped from the console (``dropping_stderr_lines``); every
+  other line of file descriptor 2 passes.
 
 With ``--verbose`` all of it is back, as Ray prints it by default.
 """
