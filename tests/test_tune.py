@@ -431,6 +431,27 @@ def test_a_new_sweep_signs_only_what_it_wrote(tmp_path, monkeypatch):
         verify_state(str(tmp_path), (SWEEP_FILE,))
 
 
+def test_state_that_cannot_be_read_is_refused_by_name_without_reading_it(tmp_path, monkeypatch):
+    """Issue 30.2 and the bad FIFO/directory cases, in the default tier (the slow resume test plays
+    them against a real sweep): a missing experiment state, and a FIFO or directory named like a state
+    file, each refused by name before the signature is even read (a FIFO read would hang)."""
+    from ctal.distributed.signing import UnreadableStateError, verify_state
+
+    monkeypatch.setenv("CTAL_SWEEP_KEY", "k")
+    for name in ("tuner.pkl", SWEEP_FILE):
+        (tmp_path / name).write_text("{}")
+    with pytest.raises(UnreadableStateError, match="its experiment_state-\\*.json is missing"):
+        verify_state(str(tmp_path), (SWEEP_FILE,))
+    (tmp_path / "experiment_state-1.json").write_text("{}")
+    os.mkfifo(tmp_path / "callback-states-1.pkl")
+    with pytest.raises(UnreadableStateError, match="callback-states-1.pkl is not a regular file"):
+        verify_state(f"file://{tmp_path}", (SWEEP_FILE,))  # pyarrow's filesystem: the FIFO is "Unknown"
+    (tmp_path / "callback-states-1.pkl").unlink()
+    (tmp_path / "searcher-state-1.pkl").mkdir()
+    with pytest.raises(UnreadableStateError, match="searcher-state-1.pkl is a directory"):
+        verify_state(str(tmp_path), (SWEEP_FILE,))
+
+
 class _Planted:
     """A pickle that, when loaded, creates the file ``marker`` (stands for any code)."""
 
