@@ -141,7 +141,7 @@ def test_preprocessing_console_shows_no_ray_core_worker_line(tmp_path):
     synthesize("librispeech", tmp_path / "corpus", 6, seed=0, workers=1)
     run = subprocess.run([sys.executable, str(REPO / "pipelines/preprocess.py"), "--corpus", "librispeech",
                           "--root", str(tmp_path / "corpus"), "--out", str(tmp_path / "data"), "vocab_size=300"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr
     assert "core_worker.cc" not in run.stderr + run.stdout, run.stderr
     assert "[preprocess] 6/6 utterances (100%)" in run.stderr and "6 written" in run.stdout
