@@ -75,8 +75,11 @@ def cell_budget(study_budget: dict, overrides: list[str], base: FinetuneConfig) 
 
     def get(key: str):
         v = values
-        for part in key.split("."):
-            v = v[part]
+        try:
+            for part in key.split("."):
+                v = v[part]
+        except (KeyError, TypeError):  # not a config key as written: say it as the study or command gave it
+            return study_budget.get(key, "as given")
         return v
 
     keys = [*study_budget, *(o.split("=", 1)[0] for o in overrides if "=" in o)]
