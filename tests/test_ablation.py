@@ -15,8 +15,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from ctal.ablation import (Frames, Interval, cell_key, frames_inputs, load_study, paired_difference, parse_frames,
-                           parse_study, reading, t_interval, write_report)
+from ctal.ablation import (Interval, cell_key, load_study, paired_difference, parse_study, reading, t_interval,
+                           write_report)
+from ctal.ablation_inputs import Frames, frames_inputs, parse_frames
 from ctal.config import ConfigError, FinetuneConfig
 from ctal.tasks import label_subset
 from sweep_kill import kill_mid_grid
@@ -285,7 +286,7 @@ def test_state_planted_in_a_new_studys_grid_is_refused_before_ray_and_never_sign
 
 
 def test_a_fraction_that_leaves_almost_nothing_to_train_on_is_named():
-    from ctal.ablation import thin_subsets
+    from ctal.ablation_inputs import thin_subsets
 
     subsets = {"seed=0": {"all": {"0.05": ["a"], "1.0": list("abcdefghij")}},
                "seed=1": {"all": {"0.05": ["a", "b"], "1.0": list("abcdefghij")}}}
