@@ -328,7 +328,7 @@ def validate_finetune_config(cfg: FinetuneConfig) -> None:
             if getattr(cfg, key) != default:
                 raise ConfigError(f"{key}={getattr(cfg, key)} is for a model with model.audio_upstream=DIR "
                                   "(fine-tuning on features.frontend=waveform data)")
-    m = cfg.model  # with init the checkpoint's layers count: ctal.finetune.freeze checks those
+    m = cfg.model  # with init the checkpoint's layers count: ctal.finetune_model.freeze checks those
     if not cfg.init and cfg.freeze_layers > min(m.num_text_layers, m.num_audio_layers):
         raise ConfigError(f"freeze_layers={cfg.freeze_layers}, but the model has {m.num_text_layers} text and "
                           f"{m.num_audio_layers} audio layers")
