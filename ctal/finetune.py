@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ctal import checkpoint as checkpoints
+from ctal import checkpoint_data
 from ctal import storage, tracking
 from ctal.batching import bucket_batches, collate, derive_seed, padding_efficiency
 from ctal.checkpoint import Part, latest_checkpoint
@@ -146,7 +147,7 @@ def _save(dest: str | Path, runs: list[_FoldRun], cfg: FinetuneConfig, epoch: in
                if storage.is_uri(data.data_dir) else Path(data.data_dir) / TOKENIZER_DIR)
     state = {"task": cfg.task, "folds": [r.fold.name for r in runs], "epoch": epoch, "metrics": metrics,
              "history": history, "config": to_dict(cfg), "data": data.data_dir,
-             **checkpoints.frames_entry(data.report), "data_config": checkpoints.data_config_entry(data.report)}
+             **checkpoint_data.frames_entry(data.report), "data_config": checkpoint_data.data_config_entry(data.report)}
     spec = _unwrap(runs[0].model).config.audio_upstream_spec
     if spec:  # the upstream the model runs (as it was before fine-tuning: its weights are the checkpoint's)
         state["upstream"] = spec["info"]
@@ -265,8 +266,8 @@ def _resume_state(resume: Path, data: TaskData) -> dict:
     state = checkpoints.verify(resume)
     if state.get("kind") != KIND:
         raise ValueError(f"resume_from={resume} is a {state.get('kind')} checkpoint, not a fine-tuning one")
-    checkpoints.check_frontend(resume, data.report)
-    checkpoints.check_tokenizer(resume, data.tokenizer.hash)
+    checkpoint_data.check_frontend(resume, data.report)
+    checkpoint_data.check_tokenizer(resume, data.tokenizer.hash)
     return state
 
 

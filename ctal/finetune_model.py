@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from ctal import checkpoint as checkpoints
+from ctal import checkpoint_data
 from ctal.config import ConfigError, FinetuneConfig, to_dict
 from ctal.data import TaskData
 from ctal.model import CTALConfig, CTALForSequenceClassification
@@ -27,8 +28,8 @@ def check_init(init: str | Path, data: TaskData, upstream: Optional[dict] = None
     checkpoint. ``upstream`` (``model_upstream``): the encoder a model runs on waveform data, whose
     SSL features (same hash, same layers) the checkpoint must have been pretrained on."""
     local = checkpoints.local_copy(init)
-    if upstream is not None and checkpoints.trained_frontend(local) == "waveform":  # its upstream inside
-        theirs = checkpoints.trained_upstream(local) or {}
+    if upstream is not None and checkpoint_data.trained_frontend(local) == "waveform":  # its upstream inside
+        theirs = checkpoint_data.trained_upstream(local) or {}
         if (theirs.get("hash"), theirs.get("layers")) != (upstream["hash"], upstream["layers"]):
             raise ConfigError(f"model.audio_upstream: init={init} runs its own upstream ({theirs.get('architecture')} "
                               f"sha256 {str(theirs.get('hash'))[:12]}…, layers {theirs.get('layers')}), not "
@@ -36,20 +37,20 @@ def check_init(init: str | Path, data: TaskData, upstream: Optional[dict] = None
                               "give that folder and those layers")
     elif upstream is not None:
         try:
-            checkpoints.check_frontend(local, {"features": {"frontend": "ssl"}, "upstream": upstream})
+            checkpoint_data.check_frontend(local, {"features": {"frontend": "ssl"}, "upstream": upstream})
         except ValueError as e:
             raise ConfigError(f"model.audio_upstream: {e}; pretrain on features.frontend=ssl features of this "
                               "upstream and layers (or give the upstream and layers the checkpoint was trained on)") from None
-        checkpoints.check_tokenizer(local, data.tokenizer.hash)
+        checkpoint_data.check_tokenizer(local, data.tokenizer.hash)
         return local
     report = data.report
     command = (f"python pipelines/preprocess.py --corpus {report.get('corpus', 'CORPUS')} "
                f"--root {report.get('root', 'ROOT')} --out {data.data_dir}-{{}} tokenizer={init}")
-    wanted = checkpoints.trained_frontend(local)
-    checkpoints.check_frontend(local, report, fix=(
+    wanted = checkpoint_data.trained_frontend(local)
+    checkpoint_data.check_frontend(local, report, fix=(
         f"preprocess the data with the checkpoint's front end and tokenizer: "
-        f"{command.format(wanted)} {checkpoints.preprocess_options(local)}"))
-    checkpoints.check_tokenizer(local, data.tokenizer.hash,
+        f"{command.format(wanted)} {checkpoint_data.preprocess_options(local)}"))
+    checkpoint_data.check_tokenizer(local, data.tokenizer.hash,
                                 fix=f"re-tokenize the data with the checkpoint's tokenizer: {command.format('retok')}")
     return local
 
@@ -69,7 +70,7 @@ def resolve_model_upstream(cfg: FinetuneConfig, data: TaskData) -> tuple[Finetun
                           f"features.frontend={data.frontend} frames; preprocess with features.frontend=waveform")
     layers = m.audio_upstream_layers
     if layers is None and cfg.init:
-        layers = (checkpoints.trained_upstream(checkpoints.local_copy(cfg.init)) or {}).get("layers")
+        layers = (checkpoint_data.trained_upstream(checkpoints.local_copy(cfg.init)) or {}).get("layers")
     m = replace(m, audio_upstream=str(Path(m.audio_upstream).expanduser().resolve()), audio_upstream_layers=layers)
     cfg = replace(cfg, model=m)
     return cfg, model_upstream(cfg)  # the folder and layers checked here, before Ray
@@ -101,7 +102,7 @@ def build_model(cfg: FinetuneConfig, task: Task, classes: Optional[list[str]], d
         init = check_init(cfg.init, data, model_upstream(cfg))
         m = cfg.model
         up = {"audio_upstream": m.audio_upstream, "audio_upstream_layers": m.audio_upstream_layers} \
-            if m.audio_upstream and checkpoints.trained_frontend(init) != "waveform" else {}
+            if m.audio_upstream and checkpoint_data.trained_frontend(init) != "waveform" else {}
         model = CTALForSequenceClassification.from_pretrained(
             init, fusion=m.fusion, orthogonality_weight=m.orthogonality_weight,
             hidden_dropout_prob=m.hidden_dropout_prob,

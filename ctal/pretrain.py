@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint, manifest, rendezvous, storage
+from . import checkpoint_data
 from .batching import PretrainBatches, collate, derive_seed
 from .checkpoint import CHECKPOINTS, CheckpointStore, Part
 from .config import PretrainConfig, to_dict
@@ -180,7 +181,7 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
         model = CTALForPretraining(CTALConfig.from_model_config(model_cfg))
         step = 0
     else:
-        checkpoint.check_tokenizer(resume[1], tok.hash)
+        checkpoint_data.check_tokenizer(resume[1], tok.hash)
         model = CTALForPretraining.from_pretrained(resume[1], **vars(model_cfg))
     raw = model.to(device)  # before the optimizer, so its restored state lands on the device too
     optimizer = build_optimizer(raw, cfg)
@@ -208,8 +209,8 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
                            max_frames_per_batch=cfg.max_frames_per_batch, max_frames=cfg.max_frames,
                            pool_rows=cfg.bucket_pool_rows, halve_above_frames=cfg.halve_batch_above_frames,
                            drop_longer=cfg.long_utterances == "drop")
-    frames = checkpoint.frames_entry(plan.report)  # the frames' front end (and upstream); checkpoints record it
-    data_config = checkpoint.data_config_entry(plan.report)  # and how the data was made
+    frames = checkpoint_data.frames_entry(plan.report)  # the frames' front end (and upstream); checkpoints record it
+    data_config = checkpoint_data.data_config_entry(plan.report)  # and how the data was made
     max_tokens = model_cfg.max_position_embeddings - (model_cfg.pad_token_id + 1
                                                       if model_cfg.text_position_style == "roberta" else 0)
 

@@ -522,7 +522,7 @@ def test_the_report_of_a_frames_study_has_the_frames_column_and_pairs_by_seed_an
 def test_a_frames_study_runs_each_level_on_its_own_frames_end_to_end(frames_pair, ray_local, tmp_path):
     """The recipe with Ray Tune: 2 cells (fbank, ssl) x 3 seeds, 1 epoch; every run's checkpoint was
     fine-tuned on its level's frames and scored on its level's test split."""
-    from ctal.checkpoint import trained_frontend
+    from ctal.checkpoint_data import trained_frontend
     from pipelines.ablate import main
 
     fp, out, config = frames_pair, tmp_path / "study", tmp_path / "frames.yaml"
