@@ -5,9 +5,10 @@ A study (YAML, `configs/ablate.yaml`) names its seeds, label fractions, the budg
 how hyperparameters are chosen (fixed, or a nested sweep on dev per cell), a baseline cell and the
 questions. A question varies one factor (its first level is the reference) at the baseline, optionally
 across other factors (e.g. every label fraction); the grid is the union of the questions' cells, not
-the full cross product. The ``frames`` factor names data sets (``ctal.ablation_inputs``): the baseline's level is the recipe's
+the full cross product. The ``frames`` factor names data sets: the baseline's level is the recipe's
 --data (and --init), each other level its own data set of the same utterances with other frames (e.g.
-SSL features) and the pretraining checkpoint trained on them, so a question can compare front ends.
+SSL features) and the pretraining checkpoint trained on them, so a question can compare front ends
+(``ctal.ablation_inputs`` reads and checks those inputs, and the label subsets).
 A run is cell × seed (× hyperparameter sample when tuned); per (cell, seed) the run best on dev is
 scored once on test. Differences are paired by seed and the `across` levels, with a
 Student-t interval over the pairs, and every number in the report is recomputed from results.csv.
