@@ -152,10 +152,7 @@ def collate(rows: Sequence[dict], *, max_frames: int, pad_token_id: int, masking
             input_ids, special, mask_token_id=mask_token_id, vocab_size=vocab_size, generator=generator,
             mask_prob=masking.token_mask_prob, replace_prob=masking.token_replace_prob,
             random_prob=masking.token_random_prob, special_token_ids=special_token_ids)
-        batch["frames"], batch["acoustic_mask"] = mask_frames(
-            frames, frame_mask, generator=generator, mask_prob=masking.frame_mask_prob,
-            span_min=masking.span_min, span_max=masking.span_max, zero_prob=masking.frame_zero_prob,
-            random_prob=masking.frame_random_prob, decide=masking.frame_decide)
+        batch["frames"], batch["acoustic_mask"] = mask_frames(frames, frame_mask, masking, generator=generator)
         batch["target_frames"] = frames
     return batch
 

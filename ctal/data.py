@@ -179,15 +179,9 @@ class TokenizerInfo:
     source: str = ""
 
 
-@dataclass(frozen=True)
-class DataSet:
-    """A complete preprocessed data set (``open_dataset``): where it is, what ``report.json`` says, its
-    verified tokenizer and featurizer settings. Reading rows goes through ``read`` or ``shards``."""
-    path: str  # absolute local path, or the URI as given (normalized)
+class _Recorded:
+    """What a data set's ``report.json`` says of its frames, for ``DataSet`` and ``TaskData`` alike."""
     report: dict
-    tokenizer: TokenizerInfo
-    features: Optional[FeatureConfig]  # None for a data set written without featurizing (test data)
-    shards: tuple  # Paths, or URI strings for a URI data set, in order
 
     @property
     def frontend(self) -> str:
@@ -195,8 +189,20 @@ class DataSet:
         return feature_frontend(self.report)
 
     @property
-    def audio(self) -> AudioFormat:
+    def audio_format(self) -> AudioFormat:
+        """Its frames' column, dtype and width, and what the model's audio input is made of."""
         return audio_format(self.report)
+
+
+@dataclass(frozen=True)
+class DataSet(_Recorded):
+    """A complete preprocessed data set (``open_dataset``): where it is, what ``report.json`` says, its
+    verified tokenizer and featurizer settings. Reading rows goes through ``read`` or ``shards``."""
+    path: str  # absolute local path, or the URI as given (normalized)
+    report: dict
+    tokenizer: TokenizerInfo
+    features: Optional[FeatureConfig]  # None for a data set written without featurizing (test data)
+    shards: tuple  # Paths, or URI strings for a URI data set, in order
 
     @functools.cached_property
     def splits(self) -> dict[str, int]:
@@ -206,7 +212,7 @@ class DataSet:
 
     def read(self, split: Optional[str] = None, columns: Optional[list[str]] = None) -> pa.Table:
         """All shards as one table of ``PARQUET_SCHEMA`` (plain pyarrow, no Ray), optionally one split."""
-        return _read_shards(self.shards, split, columns, parquet_schema(self.audio))
+        return _read_shards(self.shards, split, columns, parquet_schema(self.audio_format))
 
 
 def feature_frontend(report: dict) -> str:
@@ -304,7 +310,7 @@ def open_dataset(data_dir: str | Path) -> DataSet:
 
 
 @dataclass
-class TaskData:
+class TaskData(_Recorded):
     """A preprocessed data set held in memory: the protocol columns plus flat feature arrays.
 
     Plain numpy, so it pickles without copies through Ray's object store (every trial on a node then
@@ -325,7 +331,7 @@ class TaskData:
         from .tasks import Meta  # the task protocol's columns (and sklearn): not for featurizing actors
 
         ds = open_dataset(data_dir)
-        fmt = ds.audio
+        fmt = ds.audio_format
         table = ds.read(columns=["id", "split", "speaker", "label", "input_ids", "n_frames", fmt.column]).combine_chunks()
         if table.num_rows == 0:
             raise ValueError(f"{ds.path!r} holds no utterances")
@@ -342,14 +348,6 @@ class TaskData:
         return cls(meta=Meta.from_table(table), n_frames=table.column("n_frames").to_numpy().astype(np.int64),
                    input_ids=ids, input_ids_offsets=ids_off, audio=audio.reshape(-1, fmt.width),
                    audio_offsets=audio_off, tokenizer=ds.tokenizer, data_dir=ds.path, report=ds.report)
-
-    @property
-    def frontend(self) -> str:
-        return feature_frontend(self.report)
-
-    @property
-    def audio_format(self) -> AudioFormat:
-        return audio_format(self.report)
 
     def rows(self, idx, targets=None) -> list[dict]:
         """Rows for ``collate``: their frames under the data set's column name (``fbank``/``ssl``/``waveform``)."""

@@ -13,6 +13,7 @@ import pyarrow as pa
 import torch
 
 from . import checkpoint as ctal_checkpoint
+from . import checkpoint_data
 from . import storage
 from .batching import collate
 from .config import DataConfig
@@ -26,7 +27,7 @@ from .tokenizer import TOKENIZER_FILES, load_tokenizer, read_normalization, toke
 def find_tokenizer(checkpoint: str | Path, tokenizer: Optional[str | Path] = None) -> Path:
     """``tokenizer`` if given, else the tokenizer saved with a (local) checkpoint: its ``tokenizer/``,
     or for one fold's model directory the ``tokenizer/`` of the checkpoint it belongs to."""
-    found = Path(tokenizer) if tokenizer else ctal_checkpoint.tokenizer_dir(checkpoint)
+    found = Path(tokenizer) if tokenizer else checkpoint_data.tokenizer_dir(checkpoint)
     if found is None or not any((found / f).is_file() for f in TOKENIZER_FILES):
         raise FileNotFoundError(f"no tokenizer in {tokenizer or checkpoint}; pass the data set's tokenizer dir")
     return found
@@ -122,11 +123,11 @@ def load_for_embedding(checkpoint: str | Path, tokenizer: Optional[str | Path] =
         raise ValueError(f"{checkpoint} is not a fine-tuned checkpoint (no trained {sorted(info['missing_keys'])[0]} "
                          "among others): it gives no defined embedding; fine-tune it first")
     tok_dir = find_tokenizer(local, tokenizer)
-    if tokenizer and ctal_checkpoint.tokenizer_dir(local) is not None:  # another tokenizer: same ids?
-        ctal_checkpoint.check_tokenizer(local, tokenizer_hash(tok_dir),
+    if tokenizer and checkpoint_data.tokenizer_dir(local) is not None:  # another tokenizer: same ids?
+        checkpoint_data.check_tokenizer(local, tokenizer_hash(tok_dir),
                                         fix=f"drop --tokenizer to use the checkpoint's own ({tokenizer} differs)")
     # A tokenizer without a recorded normalization predates it: its text was tokenized as read.
-    data_cfg = replace(ctal_checkpoint.trained_data_config(local),
+    data_cfg = replace(checkpoint_data.trained_data_config(local),
                        text_normalization=read_normalization(tok_dir) or "none")
     if ssl_model and data_cfg.features.frontend != "ssl":
         raise ValueError(f"--ssl-model {ssl_model}: {checkpoint} was trained on features.frontend="
@@ -137,5 +138,5 @@ def load_for_embedding(checkpoint: str | Path, tokenizer: Optional[str | Path] =
         fc = replace(data_cfg.features, ssl_model=str(ssl_model or data_cfg.features.ssl_model))
         data_cfg = replace(data_cfg, features=fc)
         check_upstream_hash(fc.ssl_model, inspect_upstream(fc.ssl_model, fc.ssl_layers).hash,
-                            ctal_checkpoint.trained_upstream(local) or {"hash": ""})
+                            checkpoint_data.trained_upstream(local) or {"hash": ""})
     return model, load_tokenizer(tok_dir), data_cfg

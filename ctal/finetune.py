@@ -28,12 +28,14 @@ import numpy as np
 import torch
 
 from ctal import checkpoint as checkpoints
+from ctal import checkpoint_data
 from ctal import storage, tracking
 from ctal.batching import bucket_batches, collate, derive_seed, padding_efficiency
 from ctal.checkpoint import Part, latest_checkpoint
 from ctal.config import ConfigError, FinetuneConfig, from_dict, to_dict, validate_finetune_config
 from ctal.data import TOKENIZER_DIR, TaskData, check_vocabulary
-from ctal.model import CTALConfig, CTALForSequenceClassification
+from ctal.finetune_model import build_model, check_init, freeze, resolve_model_upstream
+from ctal.model import CTALForSequenceClassification
 from ctal.optim import build_optimizer, build_scheduler
 from ctal.tasks import Fold, Outputs, Task, fold_subset, get_task
 
@@ -75,45 +77,11 @@ def _batch(data: TaskData, idx, targets, pad_token_id: int, limits: dict, max_fr
 
 
 # --------------------------------------------------------------------------------------------------
-# models
+# a run checked once (its model built and checked: ctal.finetune_model)
 
 
 def _unwrap(model):
     return getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
-
-
-def check_init(init: str | Path, data: TaskData, upstream: Optional[dict] = None) -> Path:
-    """The local copy of checkpoint ``init`` (a URI is downloaded once per node), after checking that
-    it was trained on the data set's front end and with its tokenizer. Recipes call it before Ray
-    starts, so a mismatch fails in seconds with the command that preprocesses the data for this
-    checkpoint. ``upstream`` (``model_upstream``): the encoder a model runs on waveform data, whose
-    SSL features (same hash, same layers) the checkpoint must have been pretrained on."""
-    local = checkpoints.local_copy(init)
-    if upstream is not None and checkpoints.trained_frontend(local) == "waveform":  # its upstream inside
-        theirs = checkpoints.trained_upstream(local) or {}
-        if (theirs.get("hash"), theirs.get("layers")) != (upstream["hash"], upstream["layers"]):
-            raise ConfigError(f"model.audio_upstream: init={init} runs its own upstream ({theirs.get('architecture')} "
-                              f"sha256 {str(theirs.get('hash'))[:12]}…, layers {theirs.get('layers')}), not "
-                              f"{upstream['architecture']} sha256 {upstream['hash'][:12]}…, layers {upstream['layers']}; "
-                              "give that folder and those layers")
-    elif upstream is not None:
-        try:
-            checkpoints.check_frontend(local, {"features": {"frontend": "ssl"}, "upstream": upstream})
-        except ValueError as e:
-            raise ConfigError(f"model.audio_upstream: {e}; pretrain on features.frontend=ssl features of this "
-                              "upstream and layers (or give the upstream and layers the checkpoint was trained on)") from None
-        checkpoints.check_tokenizer(local, data.tokenizer.hash)
-        return local
-    report = data.report
-    command = (f"python pipelines/preprocess.py --corpus {report.get('corpus', 'CORPUS')} "
-               f"--root {report.get('root', 'ROOT')} --out {data.data_dir}-{{}} tokenizer={init}")
-    wanted = checkpoints.trained_frontend(local)
-    checkpoints.check_frontend(local, report, fix=(
-        f"preprocess the data with the checkpoint's front end and tokenizer: "
-        f"{command.format(wanted)} {checkpoints.preprocess_options(local)}"))
-    checkpoints.check_tokenizer(local, data.tokenizer.hash,
-                                fix=f"re-tokenize the data with the checkpoint's tokenizer: {command.format('retok')}")
-    return local
 
 
 def prepare(cfg: FinetuneConfig, data: Optional[TaskData] = None) -> tuple[FinetuneConfig, TaskData]:
@@ -137,94 +105,13 @@ def prepare(cfg: FinetuneConfig, data: Optional[TaskData] = None) -> tuple[Finet
             raise FileNotFoundError(f"init={cfg.init} is neither a ctal checkpoint (no {checkpoints.STATE_FILE}) "
                                     "nor a pretraining run directory holding one")
         cfg = replace(cfg, init=str(newest))
-    cfg, upstream = _resolve_upstream(cfg, data)
+    cfg, upstream = resolve_model_upstream(cfg, data)
     if cfg.init:
         check_init(cfg.init, data, upstream)
     check_vocabulary(cfg.model, data.tokenizer)
     get_task(cfg.task).folds(data.meta, cfg.fold, cfg.seed)  # the protocol fits the data
     return cfg, data
 
-
-def _resolve_upstream(cfg: FinetuneConfig, data: TaskData) -> tuple[FinetuneConfig, Optional[dict]]:
-    """Waveform data and ``model.audio_upstream`` go together; the folder made absolute and, unset, its
-    layers those ``init`` was pretrained on (else the last). Returns the config and ``model_upstream``
-    of it (checked once: hashing a large encoder's weights takes seconds). ConfigError naming the key."""
-    m = cfg.model
-    if data.frontend == "waveform" and not m.audio_upstream:
-        raise ConfigError(f"data={cfg.data} holds waveforms (features.frontend=waveform): give the encoder to "
-                          "run on them, model.audio_upstream=DIR (a local wav2vec2/HuBERT/WavLM/data2vec-audio folder)")
-    if not m.audio_upstream:
-        return cfg, None
-    if data.frontend != "waveform":
-        raise ConfigError(f"model.audio_upstream={m.audio_upstream} runs on waveforms, but data={cfg.data} holds "
-                          f"features.frontend={data.frontend} frames; preprocess with features.frontend=waveform")
-    layers = m.audio_upstream_layers
-    if layers is None and cfg.init:
-        layers = (checkpoints.trained_upstream(checkpoints.local_copy(cfg.init)) or {}).get("layers")
-    m = replace(m, audio_upstream=str(Path(m.audio_upstream).expanduser().resolve()), audio_upstream_layers=layers)
-    cfg = replace(cfg, model=m)
-    return cfg, model_upstream(cfg)  # the folder and layers checked here, before Ray
-
-
-def model_upstream(cfg: FinetuneConfig) -> Optional[dict]:
-    """The UpstreamInfo (as a dict) of ``model.audio_upstream`` with its kept layers, or None."""
-    if not cfg.model.audio_upstream:
-        return None
-    from ctal.upstream import UpstreamError, inspect_upstream
-
-    try:
-        return inspect_upstream(cfg.model.audio_upstream, cfg.model.audio_upstream_layers).to_dict()
-    except UpstreamError as e:  # its messages name the SSL front end's keys
-        msg = str(e).replace("features.ssl_model", "model.audio_upstream").replace(
-            "features.ssl_layers", "model.audio_upstream_layers")
-        raise ConfigError(msg) from None
-
-
-def build_model(cfg: FinetuneConfig, task: Task, classes: Optional[list[str]], data: TaskData):
-    """A task model from `cfg.init` (pretraining or fine-tuned checkpoint, path or URI; its tokenizer
-    must be the data set's) or freshly initialized."""
-    num_labels = task.num_labels(classes)
-    head = dict(num_labels=num_labels, problem_type=task.problem_type,
-                id2label={i: str(c) for i, c in enumerate(classes or ["score"])})
-    tok = data.tokenizer
-    torch.manual_seed(cfg.seed)  # fresh weights (and a pretrained model's new head) depend on the seed only
-    if cfg.init:
-        init = check_init(cfg.init, data, model_upstream(cfg))
-        m = cfg.model
-        up = {"audio_upstream": m.audio_upstream, "audio_upstream_layers": m.audio_upstream_layers} \
-            if m.audio_upstream and checkpoints.trained_frontend(init) != "waveform" else {}
-        model = CTALForSequenceClassification.from_pretrained(
-            init, fusion=m.fusion, orthogonality_weight=m.orthogonality_weight,
-            hidden_dropout_prob=m.hidden_dropout_prob,
-            attention_probs_dropout_prob=m.attention_probs_dropout_prob, **up, **head)
-        if tok.vocab_size > model.config.vocab_size:
-            raise ValueError(f"init={cfg.init} has vocab_size={model.config.vocab_size} but the data's "
-                             f"tokenizer has {tok.vocab_size} tokens")
-    else:
-        model_cfg = to_dict(cfg.model)
-        # A fresh model takes its vocabulary from the data set's tokenizer, its audio input from its frames.
-        model_cfg.update(vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id, **data.audio_format.model_dims())
-        model = CTALForSequenceClassification(CTALConfig(**model_cfg, **head))
-    freeze(model, cfg)
-    return model
-
-
-def freeze(model, cfg: FinetuneConfig) -> None:
-    """Freeze both streams' embeddings and their lowest ``freeze_layers`` layers (the embeddings feed
-    them), and the upstream as ``freeze_upstream`` / ``freeze_feature_encoder`` say."""
-    if model.upstream is not None:
-        model.upstream.set_trainable(cfg.freeze_upstream, cfg.freeze_feature_encoder, cfg.upstream_checkpointing)
-    n = cfg.freeze_layers
-    n_text, n_audio = len(model.text.encoder.layer), len(model.audio.encoder.layer)
-    if not 0 <= n <= min(n_text, n_audio):
-        raise ValueError(f"freeze_layers={n}, but the model has {n_text} text and {n_audio} audio layers")
-    if n == 0:
-        return
-    frozen = [model.text.embeddings, model.audio.embeddings,
-              *model.text.encoder.layer[:n], *model.audio.encoder.layer[:n]]
-    for module in frozen:
-        for p in module.parameters():
-            p.requires_grad_(False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,7 +147,7 @@ def _save(dest: str | Path, runs: list[_FoldRun], cfg: FinetuneConfig, epoch: in
                if storage.is_uri(data.data_dir) else Path(data.data_dir) / TOKENIZER_DIR)
     state = {"task": cfg.task, "folds": [r.fold.name for r in runs], "epoch": epoch, "metrics": metrics,
              "history": history, "config": to_dict(cfg), "data": data.data_dir,
-             **checkpoints.frames_entry(data.report), "data_config": checkpoints.data_config_entry(data.report)}
+             **checkpoint_data.frames_entry(data.report), "data_config": checkpoint_data.data_config_entry(data.report)}
     spec = _unwrap(runs[0].model).config.audio_upstream_spec
     if spec:  # the upstream the model runs (as it was before fine-tuning: its weights are the checkpoint's)
         state["upstream"] = spec["info"]
@@ -379,8 +266,8 @@ def _resume_state(resume: Path, data: TaskData) -> dict:
     state = checkpoints.verify(resume)
     if state.get("kind") != KIND:
         raise ValueError(f"resume_from={resume} is a {state.get('kind')} checkpoint, not a fine-tuning one")
-    checkpoints.check_frontend(resume, data.report)
-    checkpoints.check_tokenizer(resume, data.tokenizer.hash)
+    checkpoint_data.check_frontend(resume, data.report)
+    checkpoint_data.check_tokenizer(resume, data.tokenizer.hash)
     return state
 
 

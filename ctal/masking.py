@@ -118,19 +118,10 @@ def _span_starts(lengths: list[int], n: int, generator: torch.Generator) -> list
     return starts
 
 
-def mask_frames(
-    frames: torch.Tensor,
-    frame_mask: torch.Tensor,
-    *,
-    generator: torch.Generator,
-    mask_prob: float = 0.15,
-    span_min: int = 20,
-    span_max: int = 50,
-    zero_prob: float = 0.8,
-    random_prob: float = 0.1,
-    decide: str = "frame",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Span masking of acoustic frames, as in CTAL's (Mockingjay-derived) released code.
+def mask_frames(frames: torch.Tensor, frame_mask: torch.Tensor, masking, *,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Span masking of acoustic frames, as in CTAL's (Mockingjay-derived) released code, with the
+    ``frame_*`` and ``span_*`` settings of ``masking`` (a MaskingConfig: the paper's defaults live there).
 
     For an utterance with n real frames (`frame_mask` True), round(mask_prob * n) frames (at least 1
     when n > 0 and mask_prob > 0) are chosen as non-overlapping spans of uniform length in
@@ -140,6 +131,8 @@ def mask_frames(
     frames from the whole batch. Returns (masked_frames, acoustic_mask) where acoustic_mask marks all
     chosen frames (the L1 loss scores them, kept ones included); padding is never chosen.
     """
+    mask_prob, zero_prob, random_prob = masking.frame_mask_prob, masking.frame_zero_prob, masking.frame_random_prob
+    span_min, span_max, decide = masking.span_min, masking.span_max, masking.frame_decide
     if decide not in ("frame", "span"):
         raise ValueError(f"decide must be 'frame' or 'span', got {decide!r}")
     if frames.ndim != 3 or frame_mask.shape != frames.shape[:2]:

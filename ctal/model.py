@@ -17,7 +17,6 @@ Differences from the released code, on purpose:
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -26,59 +25,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
-from .config import ModelConfig
-from .loading import LOADING_OPTIONS, MODEL_FIELDS, TASK_FIELDS, refuse_unknown, requested_dtype
-from .text_init import adopt_text_init, load_text_checkpoint
+from .loading import loading_request, saved_config
+from .model_config import CTALConfig, register_auto_classes
+from .text_init import load_text_checkpoint
 from .variants import FUSION_VARIANTS
-
-# Fields that change parameter shapes or which parameters exist: a checkpoint must agree on all of them.
-ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_text_layers", "num_audio_layers",
-                       "num_attention_heads", "intermediate_size", "max_position_embeddings",
-                       "type_vocab_size", "audio_dim", "audio_layers", "max_audio_positions")
-
-
-class CTALConfig(PretrainedConfig):
-    """Hugging Face config carrying every field of `ctal.config.ModelConfig` (+ task fields).
-
-    With `text_init=DIR` the text architecture comes from DIR's config.json (`adopt_text_init`); a
-    keyword given here that disagrees with DIR raises ValueError naming both values.
-    """
-    model_type = "ctal"
-
-    def __init__(self, **kwargs):
-        kwargs.update(adopt_text_init(kwargs, explicit=kwargs))
-        defaults = ModelConfig()
-        for name in MODEL_FIELDS:
-            setattr(self, name, kwargs.pop(name, getattr(defaults, name)))
-        # model.audio_upstream: what rebuilds the encoder without its folder (ctal.upstream.upstream_spec)
-        self.audio_upstream_spec = kwargs.pop("audio_upstream_spec", None)
-        if self.audio_upstream:
-            from .upstream import upstream_spec
-
-            self.audio_upstream_spec = upstream_spec(self.audio_upstream, self.audio_upstream_layers)
-        if self.audio_upstream_spec:  # the stream reads the kept layers
-            info = self.audio_upstream_spec["info"]
-            self.audio_upstream_layers = list(info["layers"])
-            self.audio_layers, self.audio_dim = len(info["layers"]), len(info["layers"]) * int(info["hidden_size"])
-        if self.fusion not in FUSION_VARIANTS:
-            raise ValueError(f"fusion={self.fusion!r} is not one of {list(FUSION_VARIANTS)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of "
-                             f"num_attention_heads={self.num_attention_heads}")
-        kwargs.setdefault("pad_token_id", self.pad_token_id)
-        kwargs.setdefault("tie_word_embeddings", False)  # we tie by hand; see CTALForPretraining
-        super().__init__(**kwargs)
-
-    @classmethod
-    def from_model_config(cls, cfg: ModelConfig, **kwargs) -> "CTALConfig":
-        # Only fields that differ from ModelConfig's defaults count as set, so text_init may replace the rest.
-        defaults = ModelConfig()
-        given = {k: v for k, v in vars(cfg).items() if v != getattr(defaults, k)}
-        return cls(**{**given, **kwargs})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -451,37 +405,8 @@ class CTALPreTrainedModel(PreTrainedModel):
         only. Anything else is refused by name. A task model may start from a pretraining checkpoint
         (its heads are then fresh); anything else missing, unexpected or mis-shaped raises.
         """
-        if model_args:
-            raise TypeError(f"{cls.__name__}.from_pretrained() takes no positional arguments after the path")
-        refuse_unknown(cls.__name__, kwargs)
-        options = {k: kwargs.pop(k) for k in LOADING_OPTIONS if k in kwargs}
-        if "_adapter_model_path" in (options.get("adapter_kwargs") or {}):
-            raise ValueError(f"{path}: PEFT adapters are not supported by CTAL checkpoints")
-        path = Path(path) / options.get("subfolder", "")
-        dtype = requested_dtype(options.get("dtype"), options.get("torch_dtype"))
-        overrides = kwargs
-        if options.get("config") is not None:  # AutoModel passes the config it read; kwargs win over it
-            given = options["config"]
-            if not isinstance(given, CTALConfig):
-                raise TypeError(f"config must be a CTALConfig, got {type(given).__name__}")
-            overrides = {**{k: getattr(given, k) for k in (*MODEL_FIELDS, *TASK_FIELDS)}, **kwargs}
-        if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-            raise FileNotFoundError(f"{path} is not a CTAL checkpoint (needs config.json and "
-                                    "model.safetensors)")
-        saved = json.loads((path / "config.json").read_text())
-        if saved.get("model_type") != "ctal":
-            raise ValueError(f"{path}: model_type={saved.get('model_type')!r}, expected 'ctal'")
-        source = (saved.get("architectures") or ["?"])[0]
-        same_kind = source == cls.__name__
-        for key, value in overrides.items():
-            if key in ARCHITECTURE_FIELDS and value != saved.get(key):
-                raise ValueError(f"checkpoint {path} has {key}={saved.get(key)!r}, "
-                                 f"but {key}={value!r} was requested")
-        if same_kind and "fusion" in overrides and overrides["fusion"] != saved.get("fusion"):
-            raise ValueError(f"checkpoint {path} was fine-tuned with fusion={saved.get('fusion')!r}; "
-                             f"it cannot be loaded as fusion={overrides['fusion']!r}")
-        saved.update(overrides)
-        saved["text_init"] = None  # the checkpoint already holds the text weights
+        path, options, dtype, overrides = loading_request(cls.__name__, path, model_args, kwargs, CTALConfig)
+        saved, same_kind = saved_config(path, overrides, cls.__name__)
         config = CTALConfig(**{k: v for k, v in saved.items() if k not in ("architectures",)})
         model = cls(config)
         state = load_file(str(path / "model.safetensors"))
@@ -775,15 +700,4 @@ class CTALForSequenceClassification(CTALPreTrainedModel):
 # transformers' Auto classes: AutoModel.from_pretrained(checkpoint) without remote code. `import ctal`
 # imports this module once transformers' Auto classes are imported (ctal/__init__.py says why then).
 
-
-def _register_auto_classes() -> None:
-    from transformers import (AutoConfig, AutoModel, AutoModelForPreTraining,
-                              AutoModelForSequenceClassification)
-
-    AutoConfig.register(CTALConfig.model_type, CTALConfig, exist_ok=True)
-    for auto, model in ((AutoModel, CTALModel), (AutoModelForPreTraining, CTALForPretraining),
-                        (AutoModelForSequenceClassification, CTALForSequenceClassification)):
-        auto.register(CTALConfig, model, exist_ok=True)
-
-
-_register_auto_classes()
+register_auto_classes(CTALConfig, CTALModel, CTALForPretraining, CTALForSequenceClassification)

@@ -112,7 +112,7 @@ def resolve_tokenizer(data_cfg):
     checkpoint (its ``tokenizer/``) or another data set (its verified tokenizer), each a path or URI;
     a normalization recorded with it is adopted, and a different one asked for explicitly is refused.
     Runs before anything is written or Ray starts."""
-    from ctal import checkpoint
+    from ctal import checkpoint, checkpoint_data
     from ctal.data import REPORT_FILE, open_dataset
 
     asked, saved, path = data_cfg.text_normalization, None, data_cfg.tokenizer
@@ -122,7 +122,7 @@ def resolve_tokenizer(data_cfg):
             path, saved = tok.dir, tok.text_normalization
         else:
             local = checkpoint.local_copy(path) if storage.is_uri(path) else Path(path)
-            path = checkpoint.tokenizer_dir(local) or local  # a checkpoint, else a tokenizer folder
+            path = checkpoint_data.tokenizer_dir(local) or local  # a checkpoint, else a tokenizer folder
             saved = read_normalization(path)
         if asked is not None and saved is not None and asked != saved:
             raise ValueError(f"tokenizer {data_cfg.tokenizer} was made for text_normalization={saved}, "

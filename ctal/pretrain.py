@@ -1,7 +1,7 @@
 """CTAL pretraining loop in plain PyTorch: one function per worker, callable with or without Ray.
 
-``prepare(cfg)`` checks a run once (config value ranges, URIs, the data set and its tokenizer) and
-returns the ``PretrainPlan`` that ``pretrain_loop`` runs; Ray Train's workers get the plan the
+``prepare(cfg)`` (``ctal.pretrain_plan``) checks a run once (config value ranges, URIs, the data set
+and its tokenizer) and returns the ``PretrainPlan`` that ``pretrain_loop`` runs; Ray Train's workers get the plan the
 driver checked (``ctal.distributed.train``), ``launch_local`` runs it in processes of its own, and a
 direct call with a plain config prepares it first. The loop is exactly resumable: the data position
 is a function of the step, dropout is reseeded every step from (seed, rank, step) and the masks from
@@ -26,110 +26,27 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, manifest, rendezvous, storage, tracking
-from .batching import PretrainBatches, collate, derive_seed, split_matches
+from . import checkpoint, manifest, rendezvous, storage
+from . import checkpoint_data
+from .batching import PretrainBatches, collate, derive_seed
 from .checkpoint import CHECKPOINTS, CheckpointStore, Part
-from .config import (AT_LEAST_1, BELOW_1, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, PretrainConfig,
-                     check_ranges, to_dict, validate_model_config)
-from .data import TOKENIZER_DIR, TokenizerInfo, audio_format, check_vocabulary, feature_frontend, open_dataset
+from .config import PretrainConfig, to_dict
+from .data import TOKENIZER_DIR, TokenizerInfo, audio_format, feature_frontend
 from .feed import FeedError, feed
 from .flops import batch_flops, peak_flops
 from .masking import spans_at
 from .model import CTALConfig, CTALForPretraining
 from .optim import build_optimizer, build_scheduler
-from .redact import redact
+from .pretrain_plan import PretrainPlan, check_resumable, prepare, worker_batch_size
 from .runlog import RunLog, step_line
-
-
-
-# --------------------------------------------------------------------------------------------------
-# checks that run once, before any work starts
-
-
-@dataclass(frozen=True)
-class PretrainPlan:
-    """A checked pretraining run, made by ``prepare``: what the loop and the Ray launcher take."""
-    cfg: PretrainConfig  # value ranges checked; data and storage_path absolute or URIs; max_frames
-    #                      within the model's learned positions
-    tokenizer: TokenizerInfo  # the data set's, verified (``ctal.data.open_dataset``)
-    report: dict  # the data set's report.json: its front end and how it was made, for the checkpoints
-
-
-def prepare(cfg: PretrainConfig) -> PretrainPlan:
-    """Check ``cfg`` and its data set (ConfigError, ValueError or OSError naming what is wrong)."""
-    validate_pretrain_config(cfg)
-    for key in ("data", "storage_path"):
-        storage.resolve(getattr(cfg, key))  # an unknown scheme fails here, naming the URI
-    # Absolute paths (Ray workers do not share the driver's working directory); URIs as given.
-    cfg = dataclasses.replace(cfg, data=storage.normalize(cfg.data), storage_path=storage.normalize(cfg.storage_path),
-                              max_frames=min(cfg.max_frames, cfg.model.max_audio_positions))
-    if cfg.model.audio_upstream:
-        raise ConfigError("model.audio_upstream is for fine-tuning on waveforms; pretraining reads stored "
-                          "frames: preprocess with features.frontend=ssl features.ssl_model=DIR instead")
-    ds = open_dataset(cfg.data)
-    if ds.frontend == "waveform":  # masked acoustic modelling reconstructs stored frames
-        raise ConfigError(f"data={cfg.data} holds waveforms (features.frontend=waveform), which only fine-tuning "
-                          "with model.audio_upstream=DIR reads; pretrain on features.frontend=ssl features of "
-                          "that upstream (same folder, same layers), then fine-tune from that checkpoint")
-    if not ds.splits:
-        raise ValueError(f"{cfg.data} holds no utterances: nothing to pretrain on")
-    wanted = [p for p in cfg.split.split(",") if p]  # as PretrainBatches selects them
-    if not any(n for name, n in ds.splits.items() if split_matches(name, wanted)):
-        raise ConfigError(f"split={cfg.split!r}: the data set {cfg.data} has no rows in it; its splits: "
-                          + ", ".join(f"{k} ({v} rows)" for k, v in ds.splits.items()))
-    check_resumable(CheckpointStore(storage.join(cfg.storage_path, cfg.run_name, CHECKPOINTS)))
-    check_same_run(cfg)
-    tracking.check_tracking(cfg.tracking, cfg.tracking_uri, storage.join(cfg.storage_path, cfg.run_name))
-    tok = ds.tokenizer
-    check_vocabulary(cfg.model, tok)
-    worker_batch_size(cfg, cfg.num_workers)
-    return PretrainPlan(cfg, tok, ds.report)
-
-
-def worker_batch_size(cfg: PretrainConfig, world_size: int) -> int:
-    """Utterances per worker micro-step: the global ``batch_size`` split over workers and accumulation
-    steps (ConfigError when it does not split evenly). Frame-budget batching has no count: 0."""
-    if cfg.max_frames_per_batch > 0:
-        return 0
-    parts = world_size * cfg.grad_accum_steps
-    if cfg.batch_size % parts:
-        fits = [k * parts for k in (cfg.batch_size // parts, cfg.batch_size // parts + 1) if k]
-        raise ConfigError(
-            f"batch_size: {cfg.batch_size} utterances per optimizer step (the global batch) do not split over "
-            f"{world_size} worker(s) x grad_accum_steps={cfg.grad_accum_steps}; use a multiple of {parts} "
-            f"({' or '.join(map(str, fits))}), or max_frames_per_batch=N to batch by frames per worker")
-    return cfg.batch_size // parts
-
-
-def validate_pretrain_config(cfg: PretrainConfig) -> None:
-    """Value ranges the typed schema cannot express; raises ConfigError naming the key."""
-    positive = ("max_steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every",
-                "keep_checkpoints", "num_workers", "bucket_pool_rows", "max_frames")
-    check_ranges(cfg, {**dict.fromkeys(positive, AT_LEAST_1), "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
-                       "cpus_per_worker": POSITIVE, "warmup_ratio": BELOW_1, "clip_grad_norm": NON_NEGATIVE,
-                       "max_frames_per_batch": NON_NEGATIVE, "halve_batch_above_frames": NON_NEGATIVE,
-                       "feed_workers": NON_NEGATIVE,
-                       "max_failures": (lambda v: v >= -1, ">= -1 (-1 = unlimited)")})
-    m = cfg.masking
-    check_ranges(m, {**dict.fromkeys(("token_mask_prob", "token_replace_prob", "token_random_prob",
-                                      "frame_mask_prob", "frame_zero_prob", "frame_random_prob"), PROBABILITY),
-                     "span_min": AT_LEAST_1}, "masking.")
-    if m.span_max < m.span_min:
-        raise ConfigError(f"masking.span_max={m.span_max} is below masking.span_min={m.span_min}")
-    for a, b in (("token_replace_prob", "token_random_prob"), ("frame_zero_prob", "frame_random_prob")):
-        if getattr(m, a) + getattr(m, b) > 1:
-            raise ConfigError(f"masking.{a} + masking.{b} = {getattr(m, a) + getattr(m, b):g}: must be <= 1")
-    validate_model_config(cfg.model)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,40 +94,6 @@ def pad_to_buckets(batch: dict, model_cfg) -> dict:
             widths = (0, 0, 0, n) if x.ndim == 3 else (0, n)  # frames: (B, T, 160); masks and ids: (B, T)
             out[key] = torch.nn.functional.pad(x, widths, value=value)
     return out
-
-
-def check_resumable(store: CheckpointStore) -> None:
-    """CheckpointError if the run's checkpoints were all found damaged (only ``corrupt-*`` left): a
-    rerun must not quietly start over from step 0 where training was lost."""
-    if store.list():
-        return
-    corrupt = [n for n in storage.listdir(store.root) if n.startswith("corrupt-")]
-    if corrupt:
-        raise checkpoint.CheckpointError(
-            f"every checkpoint of this run is damaged (moved aside in {store.root}: {', '.join(corrupt)}); "
-            "stopping instead of starting over from step 0: put an intact checkpoint back, or delete those "
-            "directories (or choose another run_name) to start afresh")
-
-
-def check_same_run(cfg: PretrainConfig) -> None:
-    """ConfigError if ``run_name`` names a run started on another data set or model: the same name
-    resumes, and would quietly go on training on other data, or fail after Ray starts on a model of
-    another shape."""
-    try:
-        earlier = manifest.read(storage.join(cfg.storage_path, cfg.run_name)) or {}
-    except (OSError, ValueError):
-        return  # no readable record: the checkpoints' own configs still guard the resume
-    was = earlier.get("config") if earlier.get("kind") == "pretraining" else None
-    if not isinstance(was, dict):
-        return
-    # as the manifest recorded them: credentials redacted (ctal.manifest.write), tuples as JSON lists
-    now = redact(json.loads(json.dumps({"data": cfg.data, **{f"model.{k}": v for k, v in
-                                                             dataclasses.asdict(cfg.model).items()}})))
-    then = {"data": was.get("data"), **{f"model.{k}": v for k, v in (was.get("model") or {}).items()}}
-    changed = [f"{k}={now[k]!r} (the run has {then[k]!r})" for k in now if k in then and then[k] != now[k]]
-    if changed:
-        raise ConfigError(f"run_name={cfg.run_name!r} names a run started with other settings: {', '.join(changed)}; "
-                          "the same name resumes that run: give the same settings, or another --name")
 
 
 def _resume_point(store: CheckpointStore, rank: int, device: torch.device, log) -> Optional[tuple[int, Path]]:
@@ -298,7 +181,7 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
         model = CTALForPretraining(CTALConfig.from_model_config(model_cfg))
         step = 0
     else:
-        checkpoint.check_tokenizer(resume[1], tok.hash)
+        checkpoint_data.check_tokenizer(resume[1], tok.hash)
         model = CTALForPretraining.from_pretrained(resume[1], **vars(model_cfg))
     raw = model.to(device)  # before the optimizer, so its restored state lands on the device too
     optimizer = build_optimizer(raw, cfg)
@@ -326,8 +209,8 @@ def pretrain_loop(plan: PretrainPlan | PretrainConfig, *, run_dir: str | Path, r
                            max_frames_per_batch=cfg.max_frames_per_batch, max_frames=cfg.max_frames,
                            pool_rows=cfg.bucket_pool_rows, halve_above_frames=cfg.halve_batch_above_frames,
                            drop_longer=cfg.long_utterances == "drop")
-    frames = checkpoint.frames_entry(plan.report)  # the frames' front end (and upstream); checkpoints record it
-    data_config = checkpoint.data_config_entry(plan.report)  # and how the data was made
+    frames = checkpoint_data.frames_entry(plan.report)  # the frames' front end (and upstream); checkpoints record it
+    data_config = checkpoint_data.data_config_entry(plan.report)  # and how the data was made
     max_tokens = model_cfg.max_position_embeddings - (model_cfg.pad_token_id + 1
                                                       if model_cfg.text_position_style == "roberta" else 0)
 
@@ -475,4 +358,3 @@ def launch_local(cfg: PretrainConfig, run_dir: str | Path, num_workers: Optional
             _local_worker(0, *args)
         else:
             mp.spawn(_local_worker, args=args, nprocs=n, join=True)
-

@@ -170,7 +170,7 @@ def check_candidates(cfg: FinetuneConfig, space: SearchSpace) -> None:
 
 def check_sweep(cfg: FinetuneConfig, space: SearchSpace, sweep: SweepConfig, data=None) -> None:
     """The one check of a sweep request, before Ray starts: the settings' ranges, the space against
-    the search mode and the scheduler, and (given the opened `data`, a ctal.finetune.TaskData) the
+    the search mode and the scheduler, and (given the opened `data`, a ctal.data.TaskData) the
     data set against the task's protocol. Types and key names were checked when the configs loaded.
     Raises ConfigError naming every setting that does not fit, or the protocol's ValueError."""
     s = sweep

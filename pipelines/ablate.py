@@ -106,8 +106,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     set_verbose(args.verbose)
     record_command()
-    from ctal.ablation import (load_study, parse_frames, report_metric, score_on_test, thin_subsets, write_report,
-                               write_subsets)
+    from ctal.ablation import load_study, report_metric, score_on_test, write_report
+    from ctal.ablation_inputs import parse_frames, thin_subsets, write_subsets
     from ctal.data import TaskData
 
     t0 = time.time()

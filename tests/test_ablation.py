@@ -16,8 +16,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from ctal.ablation import (Frames, Interval, cell_key, frames_inputs, load_study, paired_difference, parse_frames,
-                           parse_study, reading, t_interval, write_report)
+from ctal.ablation import (Interval, cell_key, load_study, paired_difference, parse_study, reading, t_interval,
+                           write_report)
+from ctal.ablation_inputs import Frames, frames_inputs, parse_frames
 from ctal.config import ConfigError, FinetuneConfig
 from ctal.tasks import label_subset
 from sweep_kill import kill_mid_grid
@@ -299,7 +300,7 @@ class _Planted:
 
 
 def test_a_fraction_that_leaves_almost_nothing_to_train_on_is_named():
-    from ctal.ablation import thin_subsets
+    from ctal.ablation_inputs import thin_subsets
 
     subsets = {"seed=0": {"all": {"0.05": ["a"], "1.0": list("abcdefghij")}},
                "seed=1": {"all": {"0.05": ["a", "b"], "1.0": list("abcdefghij")}}}
@@ -572,7 +573,7 @@ def test_the_report_of_a_frames_study_has_the_frames_column_and_pairs_by_seed_an
 def test_a_frames_study_runs_each_level_on_its_own_frames_end_to_end(frames_pair, ray_local, tmp_path):
     """The recipe with Ray Tune: 2 cells (fbank, ssl) x 3 seeds, 1 epoch; every run's checkpoint was
     fine-tuned on its level's frames and scored on its level's test split."""
-    from ctal.checkpoint import trained_frontend
+    from ctal.checkpoint_data import trained_frontend
     from pipelines.ablate import main
 
     fp, out, config = frames_pair, tmp_path / "study", tmp_path / "frames.yaml"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctal import checkpoint, storage
+from ctal import checkpoint, checkpoint_data, storage
 from ctal.checkpoint import STATE_FILE, CheckpointStore, Part
 from ctal.config import FinetuneConfig, PretrainConfig, load_config
 from ctal.model import CTALConfig, CTALForPretraining
@@ -108,7 +108,7 @@ def test_the_store_lists_writes_prunes_chooses_and_reads_a_path_and_a_uri_alike(
     assert loaded["param_groups"] == saved["param_groups"]
     assert all(torch.equal(loaded["state"][i][k], v) for i, s in saved["state"].items() for k, v in s.items())
     assert fresh.scheduler.state_dict()["last_epoch"] == 2 and fresh.scheduler.get_last_lr() == parts[3].scheduler.get_last_lr()
-    checkpoint.check_tokenizer(local, _hash(tiny))
+    checkpoint_data.check_tokenizer(local, _hash(tiny))
 
 
 def test_a_damaged_newest_checkpoint_falls_back_with_a_warning_on_a_path_and_a_uri(store_root, tiny):

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from ctal.config import MaskingConfig
 from ctal.masking import IGNORE_INDEX, mask_frames, mask_tokens
 
 VOCAB, PAD, CLS, SEP, MASK = 1000, 0, 1, 2, 3
@@ -85,8 +86,8 @@ def test_per_span_decisions_rate_spans_and_fates():
     fates = {"zero": 0, "random": 0, "kept": 0}
     for seed in range(16):
         frames, frame_mask = _frame_batch(seed)
-        masked, acoustic_mask = mask_frames(frames, frame_mask, generator=torch.Generator().manual_seed(seed),
-                                            decide="span")
+        masked, acoustic_mask = mask_frames(frames, frame_mask, MaskingConfig(frame_decide="span"),
+                                            generator=torch.Generator().manual_seed(seed))
         assert not (acoustic_mask & ~frame_mask).any(), "padding was chosen"
         assert torch.equal(masked[~acoustic_mask], frames[~acoustic_mask])
         assert (masked[frame_mask] < 1e6).all(), "a padding frame was copied into a real one"
@@ -122,7 +123,8 @@ def test_per_frame_decisions_take_random_frames_from_the_same_utterance():
     mixed_spans = 0
     for seed in range(6):
         frames, frame_mask = _frame_batch(seed)
-        masked, acoustic_mask = mask_frames(frames, frame_mask, generator=torch.Generator().manual_seed(seed))
+        masked, acoustic_mask = mask_frames(frames, frame_mask, MaskingConfig(),
+                                            generator=torch.Generator().manual_seed(seed))
         assert not (acoustic_mask & ~frame_mask).any()
         assert torch.equal(masked[~acoustic_mask], frames[~acoustic_mask])
         n_real += int(frame_mask.sum())
@@ -153,7 +155,7 @@ def test_short_and_empty_utterances():
     for b, n in enumerate([0, 1, 5, 30]):
         frame_mask[b, :n] = True
     frames = torch.randn(4, 40, 3)
-    _, acoustic_mask = mask_frames(frames, frame_mask, generator=torch.Generator().manual_seed(0))
+    _, acoustic_mask = mask_frames(frames, frame_mask, MaskingConfig(), generator=torch.Generator().manual_seed(0))
     assert acoustic_mask.sum(1).tolist() == [0, 1, 1, 5]
     assert not (acoustic_mask & ~frame_mask).any()
     for b in range(1, 4):
@@ -164,7 +166,7 @@ def test_non_prefix_padding_is_never_chosen():
     g = torch.Generator().manual_seed(3)
     frame_mask = torch.rand(8, 400, generator=g) < 0.7
     frames = torch.randn(8, 400, 2, generator=g)
-    masked, acoustic_mask = mask_frames(frames, frame_mask, generator=g)
+    masked, acoustic_mask = mask_frames(frames, frame_mask, MaskingConfig(), generator=g)
     assert not (acoustic_mask & ~frame_mask).any()
     assert torch.equal(masked[~frame_mask], frames[~frame_mask])
 
@@ -172,17 +174,17 @@ def test_non_prefix_padding_is_never_chosen():
 def test_frame_masking_is_seeded_and_leaves_input_alone():
     frames, frame_mask = _frame_batch(0, batch=4)
     before = frames.clone()
-    a, ma = mask_frames(frames, frame_mask, generator=torch.Generator().manual_seed(5))
-    b, mb = mask_frames(frames, frame_mask, generator=torch.Generator().manual_seed(5))
-    _, mc = mask_frames(frames, frame_mask, generator=torch.Generator().manual_seed(6))
+    a, ma = mask_frames(frames, frame_mask, MaskingConfig(), generator=torch.Generator().manual_seed(5))
+    b, mb = mask_frames(frames, frame_mask, MaskingConfig(), generator=torch.Generator().manual_seed(5))
+    _, mc = mask_frames(frames, frame_mask, MaskingConfig(), generator=torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and torch.equal(ma, mb)
     assert not torch.equal(ma, mc)
     assert torch.equal(frames, before)
 
 
-@pytest.mark.parametrize("kwargs", [{"span_min": 0}, {"span_min": 30, "span_max": 20}, {"mask_prob": 1.5},
-                                    {"zero_prob": 0.95, "random_prob": 0.1}])
+@pytest.mark.parametrize("kwargs", [{"span_min": 0}, {"span_min": 30, "span_max": 20}, {"frame_mask_prob": 1.5},
+                                    {"frame_zero_prob": 0.95, "frame_random_prob": 0.1}])
 def test_frame_masking_rejects_bad_settings(kwargs):
     frames, frame_mask = _frame_batch(0, batch=2)
     with pytest.raises(ValueError):
-        mask_frames(frames, frame_mask, generator=torch.Generator().manual_seed(0), **kwargs)
+        mask_frames(frames, frame_mask, MaskingConfig(**kwargs), generator=torch.Generator().manual_seed(0))

@@ -262,7 +262,7 @@ def test_the_same_run_with_a_credential_in_its_data_uri_is_still_the_same_run(tm
     from dataclasses import replace
 
     from ctal import manifest
-    from ctal.pretrain import check_same_run
+    from ctal.pretrain_plan import check_same_run
 
     cfg = replace(make_cfg("s3://bucket/data?token=hunter2", tmp_path, "r"), storage_path=str(tmp_path))
     with manifest.recorded_run(tmp_path / "r", "pretraining", cfg):

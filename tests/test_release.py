@@ -18,7 +18,7 @@ import pytest
 import torch
 from scipy.signal import savgol_filter
 
-from ctal import checkpoint
+from ctal import checkpoint, checkpoint_data
 from ctal.config import ConfigError, FeatureConfig, FinetuneConfig, load_config
 from ctal.features import add_deltas, compute_fbank, model_frames
 from ctal.model import CTALForPretraining
@@ -184,7 +184,7 @@ def test_the_converted_config_reproduces_the_release_encoders(converted):
         (H, 1, 1, HEADS, FFN, TEXT_POSITIONS, AUDIO_POSITIONS)
     state = checkpoint.verify(converted)
     assert state["kind"] == "pretraining" and state["frontend"] == "release" and state["step"] == 1234
-    assert checkpoint.trained_frontend(converted) == "release"
+    assert checkpoint_data.trained_frontend(converted) == "release"
     card = (converted / "README.md").read_text()
     assert "features.frontend | release" in card and "CTAL-Tiny.ckpt" in card
 

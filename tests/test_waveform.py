@@ -38,7 +38,7 @@ def test_preprocessing_stores_the_resampled_audio_as_int16_pcm(wave_data, synthe
     from ctal.features import to_waveform
 
     ds = open_dataset(wave_data)
-    assert ds.frontend == "waveform" and ds.audio.column == "waveform"
+    assert ds.frontend == "waveform" and ds.audio_format.column == "waveform"
     assert ds.report["counts"]["written"] > 0 and "upstream" not in ds.report
     table = ds.read()
     assert table.schema.field("waveform").type == pa.list_(pa.int16())

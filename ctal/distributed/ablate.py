@@ -19,7 +19,8 @@ from typing import Optional
 import pandas as pd
 
 from ctal import manifest
-from ctal.ablation import GRID_PARAMETERS, Frames, Study, cell_config, cell_key, check_paired, frames_inputs
+from ctal.ablation import GRID_PARAMETERS, Study, cell_config, cell_key
+from ctal.ablation_inputs import Frames, check_paired, frames_inputs
 from ctal.checkpoint import local_copy
 from ctal.config import ConfigError, FinetuneConfig, SweepConfig, to_dict
 from ctal.data import TaskData
@@ -55,7 +56,7 @@ def prepare_study(base: FinetuneConfig, study: Study, init: Optional[str], data:
     """Before Ray starts: every cell's checked config (cell key → config), the nested sweep's space and
     each frames level's opened data set (level → TaskData; a study without frames: ``data`` under None).
     ``base.data``/``data`` and ``init`` are the baseline's frames level, ``frames`` the other levels
-    (ctal.ablation.parse_frames): each cell gets its level's data set and checkpoint, each checkpoint is
+    (ctal.ablation_inputs.parse_frames): each cell gets its level's data set and checkpoint, each checkpoint is
     checked against its level's frames, and the levels' data sets must hold the same utterances."""
     space = None
     if study.tuning:

@@ -1,7 +1,7 @@
 """CTAL pretraining on Ray Train: a TorchTrainer whose workers run ``ctal.pretrain.pretrain_loop``.
 
 Resources, failure policy and storage all come from ``PretrainConfig``. The run is checked once, on
-the driver before Ray starts (``ctal.pretrain.prepare``); the workers get the checked plan. The run directory is
+the driver before Ray starts (``ctal.pretrain_plan.prepare``); the workers get the checked plan. The run directory is
 ``<storage_path>/<run_name>`` (Ray's experiment directory), so rerunning with the same name resumes
 after a driver death and a restarted worker group (``max_failures``) resumes from the newest intact
 checkpoint there. The loop manages its own checkpoints (atomic, last M kept, damaged ones skipped)
@@ -146,7 +146,7 @@ class PretrainResult:
 
 def pretrain(cfg: PretrainConfig | PretrainPlan, *, address: Optional[str] = None, log=print) -> PretrainResult:
     """Pretrain CTAL with Ray Train. ``cfg``: a config, checked here before Ray starts, or the plan
-    ``ctal.pretrain.prepare`` made of one. Starts Ray (``ray.init(address)``) unless already connected."""
+    ``ctal.pretrain_plan.prepare`` made of one. Starts Ray (``ray.init(address)``) unless already connected."""
     plan = cfg if isinstance(cfg, PretrainPlan) else prepare(cfg)
     cfg = plan.cfg
     run_dir = storage.join(cfg.storage_path, cfg.run_name)
