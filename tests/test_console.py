@@ -132,16 +132,3 @@ def test_ray_datas_constructor_arguments_line_is_dropped_and_every_other_byte_pa
     err = capfd.readouterr().err
     kept = "start\n" + other + "\r[preprocess] 4/8 utterances\nafter\n"
     assert err == (kept.replace("start\n", "start\n" + RAY_DATA_LINE) if verbose else kept), err
-
-
-@pytest.mark.slow  # a local Ray of its own in a subprocess (~25 s): the line is printed once per process
-def test_preprocessing_console_shows_no_ray_core_worker_line(tmp_path):
-    from ctal.corpora.synthetic import synthesize
-
-    synthesize("librispeech", tmp_path / "corpus", 6, seed=0, workers=1)
-    run = subprocess.run([sys.executable, str(REPO / "pipelines/preprocess.py"), "--corpus", "librispeech",
-                          "--root", str(tmp_path / "corpus"), "--out", str(tmp_path / "data"), "vocab_size=300"],
-                         capture_output=True, text=True, timeout=300, check=False)
-    assert run.returncode == 0, run.stderr
-    assert "core_worker.cc" not in run.stderr + run.stdout, run.stderr
-    assert "[preprocess] 6/6 utterances (100%)" in run.stderr and "6 written" in run.stdout
