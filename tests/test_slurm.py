@@ -203,6 +203,7 @@ class Slurm:
         self.env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf"), "PYTHONPATH": str(REPO),
                     "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         self.env.pop("RAY_ADDRESS", None)
+        self.env.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)  # Ray's own poll, as a user's job has it
         self.env["CTAL_RAY_PORT"] = str(self.ports[2])
         # --kill-child: when unshare dies, so does the namespace's first process, and with it all in it
         self.proc = subprocess.Popen(
