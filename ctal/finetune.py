@@ -34,7 +34,7 @@ from ctal.batching import bucket_batches, collate, derive_seed, padding_efficien
 from ctal.checkpoint import Part, latest_checkpoint
 from ctal.config import ConfigError, FinetuneConfig, from_dict, to_dict, validate_finetune_config
 from ctal.data import TOKENIZER_DIR, TaskData, check_vocabulary
-from ctal.finetune_model import build_model, check_init, freeze, resolve_model_upstream
+from ctal.finetune_model import build_model, check_architecture, check_init, freeze, resolve_model_upstream
 from ctal.model import CTALForSequenceClassification
 from ctal.optim import build_optimizer, build_scheduler
 from ctal.tasks import Fold, Outputs, Task, fold_subset, get_task
@@ -107,11 +107,10 @@ def prepare(cfg: FinetuneConfig, data: Optional[TaskData] = None) -> tuple[Finet
         cfg = replace(cfg, init=str(newest))
     cfg, upstream = resolve_model_upstream(cfg, data)
     if cfg.init:
-        check_init(cfg.init, data, upstream)
+        check_architecture(cfg, check_init(cfg.init, data, upstream))
     check_vocabulary(cfg.model, data.tokenizer)
     get_task(cfg.task).folds(data.meta, cfg.fold, cfg.seed)  # the protocol fits the data
     return cfg, data
-
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ model per fold here.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -15,8 +16,9 @@ import torch
 
 from ctal import checkpoint as checkpoints
 from ctal import checkpoint_data
-from ctal.config import ConfigError, FinetuneConfig, to_dict
+from ctal.config import ConfigError, FinetuneConfig, ModelConfig, to_dict
 from ctal.data import TaskData
+from ctal.loading import ARCHITECTURE_FIELDS
 from ctal.model import CTALConfig, CTALForSequenceClassification
 from ctal.tasks import Task
 
@@ -53,6 +55,27 @@ def check_init(init: str | Path, data: TaskData, upstream: Optional[dict] = None
     checkpoint_data.check_tokenizer(local, data.tokenizer.hash,
                                 fix=f"re-tokenize the data with the checkpoint's tokenizer: {command.format('retok')}")
     return local
+
+
+# What an init checkpoint fixes of the model: its architecture, but for what the data decide (the
+# vocabulary, the audio input), which check_init and the tokenizer check hold to the data set.
+INIT_FIXES = tuple(f for f in ARCHITECTURE_FIELDS if f not in ("vocab_size", "audio_dim", "audio_layers"))
+
+
+def check_architecture(cfg: FinetuneConfig, local: Path) -> None:
+    """With ``init`` the model's architecture is the checkpoint's: a ``model.*`` size set to another
+    value than the checkpoint's is refused naming the key (it used to be dropped without a word). A
+    value left at its default is not told from one given equal to it, so only changed ones are seen."""
+    path = Path(local) / "config.json"
+    if not path.is_file():  # from_pretrained names what is missing
+        return
+    saved, default = json.loads(path.read_text()), ModelConfig()
+    for key in INIT_FIXES:
+        value = getattr(cfg.model, key)
+        if value != getattr(default, key) and key in saved and value != saved[key]:
+            raise ConfigError(f"model.{key}={value}, but init={cfg.init} has {key}={saved[key]}: a checkpoint "
+                              f"fixes the architecture it was trained with; drop model.{key} (or the size "
+                              "config that sets it), or give a checkpoint of that size")
 
 
 def resolve_model_upstream(cfg: FinetuneConfig, data: TaskData) -> tuple[FinetuneConfig, Optional[dict]]:

@@ -187,6 +187,20 @@ def test_relative_init_and_data_are_resolved_and_checked_before_ray(forty_ms, tm
     assert not seen  # refused before Ray
 
 
+def test_a_size_other_than_the_init_checkpoints_is_refused_naming_the_key_before_ray(forty_ms, tmp_path, run_recipe):
+    """With init the model is the checkpoint's size: a model.* size given otherwise is refused naming
+    the key, where it used to be dropped without a word."""
+    from ctal.finetune import prepare
+
+    step = _pretraining_checkpoint(tmp_path / "pre" / "checkpoints", forty_ms)
+    assert prepare(finetune_config(forty_ms, f"init={step}"))[0].init == str(step)  # NARROW is its size
+    with pytest.raises(ConfigError, match=r"model\.hidden_size=64, but init=.* has hidden_size=32: "):
+        prepare(finetune_config(forty_ms, f"init={step}", "model.hidden_size=64"))
+    code, err = run_recipe("tune_finetune", "--task", "sentiment", "--data", forty_ms, "--init", step,
+                           "--storage", tmp_path / "runs", *NARROW, "model.num_text_layers=2")
+    assert code == 2 and "model.num_text_layers=2, but init=" in err and "has num_text_layers=1" in err, err
+
+
 # -- 9: value ranges before Ray --------------------------------------------------------------------
 
 
