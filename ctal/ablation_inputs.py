@@ -126,8 +126,6 @@ def check_paired(levels: dict, task, study: Study, cfg: FinetuneConfig) -> None:
                               f"subsets ({first_diff}): preprocess both from the same corpus manifest")
 
 
-
-
 # --------------------------------------------------------------------------------------------------
 # the label subsets
 

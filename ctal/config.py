@@ -268,7 +268,6 @@ class SweepConfig:
     verbose: int = 1  # Tune's console verbosity, 0..3
 
 
-
 def load_config(cls: type, files: list[str | Path] = (), overrides: list[str] = (),
                 return_adopted: bool = False) -> Any:
     """Merge YAML ``files`` in order, then ``overrides``; validate into dataclass ``cls``.
@@ -288,8 +287,6 @@ def load_config(cls: type, files: list[str | Path] = (), overrides: list[str] = 
     cfg = from_dict(cls, _merge(merged, given))
     adopted = _adopt_text_init(cfg, given)
     return (cfg, adopted) if return_adopted else cfg
-
-
 
 
 def validate_model_config(m: ModelConfig, prefix: str = "model.") -> None:

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from .tasks import Meta
 
 
-
 @dataclass(frozen=True)
 class AudioFormat:
     """How a data set stores its audio frames: the column (``fbank``: 80 log-mel, float32, 10 ms;

@@ -12,7 +12,6 @@ from .text_init import adopt_text_init
 from .variants import FUSION_VARIANTS
 
 
-
 class CTALConfig(PretrainedConfig):
     """Hugging Face config carrying every field of `ctal.config.ModelConfig` (+ task fields).
 

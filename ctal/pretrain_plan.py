@@ -18,7 +18,6 @@ from .data import TokenizerInfo, check_vocabulary, open_dataset
 from .redact import redact
 
 
-
 @dataclass(frozen=True)
 class PretrainPlan:
     """A checked pretraining run, made by ``prepare``: what the loop and the Ray launcher take."""

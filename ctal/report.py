@@ -13,7 +13,6 @@ import pandas as pd
 from ctal.search_space import PARAMETERS
 
 
-
 def markdown_table(rows: list[dict], columns: list[str], float_format: str = ".3f") -> str:
     """One Markdown table; a missing or NaN cell stays empty, "|" inside a cell is escaped."""
     def fmt(v):
