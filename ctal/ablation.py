@@ -324,6 +324,29 @@ def _ci(row) -> str:
     return "" if math.isnan(row["ci_low"]) else f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
 
 
+# FinetuneConfig keys each cell or run sets itself: an override of one is no budget of every cell
+CELL_OWNED = {"task", "data", "init", "seed", "label_fraction", "label_subset_seed", "model.fusion",
+              "model.orthogonality_weight"}
+
+
+def cell_budget(study_budget: dict, overrides: list[str], base: FinetuneConfig) -> dict:
+    """The budget every cell trained with: the study's keys and the command line's overrides, with the
+    values the loaded config holds (an override such as ``epochs=3`` wins over the study's budget)."""
+    values = to_dict(base)
+
+    def get(key: str):
+        v = values
+        try:
+            for part in key.split("."):
+                v = v[part]
+        except (KeyError, TypeError):  # not a config key as written: say it as the study or command gave it
+            return study_budget.get(key, "as given")
+        return v
+
+    keys = [*study_budget, *(o.split("=", 1)[0] for o in overrides if "=" in o)]
+    return {k: get(k) for k in dict.fromkeys(keys) if k not in CELL_OWNED}
+
+
 def write_report(out: Path, study: Study, runs: pd.DataFrame, metric: str, *, task: str, header: list[str],
                  budget: Optional[dict] = None) -> Path:
     """results.csv (every run), report.md (cells, questions, plots) in ``out``. ``budget``: what every

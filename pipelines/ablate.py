@@ -33,11 +33,6 @@ from ctal.shipped import folder
 from ctal.tasks import TASKS
 
 CONFIGS = folder("configs")
-# FinetuneConfig keys each cell or run sets itself: an override of one is no budget of every cell
-CELL_OWNED = {"task", "data", "init", "seed", "label_fraction", "label_subset_seed", "model.fusion",
-              "model.orthogonality_weight"}
-
-
 def demo_inputs(args, out: Path) -> tuple[str, Path, str, list[str], list[str]]:
     """The demo's corpora, Parquet and pretraining (ctal.demo's stages, reused when finished):
     (task, data, init, fine-tuning config files, report lines)."""
@@ -66,26 +61,6 @@ def demo_inputs(args, out: Path) -> tuple[str, Path, str, list[str], list[str]]:
     return "sentiment", data, pre["checkpoint"], files, header
 
 
-def cell_budget(study_budget: dict, overrides: list[str], base: FinetuneConfig) -> dict:
-    """The budget every cell trained with: the study's keys and the command line's overrides, with the
-    values the loaded config holds (an override such as ``epochs=3`` wins over the study's budget)."""
-    from ctal.config import to_dict
-
-    values = to_dict(base)
-
-    def get(key: str):
-        v = values
-        try:
-            for part in key.split("."):
-                v = v[part]
-        except (KeyError, TypeError):  # not a config key as written: say it as the study or command gave it
-            return study_budget.get(key, "as given")
-        return v
-
-    keys = [*study_budget, *(o.split("=", 1)[0] for o in overrides if "=" in o)]
-    return {k: get(k) for k in dict.fromkeys(keys) if k not in CELL_OWNED}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=sorted(TASKS))
@@ -106,7 +81,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     set_verbose(args.verbose)
     record_command()
-    from ctal.ablation import load_study, report_metric, score_on_test, write_report
+    from ctal.ablation import cell_budget, load_study, report_metric, score_on_test, write_report
     from ctal.ablation_inputs import parse_frames, thin_subsets, write_subsets
     from ctal.data import TaskData
 
