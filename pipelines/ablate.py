@@ -33,6 +33,8 @@ from ctal.shipped import folder
 from ctal.tasks import TASKS
 
 CONFIGS = folder("configs")
+
+
 def demo_inputs(args, out: Path) -> tuple[str, Path, str, list[str], list[str]]:
     """The demo's corpora, Parquet and pretraining (ctal.demo's stages, reused when finished):
     (task, data, init, fine-tuning config files, report lines)."""

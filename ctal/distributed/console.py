@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import sys
 import threading
 from typing import Callable, Optional
 
@@ -106,9 +108,6 @@ def dropping_stderr_lines(needles: tuple[str, ...] = RAY_DATA_ACTOR_ARGS):
     if verbose():
         yield
         return
-    import re
-    import sys
-
     wanted = [n.encode() for n in needles]
     c_log_start = re.compile(rb"\[(\d|$)")
     for stream in (sys.stdout, sys.stderr):
