@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -94,6 +95,16 @@ def kill_if_same(pid: int, start: str) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def kill_first(procs: dict[int, str], title) -> Optional[int]:
+    """SIGKILL the first of ``procs`` (pid → start time, ``descendants``) whose process title ``title(pid)``
+    says it is a Ray Train worker; its pid, or None if none is."""
+    for pid, start in procs.items():
+        if title(pid).startswith("ray::RayTrainWorker"):
+            kill_if_same(pid, start)
+            return pid
+    return None
 
 
 def wait_for_step(run_dir: Path, step: int, timeout: float, proc=None) -> int:
@@ -336,11 +347,9 @@ def loaded_then_worker_killed(dataset, tmp_path_factory, ray_local) -> dict:
         seen["resumes_before_kill"] = resumes(run)
         if seen["resumes_before_kill"]:
             return  # restarted under the load: the hog test fails on it; a kill would end the run
-        for pid, start in descendants(os.getpid()).items():
-            if cmdline(pid).startswith("ray::RayTrainWorker"):
-                kill_if_same(pid, start)
-                seen["pid"] = pid
-                return
+        pid = kill_first(descendants(os.getpid()), cmdline)
+        if pid is not None:
+            seen["pid"] = pid
 
     thread = threading.Thread(target=load_then_kill, daemon=True)
     thread.start()
@@ -401,12 +410,9 @@ def feed_killed_then_driver_killed(dataset, tmp_path_factory) -> dict:
         wait_until(lambda: logged() >= EVERY + 5 and checkpoint_steps(run), "the feed kill")
         seen["feed_kill_at"] = logged()
         table = _process_table()
-        for pid, start in descendants(first.pid).items():
-            if cmdline(table.get(pid, (None,))[0]).startswith("ray::RayTrainWorker"):  # forked: its parent's title
-                kill_if_same(pid, start)  # a feed process (Ray's own workers are the raylet's children)
-                seen["feed_pid"] = pid
-                break
-        assert "feed_pid" in seen, "no feed process was found to kill"
+        # a feed process: forked, so its parent's title (Ray's own workers are the raylet's children)
+        seen["feed_pid"] = kill_first(descendants(first.pid), lambda pid: cmdline(table.get(pid, (None,))[0]))
+        assert seen["feed_pid"] is not None, "no feed process was found to kill"
         # restored, and past the checkpoint after the one it restored from
         wait_until(lambda: len(resumes(run)) == 1 and logged() >= resumes(run)[0] + EVERY + 5, "the driver kill")
         started.update(descendants(first.pid))
